@@ -1,0 +1,30 @@
+# tgops service image: `docker build -t tgops .`, then
+#   docker run -v tgops-state:/var/lib/tgops -v $PWD/tgops.toml:/etc/tgops/tgops.toml -p 8080:8080 tgops
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends dpkg openssh-client \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --create-home --home-dir /var/lib/tgops --shell /usr/sbin/nologin tgops
+
+WORKDIR /opt/tgops
+COPY requirements.lock ./
+RUN pip install --no-cache-dir --disable-pip-version-check -r requirements.lock
+COPY pyproject.toml README.md ./
+COPY core ./core
+COPY bot ./bot
+COPY notify ./notify
+COPY config ./config
+RUN pip install --no-cache-dir --disable-pip-version-check --no-deps .
+
+ENV TGOPS_CONFIG=/etc/tgops/tgops.toml \
+    TGOPS_DATABASE_URL=sqlite+aiosqlite:////var/lib/tgops/state.db \
+    TGOPS_UPDATES__CACHE_DIR=/var/lib/tgops/cache \
+    TGOPS_HTTP__HOST=0.0.0.0 \
+    TGOPS_HTTP__PORT=8080
+USER tgops
+VOLUME ["/var/lib/tgops"]
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+ENTRYPOINT ["tgops", "serve"]

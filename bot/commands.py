@@ -1,0 +1,399 @@
+"""Carries out parsed commands against the engine; shared by Slack, the API and the CLI."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.grammar import Command, ParseError, allowed, help_text, parse
+from core.engine import Engine
+from core.errors import TgopsError
+from core.lifecycle import (
+    Lifecycle,
+    NeedsConfirmation,
+    describe_confirmation,
+    describe_start,
+)
+from core.localtime import local_text
+from core.maintenance import Maintenance
+from core.model import Actor, PackageKind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reply:
+    """What a command answers: ``ok`` false when refused. ``data`` carries structured extras."""
+
+    ok: bool
+    text: str
+    command: str | None = None
+    run_ids: tuple[int, ...] = ()
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def refused(text: str, command: str | None = None) -> Reply:
+    return Reply(ok=False, text=text, command=command)
+
+
+RUN_KINDS = {
+    "download": "download",
+    "integrity": "integrity",
+    "auto-update": "auto-update",
+    "restart": "restart",
+    "oldstable partial": "oldstable-partial",
+    "oldstable full": "oldstable-full",
+    "install": "install",
+}
+
+
+class CommandService:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        lifecycle: Lifecycle | None = None,
+        maintenance: Maintenance | None = None,
+    ) -> None:
+        self.engine = engine
+        self.lifecycle = lifecycle
+        self.maintenance = maintenance
+
+    async def execute(self, text: str, actor: Actor) -> Reply:
+        """Parse, check the role (L11), audit (L13) and carry out one command."""
+        parsed = parse(text)
+        if isinstance(parsed, ParseError):
+            return refused(parsed.text)
+        if not allowed(actor.roles, parsed.role):
+            have = ", ".join(sorted(actor.roles)) or "none"
+            await self.engine.record(
+                actor, "refused", target=parsed.target, detail=f"{text} (needs role {parsed.role})"
+            )
+            return refused(
+                f"`{parsed.name}` needs role {parsed.role}; you have: {have}.", parsed.name
+            )
+        await self.engine.command_received(actor, parsed.text, parsed.target)
+        try:
+            return await self._dispatch(parsed, actor)
+        except TgopsError as exc:
+            return refused(str(exc), parsed.name)
+
+    async def _dispatch(self, cmd: Command, actor: Actor) -> Reply:
+        if cmd.name in RUN_KINDS:
+            return await self._run(cmd, actor)
+        handler = getattr(self, "_" + cmd.name.replace(" ", "_").replace("-", "_"), None)
+        if handler is None:
+            return refused(
+                f"`{cmd.name}` is not available in this version of tgops yet; nothing was done.",
+                cmd.name,
+            )
+        reply: Reply = await handler(cmd, actor)
+        return reply
+
+    # -- viewer ----------------------------------------------------------------------------
+
+    async def _help(self, cmd: Command, actor: Actor) -> Reply:
+        return Reply(ok=True, text=help_text(actor.roles, cmd.topic), command=cmd.name)
+
+    async def _nodes(self, cmd: Command, actor: Actor) -> Reply:
+        lines = []
+        for node in self.engine.settings.nodes:
+            where = f"cluster {node.cluster}" if node.cluster else "single system"
+            lines.append(f"{node.name:<16} {where:<24} driver {node.driver}")
+        return Reply(ok=True, text="\n".join(lines) or "No nodes configured.", command=cmd.name)
+
+    async def _status(self, cmd: Command, actor: Actor) -> Reply:
+        status = await self.engine.status(cmd.target)
+        return Reply(ok=True, text=render_status(status), command=cmd.name, data=status)
+
+    async def _log(self, cmd: Command, actor: Actor) -> Reply:
+        targets = None
+        if cmd.target is not None:
+            names = self.engine.resolve(cmd.target)
+            targets = [*names, cmd.target]
+        records = await self.engine.store.audit_log(targets=targets, limit=cmd.count or 20)
+        if not records:
+            return Reply(ok=True, text="No records yet.", command=cmd.name)
+        tz = self.engine.settings.tz
+        lines = []
+        for rec in reversed(records):
+            when = rec.at.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S")
+            target = f" {rec.target}" if rec.target else ""
+            run = f" run #{rec.run_id}" if rec.run_id else ""
+            lines.append(
+                f"{when} {rec.actor} ({rec.source}) {rec.action}{target}{run}: {rec.detail}"
+            )
+        return Reply(ok=True, text="\n".join(lines), command=cmd.name)
+
+    # -- maint -----------------------------------------------------------------------------
+
+    async def _logon(self, cmd: Command, actor: Actor) -> Reply:
+        assert cmd.target is not None
+        assert cmd.enabled is not None
+        names = self.engine.resolve(cmd.target)
+        done = []
+        failed = []
+        for name in names:
+            try:
+                await self.engine.set_logon(name, cmd.enabled, actor)
+                done.append(name)
+            except TgopsError as exc:
+                failed.append(str(exc))
+        word = "enabled" if cmd.enabled else "disabled"
+        text = f"Logon {word} on {', '.join(done)}." if done else ""
+        if failed:
+            text = "\n".join([text, *failed]).strip()
+        return Reply(ok=not failed, text=text, command=cmd.name)
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def _life(self) -> Lifecycle:
+        if self.lifecycle is None:
+            raise TgopsError("update runs are not available in this process")
+        return self.lifecycle
+
+    def _maint(self) -> Maintenance:
+        if self.maintenance is None:
+            raise TgopsError("maintenance operations are not available in this process")
+        return self.maintenance
+
+    async def _run(self, cmd: Command, actor: Actor) -> Reply:
+        assert cmd.target is not None
+        kind = RUN_KINDS[cmd.name]
+        result = await self._life().start(kind, cmd.target, actor, yes=cmd.yes, packages=cmd.ids)
+        if isinstance(result, NeedsConfirmation):
+            return Reply(
+                ok=False,
+                text=describe_confirmation(result, cmd.text.removeprefix("/tg ").strip()),
+                command=cmd.name,
+                data={
+                    "confirm": {
+                        "sessions": result.sessions,
+                        "total": result.total,
+                        "text": cmd.text,
+                    }
+                },
+            )
+        return Reply(
+            ok=True,
+            text=describe_start(result, kind, self.engine.settings.tz),
+            command=cmd.name,
+            run_ids=tuple(i for _, i in result.runs),
+        )
+
+    async def _remove_lock(self, cmd: Command, actor: Actor) -> Reply:
+        assert cmd.target is not None
+        text = await self._life().remove_lock(
+            cmd.target, actor, cancel_schedule="--cancel-schedule" in cmd.flags
+        )
+        return Reply(ok=True, text=text, command=cmd.name)
+
+    async def _warning_flag_clear(self, cmd: Command, actor: Actor) -> Reply:
+        assert cmd.target is not None
+        self.engine.resolve(cmd.target)
+        return refused(
+            "The warning flag cannot be removed by command (L7): it records that a download "
+            "failed for good, and only a complete download clears it. Run `download "
+            f"{cmd.target}`; when it completes, the flag is gone.",
+            cmd.name,
+        )
+
+    # -- maintenance (L3) -------------------------------------------------------------------
+
+    async def _maintenance(self, cmd: Command, actor: Actor) -> Reply:
+        windows = await self.engine.store.maintenance()
+        if not windows:
+            return Reply(ok=True, text="No maintenance scheduled.", command=cmd.name)
+        tz = self.engine.settings.tz
+        lines = []
+        for m in windows:
+            logon = ", logon disabled at the start" if m.disable_logon else ""
+            lines.append(
+                f"{m.node}: {local_text(m.start, tz)} ({m.origin}{logon}): {m.reason}"
+                f" — by {m.created_by}"
+            )
+        return Reply(ok=True, text="\n".join(lines), command=cmd.name)
+
+    async def _maintenance_new(self, cmd: Command, actor: Actor) -> Reply:
+        return refused(
+            "`maintenance new` opens a form in Slack. Here, use "
+            "`maintenance schedule T YYYY-MM-DD HH:MM REASON… [--disable-logon]`.",
+            cmd.name,
+        )
+
+    async def _maintenance_schedule(self, cmd: Command, actor: Actor) -> Reply:
+        assert cmd.target is not None
+        assert cmd.start is not None
+        done = await self._maint().schedule(
+            cmd.target,
+            cmd.start,
+            cmd.reason,
+            disable_logon="--disable-logon" in cmd.flags,
+            actor=actor,
+        )
+        tz = self.engine.settings.tz
+        lead = self.engine.settings.maintenance
+        text = (
+            f"Maintenance scheduled on {', '.join(done.nodes)} at {local_text(done.start, tz)}: "
+            f"{cmd.reason}. Users get notices from {lead.notice_lead / 60:g} min before, "
+            f"every {lead.reminder_interval / 60:g} min."
+        )
+        return Reply(ok=True, text="\n".join([text, *done.warnings]), command=cmd.name)
+
+    async def _maintenance_cancel(self, cmd: Command, actor: Actor) -> Reply:
+        assert cmd.target is not None
+        done = await self._maint().cancel(cmd.target, actor=actor)
+        lines = []
+        if done.nodes:
+            lines.append(f"Maintenance ended on {', '.join(done.nodes)}; users were told.")
+        if done.none:
+            lines.append(f"No maintenance was scheduled on {', '.join(done.none)}.")
+        lines.extend(done.problems)
+        return Reply(
+            ok=bool(done.nodes) and not done.problems, text="\n".join(lines), command=cmd.name
+        )
+
+    # -- hotfixes (L8) ------------------------------------------------------------------------
+
+    async def _hotfixes(self, cmd: Command, actor: Actor) -> Reply:
+        names = self.engine.resolve(cmd.target)
+        manifest = await self._life().manifest()
+        hotfixes = [p for p in manifest.packages if p.kind is PackageKind.HOTFIX]
+        if not hotfixes:
+            return Reply(
+                ok=True, text=f"Channel {manifest.channel} has no hotfixes.", command=cmd.name
+            )
+        selected = await self.engine.store.selected_hotfixes()
+        records = {r.name: r for r in await self.engine.store.nodes(names)}
+        lines = []
+        for hf in hotfixes:
+            lines.append(
+                f"{hf.id} [{hf.urgency or 'normal'}] {hf.name} {hf.version}: "
+                f"{hf.summary or '(no summary)'}"
+            )
+            for name in names:
+                rec = records[name]
+                installed = rec.installed.get(hf.name) == hf.version
+                always = self.engine.hotfixes_always(rec)
+                chosen = (
+                    "always"
+                    if always
+                    else ("selected" if hf.key in selected.get(name, []) else "not selected")
+                )
+                lines.append(
+                    f"    {name}: {chosen}, {'installed' if installed else 'not installed'}"
+                )
+        return Reply(ok=True, text="\n".join(lines), command=cmd.name)
+
+    async def _known_hotfixes(self, ids: tuple[str, ...]) -> None:
+        manifest = await self._life().manifest()
+        known = {p.key for p in manifest.packages if p.kind is PackageKind.HOTFIX}
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise TgopsError(
+                f"unknown hotfix {', '.join(unknown)} in channel {manifest.channel} "
+                f"(known: {', '.join(sorted(known)) or 'none'}); nothing was changed"
+            )
+
+    async def _hotfixes_select(self, cmd: Command, actor: Actor) -> Reply:
+        assert cmd.target is not None
+        names = self.engine.resolve(cmd.target)
+        await self._known_hotfixes(cmd.ids)
+        for name in names:
+            added = await self.engine.store.select_hotfixes(name, cmd.ids, by=actor.name)
+            if added:
+                await self.engine.record(
+                    actor, "hotfixes selected", target=name, detail=", ".join(added)
+                )
+        return Reply(
+            ok=True,
+            text=f"Selected {', '.join(cmd.ids)} on {', '.join(names)}; "
+            "installed with the next auto-update or scheduled update.",
+            command=cmd.name,
+        )
+
+    async def _hotfixes_unselect(self, cmd: Command, actor: Actor) -> Reply:
+        assert cmd.target is not None
+        names = self.engine.resolve(cmd.target)
+        lines = []
+        for name in names:
+            removed = await self.engine.store.unselect_hotfixes(name, cmd.ids)
+            if removed:
+                await self.engine.record(
+                    actor, "hotfixes unselected", target=name, detail=", ".join(removed)
+                )
+                lines.append(f"{name}: unselected {', '.join(removed)}")
+            else:
+                lines.append(f"{name}: none of {', '.join(cmd.ids)} was selected")
+        return Reply(ok=True, text="\n".join(lines), command=cmd.name)
+
+    async def _hotfixes_always(self, cmd: Command, actor: Actor) -> Reply:
+        names = self.engine.resolve(cmd.target)
+        for name in names:
+            await self.engine.store.update_node(name, hotfixes_always=cmd.enabled)
+            await self.engine.record(
+                actor, "hotfixes always", target=name, detail="on" if cmd.enabled else "off"
+            )
+        word = "on" if cmd.enabled else "off"
+        return Reply(
+            ok=True,
+            text=f"Always install hotfixes: {word} for {', '.join(names)}.",
+            command=cmd.name,
+        )
+
+
+def alert_header(status: dict[str, Any]) -> list[str]:
+    """The fleet's alerts, as every status header shows them (L6, L7, L2, L3)."""
+    lines = []
+    flagged = [n["name"] for n in status["nodes"] if n["warning_flag"]]
+    locked = [n["name"] for n in status["nodes"] if n["update_lock"]]
+    restart = [n["name"] for n in status["nodes"] if n["restart_required"]]
+    maint = [n for n in status["nodes"] if n["maintenance"]]
+    if flagged:
+        lines.append(f"!! Update download error: {', '.join(flagged)}")
+    if locked:
+        lines.append(f"!! Update lock set: {', '.join(locked)}")
+    if restart:
+        lines.append(f"!! Restart required: {', '.join(restart)}")
+    for node in maint:
+        m = node["maintenance"]
+        lines.append(f"-- Maintenance {node['name']} at {m['start']}: {m['reason']}")
+    return lines
+
+
+def render_status(status: dict[str, Any]) -> str:
+    lines = alert_header(status)
+    if lines:
+        lines.append("")
+    for node in status["nodes"]:
+        where = f"cluster {node['cluster']}" if node["cluster"] else "single system"
+        lb = f", lb {node['lb']}" if node["lb"] else ""
+        head = f"{node['name']} ({where}): {node['sessions']} sessions, logon {node['logon']}{lb}"
+        if not node.get("reachable", True):
+            head += f" | UNREACHABLE: {node.get('error')}"
+        lines.append(head)
+        installed = ", ".join(f"{k} {v}" for k, v in sorted(node["installed"].items()))
+        lines.append(f"  installed: {installed or 'nothing recorded'}")
+        if node["pending"]:
+            pending = ", ".join(f"{p['name']} {p['version']}" for p in node["pending"])
+            lines.append(f"  pending: {pending}")
+        if node["staged"]:
+            staged = ", ".join(f"{p['name']} {p['version']}" for p in node["staged"])
+            lines.append(f"  staged: {staged}")
+        if node.get("omitted_update"):
+            lines.append(
+                "  ! update omitted: older than oldstable: "
+                + ", ".join(node["omitted_update"])
+                + " (`oldstable partial|full`)"
+            )
+        if node["run"]:
+            run = node["run"]
+            lines.append(f"  run #{run['id']} {run['kind']}: {run['step']}")
+    for cluster in status["clusters"]:
+        lines.append(
+            f"cluster {cluster['name']}: {len(cluster['updating'])}/"
+            f"{cluster['max_parallel_updates']} updating"
+            + (f", waiting: {', '.join(cluster['waiting'])}" if cluster["waiting"] else "")
+        )
+    return "\n".join(lines)

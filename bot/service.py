@@ -1,0 +1,156 @@
+"""`tgops serve`: the engine, its drivers, the store and the HTTP server, as one context."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from aiohttp import web
+
+from bot.commands import CommandService
+from bot.http import build_app
+from core.clock import SystemClock
+from core.download import Downloader
+from core.drivers import make_driver
+from core.engine import Engine
+from core.errors import ConfigError
+from core.events import LocalEventBus
+from core.interfaces import Clock, NodeDriver
+from core.lifecycle import Lifecycle
+from core.maintenance import Maintenance
+from core.manifest import load_public_key
+from core.repository import HttpRepository
+from core.retry import RetryPolicy
+from core.settings import Settings
+from core.store import Store
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT = 4.0
+
+
+class Service:
+    """``async with Service(settings) as service``: everything `tgops serve` runs."""
+
+    def __init__(self, settings: Settings, *, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.instance = f"{socket.gethostname()}:{os.getpid()}"
+        self._stack = AsyncExitStack()
+        self.port: int | None = None
+
+    async def __aenter__(self) -> Self:
+        stack = self._stack
+        await stack.__aenter__()
+        try:
+            await self._start(stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return self
+
+    async def _start(self, stack: AsyncExitStack) -> None:
+        settings = self.settings
+        self.store = await stack.enter_async_context(Store(settings.database_url))
+        self.bus = await stack.enter_async_context(LocalEventBus())
+        drivers: dict[str, NodeDriver] = {}
+        for node in settings.nodes:
+            cluster = settings.clusters.get(node.cluster) if node.cluster else None
+            driver = make_driver(node, cluster)
+            drivers[node.name] = driver
+            stack.push_async_callback(driver.aclose)
+        self.engine = Engine(
+            settings=settings,
+            store=self.store,
+            events=self.bus,
+            drivers=drivers,
+            clock=self.clock,
+        )
+        await self.engine.start()
+        self.repository = await self._repository(stack)
+        self.lifecycle = await stack.enter_async_context(
+            Lifecycle(
+                engine=self.engine,
+                repository=self.repository,
+                retry=RetryPolicy.from_settings(settings.updates),
+                owner=self.instance,
+            )
+        )
+        self.maintenance = await stack.enter_async_context(Maintenance(self.engine))
+        self.commands = CommandService(
+            self.engine, lifecycle=self.lifecycle, maintenance=self.maintenance
+        )
+        # Adapters subscribe to the event bus here, before any run resumes, so that they see
+        # everything (notify: e-mail, phone, outbox; bot: Slack).
+
+        app = build_app(
+            settings=settings, engine=self.engine, commands=self.commands, health=self._health
+        )
+        # Adapters add their HTTP routes to ``app`` here (Slack events, Twilio webhooks).
+
+        await self.lifecycle.recover()
+
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, settings.http.host, settings.http.port)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        self.port = server.sockets[0].getsockname()[1]
+        log.info(
+            "tgops serving on http://%s:%s (store %s, %d nodes)",
+            settings.http.host,
+            self.port,
+            self.store.display_url(),
+            len(settings.nodes),
+        )
+
+    async def _repository(self, stack: AsyncExitStack) -> HttpRepository | None:
+        updates = self.settings.updates
+        try:
+            key_text = updates.resolved_public_key()
+        except OSError as exc:
+            raise ConfigError(
+                [f"updates.public_key_file: cannot read {updates.public_key_file} ({exc.strerror})"]
+            ) from exc
+        if key_text is None:
+            log.warning("updates.public_key is not set: downloads and updates are unavailable")
+            return None
+        try:
+            key = load_public_key(key_text)
+        except ValueError as exc:
+            raise ConfigError([f"updates.public_key: {exc}"]) from exc
+        downloader = await stack.enter_async_context(Downloader.from_settings(updates))
+        return HttpRepository(updates.repository_url, key, downloader)
+
+    async def _health(self) -> dict[str, Any]:
+        return {"instance": self.instance, "nodes": len(self.settings.nodes)}
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.__aexit__(exc_type, exc, tb)
+
+
+async def serve(settings: Settings, *, ready: Path | None = None) -> None:
+    """Run until SIGTERM or SIGINT; then stop taking work and shut down within 5 s."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Service(settings) as service:
+        if ready is not None:
+            await asyncio.to_thread(ready.write_text, str(service.port))
+        await stop.wait()
+        log.info("stopping")

@@ -1,0 +1,603 @@
+"""The sandbox driver: a node SIMULATED in a directory, for the demo and for tests.
+
+This is a simulator, not a way to manage a real server (that is ``local`` and ``ssh``).
+Packages are real ``.deb`` files, unpacked with ``dpkg-deb`` (no maintainer script runs).
+Other programs (the demo console, tests, benchmarks) read and write these files in ``ROOT``:
+
+``sessions.json``
+    A JSON list of ``{"user": NAME}`` (optionally ``"id"``): the logged-in users. A missing
+    file means nobody is logged in. ``disconnect_sessions`` empties it.
+``messages.log``
+    One line per notice shown to users: ``<ISO timestamp> <message>`` (newlines in a
+    message become spaces). Lines are appended with one ``write`` each.
+``faults.json`` (optional)
+    ``{"<operation>": "message"}`` makes the next call of that operation fail with that
+    message and removes the key (one-shot). ``{"unreachable": "message"}`` makes every
+    operation fail with ``NodeUnreachableError`` until the key is removed.
+    ``{"delay": {"<operation>": SECONDS}}`` makes that operation take that long, every time.
+    Operations: the ``NodeDriver`` method names (``OPERATIONS``).
+``state.json`` (written by the driver)
+    ``installed`` {package: version}, ``logon_enabled``, ``lb`` ("in"/"drained", null for a
+    single system), ``restart_required``, ``staged`` {package: version}, ``last_reboot``,
+    ``last_services_restart`` (ISO times or null) and ``files`` {package: {path: sha256}}
+    (what ``install`` unpacked, for the integrity check). Absent: nothing installed, logon
+    enabled, in load balancing (cluster nodes).
+``staged/``
+    Staged ``.deb`` files, ``<name>_<version>.deb``.
+``fs/``
+    The simulated file system the packages are unpacked into.
+
+Every file except ``messages.log`` is replaced atomically (temporary file in the same
+directory, then ``os.replace``), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shlex
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from core.drivers.checkurl import check_url
+from core.drivers.shell import Completed, run_process
+from core.drivers.staging import sha256_file, staged_file_name
+from core.errors import DriverError, NodeUnreachableError
+from core.interfaces import OutputSink
+from core.model import (
+    CommandOutput,
+    InstallResult,
+    IntegrityMismatch,
+    LbState,
+    NodeStatus,
+    PackageKind,
+    Session,
+    StagedPackage,
+)
+
+log = logging.getLogger(__name__)
+
+Operation = Literal[
+    "status",
+    "announce",
+    "set_logon",
+    "drain",
+    "undrain",
+    "disconnect_sessions",
+    "stage",
+    "install",
+    "restart_services",
+    "reboot",
+    "post_check",
+    "verify_integrity",
+]
+
+OPERATIONS: tuple[str, ...] = get_args(Operation)
+"""Operation names as used in ``faults.json`` (the ``NodeDriver`` method names)."""
+
+_CHUNK = 1 << 20
+
+
+class _SessionEntry(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    user: str = Field(min_length=1)
+    id: str | int | None = None
+
+
+_SESSIONS = TypeAdapter(list[_SessionEntry])
+
+
+class _Faults(BaseModel):
+    """``faults.json``: one-shot failures per operation, ``unreachable``, ``delay``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    unreachable: str | None = None
+    delay: dict[Operation, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    status: str | None = None
+    announce: str | None = None
+    set_logon: str | None = None
+    drain: str | None = None
+    undrain: str | None = None
+    disconnect_sessions: str | None = None
+    stage: str | None = None
+    install: str | None = None
+    restart_services: str | None = None
+    reboot: str | None = None
+    post_check: str | None = None
+    verify_integrity: str | None = None
+
+    def one_shot(self, operation: str) -> str | None:
+        value = getattr(self, operation)
+        return value if isinstance(value, str) else None
+
+
+class _State(BaseModel):
+    """``state.json``, written by the driver."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    installed: dict[str, str] = Field(default_factory=dict)
+    logon_enabled: bool = True
+    lb: LbState | None = "in"
+    restart_required: bool = False
+    staged: dict[str, str] = Field(default_factory=dict)
+    last_reboot: datetime | None = None
+    last_services_restart: datetime | None = None
+    files: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors()[:3]:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+        problems.append(f"{where.lstrip('.') or 'top level'}: {error['msg']}")
+    more = exc.error_count() - len(problems)
+    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temporary file in the same directory, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _copy_verified(source: Path, target: Path, sha256: str) -> str | None:
+    """Copy ``source`` to ``target`` atomically if the copy hashes to ``sha256``.
+
+    Returns the copy's SHA-256 when it differs (nothing is left behind then), else None.
+    """
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            while chunk := src.read(_CHUNK):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        actual = sha256_file(Path(tmp))
+        if actual != sha256:
+            os.unlink(tmp)
+            return actual
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return None
+
+
+class SandboxDriver:
+    """A node SIMULATED in the directory ``root`` (see the module doc for its files).
+
+    For the demo and for tests only; real hosts are driven by ``LocalDriver``/``SshDriver``.
+    ``clustered`` says whether the node belongs to a cluster (load balancing applies) or is
+    a single system (``lb`` is None and drain/undrain do nothing).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        *,
+        clustered: bool,
+        output: OutputSink | None = None,
+        command_timeout: float = 600.0,
+        check_url: str | None = None,
+    ) -> None:
+        self.name = name
+        self.root = Path(root)
+        self.clustered = clustered
+        self._output = output
+        self._timeout = command_timeout
+        self._check_url = check_url
+
+    # -- files ------------------------------------------------------------------------
+
+    @property
+    def sessions_file(self) -> Path:
+        return self.root / "sessions.json"
+
+    @property
+    def messages_file(self) -> Path:
+        return self.root / "messages.log"
+
+    @property
+    def faults_file(self) -> Path:
+        return self.root / "faults.json"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def staged_dir(self) -> Path:
+        return self.root / "staged"
+
+    @property
+    def fs_dir(self) -> Path:
+        return self.root / "fs"
+
+    def _read_json(
+        self, path: Path, operation: str, expected: str, *, shown: Path | None = None
+    ) -> Any:
+        """The parsed file, or None when it does not exist; errors name ``shown``."""
+        shown = shown or path
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DriverError(self.name, operation, f"{shown}: cannot read: {exc}") from exc
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DriverError(
+                self.name,
+                operation,
+                f"{shown}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+                f"expected {expected} (fix or remove the file)",
+            ) from exc
+
+    def _write(self, path: Path, data: bytes, operation: str) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _write_atomic(path, data)
+        except OSError as exc:
+            raise DriverError(self.name, operation, f"{path}: cannot write: {exc}") from exc
+
+    def _load_state(self, operation: str) -> _State:
+        expected = "the driver's state object"
+        raw = self._read_json(self.state_file, operation, expected)
+        if raw is None:
+            return _State(lb="in" if self.clustered else None)
+        try:
+            state = _State.model_validate(raw)
+        except ValidationError as exc:
+            raise DriverError(
+                self.name,
+                operation,
+                f"{self.state_file}: {_describe(exc)} (fix it, or remove it to start afresh)",
+            ) from exc
+        if not self.clustered:
+            state.lb = None
+        elif state.lb is None:
+            state.lb = "in"
+        return state
+
+    def _save_state(self, state: _State, operation: str) -> None:
+        self._write(self.state_file, _json_bytes(state.model_dump(mode="json")), operation)
+
+    def _sessions(self, operation: str, path: Path | None = None) -> tuple[Session, ...]:
+        path = path or self.sessions_file
+        expected = 'a list of {"user": NAME}'
+        raw = self._read_json(path, operation, expected, shown=self.sessions_file)
+        if raw is None:
+            return ()
+        try:
+            entries = _SESSIONS.validate_python(raw)
+        except ValidationError as exc:
+            raise DriverError(
+                self.name,
+                operation,
+                f"{self.sessions_file}: {_describe(exc)}; expected {expected}",
+            ) from exc
+        return tuple(Session(user=e.user, id="" if e.id is None else str(e.id)) for e in entries)
+
+    def _faults(self, operation: str) -> _Faults:
+        expected = '{"<operation>": "message", "unreachable": "message", "delay": {...}}'
+        raw = self._read_json(self.faults_file, operation, expected)
+        if raw is None:
+            return _Faults()
+        try:
+            return _Faults.model_validate(raw)
+        except ValidationError as exc:
+            raise DriverError(
+                self.name,
+                operation,
+                f"{self.faults_file}: {_describe(exc)}; accepted keys: unreachable, delay, "
+                + ", ".join(OPERATIONS),
+            ) from exc
+
+    async def _begin(self, operation: str) -> None:
+        """Apply ``faults.json`` to this call of ``operation``."""
+        faults = self._faults(operation)
+        if faults.unreachable is not None:
+            raise NodeUnreachableError(
+                self.name,
+                operation,
+                f"{faults.unreachable} (simulated: remove 'unreachable' from {self.faults_file})",
+            )
+        delay = {str(op): seconds for op, seconds in faults.delay.items()}.get(operation)
+        if delay:
+            log.debug("node %s: %s: simulated delay of %ss", self.name, operation, delay)
+            await asyncio.sleep(delay)
+        message = faults.one_shot(operation)
+        if message is None:
+            return
+        raw = self._read_json(self.faults_file, operation, "an object")
+        if isinstance(raw, dict) and operation in raw:
+            del raw[operation]
+            self._write(self.faults_file, _json_bytes(raw), operation)
+        log.info("node %s: %s: simulated fault: %s", self.name, operation, message)
+        raise DriverError(self.name, operation, message)
+
+    async def _run(self, operation: str, argv: Sequence[str]) -> Completed:
+        result = await run_process(argv, node=self.name, operation=operation, limit=self._timeout)
+        if self._output is not None:
+            await self._output(
+                CommandOutput(
+                    operation=operation,
+                    command=shlex.join(argv),
+                    exit_status=result.exit_status,
+                    stdout=result.stdout,
+                    stderr=result.stderr,
+                    at=datetime.now(UTC),
+                )
+            )
+        if result.exit_status != 0:
+            last = (result.stderr.strip() or result.stdout.strip()).splitlines()
+            raise DriverError(
+                self.name,
+                operation,
+                f"exit {result.exit_status}: {last[-1] if last else 'no output'}",
+            )
+        return result
+
+    # -- NodeDriver ---------------------------------------------------------------------
+
+    async def status(self) -> NodeStatus:
+        await self._begin("status")
+        state = self._load_state("status")
+        return NodeStatus(
+            installed=dict(state.installed),
+            sessions=self._sessions("status"),
+            logon_enabled=state.logon_enabled,
+            lb=state.lb,
+            restart_required=state.restart_required,
+            staged=dict(state.staged),
+        )
+
+    async def announce(self, message: str) -> None:
+        await self._begin("announce")
+        line = " ".join(message.splitlines()).strip()
+        entry = f"{datetime.now(UTC).isoformat(timespec='seconds')} {line}\n".encode()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.messages_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, entry)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise DriverError(
+                self.name, "announce", f"{self.messages_file}: cannot append: {exc}"
+            ) from exc
+        log.info("node %s: announce: %s", self.name, line)
+
+    async def set_logon(self, enabled: bool) -> None:
+        await self._begin("set_logon")
+        state = self._load_state("set_logon")
+        state.logon_enabled = enabled
+        self._save_state(state, "set_logon")
+        log.info("node %s: set_logon: %s", self.name, "enabled" if enabled else "disabled")
+
+    async def _set_lb(self, operation: str, value: LbState) -> None:
+        await self._begin(operation)
+        if not self.clustered:
+            log.debug("node %s: %s: single system, no load balancing", self.name, operation)
+            return
+        state = self._load_state(operation)
+        state.lb = value
+        self._save_state(state, operation)
+        log.info("node %s: %s: load balancing %s", self.name, operation, value)
+
+    async def drain(self) -> None:
+        await self._set_lb("drain", "drained")
+
+    async def undrain(self) -> None:
+        await self._set_lb("undrain", "in")
+
+    async def disconnect_sessions(self) -> int:
+        await self._begin("disconnect_sessions")
+        operation = "disconnect_sessions"
+        # Take the file away atomically, so a logon written meanwhile is not lost, then
+        # leave an empty list unless another program has written a new file already.
+        taken = self.root / f".sessions.ending.{os.getpid()}.{id(self)}"
+        try:
+            os.rename(self.sessions_file, taken)
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise DriverError(self.name, operation, f"{self.sessions_file}: {exc}") from exc
+        try:
+            sessions = self._sessions(operation, taken)
+        except DriverError:
+            os.replace(taken, self.sessions_file)  # put the bad file back for inspection
+            raise
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".sessions.json.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(b"[]\n")
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, self.sessions_file)
+        finally:
+            os.unlink(tmp)
+            os.unlink(taken)
+        log.info("node %s: %s: ended %d session(s)", self.name, operation, len(sessions))
+        return len(sessions)
+
+    async def stage(self, packages: Sequence[StagedPackage]) -> None:
+        await self._begin("stage")
+        try:
+            self.staged_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DriverError(self.name, "stage", f"{self.staged_dir}: {exc}") from exc
+        for package in packages:
+            target = self.staged_dir / staged_file_name(package.name, package.version)
+            try:
+                actual = await asyncio.to_thread(
+                    _copy_verified, package.path, target, package.sha256
+                )
+            except OSError as exc:
+                raise DriverError(
+                    self.name, "stage", f"copying {package.path} to {target}: {exc}"
+                ) from exc
+            if actual is not None:
+                raise DriverError(
+                    self.name,
+                    "stage",
+                    f"{package.name} {package.version}: the copy's SHA-256 is {actual}, "
+                    f"expected {package.sha256}; nothing staged (download it again)",
+                )
+            state = self._load_state("stage")
+            old = state.staged.get(package.name)
+            if old is not None and old != package.version:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.staged_dir / staged_file_name(package.name, old)).unlink()
+            state.staged[package.name] = package.version
+            self._save_state(state, "stage")
+            log.info("node %s: stage: %s %s", self.name, package.name, package.version)
+
+    async def install(self, packages: Sequence[StagedPackage]) -> InstallResult:
+        operation = "install"
+        await self._begin(operation)
+        state = self._load_state(operation)
+        for package in packages:
+            path = self.staged_dir / staged_file_name(package.name, package.version)
+            if state.staged.get(package.name) != package.version or not path.is_file():
+                raise DriverError(
+                    self.name,
+                    operation,
+                    f"{package.name} {package.version} is not staged; stage (download) it "
+                    "before installing",
+                )
+        installed: dict[str, str] = {}
+        output: list[str] = []
+        for package in packages:
+            path = self.staged_dir / staged_file_name(package.name, package.version)
+            actual = await asyncio.to_thread(sha256_file, path)
+            if actual != package.sha256:
+                raise DriverError(
+                    self.name,
+                    operation,
+                    f"staged {path.name} has SHA-256 {actual}, expected {package.sha256}; "
+                    "it was changed after staging (download it again)",
+                )
+            fields = await self._run(operation, ["dpkg-deb", "-f", str(path), "Package", "Version"])
+            control = dict(
+                line.split(": ", 1) for line in fields.stdout.splitlines() if ": " in line
+            )
+            if (control.get("Package"), control.get("Version")) != (
+                package.name,
+                package.version,
+            ):
+                raise DriverError(
+                    self.name,
+                    operation,
+                    f"{path.name} contains {control.get('Package')} {control.get('Version')}, "
+                    f"not {package.name} {package.version}; refused",
+                )
+            self.fs_dir.mkdir(parents=True, exist_ok=True)
+            unpacked = await self._run(operation, ["dpkg-deb", "-X", str(path), str(self.fs_dir)])
+            files = await asyncio.to_thread(self._hash_unpacked, unpacked.stdout)
+            state = self._load_state(operation)
+            for stale in set(state.files.get(package.name, {})) - set(files):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.fs_dir / stale.lstrip("/")).unlink()
+            state.files[package.name] = files
+            state.installed[package.name] = package.version
+            state.staged.pop(package.name, None)
+            if package.kind is PackageKind.CORE:
+                state.restart_required = True
+            self._save_state(state, operation)
+            path.unlink()
+            installed[package.name] = package.version
+            output.append(f"unpacked {package.name} {package.version}: {len(files)} files")
+            log.info("node %s: install: %s %s", self.name, package.name, package.version)
+        state = self._load_state(operation)
+        return InstallResult(
+            installed=installed,
+            restart_required=state.restart_required,
+            output="\n".join(output),
+        )
+
+    def _hash_unpacked(self, listing: str) -> dict[str, str]:
+        """SHA-256 of every regular file ``dpkg-deb -X`` listed, keyed by absolute path."""
+        files: dict[str, str] = {}
+        for line in listing.splitlines():
+            rel = line.removeprefix("./")
+            if not rel or rel.endswith("/"):
+                continue
+            path = self.fs_dir / rel
+            if path.is_symlink() or not path.is_file():
+                continue
+            files["/" + rel] = sha256_file(path)
+        return files
+
+    async def restart_services(self) -> None:
+        await self._begin("restart_services")
+        state = self._load_state("restart_services")
+        state.last_services_restart = datetime.now(UTC)
+        self._save_state(state, "restart_services")
+        log.info("node %s: restart_services: done", self.name)
+
+    async def reboot(self) -> None:
+        await self._begin("reboot")
+        state = self._load_state("reboot")
+        state.last_reboot = datetime.now(UTC)
+        state.restart_required = False
+        self._save_state(state, "reboot")
+        log.info("node %s: reboot: done", self.name)
+
+    async def post_check(self) -> None:
+        await self._begin("post_check")
+        if self._check_url is not None:
+            await check_url(self.name, self._check_url, limit=min(self._timeout, 60.0))
+
+    async def verify_integrity(self) -> list[IntegrityMismatch]:
+        await self._begin("verify_integrity")
+        state = self._load_state("verify_integrity")
+        return await asyncio.to_thread(self._verify, state.files)
+
+    def _verify(self, recorded: Mapping[str, Mapping[str, str]]) -> list[IntegrityMismatch]:
+        mismatches: list[IntegrityMismatch] = []
+        for package in sorted(recorded):
+            for path, expected in sorted(recorded[package].items()):
+                local = self.fs_dir / path.lstrip("/")
+                try:
+                    actual = sha256_file(local)
+                except FileNotFoundError:
+                    problem = "missing"
+                except OSError as exc:
+                    problem = f"unreadable: {exc.strerror or exc}"
+                else:
+                    if actual == expected:
+                        continue
+                    problem = "checksum differs"
+                mismatches.append(IntegrityMismatch(package=package, path=path, problem=problem))
+        return mismatches
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,194 @@
+"""Domain events and the in-process event bus that ``bot`` and ``notify`` subscribe to.
+
+Events are values. The engine persists a change first and publishes the event after;
+a subscriber that fails or is slow never blocks or breaks the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+log = logging.getLogger(__name__)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base of every domain event. ``id`` is unique and is the outbox's idempotency root."""
+
+    id: str = field(default_factory=_new_id)
+    at: datetime = field(default_factory=_now)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandReceived(Event):
+    actor: str
+    source: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeStateChanged(Event):
+    """A persisted change of a node's state (lock, flag, logon, maintenance, ...)."""
+
+    node: str
+    change: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStarted(Event):
+    run_id: int
+    kind: str
+    node: str
+    actor: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunProgress(Event):
+    run_id: int
+    node: str
+    step: str
+    done: int = 0
+    total: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFinished(Event):
+    run_id: int
+    kind: str
+    node: str
+    outcome: str
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WarningFlagSet(Event):
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateLockSet(Event):
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MaintenanceScheduled(Event):
+    node: str
+    start: datetime
+    reason: str
+    origin: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MaintenanceEnded(Event):
+    node: str
+    reason: str
+    by: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HotfixPublished(Event):
+    hotfix_id: str
+    package: str
+    version: str
+    urgency: str
+    summary: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HotfixAcknowledged(Event):
+    """Someone pressed 1 on an urgent-hotfix call (L14); escalation stops."""
+
+    hotfix_id: str
+    by: str
+    phone: str = ""
+
+
+Handler = Callable[[Event], Awaitable[None]]
+
+
+class LocalEventBus:
+    """Delivers every published event to every subscriber, each through its own queue.
+
+    Use as ``async with LocalEventBus() as bus``; leaving the block delivers what is
+    queued (bounded by ``drain_timeout``) and stops the delivery tasks.
+    """
+
+    def __init__(self, *, queue_size: int = 10_000, drain_timeout: float = 5.0) -> None:
+        self._queue_size = queue_size
+        self._drain_timeout = drain_timeout
+        self._subscribers: list[tuple[str, Handler, asyncio.Queue[Event]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = False
+
+    def subscribe(self, name: str, handler: Handler) -> None:
+        queue: asyncio.Queue[Event] = asyncio.Queue(self._queue_size)
+        self._subscribers.append((name, handler, queue))
+        if self._running:
+            self._tasks.append(self._start(name, handler, queue))
+
+    async def publish(self, event: Event) -> None:
+        for name, _, queue in self._subscribers:
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                log.error(  # noqa: TRY400  (no exception to show: the queue is full)
+                    "event subscriber %s is %d events behind; dropped %s",
+                    name,
+                    queue.qsize(),
+                    type(event).__name__,
+                )
+
+    def _start(
+        self, name: str, handler: Handler, queue: asyncio.Queue[Event]
+    ) -> asyncio.Task[None]:
+        return asyncio.create_task(self._deliver(name, handler, queue), name=f"events:{name}")
+
+    async def _deliver(self, name: str, handler: Handler, queue: asyncio.Queue[Event]) -> None:
+        while True:
+            event = await queue.get()
+            try:
+                await handler(event)
+            except Exception:
+                log.exception("event subscriber %s failed on %s", name, type(event).__name__)
+            finally:
+                queue.task_done()
+
+    async def __aenter__(self) -> Self:
+        self._running = True
+        self._tasks = [self._start(n, h, q) for n, h, q in self._subscribers]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._running = False
+        try:
+            async with asyncio.timeout(self._drain_timeout):
+                await asyncio.shield(asyncio.gather(*(q.join() for _, _, q in self._subscribers)))
+        except TimeoutError:
+            log.warning("event delivery did not finish within %.0fs", self._drain_timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []

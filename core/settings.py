@@ -1,0 +1,394 @@
+"""The settings object: built once at start-up from TOML and the environment, passed down.
+
+TOML comes from ``--config`` or ``TGOPS_CONFIG``; every key can be overridden by an
+environment variable ``TGOPS_<SECTION>__<KEY>`` (e.g. ``TGOPS_SLACK__BOT_TOKEN``).
+Unknown keys are errors. Problems are reported one line per key by ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from core.durations import Duration
+from core.errors import ConfigError
+from core.manifest import load_public_key
+from core.model import Role
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///var/lib/tgops/state.db"
+
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("tgops_settings_environ", default=None)
+
+
+class _GivenEnvironment(EnvSettingsSource):
+    """Environment overrides from the mapping handed to ``load_settings``, not ``os.environ``."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        environ = _ENVIRON.get() or {}
+        return {k.lower(): v for k, v in environ.items()}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_url: str = "http://127.0.0.1:8080"
+    """How Slack and Twilio reach this service (Twilio signatures are checked against it)."""
+
+
+class ApiToken(_Section):
+    token: SecretStr
+    roles: tuple[Role, ...] = (Role.VIEWER,)
+
+
+class ApiSettings(_Section):
+    tokens: dict[str, ApiToken] = Field(default_factory=dict)
+
+
+class UpdatesSettings(_Section):
+    repository_url: str = "http://127.0.0.1:8081/"
+    channel: str = "stable"
+    oldstable_channel: str = "oldstable"
+    public_key: str | None = None
+    public_key_file: Path | None = None
+    cache_dir: Path = Path("/var/cache/tgops")
+    poll_interval: Duration = 900.0
+    download_attempts: int = Field(default=10, ge=1, le=1000)
+    retry_delay: Duration = 30.0
+    download_lead: Duration = 3600.0
+    always_install_hotfixes: bool = False
+    max_parallel_downloads: int = Field(default=4, ge=1, le=64)
+    connect_timeout: Duration = 10.0
+    read_timeout: Duration = 60.0
+    update_grace: Duration = 900.0
+    """How late a scheduled update may still start after the service was down."""
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        if value is not None:
+            load_public_key(value)
+        return value
+
+    @field_validator("repository_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://", "file://")):
+            raise ValueError("must start with http://, https:// or file://")
+        return value if value.endswith("/") else value + "/"
+
+    def resolved_public_key(self) -> str | None:
+        if self.public_key is not None:
+            return self.public_key
+        if self.public_key_file is not None:
+            return self.public_key_file.read_text().strip()
+        return None
+
+
+class MaintenanceSettings(_Section):
+    notice_lead: Duration = 7200.0
+    reminder_interval: Duration = 900.0
+    lb_drain_lead: Duration = 3600.0
+
+    @field_validator("reminder_interval")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be longer than 0s")
+        return value
+
+
+class SlackSettings(_Section):
+    bot_token: SecretStr | None = None
+    signing_secret: SecretStr | None = None
+    app_token: SecretStr | None = None
+    api_url: str = "https://slack.com/api/"
+    channel: str | None = None
+
+
+class RolesSettings(_Section):
+    maint: tuple[str, ...] = ()
+    update: tuple[str, ...] = ()
+    viewer: tuple[str, ...] = ("*",)
+
+
+class SmtpSettings(_Section):
+    host: str | None = None
+    port: int = Field(default=25, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    starttls: bool = False
+    use_tls: bool = False
+    sender: str = "tgops@localhost"
+    timeout: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _tls(self) -> SmtpSettings:
+        if self.starttls and self.use_tls:
+            raise ValueError("starttls and use_tls exclude each other; set one of them")
+        return self
+
+
+class TwilioSettings(_Section):
+    account_sid: str | None = None
+    auth_token: SecretStr | None = None
+    from_number: str | None = None
+    api_url: str = "https://api.twilio.com"
+
+
+class EscalationSettings(_Section):
+    call_rounds: int = Field(default=3, ge=1, le=20)
+    ack_wait: Duration = 120.0
+    sms_fallback: bool = True
+
+
+class Contact(_Section):
+    name: str
+    email: str | None = None
+    phone: str | None = None
+    clusters: tuple[str, ...] = ("*",)
+    urgent_calls: bool = True
+
+    def covers(self, cluster: str | None) -> bool:
+        return "*" in self.clusters or (cluster is not None and cluster in self.clusters)
+
+
+class ClusterSettings(_Section):
+    max_parallel_updates: int = Field(default=1, ge=1, le=1000)
+    lb_drain: str | None = None
+    """Command template run on the controller to drain ``{node}`` (e.g. an HAProxy call)."""
+    lb_undrain: str | None = None
+    haproxy_socket: str | None = None
+    """HAProxy runtime API socket (a path, or ``tcp:HOST:PORT``); used when set."""
+    haproxy_backend: str | None = None
+
+
+class NodeSettings(_Section):
+    name: str
+    cluster: str | None = None
+    driver: Literal["sandbox", "local", "ssh"] = "sandbox"
+    root: Path | None = None
+    host: str | None = None
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str = "root"
+    key_file: Path | None = None
+    known_hosts: Path | None = None
+    """known_hosts file for the ssh driver (default: ~/.ssh/known_hosts)."""
+    accept_unknown_host_key: bool = False
+    command_timeout: Duration = 600.0
+    commands: dict[str, str] = Field(default_factory=dict)
+    check_url: str | None = None
+    """Post-update check: a URL that must answer 2xx (besides ``commands.post_check``)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError("node names use letters, digits, '-', '_' and '.'")
+        if value == "all":
+            raise ValueError("'all' is reserved for the whole fleet")
+        return value
+
+    @model_validator(mode="after")
+    def _driver_keys(self) -> NodeSettings:
+        if self.driver == "sandbox" and self.root is None:
+            raise ValueError(f"node {self.name}: the sandbox driver needs root (a directory)")
+        if self.driver == "ssh" and not self.host:
+            raise ValueError(f"node {self.name}: the ssh driver needs host")
+        return self
+
+
+class Settings(BaseSettings):
+    """The whole configuration (DESIGN.md, "Configuration keys")."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix="TGOPS_",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+    )
+
+    timezone: str = "Europe/Berlin"
+    database_url: str = DEFAULT_DATABASE_URL
+    http: HttpSettings = HttpSettings()
+    api: ApiSettings = ApiSettings()
+    updates: UpdatesSettings = UpdatesSettings()
+    maintenance: MaintenanceSettings = MaintenanceSettings()
+    slack: SlackSettings = SlackSettings()
+    roles: RolesSettings = RolesSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    twilio: TwilioSettings = TwilioSettings()
+    escalation: EscalationSettings = EscalationSettings()
+    contacts: tuple[Contact, ...] = ()
+    clusters: dict[str, ClusterSettings] = Field(default_factory=dict)
+    nodes: tuple[NodeSettings, ...] = ()
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"{value!r} is not an IANA time zone (e.g. Europe/Berlin)") from exc
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _db(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB")
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        names: set[str] = set()
+        for i, node in enumerate(self.nodes):
+            if node.name in names:
+                raise ValueError(f"nodes[{i}].name: node {node.name} is declared twice")
+            if node.name in self.clusters:
+                raise ValueError(
+                    f"nodes[{i}].name: {node.name} is also a cluster name; names must differ"
+                )
+            names.add(node.name)
+            if node.cluster is not None and node.cluster not in self.clusters:
+                raise ValueError(
+                    f"nodes[{i}].cluster: cluster {node.cluster!r} is not declared; "
+                    f"add [clusters.{node.cluster}]"
+                )
+        if "all" in self.clusters:
+            raise ValueError("clusters.all: 'all' is reserved for the whole fleet; rename it")
+        return self
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first, then the TOML file (passed as init values by load_settings).
+        return (_GivenEnvironment(settings_cls), init_settings)
+
+
+SECRET_KEYS = frozenset(
+    {"token", "bot_token", "signing_secret", "app_token", "password", "auth_token"}
+)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError([f"config: {path}: no such file"]) from exc
+    except PermissionError as exc:
+        raise ConfigError([f"config: {path}: not readable ({exc.strerror})"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"config: {path}: not valid TOML: {exc}"]) from exc
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if part.isdigit() else (f".{part}" if key else part)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (see config/tgops.example.toml for every accepted key)"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    if "input" in error and error["type"] not in {"missing", "extra_forbidden"}:
+        value = error["input"]
+        if not isinstance(value, dict | list) and key.split(".")[-1] not in SECRET_KEYS:
+            message += f" (got {value!r})"
+    return f"{key}: {message}" if key else message
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """Build the settings from ``path`` (or ``TGOPS_CONFIG``) and the environment.
+
+    Raises ``ConfigError`` with one line per problem, each naming the key.
+    """
+    if path is None and environ.get("TGOPS_CONFIG"):
+        path = Path(environ["TGOPS_CONFIG"])
+    data = _read_toml(path) if path is not None else {}
+    unknown = [
+        key
+        for key in environ
+        if key.upper().startswith("TGOPS_")
+        and key.upper() not in {"TGOPS_CONFIG"}
+        and not key.upper().startswith("TGOPS_TEST_")
+        and key.upper().removeprefix("TGOPS_").split("__")[0].lower() not in Settings.model_fields
+    ]
+    problems = [f"environment {key}: unknown key" for key in sorted(unknown)]
+    try:
+        settings = _build(data, environ)
+    except ValidationError as exc:
+        problems.extend(_describe(error) for error in exc.errors())
+    except ValueError as exc:
+        problems.append(f"config: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
+    relevant = {
+        k: v
+        for k, v in environ.items()
+        if k.upper().startswith("TGOPS_")
+        and not k.upper().startswith("TGOPS_TEST_")
+        and k.upper() != "TGOPS_CONFIG"
+    }
+    token = _ENVIRON.set(relevant)
+    try:
+        return Settings(**data)
+    finally:
+        _ENVIRON.reset(token)
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The resolved configuration as plain data with every secret masked."""
+    data = settings.model_dump(mode="json")
+
+    def walk(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, key) for v in value]
+        if key in SECRET_KEYS and value is not None:
+            return "********"
+        return value
+
+    masked_data: dict[str, Any] = walk(data)
+    return masked_data

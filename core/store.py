@@ -1,0 +1,917 @@
+"""The durable store (SQLAlchemy 2 asyncio): SQLite by default, PostgreSQL when configured.
+
+Every state change of the lifecycle is written here first; events are published after.
+Migrations (Alembic) are applied at start-up, idempotently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, delete, event, func, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from core import tables as t
+from core.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+ACTIVE_RUN_STATES = ("queued", "running")
+R = TypeVar("R")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class StoreUnavailableError(StoreError):
+    def __init__(self, url: str, cause: str) -> None:
+        super().__init__(
+            f"database {url}: cannot be opened ({cause}); check database_url and that the "
+            "server is running"
+        )
+
+
+class NodeBusyError(StoreError):
+    def __init__(self, node: str, run_id: int) -> None:
+        self.node = node
+        self.run_id = run_id
+        super().__init__(
+            f"node {node} is busy with run #{run_id}; wait for it to end (see `log {node}`)"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeRecord:
+    name: str
+    cluster: str | None
+    driver: str
+    installed: Mapping[str, str] = field(default_factory=dict)
+    staged: Mapping[str, str] = field(default_factory=dict)
+    sessions: int = 0
+    logon_enabled: bool = True
+    lb: str | None = None
+    restart_required: bool = False
+    update_lock_since: datetime | None = None
+    update_lock_reason: str | None = None
+    warning_flag_since: datetime | None = None
+    warning_flag_reason: str | None = None
+    hotfixes_always: bool | None = None
+    optional_packages: tuple[str, ...] = ()
+    active_run_id: int | None = None
+    left_drained_by_run: int | None = None
+    reachable: bool = True
+    last_error: str | None = None
+    observed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunRecord:
+    id: int
+    kind: str
+    node: str
+    target: str
+    actor: str
+    status: str
+    step: str | None
+    progress_done: int
+    progress_total: int
+    params: Mapping[str, Any]
+    error: str | None
+    owner: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepRecord:
+    run_id: int
+    name: str
+    status: str
+    detail: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditRecord:
+    id: int
+    at: datetime
+    actor: str
+    source: str
+    action: str
+    target: str | None
+    detail: str
+    run_id: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MaintenanceRecord:
+    id: int
+    node: str
+    start: datetime
+    reason: str
+    origin: str
+    disable_logon: bool
+    created_by: str
+    created_at: datetime
+    last_notice_at: datetime | None
+    logon_disabled_at: datetime | None
+    ended_at: datetime | None
+    ended_by: str | None
+    end_reason: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleRecord:
+    node: str
+    kind: str
+    days: str
+    start: str
+    end: str | None
+    enabled: bool
+    updated_by: str
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotRecord:
+    cluster: str
+    slot: int
+    node: str
+    run_id: int | None
+    owner: str | None
+    taken_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxRecord:
+    id: int
+    key: str
+    channel: str
+    recipient: str
+    subject: str
+    payload: Mapping[str, Any]
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    created_at: datetime
+    sent_at: datetime | None
+
+
+def _record(cls: type[R], row: Any) -> R:
+    data = dict(row._mapping)
+    if cls is NodeRecord:
+        data["optional_packages"] = tuple(data.get("optional_packages") or ())
+        data["installed"] = dict(data.get("installed") or {})
+        data["staged"] = dict(data.get("staged") or {})
+    return cls(**data)
+
+
+def _migrate(connection: Connection) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Store:
+    """``async with Store(url) as store``: opens the database and migrates it to the head."""
+
+    def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
+        self.url = url
+        self._connect_timeout = connect_timeout
+        self._engine: AsyncEngine | None = None
+
+    @property
+    def dialect(self) -> str:
+        return make_url(self.url).get_backend_name()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise StoreError("the store is not open; use `async with Store(url)`")
+        return self._engine
+
+    def display_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    async def __aenter__(self) -> Self:
+        url = make_url(self.url)
+        kwargs: dict[str, Any] = {}
+        if url.get_backend_name() == "sqlite":
+            if url.database and url.database != ":memory:":
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs["pool_pre_ping"] = True
+            kwargs["connect_args"] = {"timeout": self._connect_timeout}
+        engine = create_async_engine(self.url, **kwargs)
+        if url.get_backend_name() == "sqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        try:
+            async with asyncio.timeout(self._connect_timeout + 20):
+                async with engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        # one instance migrates at a time
+                        await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(74470501)")
+                    await conn.run_sync(_migrate)
+        except (OSError, SQLAlchemyError, TimeoutError) as exc:
+            await engine.dispose()
+            cause = str(getattr(exc, "orig", None) or exc).splitlines()[0] or type(exc).__name__
+            raise StoreUnavailableError(self.display_url(), cause) from exc
+        self._engine = engine
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._engine is not None:
+            await asyncio.shield(self._engine.dispose())
+            self._engine = None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.begin() as conn:
+            yield conn
+
+    # -- nodes ---------------------------------------------------------------------------
+
+    async def sync_nodes(self, declared: Sequence[tuple[str, str | None, str]]) -> None:
+        """Make the node table match the configuration (name, cluster, driver).
+
+        Nodes no longer configured keep their rows (history stays readable) but are not
+        listed by ``nodes()`` unless asked.
+        """
+        async with self.transaction() as conn:
+            existing = {r.name for r in await conn.execute(select(t.nodes.c.name))}
+            for name, cluster, driver in declared:
+                if name in existing:
+                    await conn.execute(
+                        update(t.nodes)
+                        .where(t.nodes.c.name == name)
+                        .values(cluster=cluster, driver=driver)
+                    )
+                else:
+                    await conn.execute(
+                        insert(t.nodes).values(
+                            name=name,
+                            cluster=cluster,
+                            driver=driver,
+                            installed={},
+                            staged={},
+                            sessions=0,
+                            logon_enabled=True,
+                            lb="in" if cluster else None,
+                            restart_required=False,
+                            optional_packages=[],
+                            reachable=True,
+                        )
+                    )
+
+    async def node(self, name: str) -> NodeRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(t.nodes).where(t.nodes.c.name == name))).first()
+        return None if row is None else _record(NodeRecord, row)
+
+    async def nodes(self, names: Sequence[str] | None = None) -> list[NodeRecord]:
+        query = select(t.nodes).order_by(t.nodes.c.name)
+        if names is not None:
+            query = query.where(t.nodes.c.name.in_(list(names)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(NodeRecord, r) for r in rows]
+
+    async def update_node(self, name: str, **values: Any) -> NodeRecord:
+        async with self.transaction() as conn:
+            result = await conn.execute(
+                update(t.nodes).where(t.nodes.c.name == name).values(**values)
+            )
+            if result.rowcount != 1:
+                raise StoreError(f"node {name} is not in the store")
+            row = (await conn.execute(select(t.nodes).where(t.nodes.c.name == name))).one()
+        return _record(NodeRecord, row)
+
+    # -- runs ----------------------------------------------------------------------------
+
+    async def create_run(
+        self,
+        *,
+        kind: str,
+        node: str,
+        target: str,
+        actor: str,
+        params: Mapping[str, Any] | None = None,
+        owner: str | None = None,
+        exclusive: bool = True,
+    ) -> int:
+        """A new run in state ``queued``; with ``exclusive`` the node is claimed for it.
+
+        Raises ``NodeBusyError`` when the node already has an active run.
+        """
+        async with self.transaction() as conn:
+            run_id = (
+                await conn.execute(
+                    insert(t.runs)
+                    .values(
+                        kind=kind,
+                        node=node,
+                        target=target,
+                        actor=actor,
+                        status="queued",
+                        params=dict(params or {}),
+                        progress_done=0,
+                        progress_total=0,
+                        owner=owner,
+                        created_at=utcnow(),
+                    )
+                    .returning(t.runs.c.id)
+                )
+            ).scalar_one()
+            if exclusive:
+                claimed = await conn.execute(
+                    update(t.nodes)
+                    .where(t.nodes.c.name == node, t.nodes.c.active_run_id.is_(None))
+                    .values(active_run_id=run_id)
+                )
+                if claimed.rowcount != 1:
+                    busy = (
+                        await conn.execute(
+                            select(t.nodes.c.active_run_id).where(t.nodes.c.name == node)
+                        )
+                    ).scalar()
+                    await conn.rollback()
+                    if busy is None:
+                        raise StoreError(f"node {node} is not in the store")
+                    raise NodeBusyError(node, int(busy))
+        return int(run_id)
+
+    async def run(self, run_id: int) -> RunRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(t.runs).where(t.runs.c.id == run_id))).first()
+        return None if row is None else _record(RunRecord, row)
+
+    async def runs(
+        self,
+        *,
+        node: str | None = None,
+        statuses: Sequence[str] | None = None,
+        limit: int = 50,
+    ) -> list[RunRecord]:
+        query = select(t.runs).order_by(t.runs.c.id.desc()).limit(limit)
+        if node is not None:
+            query = query.where(t.runs.c.node == node)
+        if statuses is not None:
+            query = query.where(t.runs.c.status.in_(list(statuses)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(RunRecord, r) for r in rows]
+
+    async def update_run(self, run_id: int, **values: Any) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
+
+    async def begin_step(self, run_id: int, name: str, detail: str | None = None) -> None:
+        now = utcnow()
+        async with self.transaction() as conn:
+            await conn.execute(
+                insert(t.run_steps).values(
+                    run_id=run_id, name=name, status="running", detail=detail, started_at=now
+                )
+            )
+            await conn.execute(
+                update(t.runs)
+                .where(t.runs.c.id == run_id)
+                .values(
+                    step=name,
+                    status="running",
+                    started_at=func.coalesce(t.runs.c.started_at, now),
+                )
+            )
+
+    async def end_step(
+        self, run_id: int, name: str, *, status: str = "done", detail: str | None = None
+    ) -> None:
+        async with self.transaction() as conn:
+            values: dict[str, Any] = {"status": status, "finished_at": utcnow()}
+            if detail is not None:
+                values["detail"] = detail
+            await conn.execute(
+                update(t.run_steps)
+                .where(
+                    t.run_steps.c.run_id == run_id,
+                    t.run_steps.c.name == name,
+                    t.run_steps.c.status == "running",
+                )
+                .values(**values)
+            )
+
+    async def steps(self, run_id: int) -> list[StepRecord]:
+        query = (
+            select(
+                t.run_steps.c.run_id,
+                t.run_steps.c.name,
+                t.run_steps.c.status,
+                t.run_steps.c.detail,
+                t.run_steps.c.started_at,
+                t.run_steps.c.finished_at,
+            )
+            .where(t.run_steps.c.run_id == run_id)
+            .order_by(t.run_steps.c.id)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(StepRecord, r) for r in rows]
+
+    async def finish_run(self, run_id: int, *, status: str, error: str | None = None) -> None:
+        """End a run and release the node it claimed, in one transaction."""
+        async with self.transaction() as conn:
+            await conn.execute(
+                update(t.runs)
+                .where(t.runs.c.id == run_id)
+                .values(status=status, error=error, finished_at=utcnow())
+            )
+            await conn.execute(
+                update(t.run_steps)
+                .where(t.run_steps.c.run_id == run_id, t.run_steps.c.status == "running")
+                .values(status="failed" if status == "failed" else "done", finished_at=utcnow())
+            )
+            await conn.execute(
+                update(t.nodes).where(t.nodes.c.active_run_id == run_id).values(active_run_id=None)
+            )
+
+    # -- audit ---------------------------------------------------------------------------
+
+    async def audit(
+        self,
+        *,
+        actor: str,
+        source: str,
+        action: str,
+        target: str | None = None,
+        detail: str = "",
+        run_id: int | None = None,
+    ) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                insert(t.audit).values(
+                    at=utcnow(),
+                    actor=actor,
+                    source=source,
+                    action=action,
+                    target=target,
+                    detail=detail,
+                    run_id=run_id,
+                )
+            )
+
+    async def audit_log(
+        self, *, targets: Sequence[str] | None = None, limit: int = 20
+    ) -> list[AuditRecord]:
+        query = select(t.audit).order_by(t.audit.c.id.desc()).limit(limit)
+        if targets is not None:
+            query = query.where(t.audit.c.target.in_(list(targets)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(AuditRecord, r) for r in rows]
+
+    # -- maintenance ---------------------------------------------------------------------
+
+    async def open_maintenance(
+        self,
+        *,
+        node: str,
+        start: datetime,
+        reason: str,
+        origin: str,
+        disable_logon: bool,
+        created_by: str,
+    ) -> MaintenanceRecord:
+        """Schedule maintenance for a node, replacing an open one (which is ended)."""
+        now = utcnow()
+        async with self.transaction() as conn:
+            await conn.execute(
+                update(t.maintenance)
+                .where(t.maintenance.c.node == node, t.maintenance.c.ended_at.is_(None))
+                .values(ended_at=now, ended_by=created_by, end_reason="replaced")
+            )
+            new_id = (
+                await conn.execute(
+                    insert(t.maintenance)
+                    .values(
+                        node=node,
+                        start=start,
+                        reason=reason,
+                        origin=origin,
+                        disable_logon=disable_logon,
+                        created_by=created_by,
+                        created_at=now,
+                    )
+                    .returning(t.maintenance.c.id)
+                )
+            ).scalar_one()
+            row = (
+                await conn.execute(select(t.maintenance).where(t.maintenance.c.id == new_id))
+            ).one()
+        return _record(MaintenanceRecord, row)
+
+    async def maintenance(self, node: str | None = None) -> list[MaintenanceRecord]:
+        """Open (not ended) maintenance windows, by start time."""
+        query = (
+            select(t.maintenance)
+            .where(t.maintenance.c.ended_at.is_(None))
+            .order_by(t.maintenance.c.start)
+        )
+        if node is not None:
+            query = query.where(t.maintenance.c.node == node)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(MaintenanceRecord, r) for r in rows]
+
+    async def end_maintenance(self, node: str, *, by: str, reason: str) -> MaintenanceRecord | None:
+        async with self.transaction() as conn:
+            row = (
+                await conn.execute(
+                    select(t.maintenance).where(
+                        t.maintenance.c.node == node, t.maintenance.c.ended_at.is_(None)
+                    )
+                )
+            ).first()
+            if row is None:
+                return None
+            await conn.execute(
+                update(t.maintenance)
+                .where(t.maintenance.c.id == row.id)
+                .values(ended_at=utcnow(), ended_by=by, end_reason=reason)
+            )
+        return _record(MaintenanceRecord, row)
+
+    async def mark_notice(self, maintenance_id: int, at: datetime) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                update(t.maintenance)
+                .where(t.maintenance.c.id == maintenance_id)
+                .values(last_notice_at=at)
+            )
+
+    async def mark_logon_disabled(self, maintenance_id: int, at: datetime) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                update(t.maintenance)
+                .where(t.maintenance.c.id == maintenance_id)
+                .values(logon_disabled_at=at)
+            )
+
+    # -- schedules -----------------------------------------------------------------------
+
+    async def set_schedule(
+        self, *, node: str, kind: str, days: str, start: str, end: str | None, by: str
+    ) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                delete(t.schedules).where(t.schedules.c.node == node, t.schedules.c.kind == kind)
+            )
+            await conn.execute(
+                insert(t.schedules).values(
+                    node=node,
+                    kind=kind,
+                    days=days,
+                    start=start,
+                    end=end,
+                    enabled=True,
+                    updated_by=by,
+                    updated_at=utcnow(),
+                )
+            )
+
+    async def disable_schedule(self, *, node: str, kind: str, by: str) -> bool:
+        async with self.transaction() as conn:
+            result = await conn.execute(
+                update(t.schedules)
+                .where(
+                    t.schedules.c.node == node,
+                    t.schedules.c.kind == kind,
+                    t.schedules.c.enabled.is_(True),
+                )
+                .values(enabled=False, updated_by=by, updated_at=utcnow())
+            )
+        return bool(result.rowcount)
+
+    async def schedules(self, node: str | None = None) -> list[ScheduleRecord]:
+        query = select(t.schedules).order_by(t.schedules.c.node, t.schedules.c.kind)
+        if node is not None:
+            query = query.where(t.schedules.c.node == node)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(ScheduleRecord, r) for r in rows]
+
+    # -- hotfix selection ----------------------------------------------------------------
+
+    async def select_hotfixes(self, node: str, ids: Sequence[str], *, by: str) -> list[str]:
+        """Select hotfixes for a node; returns the ids that were not selected before."""
+        added = []
+        async with self.transaction() as conn:
+            have = {
+                r.hotfix_id
+                for r in await conn.execute(
+                    select(t.hotfix_selections.c.hotfix_id).where(
+                        t.hotfix_selections.c.node == node
+                    )
+                )
+            }
+            for hotfix_id in ids:
+                if hotfix_id in have:
+                    continue
+                await conn.execute(
+                    insert(t.hotfix_selections).values(
+                        node=node, hotfix_id=hotfix_id, selected_by=by, selected_at=utcnow()
+                    )
+                )
+                have.add(hotfix_id)
+                added.append(hotfix_id)
+        return added
+
+    async def unselect_hotfixes(self, node: str, ids: Sequence[str]) -> list[str]:
+        async with self.transaction() as conn:
+            have = {
+                r.hotfix_id
+                for r in await conn.execute(
+                    select(t.hotfix_selections.c.hotfix_id).where(
+                        t.hotfix_selections.c.node == node
+                    )
+                )
+            }
+            removed = [i for i in ids if i in have]
+            if removed:
+                await conn.execute(
+                    delete(t.hotfix_selections).where(
+                        t.hotfix_selections.c.node == node,
+                        t.hotfix_selections.c.hotfix_id.in_(removed),
+                    )
+                )
+        return removed
+
+    async def selected_hotfixes(self) -> dict[str, list[str]]:
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(t.hotfix_selections).order_by(
+                        t.hotfix_selections.c.node, t.hotfix_selections.c.hotfix_id
+                    )
+                )
+            ).all()
+        selected: dict[str, list[str]] = {}
+        for row in rows:
+            selected.setdefault(row.node, []).append(row.hotfix_id)
+        return selected
+
+    # -- cluster slots (L12) -------------------------------------------------------------
+
+    async def try_take_slot(
+        self,
+        *,
+        cluster: str,
+        node: str,
+        limit: int,
+        run_id: int | None,
+        owner: str | None = None,
+    ) -> int | None:
+        """Take a free slot of the cluster for ``node``; ``None`` when all ``limit`` are held.
+
+        A node that already holds a slot gets it back (idempotent after a restart). Slots
+        are rows with a primary key (cluster, slot): two instances can never both insert
+        the same one, so the limit holds across processes.
+        """
+        for _ in range(limit + 1):
+            async with self.transaction() as conn:
+                held = (
+                    await conn.execute(
+                        select(t.cluster_slots.c.slot, t.cluster_slots.c.node).where(
+                            t.cluster_slots.c.cluster == cluster
+                        )
+                    )
+                ).all()
+                for row in held:
+                    if row.node == node:
+                        return int(row.slot)
+                taken = {int(r.slot) for r in held}
+                free = [s for s in range(limit) if s not in taken]
+                if not free:
+                    return None
+                try:
+                    await conn.execute(
+                        insert(t.cluster_slots).values(
+                            cluster=cluster,
+                            slot=free[0],
+                            node=node,
+                            run_id=run_id,
+                            owner=owner,
+                            taken_at=utcnow(),
+                        )
+                    )
+                    await conn.execute(
+                        delete(t.slot_waiters).where(
+                            t.slot_waiters.c.cluster == cluster, t.slot_waiters.c.node == node
+                        )
+                    )
+                except IntegrityError:
+                    await conn.rollback()
+                    continue  # another instance took it first: look again
+                except OperationalError:
+                    await conn.rollback()
+                    continue
+                return free[0]
+        return None
+
+    async def release_slot(self, *, cluster: str, node: str) -> bool:
+        async with self.transaction() as conn:
+            result = await conn.execute(
+                delete(t.cluster_slots).where(
+                    t.cluster_slots.c.cluster == cluster, t.cluster_slots.c.node == node
+                )
+            )
+        return bool(result.rowcount)
+
+    async def slots(self, cluster: str | None = None) -> list[SlotRecord]:
+        query = select(t.cluster_slots).order_by(t.cluster_slots.c.cluster, t.cluster_slots.c.slot)
+        if cluster is not None:
+            query = query.where(t.cluster_slots.c.cluster == cluster)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(SlotRecord, r) for r in rows]
+
+    async def wait_for_slot(self, *, cluster: str, node: str, run_id: int | None) -> None:
+        """Join the cluster's queue (ordered by arrival) unless already in it."""
+        async with self.transaction() as conn:
+            present = (
+                await conn.execute(
+                    select(t.slot_waiters.c.id).where(
+                        t.slot_waiters.c.cluster == cluster, t.slot_waiters.c.node == node
+                    )
+                )
+            ).first()
+            if present is None:
+                await conn.execute(
+                    insert(t.slot_waiters).values(
+                        cluster=cluster, node=node, run_id=run_id, queued_at=utcnow()
+                    )
+                )
+
+    async def leave_slot_queue(self, *, cluster: str, node: str) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                delete(t.slot_waiters).where(
+                    t.slot_waiters.c.cluster == cluster, t.slot_waiters.c.node == node
+                )
+            )
+
+    async def slot_queue(self, cluster: str) -> list[str]:
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(t.slot_waiters.c.node)
+                    .where(t.slot_waiters.c.cluster == cluster)
+                    .order_by(t.slot_waiters.c.id)
+                )
+            ).all()
+        return [r.node for r in rows]
+
+    # -- outbox --------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        *,
+        key: str,
+        channel: str,
+        recipient: str,
+        subject: str = "",
+        payload: Mapping[str, Any] | None = None,
+        not_before: datetime | None = None,
+    ) -> bool:
+        """Queue one notification; ``False`` when its idempotency key is already queued."""
+        now = utcnow()
+        try:
+            async with self.transaction() as conn:
+                await conn.execute(
+                    insert(t.outbox).values(
+                        key=key,
+                        channel=channel,
+                        recipient=recipient,
+                        subject=subject,
+                        payload=dict(payload or {}),
+                        status="pending",
+                        attempts=0,
+                        next_attempt_at=not_before or now,
+                        created_at=now,
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    async def due_outbox(self, *, now: datetime, limit: int = 100) -> list[OutboxRecord]:
+        query = (
+            select(t.outbox)
+            .where(t.outbox.c.status == "pending", t.outbox.c.next_attempt_at <= now)
+            .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(OutboxRecord, r) for r in rows]
+
+    async def outbox(
+        self, *, statuses: Sequence[str] | None = None, limit: int = 100
+    ) -> list[OutboxRecord]:
+        query = select(t.outbox).order_by(t.outbox.c.id.desc()).limit(limit)
+        if statuses is not None:
+            query = query.where(t.outbox.c.status.in_(list(statuses)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(OutboxRecord, r) for r in rows]
+
+    async def outbox_result(
+        self,
+        outbox_id: int,
+        *,
+        status: str,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
+        values: dict[str, Any] = {
+            "status": status,
+            "last_error": error,
+            "attempts": t.outbox.c.attempts + 1,
+        }
+        if status == "sent":
+            values["sent_at"] = utcnow()
+        if retry_at is not None:
+            values["next_attempt_at"] = retry_at
+        async with self.transaction() as conn:
+            await conn.execute(update(t.outbox).where(t.outbox.c.id == outbox_id).values(**values))
+
+    # -- hotfix announcements ------------------------------------------------------------
+
+    async def mark_announced(self, hotfix_id: str, *, channel: str, urgency: str) -> bool:
+        """Record a hotfix as announced; ``False`` when it was announced before."""
+        try:
+            async with self.transaction() as conn:
+                await conn.execute(
+                    insert(t.announced_hotfixes).values(
+                        hotfix_id=hotfix_id,
+                        channel=channel,
+                        urgency=urgency,
+                        announced_at=utcnow(),
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    # -- small adapter records -------------------------------------------------------------
+
+    async def kv_get(self, namespace: str, key: str) -> Any:
+        """The stored value, or None."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(t.kv.c.value).where(t.kv.c.namespace == namespace, t.kv.c.key == key)
+                )
+            ).first()
+        return None if row is None else row.value
+
+    async def kv_set(self, namespace: str, key: str, value: Any) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(delete(t.kv).where(t.kv.c.namespace == namespace, t.kv.c.key == key))
+            await conn.execute(
+                insert(t.kv).values(namespace=namespace, key=key, value=value, updated_at=utcnow())
+            )
+
+    async def kv_delete(self, namespace: str, key: str) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(delete(t.kv).where(t.kv.c.namespace == namespace, t.kv.c.key == key))

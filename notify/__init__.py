@@ -1,0 +1,1 @@
+"""Notifications: e-mail, phone and SMS, user notices, the durable outbox."""

@@ -1,0 +1,12 @@
+"""Shared fixtures. Module-specific fixtures live in their test modules or in tests/*.py helpers."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if shutil.which("dpkg-deb") is None:
+        raise pytest.UsageError("dpkg-deb is needed by the tests (Debian package dpkg)")

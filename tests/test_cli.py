@@ -1,0 +1,126 @@
+"""The `tgops` command line, run as a user runs it: separate processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.service import fleet_toml
+
+TGOPS = [sys.executable, "-m", "bot.cli"]
+ROOT = Path(__file__).parent.parent
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TGOPS, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_version_and_help() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.startswith("tgops ")
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("serve", "tg", "config"):
+        assert command in result.stdout
+
+
+def test_config_check_masks_secrets_and_reports_problems(tmp_path: Path) -> None:
+    config = tmp_path / "tgops.toml"
+    config.write_text(fleet_toml(tmp_path))
+    result = run(
+        "config",
+        "check",
+        "--config",
+        str(config),
+        env={"TGOPS_SLACK__BOT_TOKEN": "xoxb-very-secret"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"bot_token": "********"' in result.stdout
+    assert "xoxb-very-secret" not in result.stdout + result.stderr
+    assert "admin-token-for-tests" not in result.stdout
+    assert "configuration OK" in result.stderr
+
+    config.write_text(fleet_toml(tmp_path) + '[maintenance]\nnotice_lead = "soon"\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[updates]\ndownload_attempts = "many"\nchanel = "x"\n')
+    result = run("config", "check", "--config", str(bad))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("tgops: config: updates.download_attempts: ")
+    assert lines[1].startswith("tgops: config: updates.chanel: unknown key")
+    assert "Traceback" not in result.stderr
+
+    result = run("config", "check", env={"TGOPS_CONFIG": str(tmp_path / "missing.toml")})
+    assert result.returncode == 2
+    assert "no such file" in result.stderr
+
+
+@pytest.mark.slow
+def test_serve_answers_tg_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "tgops.toml"
+    config.write_text(fleet_toml(tmp_path).replace("port = 0", f"port = {port}"))
+    ready = tmp_path / "ready"
+    server = subprocess.Popen(
+        [*TGOPS, "serve", "--config", str(config), "--ready-file", str(ready)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert server.poll() is None, server.communicate()[0]
+            assert time.monotonic() < deadline, "the service did not start within 30 s"
+            time.sleep(0.05)
+        result = run("tg", "--config", str(config), "status")
+        assert result.returncode == 0, result.stderr
+        for node in ("tg1", "tg2", "tg3", "solo1"):
+            assert node in result.stdout
+        result = run(
+            "tg", "--config", str(config), "--token-name", "viewer", "logon", "disable", "tg1"
+        )
+        assert result.returncode == 1
+        assert "needs role maint" in result.stdout
+        result = run("tg", "--config", str(config), "--token-name", "nobody", "status")
+        assert result.returncode == 2 and "no token named 'nobody'" in result.stderr
+        result = run("tg", "--config", str(config), "frobnicate")
+        assert result.returncode == 1 and "Usage: help [COMMAND]" in result.stdout
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=10)[0]
+    assert server.returncode == 0, output
+    assert "stopping" in output
+    assert "Traceback" not in output
+
+
+def test_tg_without_a_service_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "tgops.toml"
+    config.write_text(fleet_toml(tmp_path).replace("port = 0", f"port = {free_port()}"))
+    result = run("tg", "--config", str(config), "status")
+    assert result.returncode == 2
+    assert "cannot reach the service" in result.stderr and "tgops serve" in result.stderr

@@ -1,0 +1,385 @@
+"""The manual update lifecycle end to end through /api/v1/command (L1-L3, L6-L13).
+
+Sandbox nodes (real .deb files unpacked with dpkg-deb), a signed repository on a real
+HTTP server on loopback, the real service. Assertions are what an operator would see:
+replies, status, the nodes' own files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from bot.service import Service
+from core.model import PackageKind
+from tests.repo_server import RepoServer, serve_repo
+from tests.repository import Repo
+from tests.service import VIEWER_TOKEN, Api, running, settings_for
+
+
+@dataclass
+class Fleet:
+    root: Path
+    repo: Repo
+    server: RepoServer
+    service: Service
+    api: Api
+
+    def node(self, name: str) -> Path:
+        return self.root / "nodes" / name
+
+    def state(self, name: str) -> dict[str, Any]:
+        """The sandbox node's state.json (the driver's defaults before it first wrote it)."""
+        path = self.node(name) / "state.json"
+        if not path.exists():
+            return {"installed": {}, "logon_enabled": True, "staged": {}}
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+
+    def login(self, name: str, *users: str) -> None:
+        self.node(name).mkdir(parents=True, exist_ok=True)
+        (self.node(name) / "sessions.json").write_text(json.dumps([{"user": u} for u in users]))
+
+    def messages(self, name: str) -> list[str]:
+        path = self.node(name) / "messages.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def fault(self, name: str, faults: dict[str, Any]) -> None:
+        (self.node(name) / "faults.json").write_text(json.dumps(faults))
+
+    async def run(self, text: str, *, ok: bool = True) -> dict[str, Any]:
+        """Send a command that starts runs and wait until they end."""
+        reply = await self.api.command(text)
+        assert reply["ok"] is ok, reply["text"]
+        ids = [int(w.strip("#,.")) for w in reply["text"].split() if w.startswith("#")]
+        records = await self.service.lifecycle.wait(ids, limit=60)
+        reply["runs"] = {r.node: r for r in records}
+        return reply
+
+    async def node_status(self, name: str) -> dict[str, Any]:
+        status = await self.api.status()
+        return next(n for n in status["nodes"] if n["name"] == name)
+
+
+@asynccontextmanager
+async def fleet(tmp_path: Path, **kwargs: Any) -> AsyncIterator[Fleet]:
+    repo = Repo(tmp_path)
+    repo.add("tg-base", "1.0")
+    async with serve_repo(repo.root) as server:
+        settings = settings_for(
+            tmp_path, repository_url=server.url, public_key=repo.public_key, **kwargs
+        )
+        async with running(settings) as (service, api):
+            yield Fleet(root=tmp_path, repo=repo, server=server, service=service, api=api)
+
+
+async def test_download_then_auto_update_with_confirmation(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        reply = await f.run("download tg1")
+        run = reply["runs"]["tg1"]
+        assert run.status == "succeeded", run.error
+        status = await f.node_status("tg1")
+        assert status["staged"] == [{"name": "tg-base", "version": "1.0"}]
+        assert status["installed"] == {}
+        assert f.state("tg1")["staged"] == {"tg-base": "1.0"}
+        assert f.messages("tg1") == []  # users are not affected by a download
+
+        f.login("tg1", "alice", "bob")
+        reply = await f.api.command("auto-update tg1")
+        assert reply["ok"] is False
+        assert reply["text"].startswith("2 user session(s) would be ended (tg1: 2)")
+        assert "`auto-update tg1 --yes`" in reply["text"]
+        assert f.state("tg1")["installed"] == {}  # nothing was done
+
+        reply = await f.run("auto-update tg1 --yes")
+        run = reply["runs"]["tg1"]
+        assert run.status == "succeeded", run.error
+        steps = [s.name for s in await f.service.store.steps(run.id)]
+        assert steps == [
+            "download",
+            "slot",
+            "drain",
+            "notice",
+            "disconnect",
+            "install",
+            "restart-services",
+            "verify",
+            "undrain",
+            "release",
+        ]
+        assert f.state("tg1")["installed"] == {"tg-base": "1.0"}
+        assert (f.node("tg1") / "fs" / "usr" / "share" / "tg-base" / "VERSION").read_text() == "1.0"
+        assert json.loads((f.node("tg1") / "sessions.json").read_text()) == []
+        assert any("update of tg1 starts now" in line for line in f.messages("tg1"))
+        status = await f.node_status("tg1")
+        assert status["lb"] == "in" and status["staged"] == [] and status["pending"] == []
+        assert status["run"] is None
+        cluster = (await f.api.status())["clusters"][0]
+        assert cluster["updating"] == [] and cluster["waiting"] == []
+        log = (await f.api.command("log tg1 50"))["text"]
+        assert f"run auto-update tg1 run #{run.id}" in log
+        assert "token:admin (api) command tg1: auto-update tg1 --yes" in log
+
+
+async def test_core_update_requires_restart(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        f.repo.add("tg-kernel", "6.1", kind=PackageKind.CORE)
+        reply = await f.run("auto-update solo1")
+        assert reply["runs"]["solo1"].status == "succeeded"
+        status = await f.node_status("solo1")
+        assert status["restart_required"] is True
+        text = (await f.api.command("status", VIEWER_TOKEN))["text"]
+        assert text.splitlines()[0] == "!! Restart required: solo1"
+        reply = await f.run("restart solo1")
+        assert reply["runs"]["solo1"].status == "succeeded"
+        assert (await f.node_status("solo1"))["restart_required"] is False
+        assert f.state("solo1")["last_reboot"] is not None
+        assert "Restart required" not in (await f.api.command("status"))["text"]
+
+
+async def test_cluster_rollout_stops_at_a_failing_node(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        f.node("tg2").mkdir(parents=True, exist_ok=True)
+        f.fault("tg2", {"install": "disk full"})
+        reply = await f.run("auto-update c1 --yes")
+        runs = reply["runs"]
+        assert runs["tg1"].status == "succeeded", runs["tg1"].error
+        assert runs["tg2"].status == "failed"
+        assert "install" in (runs["tg2"].error or "") and "disk full" in (runs["tg2"].error or "")
+        assert runs["tg3"].status == "cancelled"
+        assert "rollout stopped: tg2 failed" in (runs["tg3"].error or "")
+        assert f.state("tg3")["installed"] == {} and f.state("tg3")["lb"] == "in"
+
+        tg2 = await f.node_status("tg2")
+        assert tg2["update_lock"] is not None
+        assert "disk full" in tg2["update_lock"]["reason"]
+        assert tg2["lb"] == "drained"  # left out of load balancing, with the reason recorded
+        assert "stays out of load balancing" in tg2["update_lock"]["reason"]
+        cluster = (await f.api.status())["clusters"][0]
+        assert cluster["updating"] == ["tg2"]  # it still holds the slot: no other node starts
+
+        reply = await f.api.command("auto-update tg2 --yes")
+        assert reply["ok"] is False and "update lock set" in reply["text"]
+        text = (await f.api.command("status"))["text"]
+        assert "!! Update lock set: tg2" in text
+
+        reply = await f.api.command("remove-lock tg2")
+        assert reply["ok"] is True
+        assert "tg2: update lock removed; back in load balancing" in reply["text"]
+        assert "maintenance mode is not ended by this" in reply["text"]
+        assert f.state("tg2")["lb"] == "in"
+        assert (await f.api.status())["clusters"][0]["updating"] == []
+        reply = await f.run("auto-update c1 --yes")
+        assert {n: r.status for n, r in reply["runs"].items()} == {
+            "tg1": "cancelled",
+            "tg2": "succeeded",
+            "tg3": "succeeded",
+        }
+        assert "nothing to install on tg1" in (reply["runs"]["tg1"].error or "")
+
+
+async def test_post_update_check_failure_sets_the_lock(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        f.node("solo1").mkdir(parents=True, exist_ok=True)
+        f.fault("solo1", {"post_check": "web pages do not open"})
+        reply = await f.run("auto-update solo1")
+        run = reply["runs"]["solo1"]
+        assert run.status == "failed"
+        assert run.error == "verify: node solo1: post_check failed: web pages do not open"
+        lock = (await f.node_status("solo1"))["update_lock"]
+        assert lock is not None and "failed at step verify" in lock["reason"]
+
+
+async def test_lock_remove_with_cancel_schedule_and_warning_flag(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        f.server.fail_next(100, status=503)
+        reply = await f.run("download solo1")
+        run = reply["runs"]["solo1"]
+        assert run.status == "failed"
+        assert "2 attempts" in (run.error or "")
+        flag = (await f.node_status("solo1"))["warning_flag"]
+        assert flag is not None
+        assert "!! Update download error: solo1" in (await f.api.command("status"))["text"]
+        reply = await f.api.command("warning-flag clear solo1")
+        assert reply["ok"] is False and "only a complete download clears" in reply["text"]
+        # the flag blocks nothing: an auto-update is still allowed (and fails to download)
+        f.server.reset()
+        reply = await f.run("download solo1")
+        assert reply["runs"]["solo1"].status == "succeeded"
+        assert (await f.node_status("solo1"))["warning_flag"] is None
+        log = (await f.api.command("log solo1 30"))["text"]
+        assert "warning flag set" in log and "warning flag cleared" in log
+
+        reply = await f.api.command("remove-lock solo1 --cancel-schedule")
+        assert reply["ok"] is True
+        assert "solo1: no update lock was set." in reply["text"]
+        assert "no schedule was on" in reply["text"]
+
+
+async def test_second_run_on_a_busy_node_is_refused(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        f.server.hold()
+        first = await f.api.command("download tg1")
+        assert first["ok"] is True
+        run_id = int(first["text"].split("#")[1].split()[0])
+        reply = await f.api.command("auto-update tg1 --yes")
+        assert reply == {
+            "ok": False,
+            "text": f"tg1 is busy with run #{run_id}; nothing was started (see `status`).",
+        }
+        status = await f.node_status("tg1")
+        assert status["run"]["id"] == run_id and status["run"]["kind"] == "download"
+        f.server.release()
+        (run,) = await f.service.lifecycle.wait([run_id])
+        assert run.status == "succeeded"
+
+
+async def test_hotfixes_selection_and_install(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        f.repo.add(
+            "tg-browser", "1.0.1", hotfix="HF-7", urgency="urgent", summary="fixes video playback"
+        )
+        text = (await f.api.command("hotfixes tg1"))["text"]
+        assert "HF-7 [urgent] tg-browser 1.0.1: fixes video playback" in text
+        assert "tg1: not selected, not installed" in text
+        reply = await f.api.command("hotfixes select tg1 HF-8")
+        assert reply["ok"] is False and "unknown hotfix HF-8" in reply["text"]
+        assert "known: HF-7" in reply["text"]
+        assert (await f.api.command("hotfixes select tg1 HF-7"))["ok"]
+        status = await f.node_status("tg1")
+        assert status["hotfixes"] == {"always": False, "selected": ["HF-7"]}
+        assert {p["name"] for p in status["pending"]} == {"tg-base", "tg-browser"}
+        assert (await f.node_status("tg2"))["pending"] == [
+            {"name": "tg-base", "version": "1.0", "kind": "regular", "id": None}
+        ]
+        reply = await f.run("auto-update tg1 --yes")
+        assert reply["runs"]["tg1"].status == "succeeded"
+        assert f.state("tg1")["installed"] == {"tg-base": "1.0", "tg-browser": "1.0.1"}
+        assert "tg1: selected, installed" in (await f.api.command("hotfixes tg1"))["text"]
+        assert (await f.api.command("hotfixes always on c1"))["ok"]
+        assert (await f.node_status("tg2"))["hotfixes"]["always"] is True
+        reply = await f.api.command("hotfixes unselect tg1 HF-7 HF-9")
+        assert "tg1: unselected HF-7" in reply["text"]
+
+
+async def test_oldstable_catch_up_and_omitted_update(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        assert (await f.run("auto-update solo1"))["runs"]["solo1"].status == "succeeded"
+        f.repo.add("tg-base", "2.0", channel="oldstable")
+        f.repo.add("tg-base", "3.0")
+        assert await f.service.lifecycle.refresh_manifests() == []
+        status = await f.node_status("solo1")
+        assert status["omitted_update"] == ["tg-base"]
+        assert (
+            "update omitted: older than oldstable: tg-base"
+            in (await f.api.command("status solo1"))["text"]
+        )
+        reply = await f.run("oldstable partial solo1 tg-base")
+        assert reply["runs"]["solo1"].status == "succeeded"
+        assert f.state("solo1")["installed"] == {"tg-base": "2.0"}
+        assert (await f.node_status("solo1"))["omitted_update"] == []
+        reply = await f.api.command("oldstable partial solo1 tg-nothing --yes")
+        # unknown names are refused when the run plans its packages
+        ids = [int(w.strip("#,.")) for w in reply["text"].split() if w.startswith("#")]
+        (run,) = await f.service.lifecycle.wait(ids)
+        assert run.status == "failed" and "tg-nothing" in (run.error or "")
+
+
+async def test_optional_packages_and_integrity(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        f.repo.add(
+            "ibus-anthy",
+            "1.5",
+            kind=PackageKind.OPTIONAL,
+            files={"usr/lib/ibus/anthy.so": b"\x7fELF anthy"},
+        )
+        reply = await f.api.command("install solo1 ibus-nonesuch --yes")
+        ids = [int(w.strip("#,.")) for w in reply["text"].split() if w.startswith("#")]
+        (run,) = await f.service.lifecycle.wait(ids)
+        assert run.status == "failed"
+        assert "not an optional package of channel stable: ibus-nonesuch" in (run.error or "")
+        assert "optional packages: ibus-anthy" in (run.error or "")
+        assert (await f.node_status("solo1"))["update_lock"] is None  # nothing was changed
+
+        reply = await f.run("install solo1 ibus-anthy")
+        assert reply["runs"]["solo1"].status == "succeeded"
+        assert f.state("solo1")["installed"] == {"ibus-anthy": "1.5"}
+
+        reply = await f.run("integrity solo1")
+        assert reply["runs"]["solo1"].status == "succeeded"
+        (f.node("solo1") / "fs" / "usr" / "lib" / "ibus" / "anthy.so").write_bytes(b"tampered")
+        reply = await f.run("integrity solo1")
+        run = reply["runs"]["solo1"]
+        assert run.status == "failed"
+        assert "1 mismatches" in (run.error or "")
+        assert "ibus-anthy: /usr/lib/ibus/anthy.so" in (run.error or "") or (
+            "ibus-anthy: usr/lib/ibus/anthy.so" in (run.error or "")
+        )
+
+
+async def test_maintenance_notices_logon_and_cancel(tmp_path: Path) -> None:
+    async with fleet(
+        tmp_path,
+        sections={
+            "maintenance": {"notice_lead": "3s", "reminder_interval": "0.5s", "lb_drain_lead": "1s"}
+        },
+    ) as f:
+        f.login("tg1", "alice")
+        tz = ZoneInfo("Europe/Berlin")
+        start = (datetime.now(tz) + timedelta(seconds=2)).replace(microsecond=0)
+        when = start.strftime("%Y-%m-%d %H:%M:%S")
+        reply = await f.api.command(
+            f"maintenance schedule tg1 {when} Kernel update --disable-logon"
+        )
+        assert reply["ok"] is True, reply["text"]
+        assert reply["text"].startswith(f"Maintenance scheduled on tg1 at {when}: Kernel update.")
+        listing = (await f.api.command("maintenance"))["text"]
+        assert f"tg1: {when} (manual, logon disabled at the start): Kernel update" in listing
+        status = await f.node_status("tg1")
+        assert status["maintenance"]["reason"] == "Kernel update"
+        assert status["maintenance"]["disable_logon"] is True
+
+        # wait (bounded) until the start has passed and the logon lock is set
+        for _ in range(100):
+            if not f.state("tg1")["logon_enabled"]:
+                break
+            await asyncio.sleep(0.1)
+        assert f.state("tg1")["logon_enabled"] is False
+        notices = [m for m in f.messages("tg1") if "Maintenance of tg1" in m]
+        assert len(notices) >= 2, notices
+        assert f"Maintenance of tg1 at {when}: Kernel update." in notices[0]
+
+        reply = await f.api.command("maintenance cancel tg1")
+        assert reply == {"ok": True, "text": "Maintenance ended on tg1; users were told."}
+        assert "maintenance of tg1 has ended" in f.messages("tg1")[-1]
+        assert f.state("tg1")["logon_enabled"] is True
+        assert (await f.node_status("tg1"))["maintenance"] is None
+        reply = await f.api.command("maintenance cancel tg1")
+        assert reply["ok"] is False and "No maintenance was scheduled on tg1" in reply["text"]
+
+
+async def test_maintenance_bad_input(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        reply = await f.api.command(
+            "maintenance schedule solo1 2020-01-01 10:00 Old --disable-logon"
+        )
+        assert reply["ok"] is False and "is in the past" in reply["text"]
+        future = (datetime.now(ZoneInfo("Europe/Berlin")) + timedelta(days=2)).strftime("%Y-%m-%d")
+        reply = await f.api.command(
+            f"maintenance schedule solo1 {future} 10:00 Disk swap --disable-logon"
+        )
+        assert reply["ok"] is True
+        assert "only useful for cluster nodes" in reply["text"]
+        reply = await f.api.command(f"maintenance schedule nosuch {future} 10:00 x")
+        assert reply["ok"] is False and "'nosuch' is neither a node nor a cluster" in reply["text"]
+        reply = await f.api.command("maintenance schedule solo1 2026-02-30 10:00 x")
+        assert reply["ok"] is False and "'2026-02-30' is not a date" in reply["text"]
+        reply = await f.api.command("maintenance schedule solo1 2027-03-28 02:30 DST gap")
+        assert reply["ok"] is False and "does not exist in Europe/Berlin" in reply["text"]

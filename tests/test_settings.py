@@ -1,0 +1,173 @@
+"""Settings: TOML plus environment overrides, one line per problem naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.durations import format_duration, parse_duration
+from core.errors import ConfigError
+from core.settings import load_settings, masked
+
+EXAMPLE = Path(__file__).parent.parent / "config" / "tgops.example.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tgops.toml"
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path | None, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env or {})
+    return info.value.problems
+
+
+def test_example_config_is_valid_and_documents_every_section() -> None:
+    settings = load_settings(EXAMPLE, {})
+    assert [n.name for n in settings.nodes] == ["tg1", "tg2", "tg3", "single"]
+    assert settings.clusters["cluster-a"].max_parallel_updates == 1
+    text = EXAMPLE.read_text()
+    for key in (
+        "notice_lead",
+        "reminder_interval",
+        "lb_drain_lead",
+        "download_attempts",
+        "retry_delay",
+        "download_lead",
+        "always_install_hotfixes",
+        "public_key_file",
+        "signing_secret",
+        "app_token",
+        "starttls",
+        "use_tls",
+        "call_rounds",
+        "ack_wait",
+        "sms_fallback",
+        "urgent_calls",
+        "max_parallel_updates",
+        "lb_drain",
+        "lb_undrain",
+        "key_file",
+        "commands.",
+    ):
+        assert key in text, key
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("0.5s", 0.5), ("15m", 900), ("2h", 7200), ("1h30m", 5400), ("45", 45)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "1x", "1h 30m", "-5", "m15", "1.5.2s"])
+def test_bad_durations_are_named(text: str, tmp_path: Path) -> None:
+    path = write(tmp_path, f'[maintenance]\nnotice_lead = "{text}"\n')
+    (line,) = problems(path)
+    assert line.startswith("maintenance.notice_lead: ")
+    assert "1h30m" in line
+
+
+def test_format_duration_round_trips() -> None:
+    for seconds in (0, 1, 59, 60, 3600, 5400, 86399, 0.5):
+        assert parse_duration(format_duration(seconds)) == seconds
+
+
+def test_environment_overrides_toml(tmp_path: Path) -> None:
+    path = write(tmp_path, '[slack]\nbot_token = "from-file"\n[updates]\ndownload_attempts = 4\n')
+    settings = load_settings(
+        path,
+        {
+            "TGOPS_SLACK__BOT_TOKEN": "xoxb-from-env",
+            "TGOPS_MAINTENANCE__NOTICE_LEAD": "1h30m",
+            "TGOPS_TEST_DATABASE_URL": "ignored: test variables are not config",
+        },
+    )
+    assert settings.slack.bot_token is not None
+    assert settings.slack.bot_token.get_secret_value() == "xoxb-from-env"
+    assert settings.maintenance.notice_lead == 5400
+    assert settings.updates.download_attempts == 4
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, 'timezone = "UTC"\n')
+    assert load_settings(None, {"TGOPS_CONFIG": str(path)}).timezone == "UTC"
+
+
+def test_unknown_keys_are_errors_with_their_name(tmp_path: Path) -> None:
+    path = write(tmp_path, '[updates]\nchanel = "stable"\n[slak]\nx = 1\n')
+    lines = problems(path, {"TGOPS_MAINTENANCE__NOTICE_LAED": "1h", "TGOPS_FOO": "1"})
+    assert (
+        "updates.chanel: unknown key (see config/tgops.example.toml for every accepted key)"
+        in lines
+    )
+    assert any(line.startswith("slak: unknown key") for line in lines)
+    assert "environment TGOPS_FOO: unknown key" in lines
+    assert any(line.startswith("maintenance.notice_laed: unknown key") for line in lines)
+
+
+def test_one_line_per_problem(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'timezone = "Mars/Olympus"\n'
+        '[http]\nport = "eighty"\n'
+        "[updates]\ndownload_attempts = 0\n"
+        "[smtp]\nstarttls = true\nuse_tls = true\n",
+    )
+    lines = problems(path)
+    assert len(lines) == 4, lines
+    assert any(
+        line.startswith("timezone: 'Mars/Olympus' is not an IANA time zone") for line in lines
+    )
+    assert any(line.startswith("http.port: ") and "'eighty'" in line for line in lines)
+    assert any(line.startswith("updates.download_attempts: ") for line in lines)
+    assert any(line.startswith("smtp: starttls and use_tls exclude each other") for line in lines)
+
+
+def test_malformed_toml_is_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[http\nport = 1\n")
+    (line,) = problems(path)
+    assert line.startswith(f"config: {path}: not valid TOML")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path / "nope.toml")
+    assert line == f"config: {tmp_path / 'nope.toml'}: no such file"
+
+
+def test_node_references_are_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[nodes]]\nname = "n1"\ncluster = "clster"\nroot = "x"\n')
+    (line,) = problems(path)
+    assert line == "nodes[0].cluster: cluster 'clster' is not declared; add [clusters.clster]"
+    path = write(
+        tmp_path,
+        '[[nodes]]\nname = "n2"\ndriver = "ssh"\n[[nodes]]\nname = "n3"\ndriver = "telnet"\n',
+    )
+    lines = problems(path)
+    assert any(line.startswith("nodes[0]: ") and "needs host" in line for line in lines)
+    assert any(line.startswith("nodes[1].driver: ") for line in lines)
+
+
+def test_secrets_are_masked_and_never_echoed(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[slack]\nbot_token = "xoxb-secret"\n[api.tokens.a]\ntoken = "tok-secret"\n'
+        '[smtp]\npassword = "pw-secret"\nport = "x"\n',
+    )
+    lines = problems(path)
+    assert not any("-secret" in line for line in lines)
+    path = write(
+        tmp_path,
+        '[slack]\nbot_token = "xoxb-secret"\n[api.tokens.a]\ntoken = "tok-secret"\n'
+        '[smtp]\npassword = "pw-secret"\n',
+    )
+    data = masked(load_settings(path, {}))
+    assert data["slack"]["bot_token"] == "********"
+    assert data["api"]["tokens"]["a"]["token"] == "********"
+    assert data["smtp"]["password"] == "********"
+    for secret in ("xoxb-secret", "tok-secret", "pw-secret"):
+        assert secret not in repr(data)

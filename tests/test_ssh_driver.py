@@ -1,0 +1,372 @@
+"""The ssh driver against a real sshd on 127.0.0.1 and a throwaway dpkg root."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.drivers import SshDriver, make_driver
+from core.errors import (
+    CommandTimeoutError,
+    DriverError,
+    HostKeyNotTrustedError,
+    NodeAuthenticationError,
+    NodeUnreachableError,
+)
+from core.model import PackageKind, Session, StagedPackage
+from core.settings import NodeSettings
+from tests.sandbox_files import OutputLog, process_ended, staged_package
+from tests.sshd import FakeNode, Sshd, free_port, start_sshd, write_key
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    with start_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> FakeNode:
+    return FakeNode.create(tmp_path / "node")
+
+
+def settings(sshd: Sshd, node: FakeNode, tmp_path: Path, **changes: Any) -> NodeSettings:
+    commands = node.commands(**changes.pop("commands", {}))
+    values: dict[str, Any] = {
+        "name": "tg-ssh",
+        "driver": "ssh",
+        "host": sshd.host,
+        "port": sshd.port,
+        "user": sshd.user,
+        "key_file": sshd.key_file,
+        "known_hosts": sshd.known_hosts(tmp_path / "known_hosts"),
+        "command_timeout": 30,
+        "commands": commands,
+    }
+    values.update(changes)
+    return NodeSettings(**values)
+
+
+@pytest.fixture
+async def driver(sshd: Sshd, node: FakeNode, tmp_path: Path) -> AsyncIterator[SshDriver]:
+    made = make_driver(settings(sshd, node, tmp_path), None, staging_dir=node.staging)
+    assert isinstance(made, SshDriver)
+    try:
+        yield made
+    finally:
+        await made.aclose()
+
+
+def kill_own_session(sshd: Sshd) -> str:
+    """Shell code that kills the sshd process serving this command: the connection drops."""
+    return (
+        'p=$PPID; while [ "$p" -gt 1 ]; do '
+        f"if [ \"$p\" != {sshd.pid} ] && grep -q '^sshd' /proc/$p/comm; then "
+        "kill -9 $p; exit 0; fi; p=$(cut -d' ' -f4 /proc/$p/stat); done; exit 1"
+    )
+
+
+async def test_lifecycle_over_one_connection(
+    driver: SshDriver, node: FakeNode, tmp_path: Path, sshd: Sshd
+) -> None:
+    logins = sshd.logins()
+    status = await driver.status()
+    assert dict(status.installed) == {}
+    assert status.sessions == ()
+    assert status.logon_enabled is True
+    assert status.lb is None
+    assert status.restart_required is False
+
+    package = staged_package(
+        tmp_path / "debs", "tg-browser", "2.0-1", {"usr/lib/tg/browser": b"browser v2"}
+    )
+    await driver.stage([package])
+    staged = node.staging / "tg-browser_2.0-1.deb"
+    assert staged.read_bytes() == package.path.read_bytes()
+    assert dict((await driver.status()).staged) == {"tg-browser": "2.0-1"}
+
+    result = await driver.install([package])
+    assert dict(result.installed) == {"tg-browser": "2.0-1"}
+    assert result.restart_required is False
+    assert "Setting up tg-browser (2.0-1)" in result.output
+    status = await driver.status()
+    assert dict(status.installed) == {"tg-browser": "2.0-1"}
+    assert dict(status.staged) == {}
+    assert not staged.exists()
+    assert (node.root / "usr/lib/tg/browser").read_bytes() == b"browser v2"
+
+    assert await driver.verify_integrity() == []
+    (node.root / "usr/lib/tg/browser").write_bytes(b"tampered")
+    mismatches = await driver.verify_integrity()
+    assert [(m.package, m.path, m.problem) for m in mismatches] == [
+        ("tg-browser", "/usr/lib/tg/browser", "checksum differs")
+    ]
+
+    await driver.restart_services()
+    await driver.post_check()
+    assert (node.flags / "restarts").exists()
+    assert sshd.logins() == logins + 1
+
+
+async def test_concurrent_operations_share_one_connection(
+    driver: SshDriver, node: FakeNode, sshd: Sshd
+) -> None:
+    logins = sshd.logins()
+    node.login("3", "alice")
+    async with asyncio.TaskGroup() as group:
+        statuses = [group.create_task(driver.status(), name=f"status-{i}") for i in range(5)]
+        group.create_task(driver.announce("hello"), name="announce")
+    assert all(len(task.result().sessions) == 1 for task in statuses)
+    assert node.notices() == ["hello"]
+    assert sshd.logins() == logins + 1
+
+
+async def test_sessions_are_listed_and_ended_but_not_our_own(
+    driver: SshDriver, node: FakeNode
+) -> None:
+    node.login("3", "alice")
+    node.login("c7", "bob", uid=1001)
+    node.login("9", "root", uid=0)  # the controller's own SSH login
+    status = await driver.status()
+    assert sorted(status.sessions, key=lambda s: s.id) == [
+        Session(user="alice", id="3"),
+        Session(user="bob", id="c7"),
+    ]
+    assert await driver.disconnect_sessions() == 2
+    assert sorted(p.name for p in (node.flags / "sessions").iterdir()) == ["9"]
+    assert (await driver.status()).sessions == ()
+
+
+async def test_notice_text_reaches_users_verbatim(driver: SshDriver, node: FakeNode) -> None:
+    marker = node.directory / "injected"
+    message = f'Update at 18:00 $(touch {marker}) `touch {marker}`; it\'s "urgent" & 100%'
+    await driver.announce(message)
+    assert node.notices() == [message]
+    assert not marker.exists()
+
+
+async def test_logon_lock(driver: SshDriver, node: FakeNode) -> None:
+    await driver.set_logon(False)
+    assert (node.flags / "nologin").exists()
+    assert (await driver.status()).logon_enabled is False
+    await driver.set_logon(True)
+    assert (await driver.status()).logon_enabled is True
+
+
+async def test_core_update_requires_restart_and_reboot_waits_for_the_node(
+    driver: SshDriver, node: FakeNode, tmp_path: Path
+) -> None:
+    core = staged_package(tmp_path / "debs", "tg-core", "5.0", kind=PackageKind.CORE)
+    await driver.stage([core])
+    result = await driver.install([core])
+    assert result.restart_required is True
+    assert (await driver.status()).restart_required is True
+
+    await driver.reboot()
+    assert (node.flags / "boot_id").read_text().strip() == "boot-2"
+    assert (await driver.status()).restart_required is False
+
+
+async def test_reboot_that_drops_the_connection(sshd: Sshd, node: FakeNode, tmp_path: Path) -> None:
+    flags = node.flags
+    reboot = f"echo boot-2 > {flags}/boot_id; {kill_own_session(sshd)}"
+    driver = SshDriver(settings(sshd, node, tmp_path, commands={"reboot": reboot}))
+    try:
+        logins = sshd.logins()
+        await driver.reboot()
+        await driver.status()
+        assert sshd.logins() == logins + 2
+    finally:
+        await driver.aclose()
+
+
+async def test_reconnects_after_the_connection_dropped(
+    sshd: Sshd, node: FakeNode, tmp_path: Path
+) -> None:
+    driver = SshDriver(
+        settings(sshd, node, tmp_path, commands={"post_check": kill_own_session(sshd)})
+    )
+    try:
+        logins = sshd.logins()
+        await driver.status()
+        with pytest.raises(NodeUnreachableError, match="connection") as caught:
+            await driver.post_check()
+        assert caught.value.operation == "post_check"
+        status = await driver.status()
+        assert status.installed == {}
+        assert sshd.logins() == logins + 2
+    finally:
+        await driver.aclose()
+
+
+async def test_hanging_command_times_out_and_is_killed(
+    sshd: Sshd, node: FakeNode, tmp_path: Path
+) -> None:
+    pid_file = node.directory / "pid"
+    driver = SshDriver(
+        settings(
+            sshd,
+            node,
+            tmp_path,
+            command_timeout=1,
+            commands={"post_check": f"echo $$ > {pid_file}; exec sleep 60"},
+        )
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        with pytest.raises(CommandTimeoutError, match="timed out after 1s") as caught:
+            await driver.post_check()
+        assert loop.time() - started < 10
+        assert caught.value.operation == "post_check"
+        assert "command_timeout" in str(caught.value)
+        pid = int(pid_file.read_text())
+        await process_ended(pid, limit=10)
+    finally:
+        await driver.aclose()
+
+
+async def test_failing_command_reports_exit_status_and_cause(
+    sshd: Sshd, node: FakeNode, tmp_path: Path
+) -> None:
+    check = "echo checking; echo 'warming up' >&2; echo 'media does not play' >&2; exit 3"
+    output = OutputLog()
+    driver = SshDriver(
+        settings(sshd, node, tmp_path, commands={"post_check": check}), output=output
+    )
+    try:
+        with pytest.raises(DriverError) as caught:
+            await driver.post_check()
+        assert str(caught.value) == ("node tg-ssh: post_check failed: exit 3: media does not play")
+        [entry] = output.entries
+        assert (entry.operation, entry.command, entry.exit_status) == ("post_check", check, 3)
+        assert entry.stdout == "checking\n"
+        assert entry.stderr == "warming up\nmedia does not play\n"
+    finally:
+        await driver.aclose()
+
+
+async def test_garbage_session_list_is_an_error(sshd: Sshd, node: FakeNode, tmp_path: Path) -> None:
+    driver = SshDriver(settings(sshd, node, tmp_path, commands={"sessions": "echo garbage"}))
+    try:
+        with pytest.raises(DriverError, match="sessions command") as caught:
+            await driver.status()
+        assert "'garbage'" in str(caught.value)
+        assert "commands.sessions" in str(caught.value)
+    finally:
+        await driver.aclose()
+
+
+async def test_broken_package_fails_install_with_dpkg_cause(
+    driver: SshDriver, tmp_path: Path
+) -> None:
+    broken = tmp_path / "tg-broken_1.0_all.deb"
+    broken.write_bytes(b"this is not an ar archive")
+    package = StagedPackage(
+        name="tg-broken",
+        version="1.0",
+        kind=PackageKind.REGULAR,
+        sha256=hashlib.sha256(broken.read_bytes()).hexdigest(),
+        path=broken,
+    )
+    await driver.stage([package])
+    with pytest.raises(DriverError, match=r"exit [12]: .*") as caught:
+        await driver.install([package])
+    assert caught.value.operation == "install"
+    assert "tg-broken" in caught.value.cause or "archive" in caught.value.cause
+    assert dict((await driver.status()).installed) == {}
+
+
+async def test_stage_checks_the_checksum_on_the_node(
+    driver: SshDriver, node: FakeNode, tmp_path: Path
+) -> None:
+    package = staged_package(tmp_path / "debs", "tg-x", "1.0")
+    wrong = StagedPackage(
+        name=package.name,
+        version=package.version,
+        kind=package.kind,
+        sha256="f" * 64,
+        path=package.path,
+    )
+    with pytest.raises(DriverError, match="the copy on the node has SHA-256"):
+        await driver.stage([wrong])
+    assert list(node.staging.iterdir()) == []
+    with pytest.raises(DriverError, match="not staged"):
+        await driver.install([package])
+
+
+async def test_unknown_host_key_is_refused(sshd: Sshd, node: FakeNode, tmp_path: Path) -> None:
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    driver = SshDriver(settings(sshd, node, tmp_path, known_hosts=empty))
+    with pytest.raises(HostKeyNotTrustedError) as caught:
+        await driver.status()
+    message = str(caught.value)
+    assert sshd.host_key.get_fingerprint() in message
+    assert f"ssh-keyscan -p {sshd.port} 127.0.0.1 >> {empty}" in message
+    assert "accept_unknown_host_key = true" in message
+    assert caught.value.changed is False
+    await driver.aclose()
+
+
+async def test_unknown_host_key_accepted_when_configured(
+    sshd: Sshd, node: FakeNode, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no_such_known_hosts"
+    driver = SshDriver(
+        settings(sshd, node, tmp_path, known_hosts=missing, accept_unknown_host_key=True)
+    )
+    try:
+        assert (await driver.status()).installed == {}
+    finally:
+        await driver.aclose()
+
+
+async def test_changed_host_key_is_refused_even_when_unknown_keys_are_accepted(
+    sshd: Sshd, node: FakeNode, tmp_path: Path
+) -> None:
+    other = write_key(tmp_path / "other_host_key")
+    known = sshd.known_hosts(tmp_path / "changed_known_hosts", other)
+    driver = SshDriver(
+        settings(sshd, node, tmp_path, known_hosts=known, accept_unknown_host_key=True)
+    )
+    with pytest.raises(HostKeyNotTrustedError, match="differs from the one in") as caught:
+        await driver.status()
+    assert caught.value.changed is True
+    await driver.aclose()
+
+
+async def test_wrong_key_is_an_authentication_error(
+    sshd: Sshd, node: FakeNode, tmp_path: Path
+) -> None:
+    stranger = tmp_path / "stranger_key"
+    write_key(stranger)
+    driver = SshDriver(settings(sshd, node, tmp_path, key_file=stranger))
+    with pytest.raises(NodeAuthenticationError) as caught:
+        await driver.status()
+    assert f"authentication as root at 127.0.0.1:{sshd.port} failed with {stranger}" in str(
+        caught.value
+    )
+    await driver.aclose()
+
+
+async def test_unusable_key_file(sshd: Sshd, node: FakeNode, tmp_path: Path) -> None:
+    driver = SshDriver(settings(sshd, node, tmp_path, key_file=tmp_path / "absent"))
+    with pytest.raises(DriverError, match="cannot load key_file"):
+        await driver.status()
+
+
+async def test_unreachable_port_fails_fast(sshd: Sshd, node: FakeNode, tmp_path: Path) -> None:
+    driver = SshDriver(settings(sshd, node, tmp_path, port=free_port()))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(NodeUnreachableError, match=r"cannot connect to 127\.0\.0\.1") as caught:
+        await driver.status()
+    assert caught.value.operation == "status"
+    assert loop.time() - started < 5
+    await driver.aclose()

@@ -1,0 +1,219 @@
+"""The store on SQLite and on PostgreSQL (TGOPS_TEST_DATABASE_URL)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from core.store import NodeBusyError, Store, StoreUnavailableError
+from tests.databases import POSTGRES_URL, backends, reset_postgres
+
+
+@pytest.fixture(params=backends())
+async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path}/state.db"
+        return
+    assert POSTGRES_URL is not None
+    await reset_postgres(POSTGRES_URL)
+    yield POSTGRES_URL
+
+
+@pytest.fixture
+async def store(url: str) -> AsyncIterator[Store]:
+    async with Store(url) as opened:
+        await opened.sync_nodes(
+            [
+                ("n1", "c1", "sandbox"),
+                ("n2", "c1", "sandbox"),
+                ("n3", "c1", "sandbox"),
+                ("solo", None, "sandbox"),
+            ]
+        )
+        yield opened
+
+
+async def test_migrations_create_every_table_and_are_idempotent(url: str) -> None:
+    for _ in range(2):
+        async with Store(url) as store:
+
+            def tables(sync_conn: object) -> set[str]:
+                return set(inspect(sync_conn).get_table_names())
+
+            async with store.engine.connect() as conn:
+                names = await conn.run_sync(tables)
+    assert {
+        "nodes",
+        "runs",
+        "run_steps",
+        "audit",
+        "schedules",
+        "maintenance",
+        "hotfix_selections",
+        "cluster_slots",
+        "slot_waiters",
+        "outbox",
+        "announced_hotfixes",
+        "escalations",
+        "alembic_version",
+    } <= names
+
+
+async def test_sqlite_uses_wal_and_creates_its_directory(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/deep/dir/state.db"
+    async with Store(url) as store, store.engine.connect() as conn:
+        mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar()
+    assert mode == "wal"
+    assert (tmp_path / "deep" / "dir" / "state.db").exists()
+
+
+async def test_unreachable_database_is_one_clear_error() -> None:
+    with pytest.raises(StoreUnavailableError) as info:
+        async with Store("postgresql+asyncpg://nobody:pw@127.0.0.1:1/none", connect_timeout=2):
+            pass
+    text = str(info.value)
+    assert "postgresql+asyncpg://nobody:***@127.0.0.1:1/none" in text
+    assert "pw" not in text.replace("postgresql", "")
+    assert "check database_url" in text
+
+
+async def test_nodes_survive_reopen_and_keep_state(url: str) -> None:
+    async with Store(url) as store:
+        await store.sync_nodes([("n1", "c1", "sandbox")])
+        since = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+        await store.update_node(
+            "n1",
+            update_lock_since=since,
+            update_lock_reason="install failed",
+            installed={"tg-base": "1.2"},
+        )
+    async with Store(url) as store:
+        node = await store.node("n1")
+    assert node is not None
+    assert node.update_lock_since == since
+    assert node.update_lock_reason == "install failed"
+    assert node.installed == {"tg-base": "1.2"}
+    assert node.lb == "in"
+
+
+async def test_one_active_run_per_node(store: Store) -> None:
+    first = await store.create_run(kind="download", node="n1", target="n1", actor="alice")
+    with pytest.raises(NodeBusyError) as info:
+        await store.create_run(kind="auto-update", node="n1", target="c1", actor="bob")
+    assert f"node n1 is busy with run #{first}" in str(info.value)
+    await store.begin_step(first, "fetch")
+    await store.end_step(first, "fetch", detail="3 packages")
+    await store.finish_run(first, status="succeeded")
+    second = await store.create_run(kind="auto-update", node="n1", target="c1", actor="bob")
+    assert second > first
+    run = await store.run(first)
+    assert run is not None and run.status == "succeeded" and run.finished_at is not None
+    steps = await store.steps(first)
+    assert [(s.name, s.status, s.detail) for s in steps] == [("fetch", "done", "3 packages")]
+
+
+async def test_cluster_slots_hold_the_limit_under_concurrency(store: Store) -> None:
+    results = await asyncio.gather(
+        *(
+            store.try_take_slot(cluster="c1", node=n, limit=2, run_id=None)
+            for n in ("n1", "n2", "n3")
+        )
+    )
+    assert sorted(r for r in results if r is not None) == [0, 1]
+    assert results.count(None) == 1
+    holders = {s.node for s in await store.slots("c1")}
+    assert len(holders) == 2
+    # a holder asking again gets its own slot back (after a restart, say)
+    holder = next(iter(holders))
+    again = await store.try_take_slot(cluster="c1", node=holder, limit=2, run_id=None)
+    assert again is not None
+    waiting = ({"n1", "n2", "n3"} - holders).pop()
+    await store.wait_for_slot(cluster="c1", node=waiting, run_id=None)
+    assert await store.slot_queue("c1") == [waiting]
+    assert await store.release_slot(cluster="c1", node=holder)
+    assert await store.try_take_slot(cluster="c1", node=waiting, limit=2, run_id=None) is not None
+    assert await store.slot_queue("c1") == []
+
+
+async def test_slots_hold_across_two_store_instances(url: str) -> None:
+    async with Store(url) as one, Store(url) as two:
+        await one.sync_nodes([("n1", "c1", "sandbox"), ("n2", "c1", "sandbox")])
+        a = await one.try_take_slot(cluster="c1", node="n1", limit=1, run_id=None)
+        b = await two.try_take_slot(cluster="c1", node="n2", limit=1, run_id=None)
+    assert a == 0
+    assert b is None
+
+
+async def test_outbox_idempotency_and_retry(store: Store) -> None:
+    assert await store.enqueue(
+        key="ev1:email:a@x",
+        channel="email",
+        recipient="a@x",
+        subject="Hotfix HF-1",
+        payload={"id": "HF-1"},
+    )
+    assert not await store.enqueue(key="ev1:email:a@x", channel="email", recipient="a@x")
+    now = datetime.now(UTC)
+    (item,) = await store.due_outbox(now=now)
+    await store.outbox_result(
+        item.id, status="pending", error="421 try later", retry_at=now + timedelta(seconds=30)
+    )
+    assert await store.due_outbox(now=now) == []
+    (later,) = await store.due_outbox(now=now + timedelta(seconds=31))
+    assert later.attempts == 1 and later.last_error == "421 try later"
+    await store.outbox_result(item.id, status="sent")
+    (sent,) = await store.outbox(statuses=["sent"])
+    assert sent.sent_at is not None and sent.attempts == 2
+
+
+async def test_maintenance_audit_schedules_hotfixes(store: Store) -> None:
+    start = datetime(2026, 12, 1, 21, 0, tzinfo=UTC)
+    await store.open_maintenance(
+        node="n1",
+        start=start,
+        reason="Kernel",
+        origin="manual",
+        disable_logon=True,
+        created_by="alice",
+    )
+    replaced = await store.open_maintenance(
+        node="n1",
+        start=start,
+        reason="Kernel 2",
+        origin="manual",
+        disable_logon=False,
+        created_by="bob",
+    )
+    (open_window,) = await store.maintenance("n1")
+    assert open_window.id == replaced.id and open_window.reason == "Kernel 2"
+    ended = await store.end_maintenance("n1", by="bob", reason="cancelled")
+    assert ended is not None
+    assert await store.maintenance("n1") == []
+    assert await store.end_maintenance("n1", by="bob", reason="cancelled") is None
+
+    await store.audit(
+        actor="alice", source="slack", action="command", target="n1", detail="download n1"
+    )
+    (entry,) = await store.audit_log(targets=["n1"])
+    assert (entry.actor, entry.source, entry.detail) == ("alice", "slack", "download n1")
+
+    await store.set_schedule(
+        node="n1", kind="update", days="mon-fri", start="03:00", end=None, by="alice"
+    )
+    assert await store.disable_schedule(node="n1", kind="update", by="bob")
+    assert not await store.disable_schedule(node="n1", kind="update", by="bob")
+    (sched,) = await store.schedules("n1")
+    assert not sched.enabled and sched.updated_by == "bob"
+
+    assert await store.select_hotfixes("n1", ["HF-1", "HF-2"], by="alice") == ["HF-1", "HF-2"]
+    assert await store.select_hotfixes("n1", ["HF-2"], by="alice") == []
+    assert await store.unselect_hotfixes("n1", ["HF-1", "HF-9"]) == ["HF-1"]
+    assert await store.selected_hotfixes() == {"n1": ["HF-2"]}
+
+    assert await store.mark_announced("HF-2", channel="stable", urgency="urgent")
+    assert not await store.mark_announced("HF-2", channel="stable", urgency="urgent")
