@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.grammar import Command, ParseError, allowed, help_text, parse
+from bot.grammar import Command, ParseError, allowed, format_days, help_text, parse
 from core.engine import Engine
 from core.errors import TgopsError
 from core.lifecycle import (
@@ -18,6 +18,7 @@ from core.lifecycle import (
 from core.localtime import local_text
 from core.maintenance import Maintenance
 from core.model import Actor, PackageKind
+from core.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,12 @@ class CommandService:
         *,
         lifecycle: Lifecycle | None = None,
         maintenance: Maintenance | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.engine = engine
         self.lifecycle = lifecycle
         self.maintenance = maintenance
+        self.scheduler = scheduler
 
     async def execute(self, text: str, actor: Actor) -> Reply:
         """Parse, check the role (L11), audit (L13) and carry out one command."""
@@ -253,6 +256,48 @@ class CommandService:
         return Reply(
             ok=bool(done.nodes) and not done.problems, text="\n".join(lines), command=cmd.name
         )
+
+    # -- schedules (L4, L5) -------------------------------------------------------------------
+
+    def _sched(self) -> Scheduler:
+        if self.scheduler is None:
+            raise TgopsError("schedules are not available in this process")
+        return self.scheduler
+
+    async def _schedule(self, cmd: Command, actor: Actor) -> Reply:
+        return Reply(ok=True, text=await self._sched().listing(), command=cmd.name)
+
+    async def _schedule_download(self, cmd: Command, actor: Actor) -> Reply:
+        return await self._set_schedule(cmd, actor, "download")
+
+    async def _schedule_update(self, cmd: Command, actor: Actor) -> Reply:
+        return await self._set_schedule(cmd, actor, "update")
+
+    async def _set_schedule(self, cmd: Command, actor: Actor, kind: str) -> Reply:
+        assert cmd.target is not None
+        scheduler = self._sched()
+        if not cmd.enabled:
+            off, none = await scheduler.disable(cmd.target, kind, actor=actor)
+            lines = []
+            if off:
+                lines.append(f"Scheduled {kind} switched off on {', '.join(off)}.")
+            if none:
+                lines.append(f"No scheduled {kind} was on for {', '.join(none)}.")
+            return Reply(ok=True, text="\n".join(lines), command=cmd.name)
+        assert cmd.at is not None
+        names = await scheduler.set(
+            cmd.target, kind, days=cmd.days, at=cmd.at, until=cmd.until, actor=actor
+        )
+        until = f" until {cmd.until:%H:%M:%S}" if cmd.until else ""
+        text = (
+            f"Scheduled {kind} on {', '.join(names)}: {format_days(cmd.days)} "
+            f"{cmd.at:%H:%M:%S}{until} ({self.engine.settings.timezone}).\n"
+            + await scheduler.listing()
+        )
+        return Reply(ok=True, text=text, command=cmd.name)
+
+    async def _plan(self, cmd: Command, actor: Actor) -> Reply:
+        return Reply(ok=True, text=await self._sched().plan(cmd.target), command=cmd.name)
 
     # -- hotfixes (L8) ------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from bot.commands import CommandService
 from bot.http import build_app
+from bot.slack import slack_bot
 from core.clock import SystemClock
 from core.download import Downloader
 from core.drivers import make_driver
@@ -28,8 +29,11 @@ from core.maintenance import Maintenance
 from core.manifest import load_public_key
 from core.repository import HttpRepository
 from core.retry import RetryPolicy
+from core.scheduled import ScheduledRuns
+from core.scheduler import Scheduler
 from core.settings import Settings
 from core.store import Store
+from notify.notifier import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +88,33 @@ class Service:
             )
         )
         self.maintenance = await stack.enter_async_context(Maintenance(self.engine))
+        self.lifecycle.scheduled = ScheduledRuns(self.lifecycle, self.maintenance)
+        self.scheduler = Scheduler(self.engine, self.lifecycle.scheduled)
         self.commands = CommandService(
-            self.engine, lifecycle=self.lifecycle, maintenance=self.maintenance
+            self.engine,
+            lifecycle=self.lifecycle,
+            maintenance=self.maintenance,
+            scheduler=self.scheduler,
         )
         # Adapters subscribe to the event bus here, before any run resumes, so that they see
         # everything (notify: e-mail, phone, outbox; bot: Slack).
+        self.notifier = await stack.enter_async_context(
+            Notifier(settings=settings, store=self.store, bus=self.bus, repository=self.repository)
+        )
+        self.slack = await stack.enter_async_context(
+            slack_bot(settings, engine=self.engine, commands=self.commands, bus=self.bus)
+        )
 
         app = build_app(
             settings=settings, engine=self.engine, commands=self.commands, health=self._health
         )
         # Adapters add their HTTP routes to ``app`` here (Slack events, Twilio webhooks).
+        self.notifier.add_routes(app)
+        if self.slack is not None:
+            self.slack.routes(app)  # POST /slack/events
 
         await self.lifecycle.recover()
+        await stack.enter_async_context(self.scheduler)
 
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()

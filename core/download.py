@@ -15,14 +15,14 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
-from collections import deque
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -43,7 +43,6 @@ MANIFEST_LIMIT = 16 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _IDENTITY = {"Accept-Encoding": "identity"}
-_T = TypeVar("_T")
 
 
 def is_transient_status(status: int) -> bool:
@@ -89,26 +88,61 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _PartialFile:
-    """``<sha256>.part`` being written. Hashing and writing run in one worker thread, in
-    order, overlapping the network reads; at most ``depth`` chunks are queued."""
+    """``<sha256>.part`` being written, fed by the event loop one network chunk at a time.
 
-    def __init__(self, path: Path, size: int, *, depth: int = 2) -> None:
+    Three worker threads keep the loop free for the network: one hashes, one writes, and
+    one ``fdatasync``s every ``flush_every`` bytes so that the final fsync is short and
+    dirty pages never pile up. At most ``buffer`` bytes wait for the hasher or the writer
+    (bounded memory); the loop is woken only when a full queue has drained to half.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        size: int,
+        *,
+        package: str,
+        buffer: int = 8 << 20,
+        flush_every: int = 64 << 20,
+    ) -> None:
         self.path = path
         self.size = size
         self.done = 0
-        self._depth = depth
+        self._package = package
+        self._limit = buffer
+        self._flush_every = flush_every
         self._digest = hashlib.sha256()
         self._fd = -1
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tgops-download")
-        self._pending: deque[asyncio.Future[None]] = deque()
+        self._lock = threading.Lock()
+        self._queues: tuple[queue.SimpleQueue[bytes | None], ...] = ()
+        self._queued = [0, 0]
+        self._pending = [0, 0]
+        self._waiting = False
+        self._space = asyncio.Event()
+        self._error: OSError | None = None
+        self._unflushed = 0
+        self._flush = threading.Event()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-
-    async def _run(self, function: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.wrap_future(self._executor.submit(function, *args))
 
     async def open(self) -> int:
         """Open (or create) the partial file and hash what it holds; returns its length."""
-        self._fd, self._digest, self.done = await self._run(self._open)
+        self._loop = asyncio.get_running_loop()
+        self._fd, self._digest, self.done = await asyncio.to_thread(self._open)
+        self._queues = (queue.SimpleQueue(), queue.SimpleQueue())
+        self._threads = [
+            threading.Thread(
+                target=self._work, args=(0, self._hash), name="tgops-download-hash", daemon=True
+            ),
+            threading.Thread(
+                target=self._work, args=(1, self._write), name="tgops-download-write", daemon=True
+            ),
+            threading.Thread(target=self._flusher, name="tgops-download-flush", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
         return self.done
 
     def _open(self) -> tuple[int, Any, int]:
@@ -134,26 +168,95 @@ class _PartialFile:
             raise
         return fd, digest, done
 
-    async def append(self, data: bytes) -> None:
-        self.done += len(data)
-        self._pending.append(asyncio.wrap_future(self._executor.submit(self._write, data)))
-        while len(self._pending) > self._depth:
-            await self._pending.popleft()
+    # -- worker threads ------------------------------------------------------------------
+
+    def _hash(self, data: bytes) -> None:
+        self._digest.update(data)
 
     def _write(self, data: bytes) -> None:
-        self._digest.update(data)
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
+        self._unflushed += len(data)
+        if self._unflushed >= self._flush_every:
+            self._unflushed = 0
+            self._flush.set()
+
+    def _work(self, index: int, process: Callable[[bytes], None]) -> None:
+        source = self._queues[index]
+        while (data := source.get()) is not None:
+            if self._error is None:
+                try:
+                    process(data)
+                except OSError as exc:
+                    self._error = exc
+            with self._lock:
+                self._queued[index] -= len(data)
+                self._pending[index] -= 1
+                wake = self._waiting and (
+                    self._error is not None
+                    or not any(self._pending)
+                    or max(self._queued) <= self._limit // 2
+                )
+                if wake:
+                    self._waiting = False
+            if wake:
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._space.set)
+
+    def _flusher(self) -> None:
+        while True:
+            self._flush.wait()
+            self._flush.clear()
+            if self._stopping:
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                self._error = exc
+
+    # -- the event loop's side -----------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise DownloadError(
+                self._package,
+                f"cannot write the cache file {self.path} ({self._error.strerror}); "
+                "check free space and permissions in updates.cache_dir",
+                transient=False,
+            ) from self._error
+
+    async def append(self, data: bytes) -> None:
+        """Queue ``data`` for hashing and writing; waits while the queues are full."""
+        while True:
+            self._check()
+            with self._lock:
+                if max(self._queued) < self._limit:
+                    for index, target in enumerate(self._queues):
+                        self._queued[index] += len(data)
+                        self._pending[index] += 1
+                        target.put(data)
+                    self.done += len(data)
+                    return
+                self._waiting = True
+                self._space.clear()
+            await self._space.wait()
 
     async def flush(self) -> None:
-        while self._pending:
-            await self._pending.popleft()
+        """Wait until everything queued is hashed and written."""
+        while True:
+            self._check()
+            with self._lock:
+                if not any(self._pending):
+                    return
+                self._waiting = True
+                self._space.clear()
+            await self._space.wait()
 
     async def restart(self) -> None:
         """Start over from byte 0 (the server sent the whole file)."""
         await self.flush()
-        await self._run(self._truncate)
+        await asyncio.to_thread(self._truncate)
         self.done = 0
         self._digest = hashlib.sha256()
 
@@ -164,21 +267,29 @@ class _PartialFile:
     async def finish(self) -> str:
         """Write everything queued, fsync, and return the SHA-256 of the whole file."""
         await self.flush()
-        await self._run(os.fsync, self._fd)
+        try:
+            await asyncio.to_thread(os.fsync, self._fd)
+        except OSError as exc:
+            self._error = exc
+            self._check()
         return self._digest.hexdigest()
 
     async def aclose(self) -> None:
-        """Close after every queued write, even when the caller is cancelled meanwhile."""
+        """Stop the workers after what is queued and close the file, even when cancelled."""
         if self._closed:
             return
         self._closed = True
-        closing = asyncio.wrap_future(self._executor.submit(self._close))
-        self._executor.shutdown(wait=False)
-        waiting = [*self._pending, closing]
-        self._pending.clear()
-        await asyncio.shield(asyncio.gather(*waiting, return_exceptions=True))
+        for target in self._queues:
+            target.put(None)
+        await asyncio.shield(asyncio.to_thread(self._join_and_close))
 
-    def _close(self) -> None:
+    def _join_and_close(self) -> None:
+        for thread in self._threads[:2]:
+            thread.join()
+        self._stopping = True
+        self._flush.set()
+        for thread in self._threads[2:]:
+            thread.join()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -300,6 +411,15 @@ class Downloader:
         Raises ``DownloadError`` (``transient`` says whether a retry may help).
         """
         final = self.path_for(sha256)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DownloadError(
+                package,
+                f"cannot use the cache directory {self.cache_dir} ({exc.strerror}); "
+                "check updates.cache_dir",
+                transient=False,
+            ) from exc
         async with self._exclusive(sha256):
             if self.cached(sha256, size) is None:
                 final.unlink(missing_ok=True)  # a wrong size under the final name: refetch
@@ -314,9 +434,16 @@ class Downloader:
     ) -> None:
         part = self.cache_dir / f"{sha256}.part"
         meta = self.cache_dir / f"{sha256}.etag"
-        sink = _PartialFile(part, size)
+        sink = _PartialFile(part, size, package=package)
         try:
-            offset = await sink.open()
+            try:
+                offset = await sink.open()
+            except OSError as exc:
+                raise DownloadError(
+                    package,
+                    f"cannot use the cache file {part} ({exc.strerror}); check updates.cache_dir",
+                    transient=False,
+                ) from exc
             if offset < size:
                 if offset:
                     log.info("%s: resuming at byte %d of %d", package, offset, size)
@@ -430,28 +557,16 @@ class Downloader:
         sink: _PartialFile,
         progress: Progress | None,
     ) -> None:
-        buffer: list[bytes] = []
-        buffered = 0
-        try:
-            async for data in content.iter_chunked(self._chunk):
-                if sink.done + buffered + len(data) > sink.size:
-                    raise DownloadMismatchError(
-                        package, "size", f"{sink.size} bytes", f"more than {sink.size} bytes"
-                    )
-                buffer.append(data)
-                buffered += len(data)
-                if buffered >= self._chunk:
-                    await sink.append(b"".join(buffer))
-                    buffer.clear()
-                    buffered = 0
-                    if progress is not None:
-                        await progress(sink.done, sink.size)
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            if buffer:  # keep what arrived, so that the next attempt resumes after it
-                await sink.append(b"".join(buffer))
-            raise
-        if buffer:
-            await sink.append(b"".join(buffer))
+        reported = sink.done
+        async for data in content.iter_chunked(self._chunk):
+            if sink.done + len(data) > sink.size:
+                raise DownloadMismatchError(
+                    package, "size", f"{sink.size} bytes", f"more than {sink.size} bytes"
+                )
+            await sink.append(data)
+            if progress is not None and sink.done - reported >= self._chunk:
+                reported = sink.done
+                await progress(sink.done, sink.size)
         if progress is not None:
             await progress(sink.done, sink.size)
 

@@ -158,6 +158,10 @@ class Engine:
     async def status(self, target: str | None = None, *, refresh: bool = True) -> dict[str, Any]:
         """The fleet state as in DESIGN.md "Status JSON" (for a target, or all)."""
         names = self.resolve(target)
+        # runs first: a run that ends while the nodes are read shows its outcome, not a gap
+        active = {
+            r.id: r for r in await self.store.runs(statuses=("queued", "running"), limit=10_000)
+        }
         records = await self.refresh(names) if refresh else await self.store.nodes(names)
         by_name = {r.name: r for r in records}
         maintenance = {m.node: m for m in await self.store.maintenance()}
@@ -169,9 +173,6 @@ class Engine:
                     entry["end"] = sched.end
                 schedules.setdefault(sched.node, {})[sched.kind] = entry
         selected = await self.store.selected_hotfixes()
-        active = {
-            r.id: r for r in await self.store.runs(statuses=("queued", "running"), limit=10_000)
-        }
         nodes = []
         for name in names:
             rec = by_name[name]

@@ -172,18 +172,28 @@ class DownloadMismatchError(DownloadError):
 
 
 class DownloadFailedError(RepositoryError):
-    """Every attempt of the retry policy failed (L5); partial files are kept for resume."""
+    """A definitive failure under the retry policy (L5, L7): every attempt failed
+    (``exhausted``), or one failed in a way no retry can mend. ``last_cause`` is the error
+    of the last attempt. Partial files are kept for resume."""
 
-    def __init__(self, package: str, attempts: int, last_cause: BaseException) -> None:
+    def __init__(
+        self, package: str, attempts: int, last_cause: BaseException, *, exhausted: bool = True
+    ) -> None:
         self.package = package
         self.attempts = attempts
         self.last_cause = last_cause
+        self.exhausted = exhausted
         cause = last_cause.cause if isinstance(last_cause, DownloadError) else str(last_cause)
-        super().__init__(
-            f"{package}: gave up after {attempts} attempt{'s' if attempts != 1 else ''}; "
-            f"last error: {cause or type(last_cause).__name__} (partial files are kept and "
-            "resumed next time; check that the update repository is reachable)"
-        )
+        cause = cause or type(last_cause).__name__
+        if exhausted:
+            message = (
+                f"{package}: gave up after {attempts} attempt{'s' if attempts != 1 else ''}; "
+                f"last error: {cause} (partial files are kept and resumed next time; check "
+                "that the update repository is reachable)"
+            )
+        else:
+            message = f"{last_cause} (not retried: another attempt would fail the same way)"
+        super().__init__(message)
 
 
 class UnknownPackageError(RepositoryError):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from core import events as ev
 from core.engine import Engine
@@ -30,6 +30,9 @@ from core.retry import RetryPolicy
 from core.runs import Flow, RunCancelledError, RunContext, execute
 from core.slots import SlotGate
 from core.store import NodeBusyError, NodeRecord, RunRecord
+
+if TYPE_CHECKING:
+    from core.scheduled import ScheduledRuns
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,9 @@ class Lifecycle:
         self.slots = SlotGate(engine.store, owner=owner)
         self._rollouts: dict[str, Rollout] = {}
         self._tasks: dict[int, asyncio.Task[str]] = {}
+        self._running: dict[int, tuple[RunContext, Flow]] = {}
         self._accepting = False
+        self.scheduled: ScheduledRuns | None = None
 
     async def __aenter__(self) -> Self:
         """Start taking work; call ``recover()`` once every subscriber listens."""
@@ -112,12 +117,18 @@ class Lifecycle:
         tb: TracebackType | None,
     ) -> None:
         self._accepting = False
+        # Runs in a step that is safe to repeat stop now (they resume at the next start);
+        # the others (install, reboot) get STOP_GRACE seconds to finish their step.
+        for run_id, task in list(self._tasks.items()):
+            ctx, flow = self._running[run_id]
+            if ctx.step is None or ctx.step in flow.resumable:
+                task.cancel()
         tasks = list(self._tasks.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def wait(self, run_ids: Sequence[int], limit: float = 60.0) -> list[RunRecord]:
         """Wait until these runs end (for the CLI, the demo and tests)."""
@@ -274,7 +285,7 @@ class Lifecycle:
                 await self.store.wait_for_slot(
                     cluster=record.cluster, node=record.name, run_id=run_id
                 )
-            self._spawn(
+            self.spawn(
                 run_id=run_id,
                 kind=kind,
                 node=record.name,
@@ -353,7 +364,7 @@ class Lifecycle:
         )
         await self.engine.events.publish(ev.WarningFlagSet(node=name, reason=reason))
 
-    async def _clear_warning_flag(self, name: str) -> None:
+    async def clear_warning_flag(self, name: str) -> None:
         record = await self.store.node(name)
         if record is not None and record.warning_flag_since is not None:
             await self.store.update_node(name, warning_flag_since=None, warning_flag_reason=None)
@@ -369,7 +380,7 @@ class Lifecycle:
 
     # -- runs --------------------------------------------------------------------------
 
-    def _spawn(
+    def spawn(
         self,
         *,
         run_id: int,
@@ -392,60 +403,67 @@ class Lifecycle:
         key = params.get("rollout")
         if key is not None:
             self._rollouts.setdefault(key, Rollout(key=key))
-        task = asyncio.create_task(execute(self._flow(kind), ctx), name=f"run-{run_id}-{node}")
+        flow = self._flow(kind)
+        task = asyncio.create_task(execute(flow, ctx), name=f"run-{run_id}-{node}")
         self._tasks[run_id] = task
+        self._running[run_id] = (ctx, flow)
         task.add_done_callback(lambda t: self._done(run_id, t))
 
     def _done(self, run_id: int, task: asyncio.Task[str]) -> None:
         self._tasks.pop(run_id, None)
+        self._running.pop(run_id, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("run #%d crashed", run_id, exc_info=task.exception())
 
     def _flow(self, kind: str) -> Flow:
+        if kind.startswith("scheduled-"):
+            if self.scheduled is None:
+                raise TgopsError(f"{kind} runs need the scheduler, which is not running")
+            return self.scheduled.flow(kind)
         if kind == "download":
             return Flow(
                 kind=kind,
-                steps=[("download", self._step_download)],
+                steps=[("download", self.step_download)],
                 resumable=frozenset({"download"}),
             )
         if kind == "integrity":
             return Flow(
                 kind=kind,
-                steps=[("integrity", self._step_integrity)],
+                steps=[("integrity", self.step_integrity)],
                 resumable=frozenset({"integrity"}),
             )
         if kind == "restart":
             return Flow(
                 kind=kind,
                 steps=[
-                    ("slot", self._step_slot),
-                    ("drain", self._step_drain),
-                    ("notice", self._step_notice),
-                    ("disconnect", self._step_disconnect),
-                    ("reboot", self._step_reboot),
-                    ("verify", self._step_verify),
-                    ("undrain", self._step_undrain),
-                    ("release", self._step_release),
+                    ("slot", self.step_slot),
+                    ("drain", self.step_drain),
+                    ("notice", self.step_notice),
+                    ("disconnect", self.step_disconnect),
+                    ("reboot", self.step_reboot),
+                    ("verify", self.step_verify),
+                    ("undrain", self.step_undrain),
+                    ("release", self.step_release),
                 ],
                 resumable=frozenset(
                     {"slot", "drain", "notice", "disconnect", "verify", "undrain", "release"}
                 ),
-                on_failure=self._update_failed,
-                on_cancel=self._cancelled,
+                on_failure=self.update_failed,
+                on_cancel=self.undo_slot,
             )
         return Flow(
             kind=kind,
             steps=[
-                ("download", self._step_download),
-                ("slot", self._step_slot),
-                ("drain", self._step_drain),
-                ("notice", self._step_notice),
-                ("disconnect", self._step_disconnect),
-                ("install", self._step_install),
-                ("restart-services", self._step_restart_services),
-                ("verify", self._step_verify),
-                ("undrain", self._step_undrain),
-                ("release", self._step_release),
+                ("download", self.step_download),
+                ("slot", self.step_slot),
+                ("drain", self.step_drain),
+                ("notice", self.step_notice),
+                ("disconnect", self.step_disconnect),
+                ("install", self.step_install),
+                ("restart-services", self.step_restart_services),
+                ("verify", self.step_verify),
+                ("undrain", self.step_undrain),
+                ("release", self.step_release),
             ],
             resumable=frozenset(
                 {
@@ -460,8 +478,8 @@ class Lifecycle:
                     "release",
                 }
             ),
-            on_failure=self._update_failed,
-            on_cancel=self._cancelled,
+            on_failure=self.update_failed,
+            on_cancel=self.undo_slot,
             on_success=self._update_succeeded,
         )
 
@@ -473,16 +491,21 @@ class Lifecycle:
         assert record is not None
         return record
 
-    async def _step_download(self, ctx: RunContext) -> None:
+    async def step_download(self, ctx: RunContext) -> None:
         try:
             files = await self.fetch_and_stage(ctx)
         except DownloadFailedError as exc:
             await self.set_warning_flag(ctx.node, str(exc))
             raise
         if files or ctx.kind == "download":
-            await self._clear_warning_flag(ctx.node)
+            await self.clear_warning_flag(ctx.node)
         if not files and ctx.kind != "download":
             raise RunCancelledError(f"nothing to install on {ctx.node}; nothing was changed")
+
+    async def plan_for(self, node: str) -> list[PackageEntry]:
+        """What an update of ``node`` would install now (channel, hotfixes, optional)."""
+        record = (await self.engine.refresh([node]))[0]
+        return await self._plan("auto-update", record, [])
 
     async def fetch_and_stage(self, ctx: RunContext) -> list[StagedPackage]:
         """Plan what the node needs, download it (retry policy), stage it on the node.
@@ -544,7 +567,7 @@ class Lifecycle:
     def _cluster(self, ctx: RunContext) -> str | None:
         return self.engine.cluster_of[ctx.node]
 
-    async def _step_slot(self, ctx: RunContext) -> None:
+    async def step_slot(self, ctx: RunContext) -> None:
         cluster = self._cluster(ctx)
         if cluster is None:
             return
@@ -561,28 +584,28 @@ class Lifecycle:
             cluster=cluster, node=ctx.node, limit=limit, run_id=ctx.run_id, stop=stop
         )
 
-    async def _step_drain(self, ctx: RunContext) -> None:
+    async def step_drain(self, ctx: RunContext) -> None:
         if self._cluster(ctx) is None:
             return
         await self._driver(ctx).drain()
         await self.store.update_node(ctx.node, lb="drained")
         await self.engine.events.publish(ev.NodeStateChanged(node=ctx.node, change="drained"))
 
-    async def _step_notice(self, ctx: RunContext) -> None:
+    async def step_notice(self, ctx: RunContext) -> None:
         what = "restart" if ctx.kind == "restart" else "update"
         await self._driver(ctx).announce(
             f"The {what} of {ctx.node} starts now; your session will be ended. "
             "Please save your work."
         )
 
-    async def _step_disconnect(self, ctx: RunContext) -> None:
+    async def step_disconnect(self, ctx: RunContext) -> None:
         ended = await self._driver(ctx).disconnect_sessions()
         await self.store.update_node(ctx.node, sessions=0)
         await self.store.end_step(
             ctx.run_id, "disconnect", status="running", detail=f"{ended} sessions ended"
         )
 
-    async def _step_install(self, ctx: RunContext) -> None:
+    async def step_install(self, ctx: RunContext) -> None:
         plan = [_plan_entry(i) for i in ctx.params.get("plan") or []]
         result = await self._driver(ctx).install(plan)
         record = await self._node(ctx)
@@ -604,30 +627,30 @@ class Lifecycle:
                 ev.NodeStateChanged(node=ctx.node, change="restart required")
             )
 
-    async def _step_restart_services(self, ctx: RunContext) -> None:
+    async def step_restart_services(self, ctx: RunContext) -> None:
         await self._driver(ctx).restart_services()
 
-    async def _step_reboot(self, ctx: RunContext) -> None:
+    async def step_reboot(self, ctx: RunContext) -> None:
         await self._driver(ctx).reboot()
         await self.store.update_node(ctx.node, restart_required=False)
         ctx.message = f"{ctx.node} restarted"
 
-    async def _step_verify(self, ctx: RunContext) -> None:
+    async def step_verify(self, ctx: RunContext) -> None:
         await self._driver(ctx).post_check()
 
-    async def _step_undrain(self, ctx: RunContext) -> None:
+    async def step_undrain(self, ctx: RunContext) -> None:
         if self._cluster(ctx) is None:
             return
         await self._driver(ctx).undrain()
         await self.store.update_node(ctx.node, lb="in", left_drained_by_run=None)
         await self.engine.events.publish(ev.NodeStateChanged(node=ctx.node, change="undrained"))
 
-    async def _step_release(self, ctx: RunContext) -> None:
+    async def step_release(self, ctx: RunContext) -> None:
         cluster = self._cluster(ctx)
         if cluster is not None:
             await self.slots.release(cluster=cluster, node=ctx.node)
 
-    async def _step_integrity(self, ctx: RunContext) -> None:
+    async def step_integrity(self, ctx: RunContext) -> None:
         mismatches = await self._driver(ctx).verify_integrity()
         if mismatches:
             lines = [f"{m.package}: {m.path}: {m.problem}" for m in mismatches[:50]]
@@ -647,7 +670,7 @@ class Lifecycle:
             detail=ctx.message,
         )
 
-    async def _cancelled(self, ctx: RunContext) -> None:
+    async def undo_slot(self, ctx: RunContext) -> None:
         cluster = self._cluster(ctx)
         if cluster is not None:
             await self.store.leave_slot_queue(cluster=cluster, node=ctx.node)
@@ -657,7 +680,7 @@ class Lifecycle:
                 await self.store.update_node(ctx.node, lb="in")
             await self.slots.release(cluster=cluster, node=ctx.node)
 
-    async def _update_failed(self, ctx: RunContext, step: str, exc: BaseException) -> None:
+    async def update_failed(self, ctx: RunContext, step: str, exc: BaseException) -> None:
         cluster = self._cluster(ctx)
         rollout = self._rollouts.get(ctx.params.get("rollout", ""))
         if rollout is not None and rollout.failed is None:
@@ -712,7 +735,7 @@ class Lifecycle:
                     run_id=run.id,
                     detail=f"resumed at {interrupted or 'the start'}",
                 )
-                self._spawn(
+                self.spawn(
                     run_id=run.id,
                     kind=run.kind,
                     node=run.node,

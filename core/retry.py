@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import aiohttp
 
 from core.download import is_transient_status
-from core.errors import DownloadError, DownloadFailedError, ManifestFetchError
+from core.errors import DownloadError, DownloadFailedError, ManifestFetchError, TgopsError
 
 if TYPE_CHECKING:
     from core.settings import UpdatesSettings
@@ -79,8 +79,10 @@ class RetryPolicy:
     ) -> _T:
         """``await operation()`` until it succeeds, at most ``attempts`` times.
 
-        A non-transient error is raised at once, unchanged. After the last failed attempt
-        ``DownloadFailedError(describe, attempts, last error)`` is raised.
+        Every definitive failure raises ``DownloadFailedError`` (the original error is its
+        ``last_cause`` and ``__cause__``): a non-transient ``TgopsError`` at once
+        (``exhausted=False``), transient errors after the last attempt (``exhausted=True``).
+        Any other exception (a bug) propagates unchanged at once.
         ``on_attempt_failed(attempt, error)`` is awaited after every failed attempt.
         """
         for attempt in range(1, self.attempts + 1):
@@ -99,7 +101,9 @@ class RetryPolicy:
                     )
                     if on_attempt_failed is not None:
                         await on_attempt_failed(attempt, exc)
-                    raise
+                    if not isinstance(exc, TgopsError):
+                        raise  # a bug, not a download failure: let it show as what it is
+                    raise DownloadFailedError(describe, attempt, exc, exhausted=False) from exc
                 last = attempt == self.attempts
                 log.warning(
                     "%s: attempt %d of %d failed: %s%s",

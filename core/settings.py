@@ -144,6 +144,8 @@ class SmtpSettings(_Section):
     use_tls: bool = False
     sender: str = "tgops@localhost"
     timeout: Duration = 30.0
+    ca_file: Path | None = None
+    """PEM file of the CA(s) that sign the SMTP server's certificate (default: system CAs)."""
 
     @model_validator(mode="after")
     def _tls(self) -> SmtpSettings:
@@ -157,12 +159,51 @@ class TwilioSettings(_Section):
     auth_token: SecretStr | None = None
     from_number: str | None = None
     api_url: str = "https://api.twilio.com"
+    timeout: Duration = 15.0
+    """Longest wait for one answer of Twilio's REST API."""
 
 
 class EscalationSettings(_Section):
     call_rounds: int = Field(default=3, ge=1, le=20)
     ack_wait: Duration = 120.0
     sms_fallback: bool = True
+
+
+class NotifySettings(_Section):
+    admin_emails: tuple[str, ...] = ()
+    """Addresses that get admin alerts: warning flag, update lock, failed run."""
+    users_list: str | None = None
+    """The users' mailing list: told when maintenance is scheduled and when it ends (L3)."""
+    announce_existing_hotfixes: bool = True
+    """First poll of a fresh store: announce the hotfixes already published (false: only
+    remember them, and announce only hotfixes published later)."""
+    retry_base: Duration = 30.0
+    """Wait after the first transient delivery failure; doubled after each further one."""
+    retry_max: Duration = 3600.0
+    """Longest wait between two delivery attempts."""
+    max_attempts: int = Field(default=12, ge=1, le=1000)
+    """Delivery attempts before a notification counts as failed for good."""
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+    """E-mails sent over one SMTP connection at most."""
+
+    @field_validator("admin_emails")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            _check_address(address)
+        return value
+
+    @field_validator("users_list")
+    @classmethod
+    def _list(cls, value: str | None) -> str | None:
+        return None if value is None else _check_address(value)
+
+
+def _check_address(value: str) -> str:
+    local, at, domain = value.partition("@")
+    if not at or not local or not domain or any(c.isspace() or c in "<>," for c in value):
+        raise ValueError(f"{value!r} is not an e-mail address (write user@example.org)")
+    return value
 
 
 class Contact(_Section):
@@ -243,6 +284,7 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = SmtpSettings()
     twilio: TwilioSettings = TwilioSettings()
     escalation: EscalationSettings = EscalationSettings()
+    notify: NotifySettings = NotifySettings()
     contacts: tuple[Contact, ...] = ()
     clusters: dict[str, ClusterSettings] = Field(default_factory=dict)
     nodes: tuple[NodeSettings, ...] = ()

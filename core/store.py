@@ -915,3 +915,253 @@ class Store:
     async def kv_delete(self, namespace: str, key: str) -> None:
         async with self.transaction() as conn:
             await conn.execute(delete(t.kv).where(t.kv.c.namespace == namespace, t.kv.c.key == key))
+
+    # -- notify: outbox delivery, hotfix announcements, escalations ------------------------
+
+    async def enqueue_many(self, items: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Queue several notifications in one transaction; returns the keys newly queued.
+
+        Each item has ``key``, ``channel``, ``recipient`` and optionally ``subject``,
+        ``payload`` and ``not_before``; keys already queued are left as they are.
+        """
+        if not items:
+            return []
+        now = utcnow()
+        keys = [str(item["key"]) for item in items]
+        rows = [
+            {
+                "key": str(item["key"]),
+                "channel": item["channel"],
+                "recipient": item["recipient"],
+                "subject": item.get("subject", ""),
+                "payload": dict(item.get("payload") or {}),
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": item.get("not_before") or now,
+                "created_at": now,
+            }
+            for item in items
+        ]
+        try:
+            async with self.transaction() as conn:
+                have: set[str] = set()
+                for start in range(0, len(keys), 500):
+                    chunk = keys[start : start + 500]
+                    have.update(
+                        r.key
+                        for r in await conn.execute(
+                            select(t.outbox.c.key).where(t.outbox.c.key.in_(chunk))
+                        )
+                    )
+                fresh: dict[str, dict[str, Any]] = {}
+                for row in rows:
+                    if row["key"] not in have:
+                        fresh.setdefault(row["key"], row)
+                if fresh:
+                    await conn.execute(insert(t.outbox), list(fresh.values()))
+                return list(fresh)
+        except IntegrityError:
+            # another instance queued some of them meanwhile: one at a time
+            return [
+                str(item["key"])
+                for item in items
+                if await self.enqueue(
+                    key=str(item["key"]),
+                    channel=item["channel"],
+                    recipient=item["recipient"],
+                    subject=item.get("subject", ""),
+                    payload=item.get("payload"),
+                    not_before=item.get("not_before"),
+                )
+            ]
+
+    async def claim_outbox(
+        self, *, channel: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutboxRecord]:
+        """Take due notifications of a channel for delivery (status ``sending``).
+
+        Due are pending ones whose time has come and ``sending`` ones whose lease ran out
+        (their sender died). Until ``lease_until`` no one else takes them.
+        """
+        due = (
+            t.outbox.c.channel == channel,
+            t.outbox.c.status.in_(("pending", "sending")),
+            t.outbox.c.next_attempt_at <= now,
+        )
+        async with self.transaction() as conn:
+            ids = [
+                r.id
+                for r in await conn.execute(
+                    select(t.outbox.c.id)
+                    .where(*due)
+                    .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ]
+            if not ids:
+                return []
+            await conn.execute(
+                update(t.outbox)
+                .where(t.outbox.c.id.in_(ids), *due)
+                .values(status="sending", next_attempt_at=lease_until)
+            )
+            rows = (
+                await conn.execute(
+                    select(t.outbox)
+                    .where(t.outbox.c.id.in_(ids), t.outbox.c.next_attempt_at == lease_until)
+                    .order_by(t.outbox.c.id)
+                )
+            ).all()
+        return [_record(OutboxRecord, r) for r in rows]
+
+    async def next_outbox_due(self, *, channel: str) -> datetime | None:
+        """When the next pending (or leased) notification of a channel is due."""
+        async with self.engine.connect() as conn:
+            value = (
+                await conn.execute(
+                    select(func.min(t.outbox.c.next_attempt_at)).where(
+                        t.outbox.c.channel == channel,
+                        t.outbox.c.status.in_(("pending", "sending")),
+                    )
+                )
+            ).scalar_one_or_none()
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+    async def outbox_item(self, key: str) -> OutboxRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(t.outbox).where(t.outbox.c.key == key))).first()
+        return None if row is None else _record(OutboxRecord, row)
+
+    async def settle_outbox(
+        self,
+        results: Sequence[Mapping[str, Any]],
+        audits: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """Record delivery outcomes and their audit records in one transaction.
+
+        Each result has ``id``, ``status`` (pending, sent, failed), optional ``error``,
+        ``retry_at`` (next attempt), and ``attempted`` (default true: counts an attempt).
+        Each audit record has the arguments of ``audit``.
+        """
+        now = utcnow()
+        async with self.transaction() as conn:
+            for result in results:
+                values: dict[str, Any] = {
+                    "status": result["status"],
+                    "last_error": result.get("error"),
+                }
+                if result.get("attempted", True):
+                    values["attempts"] = t.outbox.c.attempts + 1
+                if result["status"] == "sent":
+                    values["sent_at"] = now
+                if result.get("retry_at") is not None:
+                    values["next_attempt_at"] = result["retry_at"]
+                await conn.execute(
+                    update(t.outbox).where(t.outbox.c.id == result["id"]).values(**values)
+                )
+            if audits:
+                await conn.execute(
+                    insert(t.audit),
+                    [
+                        {
+                            "at": now,
+                            "actor": a["actor"],
+                            "source": a["source"],
+                            "action": a["action"],
+                            "target": a.get("target"),
+                            "detail": a.get("detail", ""),
+                            "run_id": a.get("run_id"),
+                        }
+                        for a in audits
+                    ],
+                )
+
+    async def cancel_outbox(self, key: str, *, reason: str) -> bool:
+        """Fail a notification that is still waiting (not being sent); ``False`` otherwise."""
+        async with self.transaction() as conn:
+            result = await conn.execute(
+                update(t.outbox)
+                .where(t.outbox.c.key == key, t.outbox.c.status == "pending")
+                .values(status="failed", last_error=reason)
+            )
+        return bool(result.rowcount)
+
+    async def announced(self, hotfix_ids: Sequence[str]) -> set[str]:
+        """Which of these hotfixes were announced before."""
+        if not hotfix_ids:
+            return set()
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(t.announced_hotfixes.c.hotfix_id).where(
+                    t.announced_hotfixes.c.hotfix_id.in_(list(hotfix_ids))
+                )
+            )
+            return {r.hotfix_id for r in rows}
+
+    async def create_escalation(self, hotfix_id: str) -> bool:
+        """Start the escalation of a hotfix (status running); ``False`` when it exists."""
+        now = utcnow()
+        try:
+            async with self.transaction() as conn:
+                await conn.execute(
+                    insert(t.escalations).values(
+                        hotfix_id=hotfix_id,
+                        status="running",
+                        round=0,
+                        position=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    async def escalation(self, hotfix_id: str) -> dict[str, Any] | None:
+        """The escalation row of a hotfix as a mapping of its columns, or None."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(t.escalations).where(t.escalations.c.hotfix_id == hotfix_id)
+                )
+            ).first()
+        return None if row is None else dict(row._mapping)
+
+    async def escalations(self, *, statuses: Sequence[str]) -> list[dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(t.escalations)
+                    .where(t.escalations.c.status.in_(list(statuses)))
+                    .order_by(t.escalations.c.id)
+                )
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    async def update_escalation(
+        self, hotfix_id: str, *, expect: Mapping[str, Any], values: Mapping[str, Any]
+    ) -> bool:
+        """Change an escalation only while its columns still hold ``expect`` (compare and
+        set); ``False`` when someone changed it first."""
+        allowed = {"status", "round", "position", "call_sid", "acknowledged_by", "acknowledged_at"}
+        unknown = (set(expect) | set(values)) - allowed
+        if unknown:
+            raise ValueError(f"not an escalation column: {', '.join(sorted(unknown))}")
+        conditions = [t.escalations.c.hotfix_id == hotfix_id]
+        for column, value in expect.items():
+            col = t.escalations.c[column]
+            if isinstance(value, list | tuple | set | frozenset):
+                conditions.append(col.in_(list(value)))
+            elif value is None:
+                conditions.append(col.is_(None))
+            else:
+                conditions.append(col == value)
+        async with self.transaction() as conn:
+            result = await conn.execute(
+                update(t.escalations).where(*conditions).values(**dict(values), updated_at=utcnow())
+            )
+        return bool(result.rowcount)

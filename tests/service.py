@@ -41,6 +41,7 @@ def fleet_toml(
     repository_url: str = "http://127.0.0.1:9/",
     public_key: str | None = None,
     sections: Mapping[str, Mapping[str, Any]] | None = None,
+    updates: Mapping[str, Any] | None = None,
 ) -> str:
     """A configuration with a sandbox cluster ``c1`` of ``tgN`` nodes and ``soloN`` singles."""
     lines = [
@@ -60,14 +61,18 @@ def fleet_toml(
         'roles = ["maint"]',
         "[updates]",
         f'repository_url = "{repository_url}"',
-        f'cache_dir = "{root}/cache"',
-        'retry_delay = "0s"',
-        "download_attempts = 2",
-        'connect_timeout = "2s"',
-        'read_timeout = "2s"',
     ]
+    tuned = {
+        "cache_dir": f"{root}/cache",
+        "retry_delay": "0s",
+        "download_attempts": 2,
+        "connect_timeout": "2s",
+        "read_timeout": "2s",
+        **(updates or {}),
+    }
     if public_key is not None:
         lines.append(f'public_key = "{public_key}"')
+    lines.extend(f"{k} = {_toml_value(v)}" for k, v in tuned.items())
     for section, values in (sections or {}).items():
         lines.append(f"[{section}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())

@@ -167,7 +167,8 @@ async def test_kill_during_download_resumes_the_run(tmp_path: Path) -> None:
         server.release()
         async with service_process(config, tmp_path):
             solo = await wait_for(session, port, "solo1", lambda n: n["run"] is None)
-            assert solo["installed"] == {"tg-base": "1.0"}
+            log = (await api(session, port, "log solo1 30"))["text"]
+            assert solo["installed"] == {"tg-base": "1.0"}, log
             assert solo["update_lock"] is None
             log = (await api(session, port, "log solo1 30"))["text"]
             assert f"run resumed solo1 run #{run_id}" in log

@@ -1,0 +1,314 @@
+"""The time-controlled lifecycle (L4, L5) end to end, with durations of seconds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from bot.service import Service
+from core import events as ev
+from core.clock import ManualClock
+from core.model import SYSTEM, PackageKind
+from tests.events import Recorder
+from tests.repo_server import RepoServer, serve_repo
+from tests.repository import Repo
+from tests.service import VIEWER_TOKEN, Api, running, settings_for
+
+BERLIN = ZoneInfo("Europe/Berlin")
+TIMINGS = {
+    "maintenance": {"notice_lead": "4s", "reminder_interval": "0.5s", "lb_drain_lead": "1s"},
+}
+UPDATES = {"download_lead": "2s", "update_grace": "30s"}
+
+
+@dataclass
+class Fleet:
+    root: Path
+    repo: Repo
+    server: RepoServer
+    service: Service
+    api: Api
+    events: Recorder
+
+    def node(self, name: str) -> Path:
+        path = self.root / "nodes" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def state(self, name: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.node(name) / "state.json").read_text())
+        return data
+
+    def messages(self, name: str) -> list[str]:
+        path = self.node(name) / "messages.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def login(self, name: str, *users: str) -> None:
+        (self.node(name) / "sessions.json").write_text(json.dumps([{"user": u} for u in users]))
+
+    async def node_status(self, name: str) -> dict[str, Any]:
+        status = await self.api.status()
+        return next(n for n in status["nodes"] if n["name"] == name)
+
+    async def finished(self, node: str, within: float = 40.0) -> ev.RunFinished:
+        event = await self.events.wait_for(
+            lambda e: (
+                isinstance(e, ev.RunFinished) and e.node == node and e.kind.startswith("scheduled-")
+            ),
+            within,
+        )
+        assert isinstance(event, ev.RunFinished)
+        return event
+
+
+def soon(seconds: float) -> str:
+    """A wall time ``seconds`` from now in Berlin, as HH:MM:SS."""
+    return (datetime.now(BERLIN) + timedelta(seconds=seconds)).strftime("%H:%M:%S")
+
+
+@asynccontextmanager
+async def fleet(tmp_path: Path, **kwargs: Any) -> AsyncIterator[Fleet]:
+    repo = Repo(tmp_path)
+    repo.add("tg-base", "1.0")
+    async with serve_repo(repo.root) as server:
+        settings = settings_for(
+            tmp_path,
+            repository_url=server.url,
+            public_key=repo.public_key,
+            sections=TIMINGS,
+            updates={**UPDATES, **kwargs.pop("updates", {})},
+            **kwargs,
+        )
+        async with running(settings) as (service, api):
+            yield Fleet(
+                root=tmp_path,
+                repo=repo,
+                server=server,
+                service=service,
+                api=api,
+                events=Recorder(service.bus),
+            )
+
+
+async def test_scheduled_update_of_a_cluster_and_a_single_system(tmp_path: Path) -> None:
+    async with fleet(tmp_path, cluster_nodes=2, max_parallel=1) as f:
+        f.repo.add("tg-kernel", "6.1", kind=PackageKind.CORE)
+        f.login("tg1", "alice")
+        f.login("solo1", "bob")
+        at = soon(4)
+        for target in ("c1", "solo1"):
+            reply = await f.api.command(f"schedule update {target} on daily {at}")
+            assert reply["ok"], reply["text"]
+        listing = (await f.api.command("schedule"))["text"]
+        assert f"tg1: update on daily {at}" in listing and f"solo1: update on daily {at}" in listing
+        plan = (await f.api.command("plan"))["text"]
+        assert "tg1: takes a slot of c1, leaves load balancing" in plan
+        assert "tg2: waits for a slot of c1" in plan
+        assert "solo1: logon disabled, sessions ended, install" in plan
+
+        for node in ("tg1", "tg2", "solo1"):
+            event = await f.finished(node)
+            assert event.outcome == "succeeded", (node, event.message)
+        for node in ("tg1", "tg2", "solo1"):
+            status = await f.node_status(node)
+            assert status["installed"] == {"tg-base": "1.0", "tg-kernel": "6.1"}, node
+            assert status["maintenance"] is None, node
+            assert status["logon"] == "enabled", node
+            assert status["restart_required"] is False, node  # rebooted by the run
+            assert f.state(node)["last_reboot"] is not None
+        assert (await f.node_status("tg1"))["lb"] == "in"
+        notices = [m for m in f.messages("tg1") if "Maintenance of tg1" in m]
+        assert notices and "Scheduled update" in notices[0]
+        assert any("update of tg1 starts now" in m for m in f.messages("tg1"))
+        assert json.loads((f.node("tg1") / "sessions.json").read_text()) == []
+        assert json.loads((f.node("solo1") / "sessions.json").read_text()) == []
+        log = (await f.api.command("log solo1 60"))["text"]
+        assert "scheduler (scheduler) logon solo1: logon disabled" in log
+        assert "logon solo1: logon enabled" in log
+        assert "maintenance ended solo1: scheduled update done" in log
+        # the cluster's nodes took turns: never two out of load balancing at once
+        steps1 = {
+            s.name: s
+            for s in await f.service.store.steps(
+                (await f.service.store.runs(node="tg1", limit=1))[0].id
+            )
+        }
+        steps2 = {
+            s.name: s
+            for s in await f.service.store.steps(
+                (await f.service.store.runs(node="tg2", limit=1))[0].id
+            )
+        }
+        out1 = (steps1["drain"].started_at, steps1["release"].finished_at)
+        out2 = (steps2["drain"].started_at, steps2["release"].finished_at)
+        assert out1[1] is not None and out2[1] is not None
+        first, second = sorted([out1, out2])
+        assert first[1] is not None and second[0] >= first[1]
+
+
+async def test_no_updates_is_logged_and_nothing_happens(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        reply = await f.api.command("auto-update solo1")
+        ids = [int(w.strip("#,.")) for w in reply["text"].split() if w.startswith("#")]
+        await f.service.lifecycle.wait(ids)
+        assert (await f.api.command(f"schedule update solo1 on daily {soon(3)}"))["ok"]
+        event = await f.finished("solo1")
+        assert event.outcome == "skipped" and event.message == "no updates"
+        assert (await f.node_status("solo1"))["maintenance"] is None
+        assert "no updates solo1" in (await f.api.command("log solo1 20"))["text"]
+        assert not [m for m in f.messages("solo1") if "Maintenance" in m]
+
+
+async def test_download_failing_twice_locks_and_switches_schedules_off(tmp_path: Path) -> None:
+    async with fleet(tmp_path, updates={"download_attempts": 3, "retry_delay": "0.1s"}) as f:
+        f.server.fail_next(10_000, status=503)
+        at = soon(4)
+        assert (await f.api.command(f"schedule update tg1 on daily {at}"))["ok"]
+        assert (await f.api.command(f"schedule update solo1 on daily {at}"))["ok"]
+        assert (await f.api.command("schedule download tg1 on daily 01:00 until 03:00"))["ok"]
+        flagged = await f.events.wait_for(
+            lambda e: isinstance(e, ev.WarningFlagSet) and e.node == "tg1"
+        )
+        assert isinstance(flagged, ev.WarningFlagSet)
+        for node in ("tg1", "solo1"):
+            event = await f.finished(node)
+            assert event.outcome == "failed", node
+        tg1 = await f.node_status("tg1")
+        assert tg1["warning_flag"] is not None
+        assert tg1["update_lock"] is not None
+        assert "scheduled download failed twice" in tg1["update_lock"]["reason"]
+        assert "schedules switched off (download, update)" in tg1["update_lock"]["reason"]
+        assert tg1["schedules"] == {"download": None, "update": None}
+        assert tg1["maintenance"] is not None  # a cluster node stays in maintenance
+        assert tg1["lb"] == "in"  # it never left load balancing
+        solo = await f.node_status("solo1")
+        assert solo["update_lock"] is not None and solo["maintenance"] is None
+        assert solo["logon"] == "enabled"
+        # each batch made download_attempts attempts at the manifest
+        assert f.server.requests["channels/stable.json"] >= 2 * 3 * 2
+        text = (await f.api.command("status"))["text"]
+        assert "!! Update download error: tg1, solo1" in text
+        assert "!! Update lock set: tg1, solo1" in text
+        # only a maint admin ends the cluster node's maintenance
+        refused = await f.api.command("maintenance cancel tg1", VIEWER_TOKEN)
+        assert refused["ok"] is False and "needs role maint" in refused["text"]
+        assert (await f.api.command("maintenance cancel tg1"))["ok"]
+
+
+async def test_lock_at_update_time_skips_the_run(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        assert (await f.api.command(f"schedule update solo1 on daily {soon(4)}"))["ok"]
+        await f.events.wait_for(
+            lambda e: isinstance(e, ev.MaintenanceScheduled) and e.node == "solo1"
+        )
+        await f.service.lifecycle.set_lock("solo1", "checked by hand", SYSTEM)
+        event = await f.finished("solo1")
+        assert event.outcome == "skipped"
+        assert "the update lock is in place (checked by hand)" in event.message
+        status = await f.node_status("solo1")
+        assert status["installed"] == {} and status["maintenance"] is None
+        assert status["logon"] == "enabled"
+
+
+async def test_restart_between_download_and_update(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    repo.add("tg-base", "1.0")
+    async with serve_repo(repo.root) as server:
+        settings = settings_for(
+            tmp_path,
+            repository_url=server.url,
+            public_key=repo.public_key,
+            sections=TIMINGS,
+            updates={**UPDATES, "download_lead": "3s"},
+        )
+        async with running(settings) as (service, api):
+            events = Recorder(service.bus)
+            assert (await api.command(f"schedule update solo1 on daily {soon(5)}"))["ok"]
+            await events.wait_for(
+                lambda e: isinstance(e, ev.RunProgress) and e.node == "solo1" and e.step == "logon"
+            )
+        async with running(settings) as (service, api):
+            events = Recorder(service.bus)
+            done = await events.wait_for(
+                lambda e: isinstance(e, ev.RunFinished) and e.node == "solo1"
+            )
+            assert isinstance(done, ev.RunFinished) and done.outcome == "succeeded"
+            status = await api.status()
+            solo = next(n for n in status["nodes"] if n["name"] == "solo1")
+            assert solo["installed"] == {"tg-base": "1.0"} and solo["maintenance"] is None
+            log = (await api.command("log solo1 40"))["text"]
+            assert "run resumed solo1" in log
+
+
+async def test_scheduled_download_stops_at_its_end_time(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        f.server.stall(30.0)
+        start = datetime.now(BERLIN) + timedelta(seconds=2)
+        end = start + timedelta(seconds=2)
+        reply = await f.api.command(
+            f"schedule download tg1 on daily {start:%H:%M:%S} until {end:%H:%M:%S}"
+        )
+        assert reply["ok"], reply["text"]
+        event = await f.finished("tg1")
+        assert event.outcome == "cancelled"
+        assert "stopped at the end time" in event.message and "partial files are kept" in (
+            event.message
+        )
+
+
+async def test_missed_and_late_updates_after_downtime(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    repo.add("tg-base", "1.0")
+    # far from the real date, so that no real timer fires during the test
+    clock = ManualClock(datetime(2030, 1, 7, 12, 0, tzinfo=UTC))
+    async with serve_repo(repo.root) as server:
+        settings = settings_for(
+            tmp_path,
+            repository_url=server.url,
+            public_key=repo.public_key,
+            sections=TIMINGS,
+            updates={"update_grace": "10m"},
+        )
+        async with Service(settings, clock=clock) as service:
+            for node in ("tg1", "solo1"):
+                reply = await service.commands.execute(
+                    f"schedule update {node} on daily 03:00", SYSTEM
+                )
+                assert reply.ok, reply.text
+        # down for two days, back 5 minutes after 03:00 Berlin (02:00 UTC): within grace
+        await clock.set(datetime(2030, 1, 9, 2, 5, tzinfo=UTC))
+        async with Service(settings, clock=clock) as service:
+            log = (await service.commands.execute("log 30", SYSTEM)).text
+            assert "scheduled update missed" not in log
+            started = [
+                r for r in await service.store.runs(limit=10) if r.kind == "scheduled-update"
+            ]
+            assert {r.node for r in started} == {"tg1", "solo1"}
+            await service.lifecycle.wait([r.id for r in started])
+            solo = await service.store.node("solo1")
+            assert solo is not None and solo.installed == {"tg-base": "1.0"}
+        # down again, back an hour after the update time: beyond grace, skipped and logged
+        await clock.set(datetime(2030, 1, 11, 3, 0, tzinfo=UTC))
+        async with Service(settings, clock=clock) as service:
+            log = (await service.commands.execute("log solo1 30", SYSTEM)).text
+            assert "scheduled update missed solo1: the update at 2030-01-11 03:00 passed" in log
+
+
+async def test_dst_change_in_listing_and_plan(tmp_path: Path) -> None:
+    clock = ManualClock(datetime(2031, 3, 29, 12, 0, tzinfo=UTC))
+    settings = settings_for(tmp_path)
+    async with Service(settings, clock=clock) as service:
+        reply = await service.commands.execute("schedule update solo1 on daily 02:30", SYSTEM)
+        assert reply.ok, reply.text
+        # 30 March 2031: the clocks skip 02:00-03:00, so 02:30 happens at 03:30
+        assert "solo1: update on daily 02:30 — next 2031-03-30 03:30" in reply.text
+        await clock.set(datetime(2031, 10, 25, 12, 0, tzinfo=UTC))
+        listing = await service.scheduler.listing()
+        # 26 October 2031: 02:30 happens twice; it runs once, at the first (summer time)
+        assert "next 2031-10-26 02:30 (download from 2031-10-26 01:30)" in listing
