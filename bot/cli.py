@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
 import logging
+import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from core import __version__
 from core.errors import ConfigError, TgopsError
 from core.settings import Settings, load_settings, masked
+
+if TYPE_CHECKING:
+    from core.nagios import Range
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -58,12 +66,151 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     check = config_sub.add_parser("check", help="validate and print the resolved configuration")
     _add_config(check)
+    _add_check_versions(sub)
     return parser
+
+
+def _range(text: str) -> Range:
+    from core.nagios import Range, RangeError  # noqa: PLC0415  (only check-versions needs it)
+
+    try:
+        return Range.parse(text)
+    except RangeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 3600")
+    return value
+
+
+def _add_check_versions(sub: Any) -> None:
+    nagios = sub.add_parser(
+        "check-versions",
+        help="Nagios plugin: the fleet's update state, read from the store",
+        description="Nagios plugin: the update state of the fleet (or of one node), read "
+        "from the store alone; the service may be down, nodes are not contacted.",
+        epilog='Exit codes: 0 OK, 1 WARNING (warning flag "Update download failed", '
+        "restart required, -w), 2 CRITICAL (update lock, -c), 3 UNKNOWN (store unreadable, "
+        "timeout, bad arguments). Ranges follow the monitoring-plugins guidelines: N alerts "
+        "above N, N: below N, M:N outside M..N, @M:N inside M..N.",
+    )
+    _add_config(nagios)
+    nagios.add_argument(
+        "--node", metavar="N", default=None, help="check this node (or cluster) only"
+    )
+    nagios.add_argument(
+        "-t",
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="give up with UNKNOWN after this long (default 10)",
+    )
+    nagios.add_argument(
+        "-w",
+        "--warning",
+        type=_range,
+        default=None,
+        metavar="PENDING",
+        help="WARNING when the number of pending updates is outside this range",
+    )
+    nagios.add_argument(
+        "-c",
+        "--critical",
+        type=_range,
+        default=None,
+        metavar="PENDING",
+        help="CRITICAL when the number of pending updates is outside this range",
+    )
+    nagios.add_argument(
+        "-V", "--version", action="version", version=f"tgops check-versions {__version__}"
+    )
+
+
+def _is_check(argv: Sequence[str]) -> bool:
+    """Whether the command line asks for check-versions (its first word that is no option)."""
+    return next((a for a in argv if not a.startswith("-")), None) == "check-versions"
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
+    """Parsed arguments; for check-versions a usage error is UNKNOWN (3), as plugins do."""
+    if not _is_check(argv):
+        return parser.parse_args(argv)
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            return parser.parse_args(argv)
+    except SystemExit as exc:
+        captured = errors.getvalue()
+        sys.stderr.write(captured)
+        if exc.code in {0, None}:
+            raise
+        from core.nagios import PREFIX, State  # noqa: PLC0415  (only check-versions needs it)
+
+        lines = captured.strip().splitlines()
+        reason = lines[-1] if lines else "invalid arguments"
+        print(f"{PREFIX} UNKNOWN - {reason} (see `tgops check-versions -h`)")
+        return int(State.UNKNOWN)
+
+
+def _check_versions(args: argparse.Namespace) -> int:
+    """`tgops check-versions`: print the plugin output, return its state as exit code."""
+    # imported here: the check's modules are not needed by the other commands
+    from core.nagios import (  # noqa: PLC0415
+        DEFAULT_TIMEOUT,
+        PREFIX,
+        State,
+        check_versions,
+        unknown,
+    )
+
+    limit: float = args.timeout or DEFAULT_TIMEOUT
+
+    def give_up(_signum: int, _frame: object) -> None:
+        # backstop when the event loop itself is stuck: the plugin must still answer
+        sys.stdout.write(f"{PREFIX} UNKNOWN - no answer within {limit:g}s (-t)\n")
+        sys.stdout.flush()
+        os._exit(int(State.UNKNOWN))
+
+    signal.signal(signal.SIGALRM, give_up)
+    signal.setitimer(signal.ITIMER_REAL, limit + 2)
+    try:
+        try:
+            settings = _settings(args.config)
+        except ConfigError as exc:
+            problems = (p.removeprefix("config: ") for p in exc.problems)
+            result = unknown("config: " + "; ".join(problems))
+        else:
+            result = asyncio.run(
+                check_versions(
+                    settings,
+                    target=args.node,
+                    warning=args.warning,
+                    critical=args.critical,
+                    limit=limit,
+                )
+            )
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    sys.stdout.write(result.output())
+    return int(result.state)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    parsed = _parse(parser, list(sys.argv[1:] if argv is None else argv))
+    if isinstance(parsed, int):
+        return parsed
+    args = parsed
+    if args.command == "check-versions":
+        logging.basicConfig(level=logging.WARNING, format="tgops: %(message)s")
+        return _check_versions(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

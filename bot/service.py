@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 from contextlib import AsyncExitStack
@@ -14,8 +15,10 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from bot.calendar_feed import MaintenanceFeed
 from bot.commands import CommandService
 from bot.http import build_app
+from bot.metrics import ServiceMetrics
 from bot.slack import slack_bot
 from core.clock import SystemClock
 from core.download import Downloader
@@ -24,6 +27,8 @@ from core.engine import Engine
 from core.errors import ConfigError
 from core.events import LocalEventBus
 from core.interfaces import Clock, NodeDriver
+from core.background import background
+from core.leader import PostgresElection, election_for
 from core.lifecycle import Lifecycle
 from core.maintenance import Maintenance
 from core.manifest import load_public_key
@@ -46,7 +51,7 @@ class Service:
     def __init__(self, settings: Settings, *, clock: Clock | None = None) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.instance = f"{socket.gethostname()}:{os.getpid()}"
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self._stack = AsyncExitStack()
         self.port: int | None = None
 
@@ -63,6 +68,15 @@ class Service:
     async def _start(self, stack: AsyncExitStack) -> None:
         settings = self.settings
         self.store = await stack.enter_async_context(Store(settings.database_url))
+        self.election = await stack.enter_async_context(
+            election_for(
+                settings.database_url,
+                self.instance,
+                self.store,
+                interval=settings.leader.takeover / 4,
+            )
+        )
+        self._duties: AsyncExitStack | None = None
         self.bus = await stack.enter_async_context(LocalEventBus())
         drivers: dict[str, NodeDriver] = {}
         for node in settings.nodes:
@@ -78,16 +92,19 @@ class Service:
             clock=self.clock,
         )
         await self.engine.start()
+        self.metrics = ServiceMetrics(engine=self.engine, instance=self.instance)
         self.repository = await self._repository(stack)
         self.lifecycle = await stack.enter_async_context(
             Lifecycle(
                 engine=self.engine,
                 repository=self.repository,
-                retry=RetryPolicy.from_settings(settings.updates),
+                retry=RetryPolicy.from_settings(
+                    settings.updates, on_attempt=self.metrics.download_attempt
+                ),
                 owner=self.instance,
             )
         )
-        self.maintenance = await stack.enter_async_context(Maintenance(self.engine))
+        self.maintenance = Maintenance(self.engine)
         self.lifecycle.scheduled = ScheduledRuns(self.lifecycle, self.maintenance)
         self.scheduler = Scheduler(self.engine, self.lifecycle.scheduled)
         self.commands = CommandService(
@@ -98,8 +115,16 @@ class Service:
         )
         # Adapters subscribe to the event bus here, before any run resumes, so that they see
         # everything (notify: e-mail, phone, outbox; bot: Slack).
+        self.metrics.subscribe(self.bus)
+        self.bus.subscribe("manifests", lambda _event: self.engine.save_manifests())
         self.notifier = await stack.enter_async_context(
-            Notifier(settings=settings, store=self.store, bus=self.bus, repository=self.repository)
+            Notifier(
+                settings=settings,
+                store=self.store,
+                bus=self.bus,
+                repository=self.repository,
+                leader=lambda: self.election.is_leader,
+            )
         )
         self.slack = await stack.enter_async_context(
             slack_bot(settings, engine=self.engine, commands=self.commands, bus=self.bus)
@@ -109,12 +134,16 @@ class Service:
             settings=settings, engine=self.engine, commands=self.commands, health=self._health
         )
         # Adapters add their HTTP routes to ``app`` here (Slack events, Twilio webhooks).
+        self.metrics.add_routes(app)  # GET /metrics
+        MaintenanceFeed(self.engine, self.scheduler).add_routes(app)  # GET /maintenance.ics
         self.notifier.add_routes(app)
         if self.slack is not None:
             self.slack.routes(app)  # POST /slack/events
 
-        await self.lifecycle.recover()
-        await stack.enter_async_context(self.scheduler)
+        self.election.on_elected = self._lead
+        self.election.on_demoted = self._step_down
+        self.election.on_disconnected = self.lifecycle.interrupt_all
+        await self.election.start()
 
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
@@ -150,8 +179,36 @@ class Service:
         downloader = await stack.enter_async_context(Downloader.from_settings(updates))
         return HttpRepository(updates.repository_url, key, downloader)
 
+    async def _lead(self) -> None:
+        """This instance became the leader: recover orphaned runs, start the timers."""
+        duties = AsyncExitStack()
+        await duties.__aenter__()
+        self._duties = duties
+        several = isinstance(self.election, PostgresElection)
+        await self.lifecycle.recover(self.election.alive if several else None)
+        if several:
+            await duties.enter_async_context(background("orphaned-runs", self._adopt_orphans))
+        await duties.enter_async_context(self.maintenance.reminders())
+        await duties.enter_async_context(self.scheduler)
+
+    async def _adopt_orphans(self) -> None:
+        """Runs of an instance that died are resumed here (once: only the leader does it)."""
+        while True:
+            await asyncio.sleep(self.settings.leader.takeover / 4)
+            await self.lifecycle.recover(self.election.alive)
+
+    async def _step_down(self) -> None:
+        duties, self._duties = self._duties, None
+        if duties is not None:
+            await duties.aclose()
+
     async def _health(self) -> dict[str, Any]:
-        return {"instance": self.instance, "nodes": len(self.settings.nodes)}
+        return {
+            "instance": self.instance,
+            "leader": await self.election.leader(),
+            "is_leader": self.election.is_leader,
+            "nodes": len(self.settings.nodes),
+        }
 
     async def __aexit__(
         self,

@@ -5,6 +5,10 @@ Files live in ``cache_dir`` under their SHA-256. ``<sha256>.deb`` is complete an
 transfer and ``<sha256>.etag`` its validator; both are kept across attempts and restarts so
 that the next attempt resumes with ``Range`` and ``If-Range``. A file wanted by several
 callers at once is transferred once; at most ``max_parallel`` transfers run at a time.
+
+The body is streamed (bounded memory): the event loop only receives, while worker threads
+hash, write and flush (``_PartialFile``), so SHA-256 costs no throughput where a second
+core is free (bench/RESULTS.md, "Download (issue 3)"). ``file://`` URLs work too.
 """
 
 from __future__ import annotations

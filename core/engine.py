@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 REFRESH_TIMEOUT = 10.0
 REFRESH_PARALLEL = 32
+MANIFESTS_KV = "manifests"
+"""kv namespace: channel → the last verified manifest (``Engine.save_manifests``)."""
 
 
 class UnknownTargetError(TgopsError):
@@ -56,10 +58,39 @@ class Engine:
         self.cluster_of = {n.name: n.cluster for n in settings.nodes}
         self._refresh_gate = asyncio.Semaphore(REFRESH_PARALLEL)
         self.manifests: dict[str, Manifest] = {}
+        self._unsaved_manifests: dict[str, Manifest] = {}
 
     def remember_manifest(self, manifest: Manifest) -> None:
-        """The newest verified manifest of a channel, for status and hotfix listings."""
+        """The newest verified manifest of a channel, for status and hotfix listings.
+
+        ``save_manifests`` persists it (kv ``manifests``) for readers of the store that
+        cannot fetch it themselves, such as ``tgops check-versions``.
+        """
         self.manifests[manifest.channel] = manifest
+        self._unsaved_manifests[manifest.channel] = manifest
+
+    async def save_manifests(self) -> None:
+        """Persist the manifests remembered since the last call (a no-op when none were).
+
+        kv namespace ``manifests``, key = channel, value ``{"saved_at", "manifest"}``. The
+        service calls this from an event-bus subscriber, so a fetched manifest reaches the
+        store with the next domain event (every run publishes several).
+        """
+        while self._unsaved_manifests:
+            channel, manifest = self._unsaved_manifests.popitem()
+            try:
+                await self.store.kv_set(
+                    MANIFESTS_KV,
+                    channel,
+                    {
+                        "saved_at": self.clock.now().isoformat(),
+                        "manifest": manifest.model_dump(mode="json"),
+                    },
+                )
+            except BaseException:
+                # keep it for the next call, unless a newer one arrived meanwhile
+                self._unsaved_manifests.setdefault(channel, manifest)
+                raise
 
     async def start(self) -> None:
         """Register the configured nodes in the store and read their state once."""
@@ -93,6 +124,8 @@ class Engine:
             record = await self.store.node(name)
             assert record is not None
             return record
+        before = await self.store.node(name)
+        assert before is not None
         async with self._refresh_gate:
             try:
                 async with asyncio.timeout(REFRESH_TIMEOUT):
@@ -103,8 +136,10 @@ class Engine:
                 return await self.store.update_node(
                     name, reachable=False, last_error=cause, observed_at=self.clock.now()
                 )
+        # a run may have changed the row while the driver answered: its write wins
         return await self.store.update_node(
             name,
+            expect_version=before.version,
             installed=dict(state.installed),
             staged=dict(state.staged),
             sessions=len(state.sessions),

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -27,7 +28,7 @@ from core.manifest import Manifest, PackageEntry
 from core.model import Actor, PackageKind, StagedPackage
 from core.pending import catch_up, pending_packages
 from core.retry import RetryPolicy
-from core.runs import Flow, RunCancelledError, RunContext, execute
+from core.runs import Flow, RunCancelledError, RunContext, RunSkippedError, execute
 from core.slots import SlotGate
 from core.store import NodeBusyError, NodeRecord, RunRecord
 
@@ -129,6 +130,13 @@ class Lifecycle:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def interrupt_all(self) -> None:
+        """Stop every run of this instance at once (the store keeps them for recovery)."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def wait(self, run_ids: Sequence[int], limit: float = 60.0) -> list[RunRecord]:
         """Wait until these runs end (for the CLI, the demo and tests)."""
@@ -567,7 +575,9 @@ class Lifecycle:
     def _cluster(self, ctx: RunContext) -> str | None:
         return self.engine.cluster_of[ctx.node]
 
-    async def step_slot(self, ctx: RunContext) -> None:
+    async def step_slot(self, ctx: RunContext, *, deadline: datetime | None = None) -> None:
+        """Take a slot of the node's cluster (L12), waiting in order; a stopped rollout or
+        the ``deadline`` ends the wait (the run is cancelled or skipped, nothing touched)."""
         cluster = self._cluster(ctx)
         if cluster is None:
             return
@@ -577,6 +587,12 @@ class Lifecycle:
             if rollout is not None and rollout.failed is not None:
                 raise RunCancelledError(
                     f"rollout stopped: {rollout.failed}; {ctx.node} was not touched"
+                )
+            if deadline is not None and self.engine.clock.now() > deadline:
+                holders = ", ".join(s.node for s in await self.store.slots(cluster))
+                raise RunSkippedError(
+                    f"no slot of cluster {cluster} became free in time (held by {holders}); "
+                    f"{ctx.node} was not touched"
                 )
 
         limit = self.engine.settings.clusters[cluster].max_parallel_updates
@@ -710,10 +726,21 @@ class Lifecycle:
 
     # -- crash safety (L15) --------------------------------------------------------------
 
-    async def recover(self) -> list[str]:
-        """Resume or end every run a previous controller left unfinished."""
+    async def recover(
+        self, alive: Callable[[str | None], Awaitable[bool]] | None = None
+    ) -> list[str]:
+        """Resume or end every run a controller that is gone left unfinished.
+
+        ``alive(owner)`` tells whether a run's owner still runs it (several instances on
+        one PostgreSQL); without it every run not running here is taken over.
+        """
         notes = []
         for run in reversed(await self.store.runs(statuses=("queued", "running"), limit=10_000)):
+            if run.id in self._tasks:
+                continue
+            if alive is not None and await alive(run.owner):
+                continue
+            await self.store.update_run(run.id, owner=self.owner)
             if run.node not in self.engine.drivers:
                 await self.store.finish_run(
                     run.id, status="failed", error="node no longer configured"

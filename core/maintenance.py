@@ -13,10 +13,10 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from types import TracebackType
-from typing import Self
+from contextlib import AbstractAsyncContextManager
 
 from core import events as ev
+from core.background import background
 from core.engine import Engine
 from core.errors import DriverError, TgopsError
 from core.localtime import local_text, to_utc
@@ -56,27 +56,16 @@ def notice_text(record: MaintenanceRecord, engine: Engine) -> str:
 
 
 class Maintenance:
-    """``async with Maintenance(engine)``: the reminder loop runs while the block is open."""
+    """Maintenance commands (any instance); ``reminders()`` runs the notices (the leader)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.settings = engine.settings.maintenance
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._loop(), name="maintenance-reminders")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    def reminders(self) -> AbstractAsyncContextManager[None]:
+        """The reminder loop, running while the returned context is open."""
+        return background("maintenance-reminders", self._loop)
 
     def changed(self) -> None:
         self._wake.set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from types import TracebackType
@@ -22,6 +23,7 @@ from typing import Self
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
 
+from core.background import background
 from core.calendar import Weekly, days_text, parse_days_text, parse_time_text, time_text
 from core.engine import Engine
 from core.localtime import local_text
@@ -47,8 +49,13 @@ class Occurrence:
 class Scheduler:
     """``async with Scheduler(engine, runs)``: timers for every enabled schedule."""
 
-    def __init__(self, engine: Engine, runs: ScheduledRuns) -> None:
+    def __init__(
+        self, engine: Engine, runs: ScheduledRuns, *, resync_interval: float = 1.0
+    ) -> None:
         self.engine = engine
+        self._resync_interval = resync_interval
+        self._fingerprint: tuple[object, ...] = ()
+        self._stack = AsyncExitStack()
         self.runs = runs
         self.store = engine.store
         self._timers = AsyncIOScheduler(timezone="UTC")
@@ -61,6 +68,9 @@ class Scheduler:
         self._timers.start()
         await self.catch_up()
         await self.rebuild()
+        self._stack = AsyncExitStack()
+        # schedules changed through another instance reach the timers within this interval
+        await self._stack.enter_async_context(background("scheduler-resync", self._resync))
         return self
 
     async def __aexit__(
@@ -69,7 +79,20 @@ class Scheduler:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self._stack.aclose()
         self._timers.shutdown(wait=False)
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self._resync_interval)
+            if await self._schedule_fingerprint() != self._fingerprint:
+                await self.rebuild()
+
+    async def _schedule_fingerprint(self) -> tuple[object, ...]:
+        return tuple(
+            (r.node, r.kind, r.days, r.start, r.end, r.enabled, r.updated_at)
+            for r in await self.store.schedules()
+        )
 
     # -- occurrences -------------------------------------------------------------------
 
@@ -81,11 +104,12 @@ class Scheduler:
         )
 
     def next_occurrence(self, record: ScheduleRecord, after: datetime) -> Occurrence:
-        """The next occurrence whose run starts after ``after``."""
+        """The next occurrence after ``after``. An update whose download start has passed
+        but whose update time has not still counts: its run starts at once (late)."""
         weekly = self._weekly(record)
         if record.kind == "update":
             lead = timedelta(seconds=self.engine.settings.updates.download_lead)
-            at = weekly.next_after(after + lead)
+            at = weekly.next_after(after)
             return Occurrence(node=record.node, kind="update", at=at, fire_at=at - lead)
         at = weekly.next_after(after)
         until = None
@@ -101,6 +125,7 @@ class Scheduler:
     async def rebuild(self) -> None:
         """Replace every timer with the ones the store's schedules call for."""
         async with self._lock:
+            self._fingerprint = await self._schedule_fingerprint()
             self._timers.remove_all_jobs()
             now = self.engine.clock.now()
             for record in await self.store.schedules():
@@ -108,18 +133,18 @@ class Scheduler:
                     self._plan(self.next_occurrence(record, now))
 
     def _plan(self, occurrence: Occurrence) -> None:
+        planned = max(occurrence.fire_at, self.engine.clock.now())
         self._timers.add_job(
             self._fire,
-            DateTrigger(run_date=occurrence.fire_at),
-            args=[occurrence],
+            DateTrigger(run_date=planned),
+            args=[occurrence, planned],
             id=f"{occurrence.kind}:{occurrence.node}",
             replace_existing=True,
             misfire_grace_time=int(self.engine.settings.updates.update_grace) or 1,
         )
 
-    async def _fire(self, occurrence: Occurrence) -> None:
-        late = (self.engine.clock.now() - occurrence.fire_at).total_seconds()
-        self.fired_late.append(late)
+    async def _fire(self, occurrence: Occurrence, planned: datetime) -> None:
+        self.fired_late.append((self.engine.clock.now() - planned).total_seconds())
         try:
             await self._start(occurrence)
         except Exception:
@@ -127,7 +152,7 @@ class Scheduler:
         async with self._lock:
             for record in await self.store.schedules(occurrence.node):
                 if record.kind == occurrence.kind and record.enabled:
-                    self._plan(self.next_occurrence(record, occurrence.fire_at))
+                    self._plan(self.next_occurrence(record, occurrence.at))
 
     async def _start(self, occurrence: Occurrence) -> int | None:
         key = f"{occurrence.kind}:{occurrence.node}"

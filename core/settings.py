@@ -262,6 +262,19 @@ class NodeSettings(_Section):
         return self
 
 
+class LeaderSettings(_Section):
+    takeover: Duration = 10.0
+    """With several instances on one PostgreSQL: another instance takes over this long
+    after the leader died or lost its database connection (at most)."""
+
+    @field_validator("takeover")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value < 0.4:
+            raise ValueError("must be at least 0.4s")
+        return value
+
+
 class Settings(BaseSettings):
     """The whole configuration (DESIGN.md, "Configuration keys")."""
 
@@ -284,6 +297,7 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = SmtpSettings()
     twilio: TwilioSettings = TwilioSettings()
     escalation: EscalationSettings = EscalationSettings()
+    leader: LeaderSettings = LeaderSettings()
     notify: NotifySettings = NotifySettings()
     contacts: tuple[Contact, ...] = ()
     clusters: dict[str, ClusterSettings] = Field(default_factory=dict)

@@ -75,6 +75,7 @@ class NodeRecord:
     reachable: bool = True
     last_error: str | None = None
     observed_at: datetime | None = None
+    version: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -291,6 +292,7 @@ class Store:
                             restart_required=False,
                             optional_packages=[],
                             reachable=True,
+                            version=0,
                         )
                     )
 
@@ -307,12 +309,17 @@ class Store:
             rows = (await conn.execute(query)).all()
         return [_record(NodeRecord, r) for r in rows]
 
-    async def update_node(self, name: str, **values: Any) -> NodeRecord:
+    async def update_node(
+        self, name: str, *, expect_version: int | None = None, **values: Any
+    ) -> NodeRecord:
+        """Change a node's row. With ``expect_version`` the change is made only if nobody
+        changed the row since that version was read; otherwise the row is left as it is."""
         async with self.transaction() as conn:
-            result = await conn.execute(
-                update(t.nodes).where(t.nodes.c.name == name).values(**values)
-            )
-            if result.rowcount != 1:
+            query = update(t.nodes).where(t.nodes.c.name == name)
+            if expect_version is not None:
+                query = query.where(t.nodes.c.version == expect_version)
+            result = await conn.execute(query.values(version=t.nodes.c.version + 1, **values))
+            if result.rowcount != 1 and expect_version is None:
                 raise StoreError(f"node {name} is not in the store")
             row = (await conn.execute(select(t.nodes).where(t.nodes.c.name == name))).one()
         return _record(NodeRecord, row)
@@ -1165,3 +1172,32 @@ class Store:
                 update(t.escalations).where(*conditions).values(**dict(values), updated_at=utcnow())
             )
         return bool(result.rowcount)
+
+    # -- monitoring: counts read when /metrics is scraped ----------------------------------
+
+    async def outbox_counts(self) -> dict[tuple[str, str], int]:
+        """Notifications in the outbox per (channel, status)."""
+        query = select(t.outbox.c.channel, t.outbox.c.status, func.count()).group_by(
+            t.outbox.c.channel, t.outbox.c.status
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
+    async def run_counts(self, statuses: Sequence[str]) -> dict[tuple[str, str], int]:
+        """Runs in one of ``statuses`` per (kind, status)."""
+        query = (
+            select(t.runs.c.kind, t.runs.c.status, func.count())
+            .where(t.runs.c.status.in_(list(statuses)))
+            .group_by(t.runs.c.kind, t.runs.c.status)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
+    async def slot_waiter_counts(self) -> dict[str, int]:
+        """Nodes waiting for a slot, per cluster."""
+        query = select(t.slot_waiters.c.cluster, func.count()).group_by(t.slot_waiters.c.cluster)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {str(r[0]): int(r[1]) for r in rows}

@@ -79,6 +79,7 @@ nodes = Table(
     Column("reachable", Boolean, nullable=False, default=True),
     Column("last_error", Text, nullable=True),
     Column("observed_at", UTCDateTime, nullable=True),
+    Column("version", Integer, nullable=False, default=0),
 )
 
 runs = Table(

@@ -236,6 +236,10 @@ class RepoServer:
                         if rule is not None:
                             limit = min(limit, rule.after - sent)
                     data = handle.read(min(_CHUNK, limit))
+                    if not data:  # the file shrank while being served
+                        assert request.transport is not None
+                        request.transport.close()
+                        return response
                     await response.write(data)
                     sent += len(data)
                     self.bytes_sent[rel] += len(data)

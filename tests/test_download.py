@@ -207,13 +207,18 @@ async def test_not_found_is_final_and_not_retried(
 ) -> None:
     outcomes: list[AttemptOutcome] = []
     policy = RetryPolicy(attempts=5, delay=0, on_attempt=outcomes.append)
-    with pytest.raises(PackageNotFoundError, match=r"not found at http://127\.0\.0\.1:\d+/pool/x"):
+    with pytest.raises(
+        DownloadFailedError, match=r"not found at http://127\.0\.0\.1:\d+/pool/x"
+    ) as e:
         await policy.run(
             lambda: downloader.fetch(
                 server.url + "pool/x.deb", package="x 1", sha256=blob.sha256, size=1
             ),
             describe="package x 1",
         )
+    assert isinstance(e.value.last_cause, PackageNotFoundError)
+    assert not e.value.exhausted
+    assert str(e.value).endswith("(not retried: another attempt would fail the same way)")
     assert server.requests["pool/x.deb"] == 1
     assert outcomes == ["fatal"]
 
@@ -251,8 +256,11 @@ async def test_the_policy_gives_up_after_its_attempts(
 ) -> None:
     server.fail_next(10, status=502)
     policy = RetryPolicy(attempts=3, delay=0)
-    with pytest.raises(DownloadFailedError, match="gave up after 3 attempts; last error: HTTP 502"):
+    with pytest.raises(
+        DownloadFailedError, match="gave up after 3 attempts; last error: HTTP 502"
+    ) as e:
         await policy.run(lambda: fetch(downloader, server, blob), describe="package tg-base 1.0")
+    assert e.value.exhausted
     assert server.requests[blob.rel] == 3
     logged = [r.getMessage() for r in caplog.records if r.name == "core.retry"]
     assert len(logged) == 3
@@ -350,3 +358,67 @@ async def test_a_downloader_needs_async_with(cache: Path) -> None:
         await Downloader(cache).read("http://127.0.0.1:1/x", package="x")
     with pytest.raises(ValueError, match="SHA-256"):
         Downloader(cache).path_for("nope")
+
+
+async def test_a_cancelled_download_keeps_what_arrived(
+    server: RepoServer, blob: Blob, cache: Path
+) -> None:
+    server.stall(60, after=500_000)
+    arrived = asyncio.Event()
+    reported: list[int] = []
+
+    async def progress(done: int, total: int) -> None:
+        reported.append(done)
+        if done >= 400_000:
+            arrived.set()
+
+    async with Downloader(cache, chunk_size=64 * 1024) as downloader:
+        transfer = asyncio.create_task(
+            downloader.fetch(
+                server.url + blob.rel,
+                package="tg-base 1.0",
+                sha256=blob.sha256,
+                size=blob.size,
+                progress=progress,
+            )
+        )
+        async with asyncio.timeout(10):
+            await arrived.wait()
+        transfer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await transfer
+        kept = downloader.partial_size(blob.sha256)
+        assert reported[-1] <= kept <= 500_000  # everything handed over was written
+        path = await fetch(downloader, server, blob)
+    assert path.read_bytes() == blob.data
+    assert server.ranges[blob.rel] == [None, f"bytes={kept}-"]
+
+
+async def test_an_unusable_cache_dir_is_a_clear_error(
+    server: RepoServer, blob: Blob, tmp_path: Path
+) -> None:
+    not_a_dir = tmp_path / "file"
+    put(not_a_dir, b"")
+    async with Downloader(tmp_path / "other") as working:
+        downloader = Downloader(not_a_dir / "cache", session=working.session)
+        with pytest.raises(DownloadError, match="cannot use the cache directory") as caught:
+            await fetch(downloader, server, blob)
+    assert not caught.value.transient
+
+
+async def test_the_policy_names_transient_errors_only() -> None:
+    calls: list[int] = []
+
+    async def buggy() -> None:
+        calls.append(1)
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):
+        await RetryPolicy(attempts=3, delay=0).run(buggy, describe="x")
+    assert calls == [1]
+    assert is_transient(TimeoutError())
+    assert is_transient(ConnectionResetError())
+    assert not is_transient(ValueError())
+    assert not is_transient(DownloadError("p", "HTTP 403", transient=False))
+    with pytest.raises(ValueError, match="at least one attempt"):
+        RetryPolicy(attempts=0)

@@ -148,6 +148,7 @@ def upgrade() -> None:
         sa.Column("reachable", sa.Boolean(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("observed_at", core.tables.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("version", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_nodes")),
     )
     op.create_table(

@@ -1,0 +1,253 @@
+"""``GET /maintenance.ics``: scheduled maintenance as an iCalendar feed (icalendar).
+
+One VEVENT per open maintenance window (L3, and the windows scheduled updates open) and
+per occurrence of a scheduled update (L4) in the next ``FEED_DAYS`` days, computed with
+``Scheduler.next_occurrence`` exactly as the timers are. Scheduled downloads are left out:
+they do not touch users.
+
+Choices (documented in the feed's events too):
+
+* ``UID``: ``maintenance-<window id>@<host>`` for a window (a window scheduled again is a
+  new window with a new UID) and ``update-<node>-<update time, UTC>@<host>`` for a
+  scheduled update; ``<host>`` is the host of ``http.public_url``. Both stay the same
+  from one fetch to the next, so calendar clients update events instead of duplicating.
+* ``DTSTART`` in UTC; ``DURATION`` ``MAINTENANCE_DURATION`` (1 h) for both kinds: the
+  manual gives maintenance no end (an admin ends it) and an update's length depends on
+  what is installed. A constant, not a config key: it only sizes the calendar block.
+* ``STATUS``: ``CONFIRMED`` for a window, ``TENTATIVE`` for a scheduled update (it only
+  runs when updates are pending at its download start).
+* No authentication (calendar apps subscribe without credentials), so the feed holds only
+  node and cluster names, times and reasons: no actors, tokens or addresses.
+
+``?target=NODE|CLUSTER`` narrows the feed; ``?days=N`` (1 to ``MAX_DAYS``) sets the horizon.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from icalendar import Calendar, Event
+
+from core.engine import Engine, UnknownTargetError
+from core.localtime import local_text
+from core.scheduled import SCHEDULED_REASON
+from core.scheduler import Occurrence, Scheduler
+from core.store import MaintenanceRecord, NodeRecord, ScheduleRecord
+
+log = logging.getLogger(__name__)
+
+FEED_DAYS = 14
+"""Scheduled updates of this many days ahead are listed."""
+MAX_DAYS = 62
+MAINTENANCE_DURATION = timedelta(hours=1)
+"""Nominal length of a maintenance or update event in the calendar."""
+REFRESH = "PT15M"
+"""How often calendar clients are asked to fetch the feed again."""
+CONTENT_TYPE = "text/calendar; charset=utf-8"
+ORIGINS = {
+    "manual": "scheduled by a maintenance admin",
+    "scheduled-update": "opened by a scheduled update",
+    "download-failure": "opened because a scheduled update could not be downloaded",
+}
+
+
+def occurrences(
+    scheduler: Scheduler, record: ScheduleRecord, now: datetime, horizon: datetime
+) -> Iterator[Occurrence]:
+    """The schedule's occurrences from ``now`` up to ``horizon``, as the timers plan them."""
+    occurrence = scheduler.next_occurrence(record, now)
+    for _ in range(400):  # a weekly schedule fires at most daily: bounded by the horizon
+        if occurrence.at > horizon:
+            return
+        yield occurrence
+        following = scheduler.next_occurrence(record, occurrence.at)
+        if following.at <= occurrence.at:
+            return
+        occurrence = following
+
+
+class MaintenanceFeed:
+    """Builds the feed from the store and the schedules; ``add_routes`` serves it."""
+
+    def __init__(self, engine: Engine, scheduler: Scheduler) -> None:
+        self.engine = engine
+        self.scheduler = scheduler
+        self.settings = engine.settings
+        self.domain = urlsplit(self.settings.http.public_url).hostname or "tgops"
+
+    def _local(self, when: datetime) -> str:
+        return f"{local_text(when, self.settings.tz)} ({self.settings.timezone})"
+
+    def _where(self, node: str) -> str:
+        cluster = self.engine.cluster_of.get(node)
+        return f"{node} (cluster {cluster})" if cluster else f"{node} (single system)"
+
+    async def calendar(self, target: str | None = None, days: int = FEED_DAYS) -> Calendar:
+        """The feed for ``target`` (node, cluster, ``all``; None = all)."""
+        engine = self.engine
+        names = set(engine.resolve(target))
+        now = engine.clock.now()
+        horizon = now + timedelta(days=days)
+        windows = [m for m in await engine.store.maintenance() if m.node in names]
+        schedules = [
+            s
+            for s in await engine.store.schedules()
+            if s.enabled and s.kind == "update" and s.node in names
+        ]
+        locks = {r.name: r for r in await engine.store.nodes(sorted(names))}
+        events = [self._window(w) for w in windows]
+        # a scheduled update that has started opened its window: that one is listed
+        opened = {(w.node, w.start) for w in windows if w.origin == "scheduled-update"}
+        for schedule in schedules:
+            for occurrence in occurrences(self.scheduler, schedule, now, horizon):
+                if (schedule.node, occurrence.at) not in opened:
+                    events.append(self._update(schedule, occurrence, locks.get(schedule.node)))
+        cal = Calendar()
+        cal.add("prodid", "-//tgops//maintenance feed//EN")
+        cal.add("version", "2.0")
+        cal.add("calscale", "GREGORIAN")
+        cal.add("method", "PUBLISH")
+        cal.add("x-wr-calname", "tgops maintenance")
+        cal.add(
+            "x-wr-caldesc",
+            f"Maintenance windows and the scheduled updates of the next {days} days",
+        )
+        cal.add("x-wr-timezone", self.settings.timezone)
+        cal.add("refresh-interval", REFRESH, parameters={"VALUE": "DURATION"})
+        cal.add("x-published-ttl", REFRESH)
+        for item in sorted(events, key=lambda e: (e.decoded("dtstart"), str(e["uid"]))):
+            cal.add_component(item)
+        return cal
+
+    def _window(self, window: MaintenanceRecord) -> Event:
+        maint = self.settings.maintenance
+        notices_from = window.start - timedelta(seconds=maint.notice_lead)
+        lines = [
+            f"Node: {self._where(window.node)}",
+            f"Reason: {window.reason}",
+            f"Start: {self._local(window.start)}",
+            f"Logged-in users get notices every {_span(maint.reminder_interval)} from "
+            f"{self._local(notices_from)} until the start.",
+        ]
+        if window.disable_logon:
+            lines.append("Logon is disabled at the start.")
+        lines.append(f"Origin: {ORIGINS.get(window.origin, window.origin)}.")
+        lines.append(
+            "It lasts until a maintenance admin ends it; the calendar shows a nominal "
+            f"{_span(MAINTENANCE_DURATION.total_seconds())}."
+        )
+        event = self._event(
+            uid=f"maintenance-{window.id}@{self.domain}",
+            stamp=window.created_at,
+            start=window.start,
+            summary=f"Maintenance of {window.node}: {window.reason}",
+            lines=lines,
+            node=window.node,
+        )
+        event.add("status", "CONFIRMED")
+        event.add("categories", ["tgops", "maintenance"])
+        return event
+
+    def _update(
+        self, schedule: ScheduleRecord, occurrence: Occurrence, record: NodeRecord | None
+    ) -> Event:
+        settings = self.settings
+        at = occurrence.at
+        notices_from = max(
+            at - timedelta(seconds=settings.maintenance.notice_lead), occurrence.fire_at
+        )
+        lines = [
+            f"Node: {self._where(schedule.node)}",
+            f"Reason: {SCHEDULED_REASON}",
+            f"Update time: {self._local(at)}",
+            f"At {self._local(occurrence.fire_at)} the node checks for updates; it runs "
+            "only if updates are pending, and then downloads them.",
+            f"Logged-in users get maintenance notices from {self._local(notices_from)}; "
+            "their sessions end at the update time.",
+        ]
+        cluster = self.engine.cluster_of.get(schedule.node)
+        if cluster is not None:
+            drain = at - timedelta(seconds=settings.maintenance.lb_drain_lead)
+            limit = settings.clusters[cluster].max_parallel_updates
+            lines.append(
+                f"It leaves load balancing from {self._local(drain)}; at most {limit} "
+                f"node(s) of {cluster} update at once, the others wait their turn."
+            )
+        else:
+            lines.append("Logon is disabled immediately before the update time.")
+        lines.append(f"Schedule: update on {schedule.days} {schedule.start} ({settings.timezone}).")
+        if record is not None and record.update_lock_since is not None:
+            lines.append("The update lock is set: this update is skipped unless it is removed.")
+        event = self._event(
+            uid=f"update-{schedule.node}-{at:%Y%m%dT%H%M%SZ}@{self.domain}",
+            stamp=schedule.updated_at,
+            start=at,
+            summary=f"Scheduled update of {schedule.node}",
+            lines=lines,
+            node=schedule.node,
+        )
+        event.add("status", "TENTATIVE")
+        event.add("categories", ["tgops", "scheduled-update"])
+        return event
+
+    def _event(
+        self,
+        *,
+        uid: str,
+        stamp: datetime,
+        start: datetime,
+        summary: str,
+        lines: Sequence[str],
+        node: str,
+    ) -> Event:
+        event = Event()
+        event.add("uid", uid)
+        event.add("dtstamp", stamp)
+        event.add("dtstart", start)
+        event.add("duration", MAINTENANCE_DURATION)
+        event.add("summary", summary)
+        event.add("description", "\n".join(lines))
+        event.add("location", self._where(node))
+        event.add("transp", "OPAQUE")
+        return event
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/maintenance.ics", self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        target = request.query.get("target") or None
+        raw_days = request.query.get("days", str(FEED_DAYS))
+        try:
+            days = int(raw_days)
+        except ValueError:
+            days = 0
+        if not 1 <= days <= MAX_DAYS:
+            raise web.HTTPBadRequest(
+                text=f"days={raw_days!r}: give a whole number of days from 1 to {MAX_DAYS}"
+            )
+        try:
+            cal = await self.calendar(target, days)
+        except UnknownTargetError as exc:
+            raise web.HTTPNotFound(text=str(exc)) from exc
+        return web.Response(
+            body=cal.to_ical(),
+            headers={
+                "Content-Type": CONTENT_TYPE,
+                "Content-Disposition": 'inline; filename="maintenance.ics"',
+            },
+        )
+
+
+def _span(seconds: float) -> str:
+    """``15 min``, ``1 h``, ``90 s``: a duration for people."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"

@@ -1,0 +1,214 @@
+"""E-mail over SMTP (aiosmtplib): the outbox channel ``email``.
+
+One connection per batch of due e-mails (plain, STARTTLS or implicit TLS; AUTH when a
+username is set; every command bounded by ``smtp.timeout``). Each message has a text and
+an HTML part rendered from ``notify/templates``, and ``Message-ID``, ``Date``, ``From``,
+``To`` headers; the Message-ID is derived from the outbox key, so a message sent again
+after a crash carries the same one.
+
+Failures: no session (connect, TLS, greeting, login) → every item of the batch is retried
+later; the server refusing one message (MAIL, RCPT, DATA) → 4xx retried, 5xx final, and
+the connection goes on with the next; the connection lost mid-batch → the message in
+flight is retried, the untried rest is released for the next connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import socket
+import ssl
+from collections.abc import Sequence
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import format_datetime, formataddr
+from typing import Any
+
+import aiosmtplib
+from jinja2 import TemplateError
+
+from core.settings import SmtpSettings
+from core.store import OutboxRecord
+from notify.errors import (
+    DeliveryError,
+    MessageComposeError,
+    SmtpConnectionLostError,
+    SmtpNotConfiguredError,
+    SmtpRefusedError,
+    SmtpUnavailableError,
+)
+from notify.outbox import Outcome, Report
+from notify.render import Renderer
+
+log = logging.getLogger(__name__)
+
+POLICY = SMTP_POLICY.clone(max_line_length=998)
+"""CRLF lines; headers are folded only beyond RFC 5322's hard limit of 998 characters, as
+Python's folder at 78 moves a subject holding ``<``, ``&`` or ``[`` to a continuation line
+(which parsers then read with a leading space)."""
+
+LEASE_FACTOR = 10
+"""A claimed batch may take ``LEASE_FACTOR * smtp.timeout`` (then the rest is retried)."""
+
+
+def message_id(key: str, sender: str) -> str:
+    """A stable Message-ID for an outbox key (the same after a retry or a restart)."""
+    domain = sender.rpartition("@")[2] or "localhost"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:40]
+    return f"<{digest}@{domain}>"
+
+
+class EmailChannel:
+    name = "email"
+
+    def __init__(
+        self,
+        settings: SmtpSettings,
+        *,
+        renderer: Renderer,
+        batch_size: int = 100,
+        sender_name: str = "tgops",
+    ) -> None:
+        self.settings = settings
+        self.renderer = renderer
+        self.batch_size = batch_size
+        self.sender_name = sender_name
+        self.lease = max(60.0, LEASE_FACTOR * settings.timeout)
+        self._tls: ssl.SSLContext | None = None
+        if settings.ca_file is not None and (settings.starttls or settings.use_tls):
+            self._tls = ssl.create_default_context(cafile=str(settings.ca_file))
+        self._local_hostname: str | None = None
+
+    def describe(self, item: OutboxRecord) -> str:
+        return f"e-mail “{item.subject}” to {item.recipient}"
+
+    # -- composing -----------------------------------------------------------------------
+
+    def compose(self, item: OutboxRecord) -> EmailMessage:
+        payload = item.payload
+        try:
+            rendered = self.renderer.email(str(payload["template"]), payload.get("vars", {}))
+        except (KeyError, TemplateError, TypeError) as exc:
+            raise MessageComposeError(self.describe(item), f"{type(exc).__name__}: {exc}") from exc
+        message = EmailMessage(policy=POLICY)
+        message["Subject"] = item.subject
+        message["From"] = formataddr((self.sender_name, self.settings.sender))
+        name = payload.get("name")
+        message["To"] = formataddr((str(name), item.recipient)) if name else item.recipient
+        message["Date"] = format_datetime(item.created_at)
+        message["Message-ID"] = message_id(item.key, self.settings.sender)
+        message["Auto-Submitted"] = "auto-generated"
+        message.set_content(rendered.text)
+        message.add_alternative(rendered.html, subtype="html")
+        return message
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def _hostname(self) -> str:
+        """The EHLO name, looked up once (``socket.getfqdn`` may ask DNS: off the loop)."""
+        if self._local_hostname is None:
+            try:
+                async with asyncio.timeout(self.settings.timeout):
+                    self._local_hostname = await asyncio.to_thread(socket.getfqdn)
+            except TimeoutError:
+                self._local_hostname = socket.gethostname()
+        return self._local_hostname
+
+    def _client(self, hostname: str, local_hostname: str) -> aiosmtplib.SMTP:
+        s = self.settings
+        kwargs: dict[str, Any] = {}
+        if s.username is not None:
+            kwargs["username"] = s.username
+            kwargs["password"] = "" if s.password is None else s.password.get_secret_value()
+        return aiosmtplib.SMTP(
+            hostname=hostname,
+            port=s.port,
+            use_tls=s.use_tls,
+            start_tls=s.starttls,
+            timeout=s.timeout,
+            tls_context=self._tls,
+            local_hostname=local_hostname,
+            **kwargs,
+        )
+
+    async def deliver(self, items: Sequence[OutboxRecord], report: Report) -> None:
+        s = self.settings
+        if s.host is None:
+            error = SmtpNotConfiguredError()
+            for item in items:
+                if not report(Outcome(item=item, error=error)):
+                    return
+            return
+        client = self._client(s.host, await self._hostname())
+        try:
+            # connect: TCP, greeting, EHLO, STARTTLS, AUTH; each step bounded by smtp.timeout
+            async with asyncio.timeout(s.timeout * 6):
+                await client.connect()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            unavailable = SmtpUnavailableError(s.host, s.port, _cause(exc))
+            log.warning("%s", unavailable)
+            for item in items:
+                if not report(Outcome(item=item, error=unavailable)):
+                    return
+            return
+        try:
+            await self._send_all(client, items, report)
+        finally:
+            await self._quit(client)
+
+    async def _send_all(
+        self, client: aiosmtplib.SMTP, items: Sequence[OutboxRecord], report: Report
+    ) -> None:
+        s = self.settings
+        assert s.host is not None
+        for item in items:
+            outcome, go_on = await self._send_one(client, item)
+            if not report(outcome) or not go_on or not client.is_connected:
+                return  # the rest is released (and goes over a new connection)
+
+    async def _send_one(self, client: aiosmtplib.SMTP, item: OutboxRecord) -> tuple[Outcome, bool]:
+        """Send one message; the outcome, and whether the connection is still usable."""
+        s = self.settings
+        assert s.host is not None
+        try:
+            data = self.compose(item).as_bytes(policy=POLICY)
+        except DeliveryError as exc:
+            return Outcome(item=item, error=exc), True
+        try:
+            async with asyncio.timeout(s.timeout * 4):
+                await client.sendmail(s.sender, [item.recipient], data)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refused = exc.recipients[0]
+            error = SmtpRefusedError("recipient", refused.code, refused.message)
+            return Outcome(item=item, error=error), True
+        except aiosmtplib.SMTPSenderRefused as exc:
+            return Outcome(item=item, error=SmtpRefusedError("sender", exc.code, exc.message)), True
+        except aiosmtplib.SMTPResponseException as exc:
+            error = SmtpRefusedError("message", exc.code, exc.message)
+            return Outcome(item=item, error=error), exc.code != 421  # 421: server closes
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            lost = SmtpConnectionLostError(s.host, s.port, _cause(exc))
+            return Outcome(item=item, error=lost), False
+        return Outcome(item=item), True
+
+    async def _quit(self, client: aiosmtplib.SMTP) -> None:
+        if not client.is_connected:
+            return
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                await asyncio.shield(client.quit())
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            client.close()
+        except asyncio.CancelledError:
+            client.close()
+            raise
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{exc.code} {exc.message.strip()}"
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "timed out"
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,408 @@
+"""The notifier: ``async with Notifier(...)`` runs everything ``notify`` does.
+
+* hotfix watch (L8): new hotfixes are e-mailed to the contacts of the configured
+  clusters; urgent ones are escalated by phone (L14);
+* users' mailing list (``notify.users_list``, L3): maintenance scheduled and ended;
+* admin alerts (``notify.admin_emails``): warning flag, update lock, failed run;
+* the durable outbox and its workers (e-mail, call, SMS);
+* Twilio's webhooks (``add_routes``).
+
+Every instance subscribes to its event bus (events are local: each instance queues the
+notifications of its own events) and serves the webhooks. The delivery workers, the
+hotfix watch and the escalation runners are the leader's duties (``leader``: a callable
+telling whether this instance leads; looked at every ``LEADER_CHECK`` seconds; ``None``:
+always). Its tasks live in task groups owned by the context and are cancelled and
+awaited when the context is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from aiohttp import web
+
+from core import events as ev
+from core.interfaces import RepositoryClient
+from core.localtime import local_text
+from core.manifest import PackageEntry
+from core.settings import Contact, Settings
+from core.store import Store, utcnow
+from notify.calls import CallRegistry
+from notify.email import EmailChannel
+from notify.escalation import Callee, Escalations, hotfix_vars
+from notify.outbox import Backoff, Notification, Outbox
+from notify.phone import CallChannel, SmsChannel, Twilio
+from notify.render import Renderer
+from notify.watch import HotfixWatch
+from notify.webhooks import TwilioWebhooks
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE = 5.0
+"""How long a stopping notifier lets a message being sent finish (then it is cut off and
+sent again at the next start)."""
+STOP_TIMEOUT = 10.0
+"""Bound for the notifier's tasks to end when the service stops."""
+LEADER_CHECK = 1.0
+"""How often a notifier that does not lead looks whether it leads now (and vice versa)."""
+
+
+class Bus(Protocol):
+    def subscribe(self, name: str, handler: ev.Handler) -> None: ...
+
+    async def publish(self, event: ev.Event) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Audience:
+    """A contact and the configured nodes it cares about."""
+
+    contact: Contact
+    nodes: tuple[str, ...]
+
+
+def hotfix_audience(settings: Settings) -> list[Audience]:
+    """Contacts whose clusters match the clusters of the configured nodes ("*" = all)."""
+    found = []
+    for contact in settings.contacts:
+        nodes = tuple(n.name for n in settings.nodes if contact.covers(n.cluster))
+        if nodes or "*" in contact.clusters:
+            found.append(Audience(contact=contact, nodes=nodes))
+    return found
+
+
+class Notifier:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        bus: Bus,
+        repository: RepositoryClient | None,
+        leader: Callable[[], bool] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.leader = leader
+        self.store = store
+        self.bus = bus
+        self.renderer = Renderer()
+        self.twilio = Twilio(settings.twilio)
+        self.registry = CallRegistry(store)
+        public_url = settings.http.public_url
+        ring = max(5, min(60, int(settings.escalation.ack_wait)))
+        self.outbox = Outbox(
+            store,
+            [
+                EmailChannel(
+                    settings.smtp, renderer=self.renderer, batch_size=settings.notify.batch_size
+                ),
+                CallChannel(
+                    self.twilio,
+                    renderer=self.renderer,
+                    registry=self.registry,
+                    public_url=public_url,
+                    ring_seconds=ring,
+                ),
+                SmsChannel(self.twilio, renderer=self.renderer, public_url=public_url),
+            ],
+            Backoff.from_settings(settings.notify),
+        )
+        self.escalations = Escalations(
+            store=store,
+            outbox=self.outbox,
+            events=bus,
+            registry=self.registry,
+            renderer=self.renderer,
+            settings=settings.escalation,
+            alert=self.alert_admins,
+        )
+        self.outbox.listen(self.escalations.on_outcome)
+        self.watch = HotfixWatch(
+            store=store,
+            repository=repository,
+            updates=settings.updates,
+            announce=self.announce_hotfix,
+            announce_existing=settings.notify.announce_existing_hotfixes,
+        )
+        self.webhooks = TwilioWebhooks(
+            settings=settings, store=store, registry=self.registry, escalations=self.escalations
+        )
+        self._stack = AsyncExitStack()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- context -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self._stack.__aenter__()
+        try:
+            await self._stack.enter_async_context(self.twilio)
+            if self.settings.smtp.host is None:
+                log.warning("smtp.host is not set: e-mails are recorded as failed, not sent")
+            missing = self.twilio.missing()
+            if missing:
+                log.warning(
+                    "twilio.%s not set: urgent hotfixes are not phoned", ", twilio.".join(missing)
+                )
+            self.bus.subscribe("notify", self._on_event)
+            self._task = asyncio.create_task(self._run(), name="notify")
+            self._task.add_done_callback(_report_end)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if not await self.outbox.stop(STOP_GRACE):
+                log.warning("notifications still being sent after %gs are interrupted", STOP_GRACE)
+            if self._task is not None:
+                self._task.cancel()
+                try:
+                    async with asyncio.timeout(STOP_TIMEOUT):
+                        await asyncio.gather(self._task, return_exceptions=True)
+                except TimeoutError:
+                    log.warning("notifier tasks did not stop within %gs", STOP_TIMEOUT)
+                self._task = None
+        finally:
+            await self._stack.__aexit__(exc_type, exc, tb)
+
+    async def _run(self) -> None:
+        if self.leader is None:
+            await self._duties()
+            return
+        while True:
+            await self._until_leader(True)
+            async with asyncio.TaskGroup() as group:
+                duties = group.create_task(self._duties(), name="notify:duties")
+                await self._until_leader(False)
+                log.info("not the leader any more: notification delivery stops here")
+                duties.cancel()
+
+    async def _until_leader(self, leads: bool) -> None:
+        assert self.leader is not None
+        # the election's hooks belong to the service; a flag is all a notifier may look at
+        while self.leader() is not leads:  # noqa: ASYNC110
+            await asyncio.sleep(LEADER_CHECK)
+
+    async def _duties(self) -> None:
+        """Delivery workers, hotfix watch, escalation runners: one instance runs them."""
+        try:
+            async with asyncio.TaskGroup() as group:
+
+                def spawn(coro: Any, name: str) -> None:
+                    group.create_task(coro, name=name)
+
+                self.escalations.bind(spawn)
+                group.create_task(self.outbox.run(), name="notify:outbox")
+                group.create_task(self.watch.run(), name="notify:hotfix-watch")
+                await self.escalations.resume()
+        finally:
+            self.escalations.bind(None)
+
+    def add_routes(self, app: web.Application) -> None:
+        """Twilio's webhooks: ``POST /twilio/voice/gather`` and ``POST /twilio/status``."""
+        self.webhooks.add_routes(app)
+
+    # -- hotfixes (L8, L14) ----------------------------------------------------------------
+
+    async def announce_hotfix(self, entry: PackageEntry, channel: str) -> None:
+        """E-mail a hotfix to its contacts, escalate an urgent one, publish the event.
+
+        Idempotent: the event id, and so every outbox key, is derived from the hotfix id.
+        """
+        assert entry.id is not None
+        event = ev.HotfixPublished(
+            id=f"hotfix:{channel}:{entry.id}",
+            hotfix_id=entry.id,
+            package=entry.name,
+            version=entry.version,
+            urgency=entry.urgency or "normal",
+            summary=entry.summary,
+        )
+        urgent = event.urgency == "urgent"
+        audience = hotfix_audience(self.settings)
+        mails = []
+        callees = []
+        problems = []
+        for who in audience:
+            contact = who.contact
+            variables = {
+                "name": contact.name,
+                "hotfix": hotfix_vars(event),
+                "urgent": urgent,
+                "channel": channel,
+                "nodes": list(who.nodes),
+            }
+            if contact.email:
+                mails.append(
+                    Notification(
+                        key=f"{event.id}:email:{contact.email}",
+                        channel="email",
+                        recipient=contact.email,
+                        subject=_hotfix_subject(event),
+                        payload={
+                            "template": "hotfix",
+                            "vars": variables,
+                            "name": contact.name,
+                            "target": entry.id,
+                        },
+                    )
+                )
+            else:
+                problems.append(f"contact {contact.name} has no e-mail address: not e-mailed")
+            if urgent and contact.urgent_calls:
+                if contact.phone:
+                    callees.append(Callee(name=contact.name, phone=contact.phone))
+                else:
+                    problems.append(
+                        f"contact {contact.name} has urgent_calls but no phone number: not called"
+                    )
+        if not audience:
+            problems.append("no [[contacts]] entry covers the configured clusters: nobody told")
+        fresh = await self.outbox.put(*mails)
+        if fresh or not mails:
+            for problem in problems:
+                await self.store.audit(
+                    actor="notify",
+                    source="system",
+                    action="notification failed",
+                    target=entry.id,
+                    detail=f"hotfix {entry.id}: {problem}",
+                )
+        log.info(
+            "hotfix %s (%s) announced: %d e-mail(s)%s",
+            entry.id,
+            event.urgency,
+            len(mails),
+            f", {len(callees)} phone contact(s)" if urgent else "",
+        )
+        if urgent:
+            await self.escalations.start(event, callees)
+        await self.bus.publish(event)
+
+    # -- users' mailing list (L3) ------------------------------------------------------------
+
+    async def _maintenance(self, event: ev.MaintenanceScheduled | ev.MaintenanceEnded) -> None:
+        address = self.settings.notify.users_list
+        if address is None:
+            return
+        tz = self.settings.tz
+        cluster = next((n.cluster for n in self.settings.nodes if n.name == event.node), None)
+        variables: dict[str, Any] = {
+            "node": event.node,
+            "cluster": cluster,
+            "timezone": self.settings.timezone,
+            "reason": event.reason,
+        }
+        if isinstance(event, ev.MaintenanceScheduled):
+            start = local_text(event.start, tz)
+            variables |= {"event": "scheduled", "start": start, "origin": event.origin}
+            subject = f"[tgops] Maintenance of {event.node} on {start}: {event.reason}"
+        else:
+            variables |= {"event": "ended", "by": event.by}
+            subject = f"[tgops] Maintenance of {event.node} has ended"
+        await self.outbox.put(
+            Notification(
+                key=f"{event.id}:email:{address}",
+                channel="email",
+                recipient=address,
+                subject=subject,
+                payload={"template": "maintenance", "vars": variables, "target": event.node},
+            )
+        )
+
+    # -- admin alerts --------------------------------------------------------------------
+
+    async def alert_admins(
+        self,
+        *,
+        key: str,
+        title: str,
+        node: str,
+        target: str,
+        detail: str,
+        hint: str,
+        at: datetime | None = None,
+    ) -> None:
+        """E-mail ``notify.admin_emails``; ``key`` makes it idempotent."""
+        addresses = self.settings.notify.admin_emails
+        if not addresses:
+            return
+        variables = {
+            "title": title,
+            "node": node,
+            "detail": detail or "(none)",
+            "hint": hint,
+            "at": local_text(at or utcnow(), self.settings.tz),
+            "timezone": self.settings.timezone,
+        }
+        await self.outbox.put(
+            *(
+                Notification(
+                    key=f"{key}:email:{address}",
+                    channel="email",
+                    recipient=address,
+                    subject=f"[tgops] {title}",
+                    payload={"template": "admin_alert", "vars": variables, "target": target},
+                )
+                for address in addresses
+            )
+        )
+
+    async def _admin_event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.WarningFlagSet):
+            title = f"Warning flag set on {event.node}: update download failed"
+            hint = (
+                "The download is tried again immediately before the next update run; a "
+                "complete download clears the flag (L7). Check that the update repository is "
+                "reachable from tgops."
+            )
+            node, detail = event.node, event.reason
+        elif isinstance(event, ev.UpdateLockSet):
+            title = f"{event.node} is locked against updates (update lock)"
+            hint = (
+                f"Updates of {event.node} are blocked until an update admin removes the lock "
+                f"(/tg remove-lock {event.node}; add --cancel-schedule to switch the schedules "
+                "off too). A cluster node stays in maintenance until a maint admin ends it."
+            )
+            node, detail = event.node, event.reason
+        elif isinstance(event, ev.RunFinished) and event.outcome == "failed":
+            title = f"Run #{event.run_id} ({event.kind}) on {event.node} failed"
+            hint = f"The steps of the run are in /tg log {event.node}."
+            node, detail = event.node, event.message
+        else:
+            return
+        await self.alert_admins(
+            key=event.id, title=title, node=node, target=node, detail=detail, hint=hint, at=event.at
+        )
+
+    # -- events --------------------------------------------------------------------------
+
+    async def _on_event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.MaintenanceScheduled | ev.MaintenanceEnded):
+            await self._maintenance(event)
+        elif isinstance(event, ev.WarningFlagSet | ev.UpdateLockSet | ev.RunFinished):
+            await self._admin_event(event)
+
+
+def _hotfix_subject(event: ev.HotfixPublished) -> str:
+    kind = "URGENT hotfix" if event.urgency == "urgent" else "Hotfix"
+    summary = f": {event.summary}" if event.summary else ""
+    return f"[tgops] {kind} {event.hotfix_id} for {event.package} {event.version}{summary}"
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the notifier stopped unexpectedly", exc_info=task.exception())

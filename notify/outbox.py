@@ -1,0 +1,386 @@
+"""The durable outbox (L15): every notification is stored before it is sent.
+
+``Outbox.put`` writes notifications to the store (idempotency key: event id + channel +
+recipient, so a repeated put sends nothing twice) and wakes the channel's worker. One
+worker per channel claims due items (status ``sending`` with a lease, so a second
+instance or a restarted one does not take them while they are in flight), hands them to
+the channel, and records each outcome as it comes, several per transaction:
+
+* sent: status ``sent`` and an audit record "notification sent";
+* transient failure (connection refused, SMTP 4xx, Twilio 429/5xx): pending again, next
+  attempt after an exponential backoff; after ``max_attempts`` it has failed for good;
+* permanent failure (SMTP 5xx, Twilio 4xx, nothing configured): status ``failed`` with its
+  reason and an audit record "notification failed";
+* released (not tried: the connection was lost before its turn, or the service stops):
+  pending again at once, no attempt counted.
+
+The worker sleeps until it is woken or the next item is due (at most ``idle`` seconds,
+the bounded look for retries). Items survive restarts; a sender killed mid-batch leaves
+its claim to expire after the lease, then the items are sent again (at least once; an
+e-mail keeps its Message-ID so receivers can drop a duplicate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from core.settings import NotifySettings
+from core.store import OutboxRecord, Store, utcnow
+from notify.errors import DeliveryError, DeliveryTimeoutError, UnexpectedDeliveryError
+
+log = logging.getLogger(__name__)
+
+IDLE = 10.0
+"""Longest sleep of a worker with nothing due: it looks at the store at least this often."""
+MIN_WAIT = 0.05
+"""Shortest sleep when something is due but could not be claimed (another instance has it)."""
+SETTLE_TIMEOUT = 10.0
+"""Bound for recording outcomes while the service stops."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Notification:
+    """One message to one recipient over one channel, before it is queued."""
+
+    key: str
+    channel: str
+    recipient: str
+    subject: str = ""
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "channel": self.channel,
+            "recipient": self.recipient,
+            "subject": self.subject,
+            "payload": dict(self.payload),
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """What became of one claimed item: sent, failed (``error``), or released untried."""
+
+    item: OutboxRecord
+    error: DeliveryError | None = None
+    released: bool = False
+    detail: str = ""
+
+    @property
+    def sent(self) -> bool:
+        return self.error is None and not self.released
+
+
+Report = Callable[[Outcome], bool]
+"""Called by a channel with each outcome; ``False``: stop here (the outbox is stopping),
+the items not reported yet are released."""
+Listener = Callable[[Outcome], Awaitable[None]]
+
+
+class Channel(Protocol):
+    """A way to deliver notifications (e-mail, call, SMS)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def lease(self) -> float:
+        """Seconds a claimed batch may take; the worker gives up on the rest after that."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def describe(self, item: OutboxRecord) -> str:
+        """A short line naming the notification, for the audit log."""
+
+    async def deliver(self, items: Sequence[OutboxRecord], report: Report) -> None:
+        """Deliver ``items`` in order, calling ``report`` once per item as soon as its fate
+        is known, and returning when it answers ``False``. Items not reported when this
+        returns or raises count as released."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Backoff:
+    """When to try again after a transient failure: ``base`` doubled per failed attempt,
+    at most ``cap``, with a little jitter; after ``max_attempts`` attempts, give up."""
+
+    base: float
+    cap: float
+    max_attempts: int
+    jitter: float = 0.1
+
+    @classmethod
+    def from_settings(cls, settings: NotifySettings) -> Backoff:
+        return cls(
+            base=settings.retry_base, cap=settings.retry_max, max_attempts=settings.max_attempts
+        )
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt (1 = the first)."""
+        raw = min(self.cap, self.base * 2.0 ** max(0, attempts - 1))
+        spread = raw * self.jitter
+        return max(0.0, raw + random.uniform(-spread, spread))  # noqa: S311  (jitter, not crypto)
+
+
+class Outbox:
+    """Queues notifications durably and runs one delivery worker per channel (``run``)."""
+
+    def __init__(
+        self,
+        store: Store,
+        channels: Sequence[Channel],
+        backoff: Backoff,
+        *,
+        idle: float = IDLE,
+        actor: str = "notify",
+    ) -> None:
+        self.store = store
+        self.channels = {c.name: c for c in channels}
+        self.backoff = backoff
+        self.idle = idle
+        self.actor = actor
+        self._wakes = {name: asyncio.Event() for name in self.channels}
+        self._listeners: list[Listener] = []
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._stopped.set()
+
+    def listen(self, listener: Listener) -> None:
+        """``listener(outcome)`` is awaited after each outcome has been recorded."""
+        self._listeners.append(listener)
+
+    async def put(self, *notifications: Notification) -> list[str]:
+        """Store notifications (before anything is sent) and wake their workers.
+
+        Returns the keys newly queued; a key queued before is left alone (idempotency).
+        """
+        for note in notifications:
+            if note.channel not in self.channels:
+                raise ValueError(f"no outbox channel {note.channel!r}")
+        fresh = await self.store.enqueue_many([n.row() for n in notifications])
+        for name in {n.channel for n in notifications}:
+            self._wakes[name].set()
+        return fresh
+
+    def wake(self, channel: str | None = None) -> None:
+        for name, event in self._wakes.items():
+            if channel is None or name == channel:
+                event.set()
+
+    async def run(self) -> None:
+        """Deliver until stopped (``stop``) or cancelled: one worker task per channel."""
+        self._stopping.clear()
+        self._stopped.clear()
+        try:
+            async with asyncio.TaskGroup() as group:
+                for channel in self.channels.values():
+                    group.create_task(self._worker(channel), name=f"outbox:{channel.name}")
+        finally:
+            self._stopped.set()
+
+    async def stop(self, grace: float) -> bool:
+        """Stop taking work: a message being sent is finished and recorded, the rest of its
+        batch released; waits up to ``grace`` seconds. ``True`` when the workers ended."""
+        self._stopping.set()
+        self.wake()
+        try:
+            async with asyncio.timeout(grace):
+                await self._stopped.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    # -- worker ------------------------------------------------------------------------
+
+    async def _worker(self, channel: Channel) -> None:
+        wake = self._wakes[channel.name]
+        while not self._stopping.is_set():
+            wake.clear()
+            delay = self.idle
+            try:
+                now = utcnow()
+                batch = await self.store.claim_outbox(
+                    channel=channel.name,
+                    now=now,
+                    lease_until=now + timedelta(seconds=channel.lease),
+                    limit=channel.batch_size,
+                )
+                if batch:
+                    await self._deliver(channel, batch)
+                    continue
+                due = await self.store.next_outbox_due(channel=channel.name)
+                if due is not None:
+                    delay = min(self.idle, max(MIN_WAIT, (due - utcnow()).total_seconds()))
+            except Exception:
+                log.exception("outbox %s: delivery round failed; trying again", channel.name)
+                delay = min(self.idle, 1.0)
+            try:
+                async with asyncio.timeout(delay):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _deliver(self, channel: Channel, batch: Sequence[OutboxRecord]) -> None:
+        """Let the channel send the batch while a second task records outcomes as they come
+        (whatever piled up during the previous write goes into the next transaction)."""
+        reported: list[Outcome] = []
+        history: list[Outcome] = []
+        settled: set[int] = set()
+        seen: set[int] = set()
+        more = asyncio.Event()
+        finished = asyncio.Event()
+
+        def report(outcome: Outcome) -> bool:
+            if outcome.item.id not in seen:
+                seen.add(outcome.item.id)
+                reported.append(outcome)
+                history.append(outcome)
+                more.set()
+            return not self._stopping.is_set()
+
+        async def send() -> None:
+            try:
+                async with asyncio.timeout(channel.lease * 0.9):
+                    await channel.deliver(batch, report)
+            except TimeoutError:
+                log.warning(
+                    "outbox %s: batch of %d took longer than %.0fs; the rest is retried",
+                    channel.name,
+                    len(batch),
+                    channel.lease * 0.9,
+                )
+                self._fail_first_unreported(
+                    batch, seen, report, DeliveryTimeoutError("the batch", channel.lease * 0.9)
+                )
+            except Exception as exc:
+                log.exception("outbox %s: delivery failed unexpectedly", channel.name)
+                self._fail_first_unreported(batch, seen, report, UnexpectedDeliveryError(exc))
+            finally:
+                finished.set()
+                more.set()
+
+        async def record() -> None:
+            while True:
+                await more.wait()
+                more.clear()
+                while reported:
+                    chunk = list(reported)
+                    del reported[:]
+                    await self._settle(channel, chunk)
+                    settled.update(o.item.id for o in chunk)
+                if finished.is_set() and not reported:
+                    return
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(send(), name=f"outbox:{channel.name}:send")
+                group.create_task(record(), name=f"outbox:{channel.name}:record")
+        finally:
+            # reported but not yet recorded (stopping, or a store error), and never tried
+            left = [o for o in reported if o.item.id not in settled]
+            left += [Outcome(item=i, released=True) for i in batch if i.id not in seen]
+            if left:
+                await self._settle_shielded(channel, left)
+        await self._tell(channel, history)
+
+    @staticmethod
+    def _fail_first_unreported(
+        batch: Sequence[OutboxRecord], seen: set[int], report: Report, error: DeliveryError
+    ) -> None:
+        """The item in flight when a batch broke off gets the failure; the rest is released."""
+        for item in batch:
+            if item.id not in seen:
+                report(Outcome(item=item, error=error))
+                return
+
+    async def _settle_shielded(self, channel: Channel, outcomes: list[Outcome]) -> None:
+        try:
+            async with asyncio.timeout(SETTLE_TIMEOUT):
+                await asyncio.shield(self._settle(channel, outcomes))
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            log.warning(
+                "outbox %s: %d outcome(s) not recorded in time; those items are sent again "
+                "once their lease of %.0fs has run out",
+                channel.name,
+                len(outcomes),
+                channel.lease,
+            )
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        except Exception:
+            log.exception("outbox %s: outcomes not recorded", channel.name)
+
+    async def _tell(self, channel: Channel, outcomes: Sequence[Outcome]) -> None:
+        for outcome in outcomes:
+            for listener in self._listeners:
+                try:
+                    await listener(outcome)
+                except Exception:
+                    log.exception("outbox %s: a listener failed", channel.name)
+
+    async def _settle(self, channel: Channel, outcomes: Sequence[Outcome]) -> None:
+        now = utcnow()
+        results: list[dict[str, Any]] = []
+        audits: list[dict[str, Any]] = []
+        for outcome in outcomes:
+            item = outcome.item
+            target = item.payload.get("target")
+            what = channel.describe(item)
+            if outcome.released:
+                results.append(
+                    {"id": item.id, "status": "pending", "attempted": False, "retry_at": now}
+                )
+                continue
+            if outcome.error is None:
+                results.append({"id": item.id, "status": "sent"})
+                extra = f" ({outcome.detail})" if outcome.detail else ""
+                audits.append(self._audit("notification sent", target, f"{what}{extra}"))
+                continue
+            attempt = item.attempts + 1
+            error = str(outcome.error)
+            if outcome.error.transient and attempt < self.backoff.max_attempts:
+                delay = self.backoff.delay(attempt)
+                results.append(
+                    {
+                        "id": item.id,
+                        "status": "pending",
+                        "error": error,
+                        "retry_at": now + timedelta(seconds=delay),
+                    }
+                )
+                log.warning(
+                    "%s: attempt %d of %d failed: %s; next attempt in %.1fs",
+                    what,
+                    attempt,
+                    self.backoff.max_attempts,
+                    error,
+                    delay,
+                )
+                continue
+            if outcome.error.transient:
+                error = f"gave up after {attempt} attempts; last error: {error}"
+            results.append({"id": item.id, "status": "failed", "error": error})
+            audits.append(self._audit("notification failed", target, f"{what}: {error}"))
+            log.warning("%s failed for good: %s", what, error)
+        await self.store.settle_outbox(results, audits)
+
+    def _audit(self, action: str, target: Any, detail: str) -> dict[str, Any]:
+        return {
+            "actor": self.actor,
+            "source": "system",
+            "action": action,
+            "target": None if target is None else str(target)[:128],
+            "detail": detail,
+        }
+
+
+def due_in(when: datetime) -> float:
+    """Seconds from now until ``when`` (0 when it has passed)."""
+    return max(0.0, (when - utcnow()).total_seconds())

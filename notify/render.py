@@ -1,0 +1,43 @@
+"""Message texts from the jinja2 templates in ``notify/templates``.
+
+E-mails have a text and an HTML part (``NAME.txt`` and ``NAME.html``; only HTML is
+autoescaped); calls and SMS have a text (``NAME.txt``). Undefined variables are errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rendered:
+    text: str
+    html: str
+
+
+class Renderer:
+    def __init__(self, directory: Path = TEMPLATES) -> None:
+        self._env = Environment(
+            loader=FileSystemLoader(directory),
+            autoescape=select_autoescape(enabled_extensions=("html",), default=False),
+            undefined=StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+        )
+
+    def text(self, name: str, variables: Mapping[str, Any]) -> str:
+        return self._env.get_template(f"{name}.txt").render(variables)
+
+    def email(self, name: str, variables: Mapping[str, Any]) -> Rendered:
+        return Rendered(
+            text=self.text(name, variables),
+            html=self._env.get_template(f"{name}.html").render(variables),
+        )

@@ -1,0 +1,311 @@
+"""E-mail through the durable outbox, against a real SMTP server (aiosmtpd) on loopback.
+
+The service runs for real; mails are caused the way users cause them (maintenance
+commands, failing runs) and checked as received by the SMTP server and in `/tg log`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import trustme
+
+from core.events import UpdateLockSet, WarningFlagSet
+from core.store import OutboxRecord, Store
+from tests.notify_env import SENDER, audit_rows, notify_settings, outbox_rows, wait_until
+from tests.repository import Repo
+from tests.service import MAINT_TOKEN, running
+from tests.smtp_server import smtp_server
+
+USERS = "users@example.org"
+ADMIN = "admin@example.org"
+
+
+def future(days: int = 30) -> str:
+    return (datetime.now(UTC) + timedelta(days=days)).strftime("%Y-%m-%d 10:00")
+
+
+async def settled(store: Store) -> list[OutboxRecord] | None:
+    """Every queued notification sent or failed: the rows, else None."""
+    rows = await outbox_rows(store)
+    return rows if all(r.status in {"sent", "failed"} for r in rows) else None
+
+
+def smtp(port: int, **extra: Any) -> dict[str, Any]:
+    return {"host": "127.0.0.1", "port": port, **extra}
+
+
+async def test_maintenance_mails_to_the_users_list_with_proper_headers(tmp_path: Path) -> None:
+    async with smtp_server() as server:
+        settings = notify_settings(tmp_path, smtp=smtp(server.port), notify={"users_list": USERS})
+        async with running(settings) as (service, api):
+            when = future()
+            reply = await api.command(
+                f"maintenance schedule tg1 {when} Kernel & <driver> update", MAINT_TOKEN
+            )
+            assert reply["ok"], reply["text"]
+            (received,) = await server.wait_messages(1)
+            await wait_until(lambda: settled(service.store), what="settled")
+            msg = received.message
+            assert received.mail_from == SENDER and received.rcpt_tos == [USERS]
+            assert msg["To"] == USERS
+            assert email.utils.parseaddr(msg["From"]) == ("tgops", SENDER)
+            assert msg["Subject"] == (
+                f"[tgops] Maintenance of tg1 on {when}: Kernel & <driver> update"
+            )
+            assert re.fullmatch(r"<[0-9a-f]{40}@ops\.example\.org>", msg["Message-ID"])
+            sent_at = email.utils.parsedate_to_datetime(msg["Date"])
+            assert abs((sent_at - datetime.now(UTC)).total_seconds()) < 60
+            assert msg.get_content_type() == "multipart/alternative"
+            text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+            html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+            assert "maintenance of tg1 (cluster c1) is scheduled" in text
+            assert f"Start:   {when} (Europe/Berlin)" in text
+            assert "Reason:  Kernel & <driver> update" in text
+            assert "Kernel &amp; &lt;driver&gt; update" in html  # escaped in HTML only
+
+            reply = await api.command("maintenance cancel tg1", MAINT_TOKEN)
+            assert reply["ok"], reply["text"]
+            _, ended = await server.wait_messages(2)
+            await wait_until(lambda: settled(service.store), what="settled")
+            assert ended.message["Subject"] == "[tgops] Maintenance of tg1 has ended"
+            assert "has ended (cancelled); tg1 is available again" in (
+                ended.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+            )
+            assert ended.message["Message-ID"] != msg["Message-ID"]
+
+            log = (await api.command("log tg1 50"))["text"]
+            assert "notify (system) notification sent tg1: e-mail “[tgops] Maintenance" in log
+            assert f"to {USERS}" in log
+            rows = await outbox_rows(service.store)
+            assert [(r.status, r.attempts) for r in rows] == [("sent", 1), ("sent", 1)]
+
+
+async def test_starttls_with_auth_and_admin_alert_for_a_failed_run(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    repo = Repo(tmp_path)  # a key, but the repository is not served: downloads fail
+    async with smtp_server(tls="starttls", context=context, auth={"tgops": "s3cret"}) as server:
+        settings = notify_settings(
+            tmp_path,
+            smtp=smtp(
+                server.port,
+                starttls=True,
+                username="tgops",
+                password="s3cret",
+                ca_file=str(tmp_path / "ca.pem"),
+            ),
+            notify={"admin_emails": [ADMIN, "second@example.org"]},
+            public_key=repo.public_key,
+        )
+        async with running(settings) as (_, api):
+            reply = await api.command("download solo1")
+            assert reply["ok"], reply["text"]
+            received = await server.wait_messages(4)  # warning flag and failed run, to 2
+            assert server.logins == ["tgops"] * server.connections
+            by_subject: dict[str, list[str]] = {}
+            for r in received:
+                by_subject.setdefault(r.message["Subject"], []).append(r.rcpt_tos[0])
+            flag, run = sorted(by_subject, key=lambda s: "Warning" not in s)
+            assert flag == "[tgops] Warning flag set on solo1: update download failed"
+            assert re.fullmatch(r"\[tgops\] Run #\d+ \(download\) on solo1 failed", run)
+            assert all(sorted(v) == [ADMIN, "second@example.org"] for v in by_subject.values())
+            mail = next(r.message for r in received if r.message["Subject"] == run)
+            body = mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+            assert "System:  solo1" in body and "127.0.0.1:9" in body
+            assert "/tg log solo1" in body
+            assert len({r.message["Message-ID"] for r in received}) == 4
+
+
+async def test_implicit_tls(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    async with smtp_server(tls="implicit", context=context) as server:
+        settings = notify_settings(
+            tmp_path,
+            smtp=smtp(server.port, use_tls=True, ca_file=str(tmp_path / "ca.pem")),
+            notify={"users_list": USERS},
+        )
+        async with running(settings) as (_, api):
+            reply = await api.command(
+                f"maintenance schedule solo1 {future()} Disk swap", MAINT_TOKEN
+            )
+            assert reply["ok"], reply["text"]
+            (received,) = await server.wait_messages(1)
+            assert "Maintenance of solo1" in received.message["Subject"]
+
+
+async def test_untrusted_certificate_is_retried_then_reported(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    async with smtp_server(tls="implicit", context=context) as server:
+        settings = notify_settings(
+            tmp_path,
+            smtp=smtp(server.port, use_tls=True),  # system CAs do not know the test CA
+            notify={"users_list": USERS, "max_attempts": 3},
+        )
+        async with running(settings) as (service, api):
+            await api.command(f"maintenance schedule solo1 {future()} Disk swap", MAINT_TOKEN)
+            (failed,) = await wait_until(
+                lambda: audit_rows(service.store, "notification failed"), what="failure"
+            )
+            assert "gave up after 3 attempts" in failed.detail
+            assert "CERTIFICATE_VERIFY_FAILED" in failed.detail or "certificate" in failed.detail
+            assert server.count == 0
+
+
+async def test_no_smtp_host_fails_with_a_clear_reason(tmp_path: Path) -> None:
+    settings = notify_settings(tmp_path, notify={"users_list": USERS})
+    async with running(settings) as (service, api):
+        await api.command(f"maintenance schedule tg2 {future()} New disks", MAINT_TOKEN)
+        (row,) = await wait_until(
+            lambda: audit_rows(service.store, "notification failed"), what="failure"
+        )
+        assert row.target == "tg2"
+        assert "smtp.host is not configured" in row.detail
+        (item,) = await outbox_rows(service.store)
+        assert item.status == "failed" and item.attempts == 1
+        assert "smtp.host is not configured" in (item.last_error or "")
+        log = (await api.command("log tg2"))["text"]
+        assert "notification failed tg2: e-mail “[tgops] Maintenance of tg2" in log
+        assert "smtp.host is not configured" in log
+
+
+async def test_server_down_then_up_delivers_exactly_once(tmp_path: Path) -> None:
+    async with smtp_server() as server:
+        await server.stop()
+        settings = notify_settings(
+            tmp_path, smtp=smtp(server.port), notify={"users_list": USERS, "max_attempts": 100}
+        )
+        async with running(settings) as (service, api):
+            for node in ("tg1", "tg2", "tg3"):
+                reply = await api.command(
+                    f"maintenance schedule {node} {future()} Power work", MAINT_TOKEN
+                )
+                assert reply["ok"]
+
+            async def retried() -> bool:
+                rows = await outbox_rows(service.store)
+                return len(rows) == 3 and all(r.attempts >= 2 for r in rows)
+
+            await wait_until(retried, what="3 items tried at least twice")
+            rows = await outbox_rows(service.store)
+            assert all(r.status in {"pending", "sending"} for r in rows)
+            assert "127.0.0.1" in (rows[0].last_error or "")
+            await server.start()
+            await server.wait_messages(3)
+
+            rows = await wait_until(lambda: settled(service.store), what="all settled")
+            assert {r.status for r in rows} == {"sent"}
+            assert sorted(m.message["Subject"].split()[3] for m in server.messages) == [
+                "tg1",
+                "tg2",
+                "tg3",
+            ]
+            assert len(server.messages) == 3
+            assert len(await audit_rows(service.store, "notification sent")) == 3
+
+
+async def test_sender_refused_for_good_and_for_now(tmp_path: Path) -> None:
+    async with smtp_server() as server:
+        server.refuse_sender = "550 5.7.1 sender not allowed"
+        settings = notify_settings(tmp_path, smtp=smtp(server.port), notify={"users_list": USERS})
+        async with running(settings) as (service, api):
+            await api.command(f"maintenance schedule tg1 {future()} One", MAINT_TOKEN)
+            (failed,) = await wait_until(
+                lambda: audit_rows(service.store, "notification failed"), what="failure"
+            )
+            assert "refused the sender (550 5.7.1 sender not allowed); check smtp.sender" in (
+                failed.detail
+            )
+            server.refuse_sender = "451 4.7.1 greylisted, try again"
+            await api.command(f"maintenance schedule tg2 {future()} Two", MAINT_TOKEN)
+
+            async def retried() -> Any:
+                rows = await outbox_rows(service.store)
+                return len(rows) == 2 and rows[1].attempts >= 1 and rows[1].status != "sent"
+
+            await wait_until(retried, what="a transient refusal")
+            server.refuse_sender = None
+            (received,) = await server.wait_messages(1)
+            assert "tg2" in received.message["Subject"]
+            rows = await wait_until(lambda: settled(service.store), what="all settled")
+            assert [r.status for r in rows] == ["failed", "sent"]
+            assert rows[1].attempts >= 2
+
+
+async def test_connection_dropped_mid_batch_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    async with smtp_server() as server:
+        server.drop_at = {3}
+        settings = notify_settings(
+            tmp_path,
+            smtp=smtp(server.port),
+            notify={"admin_emails": [f"admin{i}@example.org" for i in range(8)]},
+        )
+        async with running(settings) as (service, _):
+            await service.bus.publish(WarningFlagSet(node="tg1", reason="download failed"))
+            await server.wait_messages(8)
+
+            await wait_until(lambda: settled(service.store), what="all settled")
+            rcpts = sorted(m.rcpt_tos[0] for m in server.messages)
+            assert rcpts == sorted(f"admin{i}@example.org" for i in range(8))
+            assert server.connections >= 2  # the batch went on over a new connection
+            rows = await outbox_rows(service.store)
+            assert sorted(r.attempts for r in rows) == [1] * 7 + [2]
+
+
+async def test_refused_recipient_does_not_stop_the_batch(tmp_path: Path) -> None:
+    async with smtp_server() as server:
+        server.refuse_recipients["bad@example.org"] = "550 5.1.1 no such user"
+        settings = notify_settings(
+            tmp_path,
+            smtp=smtp(server.port),
+            notify={"admin_emails": ["a@example.org", "bad@example.org", "c@example.org"]},
+        )
+        async with running(settings) as (service, _):
+            await service.bus.publish(UpdateLockSet(node="solo1", reason="install failed"))
+            await server.wait_messages(2)
+            (failed,) = await wait_until(
+                lambda: audit_rows(service.store, "notification failed"), what="failure"
+            )
+            assert "to bad@example.org" in failed.detail
+            assert "refused the recipient (550 5.1.1 no such user); check the address" in (
+                failed.detail
+            )
+            assert server.connections == 1
+            assert "solo1 is locked against updates" in server.messages[0].message["Subject"]
+
+
+async def test_mails_queued_when_the_service_stops_are_sent_once_after_restart(
+    tmp_path: Path,
+) -> None:
+    async with smtp_server() as server:
+        await server.stop()
+        settings = notify_settings(
+            tmp_path, smtp=smtp(server.port), notify={"users_list": USERS, "retry_base": "1s"}
+        )
+        async with running(settings) as (service, api):
+            for node in ("tg1", "solo1"):
+                await api.command(f"maintenance schedule {node} {future()} Move", MAINT_TOKEN)
+
+            async def tried() -> bool:
+                rows = await outbox_rows(service.store)
+                return len(rows) == 2 and all(r.attempts == 1 for r in rows)
+
+            await wait_until(tried, what="both tried once")
+        await server.start()
+        async with running(settings) as (service, _):
+            await server.wait_messages(2)
+            rows = await wait_until(lambda: settled(service.store), what="settled")
+            assert [(r.status, r.attempts) for r in rows] == [("sent", 2), ("sent", 2)]
+        assert len(server.messages) == 2

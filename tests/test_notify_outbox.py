@@ -1,0 +1,157 @@
+"""The durable outbox on its own: the real store (SQLite), the real e-mail channel, a real
+SMTP server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from core.settings import SmtpSettings
+from core.store import Store, utcnow
+from notify.email import EmailChannel
+from notify.outbox import Backoff, Notification, Outbox
+from notify.render import Renderer
+from tests.notify_env import SENDER, audit_rows, outbox_rows, wait_until
+from tests.smtp_server import SmtpServer, smtp_server
+
+
+def mail(i: int, key: str | None = None) -> Notification:
+    return Notification(
+        key=key or f"event-{i}:email:user{i}@example.org",
+        channel="email",
+        recipient=f"user{i}@example.org",
+        subject=f"[tgops] Test {i}",
+        payload={
+            "template": "admin_alert",
+            "target": "tg1",
+            "vars": {
+                "title": f"Test {i}",
+                "node": "tg1",
+                "at": "2026-01-01 10:00",
+                "timezone": "Europe/Berlin",
+                "detail": "detail",
+                "hint": "hint",
+            },
+        },
+    )
+
+
+@asynccontextmanager
+async def outbox_for(
+    tmp_path: Path, server: SmtpServer, *, batch_size: int = 100, start: bool = True
+) -> AsyncIterator[tuple[Outbox, Store]]:
+    async with Store(f"sqlite+aiosqlite:///{tmp_path}/outbox.db") as store:
+        channel = EmailChannel(
+            SmtpSettings(host="127.0.0.1", port=server.port, sender=SENDER, timeout=2.0),
+            renderer=Renderer(),
+            batch_size=batch_size,
+        )
+        outbox = Outbox(store, [channel], Backoff(base=0.05, cap=0.2, max_attempts=5))
+        if not start:
+            yield outbox, store
+            return
+        task = asyncio.create_task(outbox.run(), name="test-outbox")
+        try:
+            yield outbox, store
+        finally:
+            await outbox.stop(5.0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def sent(store: Store, count: int) -> bool:
+    rows = await outbox_rows(store)
+    return len(rows) == count and all(r.status == "sent" for r in rows)
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    backoff = Backoff(base=1.0, cap=10.0, max_attempts=5, jitter=0.0)
+    assert [backoff.delay(n) for n in range(1, 7)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    jittery = Backoff(base=10.0, cap=100.0, max_attempts=5)
+    assert all(9.0 <= jittery.delay(1) <= 11.0 for _ in range(100))
+
+
+async def test_a_key_is_sent_once_however_often_it_is_put(tmp_path: Path) -> None:
+    async with smtp_server() as server, outbox_for(tmp_path, server) as (outbox, store):
+        assert await outbox.put(mail(1), mail(1)) == [mail(1).key]
+        assert await outbox.put(mail(1)) == []
+        await server.wait_messages(1)
+        await wait_until(lambda: sent(store, 1), what="sent")
+        assert await outbox.put(mail(1)) == []  # also after it was sent
+        (row,) = await audit_rows(store, "notification sent")
+        assert row.detail == "e-mail “[tgops] Test 1” to user1@example.org"
+        assert row.target == "tg1" and row.actor == "notify" and row.source == "system"
+        assert len(server.messages) == 1
+
+
+async def test_one_connection_per_batch(tmp_path: Path) -> None:
+    async with smtp_server() as server:
+        async with outbox_for(tmp_path, server, batch_size=40, start=False) as (outbox, store):
+            await outbox.put(*(mail(i) for i in range(100)))
+            task = asyncio.create_task(outbox.run(), name="test-outbox")
+            try:
+                await server.wait_messages(100)
+                await wait_until(lambda: sent(store, 100), what="all sent")
+            finally:
+                await outbox.stop(5.0)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        assert server.connections == 3  # 40 + 40 + 20
+        assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(
+            f"user{i}@example.org" for i in range(100)
+        )
+
+
+async def test_a_dead_senders_claim_runs_out_and_the_items_go_once(tmp_path: Path) -> None:
+    async with smtp_server() as server:
+        async with outbox_for(tmp_path, server, start=False) as (outbox, store):
+            await outbox.put(*(mail(i) for i in range(3)))
+            now = utcnow()
+            # another sender took them and died: its lease runs out in 0.5 s
+            taken = await store.claim_outbox(
+                channel="email", now=now, lease_until=now + timedelta(seconds=0.5), limit=10
+            )
+            assert [r.status for r in taken] == ["sending"] * 3
+            assert (
+                await store.claim_outbox(
+                    channel="email", now=utcnow(), lease_until=utcnow(), limit=10
+                )
+                == []
+            )  # nobody else takes them meanwhile
+            task = asyncio.create_task(outbox.run(), name="test-outbox")
+            try:
+                await server.wait_messages(3)
+                await wait_until(lambda: sent(store, 3), what="sent")
+            finally:
+                await outbox.stop(5.0)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        assert len(server.messages) == 3
+        assert utcnow() - now >= timedelta(seconds=0.5)
+
+
+async def test_gives_up_after_max_attempts_with_the_last_error(tmp_path: Path) -> None:
+    async with smtp_server() as server:
+        await server.stop()
+        async with outbox_for(tmp_path, server) as (outbox, store):
+            await outbox.put(mail(7))
+            (failed,) = await wait_until(
+                lambda: audit_rows(store, "notification failed"), what="failure"
+            )
+            assert failed.detail.startswith(
+                "e-mail “[tgops] Test 7” to user7@example.org: gave up after 5 attempts; last "
+                f"error: SMTP server 127.0.0.1:{server.port} not usable:"
+            )
+            (row,) = await outbox_rows(store)
+            assert (row.status, row.attempts) == ("failed", 5)
+
+
+async def test_unknown_channel_is_refused(tmp_path: Path) -> None:
+    async with smtp_server() as server, outbox_for(tmp_path, server) as (outbox, _):
+        with pytest.raises(ValueError, match="no outbox channel 'fax'"):
+            await outbox.put(Notification(key="k", channel="fax", recipient="+49"))

@@ -1,0 +1,454 @@
+"""The Slack app end to end: signed requests to the real ``/slack/events`` of a running
+service, a fake Slack Web API on loopback, sandbox nodes and a signed repository.
+
+Assertions are what a Slack user sees: the messages (text and blocks) posted to the
+response URL, the ops channel or App Home, and which Slack calls were made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from bot.service import Service
+from core.model import SYSTEM, PackageKind
+from tests.fake_slack import Call, FakeSlack, SlackUser, fake_slack
+from tests.repo_server import RepoServer, serve_repo
+from tests.repository import Repo
+from tests.service import Api, running, settings_for
+
+SECRET = "signing-secret-for-tests"
+TOKEN = "xoxb-test-token"
+UPDATE = "U0UPDATE"
+MAINT = "U0MAINT"
+VIEWER = "U0VIEWER"  # in no role list: gets what "*" grants (viewer)
+TZ = ZoneInfo("Europe/Berlin")
+
+
+@dataclass
+class Bed:
+    root: Path
+    repo: Repo
+    server: RepoServer
+    fake: FakeSlack
+    service: Service
+    api: Api
+    viewer: SlackUser
+
+    @property
+    def update(self) -> SlackUser:
+        return self.viewer.as_user(UPDATE)
+
+    @property
+    def maint(self) -> SlackUser:
+        return self.viewer.as_user(MAINT)
+
+    def login(self, node: str, *users: str) -> None:
+        path = self.root / "nodes" / node
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "sessions.json").write_text(json.dumps([{"user": u} for u in users]))
+
+    def installed(self, node: str) -> dict[str, str]:
+        path = self.root / "nodes" / node / "state.json"
+        if not path.exists():
+            return {}
+        installed: dict[str, str] = json.loads(path.read_text()).get("installed", {})
+        return installed
+
+
+@asynccontextmanager
+async def bed(
+    tmp_path: Path,
+    *,
+    roles: dict[str, list[str]] | None = None,
+    slack: dict[str, Any] | None = None,
+) -> AsyncIterator[Bed]:
+    repo = Repo(tmp_path)
+    repo.add("tg-base", "1.0")
+    async with serve_repo(repo.root) as server, fake_slack() as fake:
+        sections = {
+            "slack": {
+                "bot_token": TOKEN,
+                "signing_secret": SECRET,
+                "api_url": fake.api_url,
+                "channel": "COPS",
+                **(slack or {}),
+            },
+            "roles": roles or {"update": [UPDATE], "maint": [MAINT], "viewer": ["*"]},
+        }
+        settings = settings_for(
+            tmp_path,
+            repository_url=server.url,
+            public_key=repo.public_key,
+            sections=sections,
+            updates={"read_timeout": "30s"},  # tests hold the repository while Slack retries
+        )
+        async with running(settings) as (service, api):
+            viewer = SlackUser(
+                url=f"{api.base}/slack/events", secret=SECRET, session=api.session, fake=fake
+            )
+            yield Bed(tmp_path, repo, server, fake, service, api, viewer)
+
+
+def run_ids(text: str) -> list[int]:
+    """The run numbers a reply names (its fallback text and blocks name them both)."""
+    return list(dict.fromkeys(int(n) for n in re.findall(r"#(\d+) on", text)))
+
+
+def buttons(call: Call) -> list[dict[str, Any]]:
+    return [
+        e
+        for b in call.body.get("blocks", [])
+        if b["type"] == "actions"
+        for e in b["elements"]
+        if e["type"] == "button"
+    ]
+
+
+# -- transport and signatures ----------------------------------------------------------------
+
+
+async def test_bad_or_stale_signatures_are_refused_with_401(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        answer = await b.viewer.slash("status", sign_with="not-the-secret")
+        assert answer.status == 401
+        stale = str(int(time.time()) - 10 * 60)
+        answer = await b.viewer.slash("status", timestamp=stale)
+        assert answer.status == 401
+        async with b.api.session.post(b.viewer.url, data=b"command=%2Ftg&text=status") as resp:
+            assert resp.status == 401
+        # the same request, signed now, is acknowledged at once with an empty body
+        answer = await b.viewer.slash("status")
+        assert (answer.status, answer.text) == (200, "")
+        await b.fake.wait_for("response_url")
+        assert len(b.fake.of("response_url")) == 1  # only the good request was answered
+
+
+async def test_status_reply_begins_with_the_alert_header(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        await b.service.lifecycle.set_lock("tg2", "install failed: disk full", SYSTEM)
+        await b.service.lifecycle.set_warning_flag("solo1", "10 attempts failed")
+        tomorrow = (datetime.now(TZ) + timedelta(days=1)).strftime("%Y-%m-%d")
+        reply = await b.api.command(f"maintenance schedule tg1 {tomorrow} 22:00 Kernel update")
+        assert reply["ok"], reply["text"]
+
+        call = await b.viewer.command("status")
+        assert call.body["response_type"] == "ephemeral"  # a query: only the asker sees it
+        header = call.body["blocks"][0]["text"]["text"]
+        assert header.splitlines() == [
+            ":warning: *Update download error:* solo1",
+            ":lock: *Update lock set:* tg2",
+            f":calendar: *Maintenance* tg1 at {tomorrow} 22:00: Kernel update",
+        ]
+        assert call.body["blocks"][1] == {"type": "divider"}
+        body = call.body["blocks"][2]["text"]["text"]
+        assert body.startswith("```") and "tg1 (cluster c1): 0 sessions" in body
+        assert call.body["text"].startswith("Update download error: solo1 | Update lock set: tg2")
+
+
+async def test_roles_refusals_help_and_unknown_commands(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        call = await b.viewer.command("download tg1")
+        assert call.body["response_type"] == "ephemeral"
+        assert ":no_entry: `download` needs role update; you have: viewer." in call.text
+        assert b.installed("tg1") == {}
+
+        call = await b.viewer.command("help")
+        assert "/tg status" in call.text and "/tg download" not in call.text
+        call = await b.update.command("help")
+        assert "/tg download" in call.text and "/tg maintenance schedule" not in call.text
+        call = await b.maint.command("help")
+        assert "/tg maintenance schedule" in call.text and "/tg download" not in call.text
+
+        call = await b.viewer.command("frobnicate tg1")
+        assert call.body["response_type"] == "ephemeral"
+        assert "unknown command 'frobnicate'" in call.text
+        assert "Usage: help [COMMAND]" in call.text
+
+        # an empty `/tg` is help
+        call = await b.viewer.command("")
+        assert "/tg status" in call.text
+
+        # the response URL is gone: the refusal still reaches the user, ephemerally
+        b.fake.fail_next("response_url", 404)
+        answer = await b.viewer.slash("restart solo1")
+        assert answer.status == 200
+        [posted] = await b.fake.wait_for("chat.postEphemeral")
+        assert posted.body["channel"] == "CCMD" and posted.body["user"] == VIEWER
+        assert "`restart` needs role update" in posted.text
+
+
+async def test_a_user_in_no_role_list_gets_nothing(tmp_path: Path) -> None:
+    roles = {"viewer": [VIEWER], "update": [UPDATE], "maint": []}
+    async with bed(tmp_path, roles=roles) as b:
+        stranger = b.viewer.as_user("U0STRANGER")
+        call = await stranger.command("status")
+        assert "`status` needs role viewer; you have: none." in call.text
+        assert "No alerts" not in call.text  # no role: not even the fleet's alerts
+        call = await stranger.command("help")
+        assert "`help` needs role viewer; you have: none." in call.text
+        call = await b.viewer.command("status")
+        assert "tg1 (cluster c1)" in call.text
+        call = await b.update.command("status")  # update includes viewer (L11)
+        assert "tg1 (cluster c1)" in call.text
+
+
+# -- confirmations -------------------------------------------------------------------------
+
+
+async def test_confirmation_button_starts_the_run_once(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        b.login("tg1", "alice", "bob")
+        prompt = await b.update.command("auto-update tg1")
+        assert prompt.body["response_type"] == "ephemeral"
+        assert "2 user session(s) would be ended (tg1: 2). Nothing was done." in prompt.text
+        assert "Sessions that will end:* tg1: alice, bob" in prompt.text
+        [button] = buttons(prompt)
+        assert button["style"] == "danger"
+        assert button["confirm"]["style"] == "danger"
+        assert button["confirm"]["text"]["text"] == "These sessions will be ended: tg1: alice, bob."
+        assert "Or type `/tg auto-update tg1 --yes`." in prompt.text
+        assert b.installed("tg1") == {}  # nothing was done
+
+        b.server.hold()  # the run's download waits: the run stays running for a while
+        click_url = b.fake.response_url()
+        answer = await b.update.click(prompt, response_url=click_url)
+        assert (answer.status, answer.text) == (200, "")
+        path = click_url.split(b.fake.base)[1]
+        confirmed, started = await b.fake.wait_for(
+            "response_url", 2, where=lambda c: c.path == path
+        )
+        assert confirmed.body["replace_original"] is True
+        assert f"Confirmed by <@{UPDATE}>: `auto-update tg1 --yes`." in confirmed.text
+        assert started.body["response_type"] == "in_channel"  # an action: the channel sees it
+        assert "auto-update started: #" in started.text
+        [run_id] = run_ids(started.text)
+
+        again_url = b.fake.response_url()
+        await b.update.click(prompt, response_url=again_url)
+        path = again_url.split(b.fake.base)[1]
+        [again] = await b.fake.wait_for("response_url", where=lambda c: c.path == path)
+        assert "Already running: this was confirmed before" in again.text
+        assert f"run #{run_id} on tg1: running" in again.text
+
+        b.server.release()
+        [run] = await b.service.lifecycle.wait([run_id])
+        assert run.status == "succeeded", run.error
+        assert b.installed("tg1") == {"tg-base": "1.0"}
+
+        done_url = b.fake.response_url()
+        await b.update.click(prompt, response_url=done_url)
+        path = done_url.split(b.fake.base)[1]
+        [done] = await b.fake.wait_for("response_url", where=lambda c: c.path == path)
+        assert f"Already done: this was confirmed before (by <@{UPDATE}>); run #{run_id} on " \
+            "tg1: succeeded." in done.text
+        assert len(await b.service.store.runs(node="tg1")) == 1
+
+
+async def test_a_click_after_someone_else_started_the_run(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        b.login("solo1", "carol")
+        prompt = await b.update.command("auto-update solo1")
+        assert "Sessions that will end:* solo1: carol" in prompt.text
+        b.server.hold()
+        # `--yes` typed skips the button; the action is posted in the channel
+        typed = await b.update.command("auto-update solo1 --yes")
+        assert typed.body["response_type"] == "in_channel"
+        assert buttons(typed) == []
+        [run_id] = run_ids(typed.text)
+
+        url = b.fake.response_url()
+        await b.update.click(prompt, response_url=url)
+        path = url.split(b.fake.base)[1]
+        [late] = await b.fake.wait_for("response_url", where=lambda c: c.path == path)
+        assert late.body["replace_original"] is True
+        assert f"Already running: solo1 is busy with run #{run_id} (at step download)" in late.text
+        assert "nothing new was started" in late.text
+        b.server.release()
+        [run] = await b.service.lifecycle.wait([run_id])
+        assert run.status == "succeeded", run.error
+        assert len(await b.service.store.runs(node="solo1")) == 1
+
+
+# -- the maintenance form --------------------------------------------------------------------
+
+
+async def test_maintenance_form_opens_checks_and_schedules(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        call = await b.viewer.command("maintenance new")
+        assert "`maintenance new` needs role maint" in call.text
+        assert b.fake.of("views.open") == []
+
+        url = b.fake.response_url()
+        answer = await b.maint.slash("maintenance new", response_url=url)
+        assert (answer.status, answer.text) == (200, "")
+        [opened] = await b.fake.wait_for("views.open")
+        assert opened.body["trigger_id"].startswith("trigger.")
+        view = opened.body["view"]
+        assert view["type"] == "modal" and view["callback_id"] == "tg_maintenance"
+        select = view["blocks"][0]["element"]
+        offered = [o["value"] for g in select["option_groups"] for o in g["options"]]
+        assert offered == ["all", "c1", "tg1", "tg2", "tg3", "solo1"]
+        kinds = [blk["element"]["type"] for blk in view["blocks"]]
+        assert kinds == ["static_select", "datepicker", "timepicker", "plain_text_input",
+                         "checkboxes"]  # fmt: skip
+
+        def values(target: str, day: str, at: str, reason: str, logon: bool) -> dict[str, Any]:
+            checked = [{"value": "disable_logon"}] if logon else []
+            return {
+                "target": {"target": {"type": "static_select",
+                                      "selected_option": {"value": target}}},
+                "date": {"date": {"type": "datepicker", "selected_date": day}},
+                "time": {"time": {"type": "timepicker", "selected_time": at}},
+                "reason": {"reason": {"type": "plain_text_input", "value": reason}},
+                "options": {"disable_logon": {"type": "checkboxes", "selected_options": checked}},
+            }  # fmt: skip
+
+        yesterday = (datetime.now(TZ) - timedelta(days=1)).strftime("%Y-%m-%d")
+        answer = await b.maint.submit(view, values("tg1", yesterday, "22:00", "   ", False))
+        assert answer.status == 200
+        errors = answer.json()
+        assert errors["response_action"] == "errors"
+        assert set(errors["errors"]) == {"date", "reason"}
+        assert "in the past" in errors["errors"]["date"]
+        assert "Say why" in errors["errors"]["reason"]
+
+        tomorrow = (datetime.now(TZ) + timedelta(days=1)).strftime("%Y-%m-%d")
+        answer = await b.maint.submit(view, values("nosuch", tomorrow, "22:00", "x", False))
+        assert answer.json()["response_action"] == "errors"
+        assert "'nosuch' is neither a node nor a cluster" in answer.json()["errors"]["target"]
+
+        reason = "Kernel update -- it's \"urgent\"; back in  30 min"
+        answer = await b.maint.submit(view, values("tg1", tomorrow, "22:30", reason, True))
+        assert (answer.status, answer.text) == (200, "")  # the form closes
+        path = url.split(b.fake.base)[1]
+        [done] = await b.fake.wait_for("response_url", where=lambda c: c.path == path)
+        assert done.body["response_type"] == "in_channel"
+        assert f"Maintenance scheduled on tg1 at {tomorrow} 22:30" in done.text
+        maintenance = next(n for n in (await b.api.status())["nodes"] if n["name"] == "tg1")[
+            "maintenance"
+        ]
+        assert maintenance["reason"] == "Kernel update -- it's \"urgent\"; back in 30 min"
+        assert maintenance["disable_logon"] is True
+        log = (await b.api.command("log tg1"))["text"]
+        assert f"{MAINT} (slack) command tg1: maintenance schedule tg1" in log
+
+
+# -- App Home ------------------------------------------------------------------------------
+
+
+async def test_app_home_is_published_and_refreshed(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        answer = await b.viewer.event({"type": "app_home_opened", "user": VIEWER, "tab": "home",
+                                       "channel": "D1"})  # fmt: skip
+        assert answer.status == 200
+        [first] = await b.fake.wait_for("views.publish")
+        assert first.body["user_id"] == VIEWER
+        assert first.body["view"]["type"] == "home"
+        text = first.text
+        assert "tgops: the fleet" in text and "No alerts" in text
+        assert "*Fleet* (4 nodes)" in text
+        assert re.search(r"solo1\s+-\s+0\s+enabled", text)
+        assert "Your roles: viewer." in text
+
+        reply = await b.api.command("logon disable solo1")
+        assert reply["ok"], reply["text"]
+        await b.service.lifecycle.set_lock("tg3", "install failed", SYSTEM)
+        calls = await b.fake.wait_for(
+            "views.publish", where=lambda c: "Update lock set" in c.text
+        )
+        assert re.search(r"solo1\s+-\s+0\s+disabled", calls[-1].text)
+        assert calls[-1].body["user_id"] == VIEWER
+
+
+# -- the ops channel -------------------------------------------------------------------------
+
+
+async def test_ops_channel_follows_a_run_and_survives_429_and_500(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        b.fake.fail_next("chat.postMessage", 429, retry_after=1)
+        b.fake.fail_next("chat.update", 500)
+        b.server.hold()
+        call = await b.update.command("download solo1")
+        assert call.body["response_type"] == "in_channel"
+        [run_id] = run_ids(call.text)
+        title = f"Run #{run_id} download on solo1"
+
+        [posted] = await b.fake.wait_for("chat.postMessage", where=lambda c: title in c.text)
+        assert posted.body["channel"] == "COPS"
+        assert f"started by <@{UPDATE}>" in posted.text
+        limited = [c for c in b.fake.calls if c.method == "chat.postMessage" and c.status == 429]
+        assert len(limited) == 1  # rate limited once, retried after Retry-After
+
+        progress = await b.fake.wait_for("chat.update", where=lambda c: "step *download*" in c.text)
+        assert "░" in progress[0].text
+        stored = await b.service.store.kv_get("slack.run", str(run_id))
+        assert stored["channel"] == "COPS" and stored["ts"] == progress[0].body["ts"]
+        b.server.release()
+        [run] = await b.service.lifecycle.wait([run_id])
+        assert run.status == "succeeded", run.error
+        [final] = await b.fake.wait_for("chat.update", where=lambda c: "succeeded" in c.text)
+        assert final.body["ts"] == stored["ts"]  # the same message, updated in place
+        assert f":white_check_mark: *{title}: succeeded*" in final.text
+        assert [c for c in b.fake.calls if c.method == "chat.update" and c.status == 500]
+        assert await b.service.store.kv_get("slack.run", str(run_id)) is None
+
+
+async def test_ops_channel_reports_a_failure_and_the_lock(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        node = tmp_path / "nodes" / "solo1"
+        node.mkdir(parents=True, exist_ok=True)
+        (node / "faults.json").write_text(json.dumps({"install": "disk full"}))
+        call = await b.update.command("auto-update solo1")
+        [run_id] = run_ids(call.text)
+        [run] = await b.service.lifecycle.wait([run_id])
+        assert run.status == "failed"
+        [final] = await b.fake.wait_for("chat.update", where=lambda c: ": failed*" in c.text)
+        assert "disk full" in final.text
+        await b.fake.wait_for("chat.postMessage", where=lambda c: "Update lock set on solo1" in c.text)
+        await b.fake.wait_for(
+            "chat.postMessage",
+            where=lambda c: f"Run #{run_id} auto-update on solo1 failed" in c.text,
+        )
+        call = await b.viewer.command("status solo1")
+        assert ":lock: *Update lock set:* solo1" in call.text
+
+
+async def test_restart_required_is_red_in_every_header(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        b.repo.add("tg-kernel", "6.1", kind=PackageKind.CORE)
+        call = await b.update.command("auto-update solo1")
+        [run_id] = run_ids(call.text)
+        [run] = await b.service.lifecycle.wait([run_id])
+        assert run.status == "succeeded", run.error
+        call = await b.viewer.command("nodes")
+        first = call.body["blocks"][0]["text"]["text"]
+        assert first == ":red_circle: *Restart required:* solo1"
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+async def test_without_slack_settings_the_service_runs_without_slack(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bot.slack")
+    settings = settings_for(tmp_path, sections={"slack": {"bot_token": TOKEN}})
+    async with running(settings) as (_, api):
+        async with api.session.post(f"{api.base}/slack/events", data=b"x") as response:
+            assert response.status == 404
+        assert (await api.command("status"))["ok"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "bot.slack"]
+    assert lines == ["Slack is disabled: slack.signing_secret not set"]
+    assert TOKEN not in caplog.text
