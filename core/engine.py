@@ -59,6 +59,7 @@ class Engine:
         self._refresh_gate = asyncio.Semaphore(REFRESH_PARALLEL)
         self.manifests: dict[str, Manifest] = {}
         self._unsaved_manifests: dict[str, Manifest] = {}
+        self._saving_manifests = asyncio.Lock()
 
     def remember_manifest(self, manifest: Manifest) -> None:
         """The newest verified manifest of a channel, for status and hotfix listings.
@@ -70,27 +71,29 @@ class Engine:
         self._unsaved_manifests[manifest.channel] = manifest
 
     async def save_manifests(self) -> None:
-        """Persist the manifests remembered since the last call (a no-op when none were).
+        """Persist the manifests remembered before this call (a no-op when none are new).
 
         kv namespace ``manifests``, key = channel, value ``{"saved_at", "manifest"}``. The
         service calls this from an event-bus subscriber, so a fetched manifest reaches the
-        store with the next domain event (every run publishes several).
+        store with the next domain event (every run publishes several). Calls are
+        serialized: when one returns, everything remembered before it is in the store.
         """
-        while self._unsaved_manifests:
-            channel, manifest = self._unsaved_manifests.popitem()
-            try:
-                await self.store.kv_set(
-                    MANIFESTS_KV,
-                    channel,
-                    {
-                        "saved_at": self.clock.now().isoformat(),
-                        "manifest": manifest.model_dump(mode="json"),
-                    },
-                )
-            except BaseException:
-                # keep it for the next call, unless a newer one arrived meanwhile
-                self._unsaved_manifests.setdefault(channel, manifest)
-                raise
+        async with self._saving_manifests:
+            while self._unsaved_manifests:
+                channel, manifest = self._unsaved_manifests.popitem()
+                try:
+                    await self.store.kv_set(
+                        MANIFESTS_KV,
+                        channel,
+                        {
+                            "saved_at": self.clock.now().isoformat(),
+                            "manifest": manifest.model_dump(mode="json"),
+                        },
+                    )
+                except BaseException:
+                    # keep it for the next call, unless a newer one arrived meanwhile
+                    self._unsaved_manifests.setdefault(channel, manifest)
+                    raise
 
     async def start(self) -> None:
         """Register the configured nodes in the store and read their state once."""

@@ -1055,8 +1055,27 @@ class Store:
         Each audit record has the arguments of ``audit``.
         """
         now = utcnow()
+        sent = [
+            r["id"]
+            for r in results
+            if r["status"] == "sent" and r.get("attempted", True) and r.get("retry_at") is None
+        ]
+        done = set(sent)
         async with self.transaction() as conn:
+            if sent:  # the common case in one statement
+                await conn.execute(
+                    update(t.outbox)
+                    .where(t.outbox.c.id.in_(sent))
+                    .values(
+                        status="sent",
+                        last_error=None,
+                        attempts=t.outbox.c.attempts + 1,
+                        sent_at=now,
+                    )
+                )
             for result in results:
+                if result["id"] in done:
+                    continue
                 values: dict[str, Any] = {
                     "status": result["status"],
                     "last_error": result.get("error"),

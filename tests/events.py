@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from core.events import Event, LocalEventBus
 
@@ -38,3 +38,16 @@ class Recorder:
                 if len(found) >= count:
                     return found
                 await self._changed.wait()
+
+
+async def until(
+    check: Callable[[], Awaitable[bool]], within: float = 30.0, step: float = 0.05
+) -> None:
+    """Poll ``check`` until it holds, bounded by ``within`` seconds.
+
+    Only for state owned by another process (a service in a subprocess), where there is no
+    event to await.
+    """
+    async with asyncio.timeout(within):
+        while not await check():  # noqa: ASYNC110  (another process's state: nothing to await)
+            await asyncio.sleep(step)

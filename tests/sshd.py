@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -26,16 +25,10 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from tests.ports import free_port
+
 SSHD = "/usr/sbin/sshd"
 _START_TIMEOUT = 15.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def write_key(path: Path) -> asyncssh.SSHKey:
