@@ -24,6 +24,7 @@ Choices (documented in the feed's events too):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
@@ -31,8 +32,10 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 from icalendar import Calendar, Event
+from sqlalchemy.exc import SQLAlchemyError
 
 from core.engine import Engine, UnknownTargetError
+from core.errors import StoreError
 from core.localtime import local_text
 from core.scheduled import SCHEDULED_REASON
 from core.scheduler import Occurrence, Scheduler
@@ -48,6 +51,8 @@ MAINTENANCE_DURATION = timedelta(hours=1)
 REFRESH = "PT15M"
 """How often calendar clients are asked to fetch the feed again."""
 CONTENT_TYPE = "text/calendar; charset=utf-8"
+FEED_TIMEOUT = 10.0
+"""Longest wait for the store while the feed is built."""
 ORIGINS = {
     "manual": "scheduled by a maintenance admin",
     "scheduled-update": "opened by a scheduled update",
@@ -232,9 +237,15 @@ class MaintenanceFeed:
                 text=f"days={raw_days!r}: give a whole number of days from 1 to {MAX_DAYS}"
             )
         try:
-            cal = await self.calendar(target, days)
+            async with asyncio.timeout(FEED_TIMEOUT):
+                cal = await self.calendar(target, days)
         except UnknownTargetError as exc:
             raise web.HTTPNotFound(text=str(exc)) from exc
+        except (StoreError, SQLAlchemyError, OSError, TimeoutError) as exc:
+            log.warning("maintenance feed: store not readable: %s", exc)
+            raise web.HTTPServiceUnavailable(
+                text="the store cannot be read just now; try again later"
+            ) from exc
         return web.Response(
             body=cal.to_ical(),
             headers={

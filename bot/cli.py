@@ -20,6 +20,8 @@ import aiohttp
 
 from core import __version__
 from core.errors import ConfigError, TgopsError
+from core.model import PackageKind
+from core.publish import keygen, public_key_path, publish
 from core.settings import Settings, load_settings, masked
 
 if TYPE_CHECKING:
@@ -56,11 +58,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(serve)
     serve.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
 
+    demo = sub.add_parser(
+        "demo", help="the embedded default: repository, sandbox fleet, mail, phone, console"
+    )
+    demo.add_argument("--dir", type=Path, default=Path("tgops-demo"), help="where it lives")
+    demo.add_argument(
+        "--no-console", action="store_true", help="no console: run until SIGTERM (scripts)"
+    )
+
     tg = sub.add_parser("tg", help="send one /tg command to the running service")
     _add_config(tg)
     tg.add_argument("--token-name", default=None, help="which [api.tokens.NAME] to use")
     tg.add_argument("--url", default=None, help="service base URL (default from [http])")
     tg.add_argument("words", nargs=argparse.REMAINDER, help="the command, e.g. status")
+
+    keygen = sub.add_parser("keygen", help="write an ed25519 signing key pair (K and K.pub)")
+    keygen.add_argument("--out", type=Path, required=True, help="private key file K")
+
+    publish = sub.add_parser(
+        "publish", help="add .deb packages to a static repository and re-sign the channel"
+    )
+    publish.add_argument("--repo", type=Path, required=True, help="repository directory")
+    publish.add_argument("--channel", required=True, help="channel, e.g. stable")
+    publish.add_argument("--key", type=Path, required=True, help="private signing key")
+    publish.add_argument(
+        "--kind",
+        choices=["regular", "core", "optional"],
+        default="regular",
+        help="core: needs a reboot; optional: installed only on request (default regular)",
+    )
+    publish.add_argument("--hotfix", metavar="ID", default=None, help="mark as hotfix ID")
+    publish.add_argument("--urgency", choices=["normal", "urgent"], default=None)
+    publish.add_argument("--summary", default="", help="one line shown to admins and contacts")
+    publish.add_argument("files", nargs="+", type=Path, metavar="FILE.deb")
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -211,19 +241,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-versions":
         logging.basicConfig(level=logging.WARNING, format="tgops: %(message)s")
         return _check_versions(args)
+    quiet = args.command in {"demo", "tg", "keygen", "publish", "config"}
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for noisy in ("alembic", "twilio", "mail.log", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command == "serve":
             from bot.service import serve  # noqa: PLC0415  (keeps `tgops tg` start-up light)
 
             asyncio.run(serve(_settings(args.config), ready=args.ready_file))
             return EXIT_OK
+        if args.command == "demo":
+            from bot.demo import run_demo  # noqa: PLC0415  (pulls in the whole service)
+
+            return asyncio.run(
+                run_demo(args.dir, console=not args.no_console, environ=dict(os.environ))
+            )
         if args.command == "tg":
             return asyncio.run(_tg(args))
+        if args.command == "keygen":
+            keygen(args.out)
+            print(f"wrote {args.out} (private, mode 0600) and {public_key_path(args.out)}")
+            print(f'updates.public_key = "{public_key_path(args.out).read_text().strip()}"')
+            return EXIT_OK
+        if args.command == "publish":
+            return _publish(args)
         if args.command == "config":
             settings = _settings(args.config)
             print(json.dumps(masked(settings), indent=2, sort_keys=True))
@@ -240,6 +285,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE  # pragma: no cover
+
+
+class _Bar:
+    """A progress bar on stderr for files of 8 MiB and more (a line each when not a tty)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if total < 8 * 1024 * 1024:
+            return
+        percent = done * 100 // total
+        if self.tty:
+            filled = percent // 4
+            sys.stderr.write(f"\r{name} [{'#' * filled:<25}] {percent:3d}%")
+            if done >= total:
+                sys.stderr.write("\n")
+        elif percent // 25 != self.shown // 25 or done >= total:
+            sys.stderr.write(f"{name}: {percent}%\n")
+        self.shown = percent
+        sys.stderr.flush()
+
+
+def _publish(args: argparse.Namespace) -> int:
+    if args.urgency and not args.hotfix:
+        print("tgops publish: --urgency needs --hotfix ID", file=sys.stderr)
+        return EXIT_USAGE
+    if args.hotfix and args.kind != "regular":
+        print("tgops publish: a hotfix is its own kind; leave out --kind", file=sys.stderr)
+        return EXIT_USAGE
+    kind = PackageKind.HOTFIX if args.hotfix else PackageKind(args.kind)
+    result = publish(
+        args.repo,
+        args.channel,
+        args.key,
+        args.files,
+        kind=kind,
+        hotfix_id=args.hotfix,
+        urgency=args.urgency or ("normal" if args.hotfix else None),
+        summary=args.summary,
+        progress=_Bar(),
+    )
+    for entry in result.added:
+        extra = f" hotfix {entry.id} ({entry.urgency})" if entry.id else f" {entry.kind}"
+        print(f"added {entry.name} {entry.version}{extra} -> {entry.path}")
+    for entry in result.unchanged:
+        print(f"unchanged {entry.name} {entry.version} (already published)")
+    print(
+        f"channel {result.channel}: re-signed {result.manifest}"
+        if result.changed
+        else f"channel {result.channel}: nothing changed"
+    )
+    return EXIT_OK
 
 
 def _base_url(settings: Settings) -> str:

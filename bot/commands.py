@@ -414,7 +414,8 @@ def render_status(status: dict[str, Any]) -> str:
     for node in status["nodes"]:
         where = f"cluster {node['cluster']}" if node["cluster"] else "single system"
         lb = f", lb {node['lb']}" if node["lb"] else ""
-        head = f"{node['name']} ({where}): {node['sessions']} sessions, logon {node['logon']}{lb}"
+        sessions = "1 session" if node["sessions"] == 1 else f"{node['sessions']} sessions"
+        head = f"{node['name']} ({where}): {sessions}, logon {node['logon']}{lb}"
         if not node.get("reachable", True):
             head += f" | UNREACHABLE: {node.get('error')}"
         lines.append(head)

@@ -20,6 +20,7 @@ from bot.commands import CommandService
 from bot.http import build_app
 from bot.metrics import ServiceMetrics
 from bot.slack import slack_bot
+from core.background import background
 from core.clock import SystemClock
 from core.download import Downloader
 from core.drivers import make_driver
@@ -27,7 +28,6 @@ from core.engine import Engine
 from core.errors import ConfigError
 from core.events import LocalEventBus
 from core.interfaces import Clock, NodeDriver
-from core.background import background
 from core.leader import PostgresElection, election_for
 from core.lifecycle import Lifecycle
 from core.maintenance import Maintenance
@@ -140,6 +140,9 @@ class Service:
         if self.slack is not None:
             self.slack.routes(app)  # POST /slack/events
 
+        if self.repository is not None:
+            # status shows pending and omitted updates from the channels' manifests
+            await stack.enter_async_context(background("manifests", self._watch_manifests))
         self.election.on_elected = self._lead
         self.election.on_demoted = self._step_down
         self.election.on_disconnected = self.lifecycle.interrupt_all
@@ -190,6 +193,12 @@ class Service:
             await duties.enter_async_context(background("orphaned-runs", self._adopt_orphans))
         await duties.enter_async_context(self.maintenance.reminders())
         await duties.enter_async_context(self.scheduler)
+
+    async def _watch_manifests(self) -> None:
+        while True:
+            for problem in await self.lifecycle.refresh_manifests():
+                log.warning("%s", problem)
+            await asyncio.sleep(self.settings.updates.poll_interval)
 
     async def _adopt_orphans(self) -> None:
         """Runs of an instance that died are resumed here (once: only the leader does it)."""

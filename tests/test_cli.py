@@ -117,3 +117,37 @@ def test_tg_without_a_service_says_so(tmp_path: Path) -> None:
     result = run("tg", "--config", str(config), "status")
     assert result.returncode == 2
     assert "cannot reach the service" in result.stderr and "tgops serve" in result.stderr
+
+
+def test_keygen_and_publish(tmp_path: Path) -> None:
+    from tests.debs import build_deb  # noqa: PLC0415
+
+    key = tmp_path / "repo.key"
+    result = run("keygen", "--out", str(key))
+    assert result.returncode == 0, result.stderr
+    assert (key.stat().st_mode & 0o777) == 0o600
+    public = (tmp_path / "repo.key.pub").read_text().strip()
+    assert f'updates.public_key = "{public}"' in result.stdout
+    result = run("keygen", "--out", str(key))
+    assert result.returncode == 1 and "never overwrites a key" in result.stderr
+
+    base = build_deb(tmp_path, "tg-base", "2.0")
+    fix = build_deb(tmp_path, "tg-browser", "1.0.1")
+    repo = tmp_path / "repo"
+    args = ["publish", "--repo", str(repo), "--channel", "stable", "--key", str(key)]
+    result = run(*args, str(base))
+    assert result.returncode == 0, result.stderr
+    assert "added tg-base 2.0 regular -> pool/tg-base_2.0_all.deb" in result.stdout
+    result = run(*args, str(base))
+    assert "unchanged tg-base 2.0 (already published)" in result.stdout
+    assert "nothing changed" in result.stdout
+    result = run(*args, "--hotfix", "HF-1", "--urgency", "urgent", "--summary", "video", str(fix))
+    assert "added tg-browser 1.0.1 hotfix HF-1 (urgent)" in result.stdout
+    manifest = (repo / "channels" / "stable.json").read_text()
+    assert '"urgency": "urgent"' in manifest.replace('":"', '": "')
+    result = run(*args, "--urgency", "urgent", str(fix))
+    assert result.returncode == 2 and "--urgency needs --hotfix ID" in result.stderr
+    other = build_deb(tmp_path / "other", "tg-base", "2.0", {"usr/share/x": b"different"})
+    result = run(*args, str(other))
+    assert result.returncode == 1 and "tg-base" in result.stderr
+    assert "Traceback" not in result.stderr

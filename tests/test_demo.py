@@ -1,0 +1,85 @@
+"""`tgops demo --no-console`: everything starts, the API serves 4 nodes, SIGTERM ends it."""
+
+from __future__ import annotations
+
+import asyncio
+import mailbox
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.events import until
+
+ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.slow
+
+
+async def test_demo_starts_serves_and_stops(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    out = tmp_path / "demo.out"
+    with out.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot.cli",
+            "demo",
+            "--dir",
+            str(demo),
+            "--no-console",
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def running() -> bool:
+        assert proc.returncode is None, out.read_text()
+        return "running until SIGTERM" in out.read_text()
+
+    try:
+        await until(running, within=60)
+        config = tomllib.loads((demo / "tgops.toml").read_text())
+        token = config["api"]["tokens"]["demo"]["token"]
+        port = config["http"]["port"]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(
+                f"http://127.0.0.1:{port}/api/v1/status",
+                headers={"Authorization": f"Bearer {token}"},
+            ) as response:
+                status = await response.json()
+            assert [n["name"] for n in status["nodes"]] == ["tg1", "tg2", "tg3", "single"]
+            single = status["nodes"][3]
+            assert single["installed"] == {
+                "tg-base": "1.0",
+                "tg-browser": "115.0",
+                "tg-kernel": "6.1.0",
+            }
+            assert single["sessions"] == 2 and single["cluster"] is None
+            assert status["nodes"][0]["cluster"] == "demo"
+            async with session.post(
+                f"http://127.0.0.1:{port}/api/v1/command",
+                json={"text": "hotfixes single"},
+                headers={"Authorization": f"Bearer {token}"},
+            ) as response:
+                reply = await response.json()
+            assert "HF-102 [urgent] tg-vnc 3.2.1" in reply["text"]
+
+        async def announced() -> bool:
+            mails = len(list(mailbox.Maildir(demo / "mail")))
+            return mails >= 4 and "[escalation] hotfix HF-102 acknowledged" in out.read_text()
+
+        # both hotfixes e-mailed to both contacts; the urgent one phoned and acknowledged
+        await until(announced, within=30)
+        assert "[phone] calling +4915100000001" in out.read_text()
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                await proc.wait()
+    assert proc.returncode == 0, out.read_text()
+    assert "Traceback" not in out.read_text()
+    assert "stopping" in out.read_text()
