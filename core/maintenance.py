@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from contextlib import AbstractAsyncContextManager
 
 from core import events as ev
 from core.background import background
