@@ -116,7 +116,6 @@ class Service:
         # Adapters subscribe to the event bus here, before any run resumes, so that they see
         # everything (notify: e-mail, phone, outbox; bot: Slack).
         self.metrics.subscribe(self.bus)
-        self.bus.subscribe("manifests", lambda _event: self.engine.save_manifests())
         self.notifier = await stack.enter_async_context(
             Notifier(
                 settings=settings,

@@ -66,8 +66,12 @@ RESPONSE_URL_TTL = 29 * 60
 SESSIONS_TIMEOUT = 5.0
 SOCKET_CONNECT_TIMEOUT = 60.0
 CLOSE_TIMEOUT = 5.0
-PARALLEL_COMMANDS = 8
+PARALLEL_COMMANDS = 4
 """Commands carried out at once; more wait their turn (the acks never wait)."""
+ACK_QUIET = 0.05
+"""Seconds without a new Slack request before commands start: a burst is acknowledged first."""
+ACK_QUIET_MAX = 1.0
+"""Longest a command waits for such a pause (a steady stream of requests cannot starve it)."""
 
 _BUSY = re.compile(r"(\S+) is busy with run #(\d+)")
 _OPS_EVENTS = (ev.RunStarted, ev.RunFinished, ev.WarningFlagSet, ev.UpdateLockSet)
@@ -138,6 +142,8 @@ class SlackBot:
         self._app_token = app_token
         self._closed = False
         self._gate = asyncio.Semaphore(PARALLEL_COMMANDS)
+        self._in_flight = 0
+        self._last_request = 0.0
         self._confirm_locks: dict[str, asyncio.Lock] = {}
         self._socket: AsyncSocketModeHandler | None = None
         self._socket_task: asyncio.Task[None] | None = None
@@ -283,14 +289,19 @@ class SlackBot:
 
     async def handle(self, request: web.Request) -> web.Response:
         """``POST /slack/events``: bolt checks the signature (401 when bad or stale)."""
-        body = await request.text()
-        response = await self.app.async_dispatch(
-            AsyncBoltRequest(
-                body=body,
-                query=request.query_string,
-                headers={k: request.headers.getall(k) for k in request.headers},
+        self._in_flight += 1
+        self._last_request = time.monotonic()
+        try:
+            body = await request.text()
+            response = await self.app.async_dispatch(
+                AsyncBoltRequest(
+                    body=body,
+                    query=request.query_string,
+                    headers={k: request.headers.getall(k) for k in request.headers},
+                )
             )
-        )
+        finally:
+            self._in_flight -= 1
         content_type = response.headers.get("content-type", ["text/plain"])[0]
         return web.Response(
             status=response.status,
@@ -377,8 +388,23 @@ class SlackBot:
 
     # -- jobs -------------------------------------------------------------------------------
 
+    async def _settle(self) -> None:
+        """Let a burst of requests be acknowledged before the work they ask for starts.
+
+        A command's work shares the event loop (and the GIL) with the acks; started in the
+        middle of a burst it would make every further ack of the burst wait. This is a
+        debounce bounded by ``ACK_QUIET_MAX``, not a wait for an outcome.
+        """
+        deadline = time.monotonic() + ACK_QUIET_MAX
+        while (now := time.monotonic()) < deadline:
+            quiet = now - self._last_request
+            if self._in_flight == 0 and quiet >= ACK_QUIET:
+                return
+            await asyncio.sleep(min(max(ACK_QUIET - quiet, 0.005), deadline - now))
+
     async def _execute(self, text: str, actor: Actor) -> Reply:
         async with self._gate:
+            await self._settle()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(COMMAND_TIMEOUT):
                     return await self.commands.execute(text, actor)

@@ -14,6 +14,8 @@ from typing import Any
 from core import events as ev
 from core.errors import DriverError, TgopsError
 from core.interfaces import Clock, EventSink, NodeDriver
+from pydantic import ValidationError
+
 from core.manifest import Manifest
 from core.model import Actor
 from core.pending import omitted_update, pending_packages
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 REFRESH_TIMEOUT = 10.0
 REFRESH_PARALLEL = 32
 MANIFESTS_KV = "manifests"
-"""kv namespace: channel → the last verified manifest (``Engine.save_manifests``)."""
+"""kv namespace: channel → the last verified manifest (``Engine.remember_manifest``)."""
 
 
 class UnknownTargetError(TgopsError):
@@ -58,46 +60,37 @@ class Engine:
         self.cluster_of = {n.name: n.cluster for n in settings.nodes}
         self._refresh_gate = asyncio.Semaphore(REFRESH_PARALLEL)
         self.manifests: dict[str, Manifest] = {}
-        self._unsaved_manifests: dict[str, Manifest] = {}
-        self._saving_manifests = asyncio.Lock()
 
-    def remember_manifest(self, manifest: Manifest) -> None:
+    async def remember_manifest(self, manifest: Manifest) -> None:
         """The newest verified manifest of a channel, for status and hotfix listings.
 
-        ``save_manifests`` persists it (kv ``manifests``) for readers of the store that
-        cannot fetch it themselves, such as ``tgops check-versions``.
+        A changed one is also stored (kv ``manifests``, key = channel, value
+        ``{"saved_at", "manifest"}``) for readers of the store that cannot fetch it
+        themselves, such as ``tgops check-versions``, and for the next start.
         """
+        if self.manifests.get(manifest.channel) == manifest:
+            return
         self.manifests[manifest.channel] = manifest
-        self._unsaved_manifests[manifest.channel] = manifest
-
-    async def save_manifests(self) -> None:
-        """Persist the manifests remembered before this call (a no-op when none are new).
-
-        kv namespace ``manifests``, key = channel, value ``{"saved_at", "manifest"}``. The
-        service calls this from an event-bus subscriber, so a fetched manifest reaches the
-        store with the next domain event (every run publishes several). Calls are
-        serialized: when one returns, everything remembered before it is in the store.
-        """
-        async with self._saving_manifests:
-            while self._unsaved_manifests:
-                channel, manifest = self._unsaved_manifests.popitem()
-                try:
-                    await self.store.kv_set(
-                        MANIFESTS_KV,
-                        channel,
-                        {
-                            "saved_at": self.clock.now().isoformat(),
-                            "manifest": manifest.model_dump(mode="json"),
-                        },
-                    )
-                except BaseException:
-                    # keep it for the next call, unless a newer one arrived meanwhile
-                    self._unsaved_manifests.setdefault(channel, manifest)
-                    raise
+        async with asyncio.timeout(REFRESH_TIMEOUT):
+            await self.store.kv_set(
+                MANIFESTS_KV,
+                manifest.channel,
+                {
+                    "saved_at": self.clock.now().isoformat(),
+                    "manifest": manifest.model_dump(mode="json"),
+                },
+            )
 
     async def start(self) -> None:
         """Register the configured nodes in the store and read their state once."""
         await self.store.sync_nodes([(n.name, n.cluster, n.driver) for n in self.settings.nodes])
+        for channel in (self.settings.updates.channel, self.settings.updates.oldstable_channel):
+            saved = await self.store.kv_get(MANIFESTS_KV, channel)
+            if isinstance(saved, dict):
+                try:
+                    self.manifests[channel] = Manifest.model_validate(saved["manifest"])
+                except (KeyError, ValidationError):
+                    log.warning("the stored manifest of channel %s is unreadable; ignored", channel)
         await self.refresh(self.node_names)
 
     # -- targets ---------------------------------------------------------------------------

@@ -161,7 +161,7 @@ class Lifecycle:
         manifest = await self.retry.run(
             lambda: self._repo().manifest(channel), describe=f"channel {channel}"
         )
-        self.engine.remember_manifest(manifest)
+        await self.engine.remember_manifest(manifest)
         return manifest
 
     async def refresh_manifests(self) -> list[str]:
@@ -171,7 +171,7 @@ class Lifecycle:
         problems = []
         for channel in (updates.channel, updates.oldstable_channel):
             try:
-                self.engine.remember_manifest(await self._repo().manifest(channel))
+                await self.engine.remember_manifest(await self._repo().manifest(channel))
             except TgopsError as exc:
                 problems.append(str(exc))
         return problems

@@ -9,7 +9,7 @@ download failed") or restart required → WARNING; ``-w``/``-c`` ranges on the n
 pending updates; a store that cannot be read → UNKNOWN.
 
 Pending packages come from the last verified manifest of ``updates.channel`` that the
-service saved in the store (kv ``manifests``, see ``Engine.save_manifests``), with the
+service saved in the store (kv ``manifests``, see ``Engine.remember_manifest``), with the
 same rules as the service (``core.pending.pending_packages``: hotfixes when selected or
 "always"; optional packages when installed or requested). Packages staged on a node but
 not installed count as pending too. Without a saved manifest only those staged packages
@@ -172,7 +172,14 @@ class ReadOnlyStore(Store):
                 revision = await conn.run_sync(_revision)
         except (OSError, SQLAlchemyError) as exc:
             await engine.dispose()
-            raise StoreUnreadableError(shown, _cause(exc)) from exc
+            cause = _cause(exc)
+            if sqlite and "readonly database" in cause:
+                # SQLite creates the WAL index (-shm) beside the file on first open
+                cause += (
+                    f" (reading a WAL database while tgops is stopped needs write access to "
+                    f"{path.parent}: run the check as the tgops user or grant its group g+w)"
+                )
+            raise StoreUnreadableError(shown, cause) from exc
         except BaseException:
             await asyncio.shield(engine.dispose())
             raise
@@ -226,7 +233,7 @@ class SavedManifest:
 
 
 def saved_manifest(value: Any) -> SavedManifest | None:
-    """The manifest ``Engine.save_manifests`` stored, or None when absent or unreadable."""
+    """The manifest ``Engine.remember_manifest`` stored, or None when absent or unreadable."""
     if not isinstance(value, Mapping) or "manifest" not in value:
         return None
     try:

@@ -13,7 +13,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from bot.service import Service
-from core.engine import MANIFESTS_KV
 from core.model import PackageKind
 from core.nagios import Range, RangeError
 from tests.databases import POSTGRES_URL, reset_postgres
@@ -79,13 +78,6 @@ async def plugin(*args: str, config: Path | None = None) -> Result:
     return Result(code=process.returncode, stdout=out.decode(), stderr=err.decode())
 
 
-async def until(condition: Callable[[], Any], within: float = 20.0) -> None:
-    """Bounded polling of something the service writes on its own (no event to await)."""
-    async with asyncio.timeout(within):
-        while not await condition():
-            await asyncio.sleep(0.02)
-
-
 @dataclass
 class Fleet:
     root: Path
@@ -111,15 +103,6 @@ class Fleet:
         records = await self.service.lifecycle.wait(ids, limit=60)
         return {r.node: r.status for r in records}
 
-    async def manifest_saved(self, packages: int) -> None:
-        """Wait until the service saved the channel's manifest with ``packages`` entries."""
-
-        async def saved() -> bool:
-            value = await self.service.store.kv_get(MANIFESTS_KV, "stable")
-            return value is not None and len(value["manifest"]["packages"]) == packages
-
-        await until(saved)
-
 
 @asynccontextmanager
 async def fleet(tmp_path: Path, **kwargs: Any) -> AsyncIterator[Fleet]:
@@ -142,13 +125,8 @@ def free_port() -> int:
 
 async def test_ok_pending_updates_thresholds_and_service_down(tmp_path: Path) -> None:
     async with fleet(tmp_path) as f:
-        result = await plugin(config=f.config)
-        assert result.code == OK, result.stdout + result.stderr
-        assert result.status == "TGOPS OK - 4 nodes, 0 pending updates, 0 pending hotfixes"
-        assert "no verified manifest of channel stable is in the store yet" in result.stdout
-
+        # the service fetched and stored the channel's manifest when it started
         assert await f.run("download tg1") == {"tg1": "succeeded"}
-        await f.manifest_saved(packages=1)
         result = await plugin(config=f.config)
         assert result.code == OK
         assert result.lines[0] == (
@@ -180,7 +158,6 @@ async def test_ok_pending_updates_thresholds_and_service_down(tmp_path: Path) ->
         f.repo.add("tg-browser", "1.0.1", hotfix="HF-7", summary="fixes video playback")
         assert (await f.api.command("hotfixes select tg2 HF-7"))["ok"]
         assert await f.run("download tg2") == {"tg2": "succeeded"}
-        await f.manifest_saved(packages=2)
         result = await plugin("--node", "tg2", config=f.config)
         assert result.status == "TGOPS OK - 1 node, 1 pending update, 1 pending hotfix"
         assert result.perfdata["pending_hotfixes"] == "1;;;0"
@@ -194,6 +171,16 @@ async def test_ok_pending_updates_thresholds_and_service_down(tmp_path: Path) ->
     result = await plugin("-w", "2", config=tmp_path / "tgops.toml")
     assert result.code == WARNING
     assert result.status.startswith("TGOPS WARNING - pending updates 3 (warning: 2); 4 nodes")
+
+
+async def test_the_service_saves_the_manifest_for_the_plugin(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        assert await f.run("download tg1") == {"tg1": "succeeded"}
+    # stopped without being asked to save: its event subscriber did
+    result = await plugin(config=tmp_path / "tgops.toml")
+    assert result.code == OK, result.stdout
+    assert result.status == "TGOPS OK - 4 nodes, 4 pending updates, 0 pending hotfixes"
+    assert result.lines[1].startswith("pending as of channel stable's manifest generated ")
 
 
 async def test_warning_flag_restart_required_and_update_lock(tmp_path: Path) -> None:

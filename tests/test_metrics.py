@@ -51,14 +51,10 @@ class Fleet:
         headers = {"Accept": accept} if accept else {}
         async with self.api.session.get(f"{self.api.base}/metrics", headers=headers) as response:
             assert response.status == 200, await response.text()
-            assert response.headers["Content-Type"] == (
-                "text/plain; version=0.0.4; charset=utf-8"
-            )
+            assert response.headers["Content-Type"] == ("text/plain; version=0.0.4; charset=utf-8")
             return parse(await response.text())
 
-    async def scrape_until(
-        self, check: Callable[[Samples], bool], within: float = 20.0
-    ) -> Samples:
+    async def scrape_until(self, check: Callable[[Samples], bool], within: float = 20.0) -> Samples:
         """Scrape until ``check`` holds: the counters follow events delivered to their own
         subscriber, so a bounded poll is the way to see them move."""
         async with asyncio.timeout(within):
@@ -127,16 +123,18 @@ async def test_metrics_present_and_moving(tmp_path: Path) -> None:
             )
         )
         assert value(done, "tgops_runs_total", kind="download", outcome="succeeded") == 1.0
-        assert (value(done, "tgops_run_duration_seconds_sum", kind="download", outcome="succeeded")
-                or 0) > 0
+        assert (
+            value(done, "tgops_run_duration_seconds_sum", kind="download", outcome="succeeded") or 0
+        ) > 0
         assert value(done, "tgops_download_bytes_total", node="tg1") == package_size(
             f.repo, "tg-base"
         )
         # one attempt at the manifest, one at the package
         assert value(done, "tgops_download_attempts_total", outcome="ok") == ok_before + 2
-        assert value(
-            done, "tgops_node_pending_packages", node="tg1", cluster="c1", kind="update"
-        ) == 1.0
+        assert (
+            value(done, "tgops_node_pending_packages", node="tg1", cluster="c1", kind="update")
+            == 1.0
+        )
 
         # a failing download: attempts retried, the run failed, the warning flag set
         f.server.fail_next(100, status=503)
@@ -166,9 +164,12 @@ async def test_metrics_present_and_moving(tmp_path: Path) -> None:
         reply = await f.api.command(f"maintenance schedule tg3 {start:%Y-%m-%d %H:%M} Disk swap")
         assert reply["ok"], reply["text"]
         planned = await f.scrape()
-        assert value(
-            planned, "tgops_node_maintenance_start_timestamp_seconds", node="tg3", cluster="c1"
-        ) == start.timestamp()
+        assert (
+            value(
+                planned, "tgops_node_maintenance_start_timestamp_seconds", node="tg3", cluster="c1"
+            )
+            == start.timestamp()
+        )
         assert value(planned, "tgops_node_in_maintenance", node="tg3", cluster="c1") == 0.0
 
         # a run in progress is active; the cluster slot stays held by a failed update
