@@ -11,11 +11,11 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from core import events as ev
 from core.errors import DriverError, TgopsError
 from core.interfaces import Clock, EventSink, NodeDriver
-from pydantic import ValidationError
-
 from core.manifest import Manifest
 from core.model import Actor
 from core.pending import omitted_update, pending_packages
