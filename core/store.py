@@ -261,6 +261,11 @@ class Store:
         async with self.engine.begin() as conn:
             yield conn
 
+    async def _all(self, query: Any, cls: type[R]) -> list[R]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(cls, r) for r in rows]
+
     # -- nodes ---------------------------------------------------------------------------
 
     async def sync_nodes(self, declared: Sequence[tuple[str, str | None, str]]) -> None:
@@ -305,9 +310,7 @@ class Store:
         query = select(t.nodes).order_by(t.nodes.c.name)
         if names is not None:
             query = query.where(t.nodes.c.name.in_(list(names)))
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_record(NodeRecord, r) for r in rows]
+        return await self._all(query, NodeRecord)
 
     async def update_node(
         self, name: str, *, expect_version: int | None = None, **values: Any
@@ -395,9 +398,7 @@ class Store:
             query = query.where(t.runs.c.node == node)
         if statuses is not None:
             query = query.where(t.runs.c.status.in_(list(statuses)))
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_record(RunRecord, r) for r in rows]
+        return await self._all(query, RunRecord)
 
     async def update_run(self, run_id: int, **values: Any) -> None:
         async with self.transaction() as conn:
@@ -451,9 +452,7 @@ class Store:
             .where(t.run_steps.c.run_id == run_id)
             .order_by(t.run_steps.c.id)
         )
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_record(StepRecord, r) for r in rows]
+        return await self._all(query, StepRecord)
 
     async def finish_run(self, run_id: int, *, status: str, error: str | None = None) -> None:
         """End a run and release the node it claimed, in one transaction."""
@@ -503,9 +502,7 @@ class Store:
         query = select(t.audit).order_by(t.audit.c.id.desc()).limit(limit)
         if targets is not None:
             query = query.where(t.audit.c.target.in_(list(targets)))
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_record(AuditRecord, r) for r in rows]
+        return await self._all(query, AuditRecord)
 
     # -- maintenance ---------------------------------------------------------------------
 
@@ -556,9 +553,7 @@ class Store:
         )
         if node is not None:
             query = query.where(t.maintenance.c.node == node)
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_record(MaintenanceRecord, r) for r in rows]
+        return await self._all(query, MaintenanceRecord)
 
     async def end_maintenance(self, node: str, *, by: str, reason: str) -> MaintenanceRecord | None:
         async with self.transaction() as conn:
@@ -633,9 +628,7 @@ class Store:
         query = select(t.schedules).order_by(t.schedules.c.node, t.schedules.c.kind)
         if node is not None:
             query = query.where(t.schedules.c.node == node)
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_record(ScheduleRecord, r) for r in rows]
+        return await self._all(query, ScheduleRecord)
 
     # -- hotfix selection ----------------------------------------------------------------
 
@@ -768,9 +761,7 @@ class Store:
         query = select(t.cluster_slots).order_by(t.cluster_slots.c.cluster, t.cluster_slots.c.slot)
         if cluster is not None:
             query = query.where(t.cluster_slots.c.cluster == cluster)
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_record(SlotRecord, r) for r in rows]
+        return await self._all(query, SlotRecord)
 
     async def wait_for_slot(self, *, cluster: str, node: str, run_id: int | None) -> None:
         """Join the cluster's queue (ordered by arrival) unless already in it."""
@@ -848,9 +839,7 @@ class Store:
             .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
             .limit(limit)
         )
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_record(OutboxRecord, r) for r in rows]
+        return await self._all(query, OutboxRecord)
 
     async def outbox(
         self, *, statuses: Sequence[str] | None = None, limit: int = 100
@@ -858,9 +847,7 @@ class Store:
         query = select(t.outbox).order_by(t.outbox.c.id.desc()).limit(limit)
         if statuses is not None:
             query = query.where(t.outbox.c.status.in_(list(statuses)))
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_record(OutboxRecord, r) for r in rows]
+        return await self._all(query, OutboxRecord)
 
     async def outbox_result(
         self,
@@ -964,8 +951,9 @@ class Store:
                 for row in rows:
                     if row["key"] not in have:
                         fresh.setdefault(row["key"], row)
-                if fresh:
-                    await conn.execute(insert(t.outbox), list(fresh.values()))
+                new_rows = list(fresh.values())
+                for start in range(0, len(new_rows), 500):
+                    await conn.execute(insert(t.outbox), new_rows[start : start + 500])
                 return list(fresh)
         except IntegrityError:
             # another instance queued some of them meanwhile: one at a time

@@ -10,24 +10,19 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from bot.service import Service
 from core.model import PackageKind
 from core.nagios import Range, RangeError
 from tests.databases import POSTGRES_URL, reset_postgres
-from tests.repo_server import RepoServer, serve_repo
-from tests.repository import Repo
-from tests.service import Api, fleet_toml, running, settings_for
+from tests.fleet import fleet
+from tests.ports import free_port
+from tests.service import fleet_toml, running, settings_for
 
 ROOT = Path(__file__).parent.parent
 PLUGIN = [sys.executable, "-m", "bot.cli", "check-versions"]
@@ -78,55 +73,10 @@ async def plugin(*args: str, config: Path | None = None) -> Result:
     return Result(code=process.returncode, stdout=out.decode(), stderr=err.decode())
 
 
-@dataclass
-class Fleet:
-    root: Path
-    repo: Repo
-    server: RepoServer
-    service: Service
-    api: Api
-
-    @property
-    def config(self) -> Path:
-        return self.root / "tgops.toml"
-
-    def fault(self, name: str, faults: str) -> None:
-        node = self.root / "nodes" / name
-        node.mkdir(parents=True, exist_ok=True)
-        (node / "faults.json").write_text(faults)
-
-    async def run(self, text: str) -> dict[str, str]:
-        """A command that starts runs; returns each node's run status once they ended."""
-        reply = await self.api.command(text)
-        assert reply["ok"], reply["text"]
-        ids = [int(w.strip("#,.")) for w in reply["text"].split() if w.startswith("#")]
-        records = await self.service.lifecycle.wait(ids, limit=60)
-        return {r.node: r.status for r in records}
-
-
-@asynccontextmanager
-async def fleet(tmp_path: Path, **kwargs: Any) -> AsyncIterator[Fleet]:
-    repo = Repo(tmp_path)
-    repo.add("tg-base", "1.0")
-    async with serve_repo(repo.root) as server:
-        settings = settings_for(
-            tmp_path, repository_url=server.url, public_key=repo.public_key, **kwargs
-        )
-        async with running(settings) as (service, api):
-            yield Fleet(root=tmp_path, repo=repo, server=server, service=service, api=api)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_ok_pending_updates_thresholds_and_service_down(tmp_path: Path) -> None:
     async with fleet(tmp_path) as f:
         # the service fetched and stored the channel's manifest when it started
-        assert await f.run("download tg1") == {"tg1": "succeeded"}
+        assert await f.outcomes("download tg1") == {"tg1": "succeeded"}
         result = await plugin(config=f.config)
         assert result.code == OK
         assert result.lines[0] == (
@@ -157,13 +107,13 @@ async def test_ok_pending_updates_thresholds_and_service_down(tmp_path: Path) ->
         # a hotfix selected for tg2 becomes pending with the next verified manifest
         f.repo.add("tg-browser", "1.0.1", hotfix="HF-7", summary="fixes video playback")
         assert (await f.api.command("hotfixes select tg2 HF-7"))["ok"]
-        assert await f.run("download tg2") == {"tg2": "succeeded"}
+        assert await f.outcomes("download tg2") == {"tg2": "succeeded"}
         result = await plugin("--node", "tg2", config=f.config)
         assert result.status == "TGOPS OK - 1 node, 1 pending update, 1 pending hotfix"
         assert result.perfdata["pending_hotfixes"] == "1;;;0"
         assert (await plugin(config=f.config)).perfdata["pending_hotfixes"] == "1;;;0"
 
-        assert await f.run("auto-update solo1") == {"solo1": "succeeded"}
+        assert await f.outcomes("auto-update solo1") == {"solo1": "succeeded"}
         result = await plugin("--node", "solo1", config=f.config)
         assert result.status == "TGOPS OK - 1 node, 0 pending updates, 0 pending hotfixes"
 
@@ -175,7 +125,7 @@ async def test_ok_pending_updates_thresholds_and_service_down(tmp_path: Path) ->
 
 async def test_the_service_saves_the_manifest_for_the_plugin(tmp_path: Path) -> None:
     async with fleet(tmp_path) as f:
-        assert await f.run("download tg1") == {"tg1": "succeeded"}
+        assert await f.outcomes("download tg1") == {"tg1": "succeeded"}
     # stopped without being asked to save: its event subscriber did
     result = await plugin(config=tmp_path / "tgops.toml")
     assert result.code == OK, result.stdout
@@ -186,7 +136,7 @@ async def test_the_service_saves_the_manifest_for_the_plugin(tmp_path: Path) -> 
 async def test_warning_flag_restart_required_and_update_lock(tmp_path: Path) -> None:
     async with fleet(tmp_path) as f:
         f.server.fail_next(100, status=503)
-        assert await f.run("download solo1") == {"solo1": "failed"}
+        assert await f.outcomes("download solo1") == {"solo1": "failed"}
         result = await plugin(config=f.config)
         assert result.code == WARNING, result.stdout
         assert result.status.startswith("TGOPS WARNING - Update download failed: solo1; 4 nodes")
@@ -198,7 +148,7 @@ async def test_warning_flag_restart_required_and_update_lock(tmp_path: Path) -> 
         f.server.reset()
 
         f.repo.add("tg-kernel", "6.1", kind=PackageKind.CORE)
-        assert await f.run("auto-update tg1 --yes") == {"tg1": "succeeded"}
+        assert await f.outcomes("auto-update tg1 --yes") == {"tg1": "succeeded"}
         result = await plugin(config=f.config)
         assert result.code == WARNING
         assert result.status.startswith(
@@ -210,7 +160,7 @@ async def test_warning_flag_restart_required_and_update_lock(tmp_path: Path) -> 
         assert result.perfdata["nodes_restart_required"] == "1;0;;0;4"
 
         f.fault("tg2", '{"install": "disk full"}')
-        assert await f.run("auto-update tg2 --yes") == {"tg2": "failed"}
+        assert await f.outcomes("auto-update tg2 --yes") == {"tg2": "failed"}
         result = await plugin(config=f.config)
         assert result.code == CRITICAL
         assert result.status.startswith(
@@ -226,11 +176,11 @@ async def test_warning_flag_restart_required_and_update_lock(tmp_path: Path) -> 
 
         # back to OK as the admins clear each state
         assert (await f.api.command("remove-lock tg2"))["ok"]
-        assert await f.run("restart tg1 --yes") == {"tg1": "succeeded"}
+        assert await f.outcomes("restart tg1 --yes") == {"tg1": "succeeded"}
         result = await plugin(config=f.config)
         assert result.code == WARNING
         assert result.status.startswith("TGOPS WARNING - Update download failed: solo1; 4 nodes")
-        assert await f.run("download solo1") == {"solo1": "succeeded"}
+        assert await f.outcomes("download solo1") == {"solo1": "succeeded"}
         result = await plugin(config=f.config)
         assert result.code == OK, result.stdout
         assert result.perfdata["nodes_warning_flag"] == "0;0;;0;4"
@@ -373,7 +323,7 @@ async def test_postgresql_store(tmp_path: Path) -> None:
     await reset_postgres(POSTGRES_URL)
     async with fleet(tmp_path, database_url=POSTGRES_URL) as f:
         f.fault("solo1", '{"install": "disk full"}')
-        assert await f.run("auto-update solo1") == {"solo1": "failed"}
+        assert await f.outcomes("auto-update solo1") == {"solo1": "failed"}
         result = await plugin(config=f.config)
         assert result.code == CRITICAL, result.stdout
         assert result.status.startswith("TGOPS CRITICAL - update lock: solo1; 4 nodes")

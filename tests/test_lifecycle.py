@@ -9,75 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
-from bot.service import Service
 from core.model import PackageKind
-from tests.repo_server import RepoServer, serve_repo
-from tests.repository import Repo
-from tests.service import VIEWER_TOKEN, Api, running, settings_for
-
-
-@dataclass
-class Fleet:
-    root: Path
-    repo: Repo
-    server: RepoServer
-    service: Service
-    api: Api
-
-    def node(self, name: str) -> Path:
-        return self.root / "nodes" / name
-
-    def state(self, name: str) -> dict[str, Any]:
-        """The sandbox node's state.json (the driver's defaults before it first wrote it)."""
-        path = self.node(name) / "state.json"
-        if not path.exists():
-            return {"installed": {}, "logon_enabled": True, "staged": {}}
-        data: dict[str, Any] = json.loads(path.read_text())
-        return data
-
-    def login(self, name: str, *users: str) -> None:
-        self.node(name).mkdir(parents=True, exist_ok=True)
-        (self.node(name) / "sessions.json").write_text(json.dumps([{"user": u} for u in users]))
-
-    def messages(self, name: str) -> list[str]:
-        path = self.node(name) / "messages.log"
-        return path.read_text().splitlines() if path.exists() else []
-
-    def fault(self, name: str, faults: dict[str, Any]) -> None:
-        (self.node(name) / "faults.json").write_text(json.dumps(faults))
-
-    async def run(self, text: str, *, ok: bool = True) -> dict[str, Any]:
-        """Send a command that starts runs and wait until they end."""
-        reply = await self.api.command(text)
-        assert reply["ok"] is ok, reply["text"]
-        ids = [int(w.strip("#,.")) for w in reply["text"].split() if w.startswith("#")]
-        records = await self.service.lifecycle.wait(ids, limit=60)
-        reply["runs"] = {r.node: r for r in records}
-        return reply
-
-    async def node_status(self, name: str) -> dict[str, Any]:
-        status = await self.api.status()
-        return next(n for n in status["nodes"] if n["name"] == name)
-
-
-@asynccontextmanager
-async def fleet(tmp_path: Path, **kwargs: Any) -> AsyncIterator[Fleet]:
-    repo = Repo(tmp_path)
-    repo.add("tg-base", "1.0")
-    async with serve_repo(repo.root) as server:
-        settings = settings_for(
-            tmp_path, repository_url=server.url, public_key=repo.public_key, **kwargs
-        )
-        async with running(settings) as (service, api):
-            yield Fleet(root=tmp_path, repo=repo, server=server, service=service, api=api)
+from tests.fleet import fleet, run_ids
+from tests.service import VIEWER_TOKEN
 
 
 async def test_download_then_auto_update_with_confirmation(tmp_path: Path) -> None:
@@ -287,8 +225,7 @@ async def test_oldstable_catch_up_and_omitted_update(tmp_path: Path) -> None:
         assert (await f.node_status("solo1"))["omitted_update"] == []
         reply = await f.api.command("oldstable partial solo1 tg-nothing --yes")
         # unknown names are refused when the run plans its packages
-        ids = [int(w.strip("#,.")) for w in reply["text"].split() if w.startswith("#")]
-        (run,) = await f.service.lifecycle.wait(ids)
+        (run,) = await f.service.lifecycle.wait(run_ids(reply["text"]))
         assert run.status == "failed" and "tg-nothing" in (run.error or "")
 
 
@@ -301,8 +238,7 @@ async def test_optional_packages_and_integrity(tmp_path: Path) -> None:
             files={"usr/lib/ibus/anthy.so": b"\x7fELF anthy"},
         )
         reply = await f.api.command("install solo1 ibus-nonesuch --yes")
-        ids = [int(w.strip("#,.")) for w in reply["text"].split() if w.startswith("#")]
-        (run,) = await f.service.lifecycle.wait(ids)
+        (run,) = await f.service.lifecycle.wait(run_ids(reply["text"]))
         assert run.status == "failed"
         assert "not an optional package of channel stable: ibus-nonesuch" in (run.error or "")
         assert "optional packages: ibus-anthy" in (run.error or "")

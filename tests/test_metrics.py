@@ -6,22 +6,17 @@ scraped over HTTP and parsed with prometheus-client's own parser, as Prometheus 
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bot.service import Service
-from tests.repo_server import RepoServer, serve_repo
+from tests.events import until
+from tests.fleet import Fleet, fleet
 from tests.repository import Repo
-from tests.service import Api, running, settings_for
 
 BERLIN = ZoneInfo("Europe/Berlin")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -39,49 +34,25 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
-@dataclass
-class Fleet:
-    root: Path
-    repo: Repo
-    server: RepoServer
-    service: Service
-    api: Api
-
-    async def scrape(self, accept: str | None = None) -> Samples:
-        headers = {"Accept": accept} if accept else {}
-        async with self.api.session.get(f"{self.api.base}/metrics", headers=headers) as response:
-            assert response.status == 200, await response.text()
-            assert response.headers["Content-Type"] == ("text/plain; version=0.0.4; charset=utf-8")
-            return parse(await response.text())
-
-    async def scrape_until(self, check: Callable[[Samples], bool], within: float = 20.0) -> Samples:
-        """Scrape until ``check`` holds: the counters follow events delivered to their own
-        subscriber, so a bounded poll is the way to see them move."""
-        async with asyncio.timeout(within):
-            while True:
-                samples = await self.scrape()
-                if check(samples):
-                    return samples
-                await asyncio.sleep(0.05)
-
-    async def run(self, text: str) -> dict[str, str]:
-        reply = await self.api.command(text)
-        assert reply["ok"], reply["text"]
-        ids = [int(w.strip("#,.")) for w in reply["text"].split() if w.startswith("#")]
-        records = await self.service.lifecycle.wait(ids, limit=60)
-        return {r.node: r.status for r in records}
+async def scrape(f: Fleet, accept: str | None = None) -> Samples:
+    headers = {"Accept": accept} if accept else {}
+    async with f.api.session.get(f"{f.api.base}/metrics", headers=headers) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Content-Type"] == ("text/plain; version=0.0.4; charset=utf-8")
+        return parse(await response.text())
 
 
-@asynccontextmanager
-async def fleet(tmp_path: Path, **kwargs: Any) -> AsyncIterator[Fleet]:
-    repo = Repo(tmp_path)
-    repo.add("tg-base", "1.0")
-    async with serve_repo(repo.root) as server:
-        settings = settings_for(
-            tmp_path, repository_url=server.url, public_key=repo.public_key, **kwargs
-        )
-        async with running(settings) as (service, api):
-            yield Fleet(root=tmp_path, repo=repo, server=server, service=service, api=api)
+async def scrape_until(f: Fleet, check: Callable[[Samples], bool], within: float = 20.0) -> Samples:
+    """Scrape until ``check`` holds: the counters follow events delivered to their own
+    subscriber, so a bounded poll is the way to see them move."""
+    found: list[Samples] = []
+
+    async def holds() -> bool:
+        found[:] = [await scrape(f)]
+        return check(found[0])
+
+    await until(holds, within=within)
+    return found[0]
 
 
 def package_size(repo: Repo, name: str) -> int:
@@ -92,7 +63,7 @@ def package_size(repo: Repo, name: str) -> int:
 async def test_metrics_present_and_moving(tmp_path: Path) -> None:
     sections = {"notify": {"admin_emails": ["ops@example.org"]}}
     async with fleet(tmp_path, sections=sections) as f:
-        first = await f.scrape()
+        first = await scrape(f)
         info = value(first, "tgops_info", version="0.1.0", instance=f.service.instance)
         assert info == 1.0
         assert value(first, "tgops_store_up") == 1.0
@@ -115,12 +86,13 @@ async def test_metrics_present_and_moving(tmp_path: Path) -> None:
         assert value(first, "process_resident_memory_bytes") is not None
 
         # a successful download: a run counted, its duration observed, bytes and attempts
-        assert await f.run("download tg1") == {"tg1": "succeeded"}
-        done = await f.scrape_until(
+        assert await f.outcomes("download tg1") == {"tg1": "succeeded"}
+        done = await scrape_until(
+            f,
             lambda s: (
                 value(s, "tgops_run_duration_seconds_count", kind="download", outcome="succeeded")
                 == 1.0
-            )
+            ),
         )
         assert value(done, "tgops_runs_total", kind="download", outcome="succeeded") == 1.0
         assert (
@@ -138,10 +110,10 @@ async def test_metrics_present_and_moving(tmp_path: Path) -> None:
 
         # a failing download: attempts retried, the run failed, the warning flag set
         f.server.fail_next(100, status=503)
-        assert await f.run("download solo1") == {"solo1": "failed"}
+        assert await f.outcomes("download solo1") == {"solo1": "failed"}
         f.server.reset()
-        failed = await f.scrape_until(
-            lambda s: value(s, "tgops_runs_total", kind="download", outcome="failed") == 1.0
+        failed = await scrape_until(
+            f, lambda s: value(s, "tgops_runs_total", kind="download", outcome="failed") == 1.0
         )
         assert value(failed, "tgops_node_warning_flag", node="solo1", cluster="") == 1.0
         assert (
@@ -149,8 +121,9 @@ async def test_metrics_present_and_moving(tmp_path: Path) -> None:
             == transient_before + 2
         )
         # the admins' alert about it: no SMTP host is configured, so it fails for good
-        mailed = await f.scrape_until(
-            lambda s: (value(s, "tgops_outbox_items", channel="email", status="failed") or 0) >= 1
+        mailed = await scrape_until(
+            f,
+            lambda s: (value(s, "tgops_outbox_items", channel="email", status="failed") or 0) >= 1,
         )
         assert value(mailed, "tgops_outbox_items", channel="email", status="pending") in {
             None,
@@ -163,7 +136,7 @@ async def test_metrics_present_and_moving(tmp_path: Path) -> None:
         )
         reply = await f.api.command(f"maintenance schedule tg3 {start:%Y-%m-%d %H:%M} Disk swap")
         assert reply["ok"], reply["text"]
-        planned = await f.scrape()
+        planned = await scrape(f)
         assert (
             value(
                 planned, "tgops_node_maintenance_start_timestamp_seconds", node="tg3", cluster="c1"
@@ -176,22 +149,22 @@ async def test_metrics_present_and_moving(tmp_path: Path) -> None:
         f.server.hold()
         reply = await f.api.command("download tg3")
         assert reply["ok"], reply["text"]
-        await f.scrape_until(
-            lambda s: value(s, "tgops_runs_active", kind="download", status="running") == 1.0
+        await scrape_until(
+            f, lambda s: value(s, "tgops_runs_active", kind="download", status="running") == 1.0
         )
         f.server.release()
-        await f.scrape_until(
-            lambda s: value(s, "tgops_runs_total", kind="download", outcome="succeeded") == 2.0
+        await scrape_until(
+            f, lambda s: value(s, "tgops_runs_total", kind="download", outcome="succeeded") == 2.0
         )
         (f.root / "nodes" / "tg2").mkdir(parents=True, exist_ok=True)
         (f.root / "nodes" / "tg2" / "faults.json").write_text('{"install": "disk full"}')
-        assert await f.run("auto-update c1 --yes") == {
+        assert await f.outcomes("auto-update c1 --yes") == {
             "tg1": "succeeded",
             "tg2": "failed",
             "tg3": "cancelled",
         }
-        locked = await f.scrape_until(
-            lambda s: value(s, "tgops_runs_total", kind="auto-update", outcome="failed") == 1.0
+        locked = await scrape_until(
+            f, lambda s: value(s, "tgops_runs_total", kind="auto-update", outcome="failed") == 1.0
         )
         assert value(locked, "tgops_node_update_lock", node="tg2", cluster="c1") == 1.0
         assert value(locked, "tgops_cluster_slots_in_use", cluster="c1") == 1.0
@@ -202,11 +175,11 @@ async def test_metrics_present_and_moving(tmp_path: Path) -> None:
 
 async def test_openmetrics_on_request_and_one_registry_per_service(tmp_path: Path) -> None:
     async with fleet(tmp_path / "a") as a, fleet(tmp_path / "b") as b:
-        assert await a.run("download tg1") == {"tg1": "succeeded"}
-        await a.scrape_until(
-            lambda s: value(s, "tgops_runs_total", kind="download", outcome="succeeded") == 1.0
+        assert await a.outcomes("download tg1") == {"tg1": "succeeded"}
+        await scrape_until(
+            a, lambda s: value(s, "tgops_runs_total", kind="download", outcome="succeeded") == 1.0
         )
-        other = await b.scrape()
+        other = await scrape(b)
         assert value(other, "tgops_runs_total", kind="download", outcome="succeeded") is None
         assert value(other, "tgops_info", version="0.1.0", instance=b.service.instance) == 1.0
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,9 +13,10 @@ from core import events as ev
 from core.clock import ManualClock
 from core.model import SYSTEM, PackageKind
 from tests.events import Recorder
-from tests.repo_server import RepoServer, serve_repo
+from tests.fleet import fleet
+from tests.repo_server import serve_repo
 from tests.repository import Repo
-from tests.service import VIEWER_TOKEN, Api, running, settings_for
+from tests.service import VIEWER_TOKEN, running, settings_for
 
 BERLIN = ZoneInfo("Europe/Berlin")
 TIMINGS = {
@@ -27,77 +25,23 @@ TIMINGS = {
 UPDATES = {"download_lead": "2s", "update_grace": "30s"}
 
 
-@dataclass
-class Fleet:
-    root: Path
-    repo: Repo
-    server: RepoServer
-    service: Service
-    api: Api
-    events: Recorder
-
-    def node(self, name: str) -> Path:
-        path = self.root / "nodes" / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def state(self, name: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.node(name) / "state.json").read_text())
-        return data
-
-    def messages(self, name: str) -> list[str]:
-        path = self.node(name) / "messages.log"
-        return path.read_text().splitlines() if path.exists() else []
-
-    def login(self, name: str, *users: str) -> None:
-        (self.node(name) / "sessions.json").write_text(json.dumps([{"user": u} for u in users]))
-
-    async def node_status(self, name: str) -> dict[str, Any]:
-        status = await self.api.status()
-        return next(n for n in status["nodes"] if n["name"] == name)
-
-    async def finished(self, node: str, within: float = 40.0) -> ev.RunFinished:
-        event = await self.events.wait_for(
-            lambda e: (
-                isinstance(e, ev.RunFinished) and e.node == node and e.kind.startswith("scheduled-")
-            ),
-            within,
-        )
-        assert isinstance(event, ev.RunFinished)
-        return event
-
-
 def soon(seconds: float) -> str:
     """A wall time ``seconds`` from now in Berlin, as HH:MM:SS."""
     return (datetime.now(BERLIN) + timedelta(seconds=seconds)).strftime("%H:%M:%S")
 
 
-@asynccontextmanager
-async def fleet(tmp_path: Path, **kwargs: Any) -> AsyncIterator[Fleet]:
-    repo = Repo(tmp_path)
-    repo.add("tg-base", "1.0")
-    async with serve_repo(repo.root) as server:
-        settings = settings_for(
-            tmp_path,
-            repository_url=server.url,
-            public_key=repo.public_key,
-            sections=TIMINGS,
-            updates={**UPDATES, **kwargs.pop("updates", {})},
-            **kwargs,
-        )
-        async with running(settings) as (service, api):
-            yield Fleet(
-                root=tmp_path,
-                repo=repo,
-                server=server,
-                service=service,
-                api=api,
-                events=Recorder(service.bus),
-            )
+def scheduling(**kwargs: Any) -> Any:
+    """A fleet whose lifecycle durations are seconds."""
+    return fleet(
+        kwargs.pop("tmp_path"),
+        sections=TIMINGS,
+        updates={**UPDATES, **kwargs.pop("updates", {})},
+        **kwargs,
+    )
 
 
 async def test_scheduled_update_of_a_cluster_and_a_single_system(tmp_path: Path) -> None:
-    async with fleet(tmp_path, cluster_nodes=2, max_parallel=1) as f:
+    async with scheduling(tmp_path=tmp_path, cluster_nodes=2, max_parallel=1) as f:
         f.repo.add("tg-kernel", "6.1", kind=PackageKind.CORE)
         f.login("tg1", "alice")
         f.login("solo1", "bob")
@@ -153,7 +97,7 @@ async def test_scheduled_update_of_a_cluster_and_a_single_system(tmp_path: Path)
 
 
 async def test_no_updates_is_logged_and_nothing_happens(tmp_path: Path) -> None:
-    async with fleet(tmp_path) as f:
+    async with scheduling(tmp_path=tmp_path) as f:
         reply = await f.api.command("auto-update solo1")
         ids = [int(w.strip("#,.")) for w in reply["text"].split() if w.startswith("#")]
         await f.service.lifecycle.wait(ids)
@@ -166,7 +110,9 @@ async def test_no_updates_is_logged_and_nothing_happens(tmp_path: Path) -> None:
 
 
 async def test_download_failing_twice_locks_and_switches_schedules_off(tmp_path: Path) -> None:
-    async with fleet(tmp_path, updates={"download_attempts": 3, "retry_delay": "0.1s"}) as f:
+    async with scheduling(
+        tmp_path=tmp_path, updates={"download_attempts": 3, "retry_delay": "0.1s"}
+    ) as f:
         f.server.fail_next(10_000, status=503)
         at = soon(4)
         assert (await f.api.command(f"schedule update tg1 on daily {at}"))["ok"]
@@ -202,7 +148,7 @@ async def test_download_failing_twice_locks_and_switches_schedules_off(tmp_path:
 
 
 async def test_lock_at_update_time_skips_the_run(tmp_path: Path) -> None:
-    async with fleet(tmp_path) as f:
+    async with scheduling(tmp_path=tmp_path) as f:
         assert (await f.api.command(f"schedule update solo1 on daily {soon(4)}"))["ok"]
         await f.events.wait_for(
             lambda e: isinstance(e, ev.MaintenanceScheduled) and e.node == "solo1"
@@ -247,7 +193,7 @@ async def test_restart_between_download_and_update(tmp_path: Path) -> None:
 
 
 async def test_scheduled_download_stops_at_its_end_time(tmp_path: Path) -> None:
-    async with fleet(tmp_path) as f:
+    async with scheduling(tmp_path=tmp_path) as f:
         f.server.stall(30.0)
         start = datetime.now(BERLIN) + timedelta(seconds=2)
         end = start + timedelta(seconds=2)
