@@ -16,6 +16,16 @@ of that file are kept.
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - sys.path is fixed before anything else is imported (see below)
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# `python bench/download.py` puts bench/ first on sys.path, where a sibling script could
+# shadow the standard library (bench/email.py would hide `email`); use the project root.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
 import argparse
 import asyncio
 import datetime as dt
@@ -28,20 +38,15 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from core.download import Downloader  # noqa: E402 - after the path is set
+from core.download import Downloader
 
 SIZE = 1 << 30
 BLOCK = 16 << 20
