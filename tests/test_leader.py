@@ -18,6 +18,7 @@ from tests.processes import service_process
 from tests.repo_server import serve_repo
 from tests.repository import Repo
 from tests.service import fleet_toml, settings_for
+from tests.smtp_server import smtp_server
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -45,7 +46,11 @@ async def test_leader_killed_during_a_scheduled_update_another_takes_over(
     await reset_postgres(POSTGRES_URL)
     repo = Repo(tmp_path)
     repo.add("tg-base", "1.0")
-    async with serve_repo(repo.root) as server, aiohttp.ClientSession() as session:
+    async with (
+        serve_repo(repo.root) as server,
+        smtp_server() as mail,
+        aiohttp.ClientSession() as session,
+    ):
         config = tmp_path / "tgops.toml"
         config.write_text(
             fleet_toml(
@@ -62,6 +67,8 @@ async def test_leader_killed_during_a_scheduled_update_another_takes_over(
                         "lb_drain_lead": "1s",
                     },
                     "leader": {"takeover": "2s"},
+                    "smtp": {"host": "127.0.0.1", "port": mail.port},
+                    "notify": {"users_list": "users@example.org"},
                 },
             )
         )
@@ -119,3 +126,9 @@ async def test_leader_killed_during_a_scheduled_update_another_takes_over(
         assert state["clusters"][0]["waiting"] == []
         started = [line for line in log.splitlines() if "run scheduled-update" in line]
         assert len(started) == 3, log  # one run per node: the new leader did not start more
+        # the users' list heard of each maintenance (scheduled, ended) at most once, although
+        # two instances and a leader change were involved
+        subjects = [str(m.message["Subject"]) for m in mail.messages]
+        assert subjects, "no maintenance announcement was mailed"
+        assert len(subjects) == len(set(subjects)), subjects
+        assert any("tg" in s for s in subjects), subjects
