@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # `python bench/download.py` puts bench/ first on sys.path, where a sibling script could
-# shadow the standard library (bench/email.py would hide `email`); use the project root.
+# shadow the standard library; use the project root.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 

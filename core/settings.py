@@ -146,6 +146,8 @@ class SmtpSettings(_Section):
     timeout: Duration = 30.0
     ca_file: Path | None = None
     """PEM file of the CA(s) that sign the SMTP server's certificate (default: system CAs)."""
+    connections: int = Field(default=1, ge=1, le=16)
+    """SMTP connections used at once when many e-mails are due (each sends a batch)."""
 
     @model_validator(mode="after")
     def _tls(self) -> SmtpSettings:

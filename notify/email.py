@@ -1,10 +1,11 @@
 """E-mail over SMTP (aiosmtplib): the outbox channel ``email``.
 
-One connection per batch of due e-mails (plain, STARTTLS or implicit TLS; AUTH when a
-username is set; every command bounded by ``smtp.timeout``). Each message has a text and
-an HTML part rendered from ``notify/templates``, and ``Message-ID``, ``Date``, ``From``,
-``To`` headers; the Message-ID is derived from the outbox key, so a message sent again
-after a crash carries the same one.
+One connection per batch of due e-mails, up to ``smtp.connections`` batches at once
+(plain, STARTTLS or implicit TLS; AUTH when a username is set; every command bounded by
+``smtp.timeout``). Each message has a text and an HTML part rendered from
+``notify/templates`` (``notify/mime.py`` puts it together), and ``Message-ID``, ``Date``,
+``From``, ``To`` headers; Message-ID and Date come from the outbox item, so a message sent
+again after a crash is the same message.
 
 Failures: no session (connect, TLS, greeting, login) → every item of the batch is retried
 later; the server refusing one message (MAIL, RCPT, DATA) → 4xx retried, 5xx final, and
@@ -15,21 +16,19 @@ flight is retried, the untried rest is released for the next connection.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import socket
 import ssl
 from collections.abc import Sequence
-from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
-from email.utils import format_datetime, formataddr
 from typing import Any
 
 import aiosmtplib
 from jinja2 import TemplateError
 
+from core.errors import ConfigError
 from core.settings import SmtpSettings
 from core.store import OutboxRecord
+from notify import mime
 from notify.errors import (
     DeliveryError,
     MessageComposeError,
@@ -43,20 +42,10 @@ from notify.render import Renderer
 
 log = logging.getLogger(__name__)
 
-POLICY = SMTP_POLICY.clone(max_line_length=998)
-"""CRLF lines; headers are folded only beyond RFC 5322's hard limit of 998 characters, as
-Python's folder at 78 moves a subject holding ``<``, ``&`` or ``[`` to a continuation line
-(which parsers then read with a leading space)."""
-
+COMPOSE_AHEAD = 4
+"""Messages composed ahead of the one being sent."""
 LEASE_FACTOR = 10
 """A claimed batch may take ``LEASE_FACTOR * smtp.timeout`` (then the rest is retried)."""
-
-
-def message_id(key: str, sender: str) -> str:
-    """A stable Message-ID for an outbox key (the same after a retry or a restart)."""
-    domain = sender.rpartition("@")[2] or "localhost"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:40]
-    return f"<{digest}@{domain}>"
 
 
 class EmailChannel:
@@ -74,10 +63,16 @@ class EmailChannel:
         self.renderer = renderer
         self.batch_size = batch_size
         self.sender_name = sender_name
+        self.parallel = settings.connections
         self.lease = max(60.0, LEASE_FACTOR * settings.timeout)
         self._tls: ssl.SSLContext | None = None
         if settings.ca_file is not None and (settings.starttls or settings.use_tls):
-            self._tls = ssl.create_default_context(cafile=str(settings.ca_file))
+            try:
+                self._tls = ssl.create_default_context(cafile=str(settings.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    [f"smtp.ca_file: {settings.ca_file} is not a readable PEM file ({exc})"]
+                ) from exc
         self._local_hostname: str | None = None
 
     def describe(self, item: OutboxRecord) -> str:
@@ -85,23 +80,25 @@ class EmailChannel:
 
     # -- composing -----------------------------------------------------------------------
 
-    def compose(self, item: OutboxRecord) -> EmailMessage:
+    def compose(self, item: OutboxRecord) -> bytes:
+        """The message of an outbox item, as sent."""
         payload = item.payload
         try:
             rendered = self.renderer.email(str(payload["template"]), payload.get("vars", {}))
-        except (KeyError, TemplateError, TypeError) as exc:
-            raise MessageComposeError(self.describe(item), f"{type(exc).__name__}: {exc}") from exc
-        message = EmailMessage(policy=POLICY)
-        message["Subject"] = item.subject
-        message["From"] = formataddr((self.sender_name, self.settings.sender))
-        name = payload.get("name")
-        message["To"] = formataddr((str(name), item.recipient)) if name else item.recipient
-        message["Date"] = format_datetime(item.created_at)
-        message["Message-ID"] = message_id(item.key, self.settings.sender)
-        message["Auto-Submitted"] = "auto-generated"
-        message.set_content(rendered.text)
-        message.add_alternative(rendered.html, subtype="html")
-        return message
+            name = payload.get("name")
+            return mime.compose(
+                key=item.key,
+                sender=self.settings.sender,
+                sender_name=self.sender_name,
+                recipient=item.recipient,
+                name=None if name is None else str(name),
+                subject=item.subject,
+                date=item.created_at,
+                text=rendered.text,
+                html=rendered.html,
+            )
+        except (KeyError, TemplateError, TypeError, ValueError) as exc:
+            raise MessageComposeError(self.describe(item), str(exc)) from exc
 
     # -- sending -------------------------------------------------------------------------
 
@@ -160,21 +157,38 @@ class EmailChannel:
     async def _send_all(
         self, client: aiosmtplib.SMTP, items: Sequence[OutboxRecord], report: Report
     ) -> None:
-        s = self.settings
-        assert s.host is not None
-        for item in items:
-            outcome, go_on = await self._send_one(client, item)
-            if not report(outcome) or not go_on or not client.is_connected:
-                return  # the rest is released (and goes over a new connection)
+        """Send the batch in order; the next messages are composed while the server
+        answers the current one (a few ahead, in a task of their own)."""
+        ready: asyncio.Queue[tuple[OutboxRecord, bytes | DeliveryError]] = asyncio.Queue(
+            COMPOSE_AHEAD
+        )
 
-    async def _send_one(self, client: aiosmtplib.SMTP, item: OutboxRecord) -> tuple[Outcome, bool]:
+        async def compose_ahead() -> None:
+            for item in items:
+                try:
+                    data: bytes | DeliveryError = self.compose(item)
+                except DeliveryError as exc:
+                    data = exc
+                await ready.put((item, data))
+
+        async with asyncio.TaskGroup() as group:
+            composer = group.create_task(compose_ahead(), name="email:compose")
+            for _ in items:
+                item, data = await ready.get()
+                if isinstance(data, DeliveryError):
+                    outcome, go_on = Outcome(item=item, error=data), True
+                else:
+                    outcome, go_on = await self._send_one(client, item, data)
+                if not report(outcome) or not go_on or not client.is_connected:
+                    composer.cancel()
+                    return  # the rest is released (and goes over a new connection)
+
+    async def _send_one(
+        self, client: aiosmtplib.SMTP, item: OutboxRecord, data: bytes
+    ) -> tuple[Outcome, bool]:
         """Send one message; the outcome, and whether the connection is still usable."""
         s = self.settings
         assert s.host is not None
-        try:
-            data = self.compose(item).as_bytes(policy=POLICY)
-        except DeliveryError as exc:
-            return Outcome(item=item, error=exc), True
         try:
             async with asyncio.timeout(s.timeout * 4):
                 await client.sendmail(s.sender, [item.recipient], data)

@@ -50,7 +50,7 @@ STOP_GRACE = 5.0
 sent again at the next start)."""
 STOP_TIMEOUT = 10.0
 """Bound for the notifier's tasks to end when the service stops."""
-LEADER_CHECK = 1.0
+LEADER_CHECK = 0.5
 """How often a notifier that does not lead looks whether it leads now (and vice versa)."""
 
 
@@ -188,6 +188,7 @@ class Notifier:
                 duties = group.create_task(self._duties(), name="notify:duties")
                 await self._until_leader(False)
                 log.info("not the leader any more: notification delivery stops here")
+                await self.outbox.stop(STOP_GRACE)
                 duties.cancel()
 
     async def _until_leader(self, leads: bool) -> None:
@@ -272,15 +273,6 @@ class Notifier:
         if not audience:
             problems.append("no [[contacts]] entry covers the configured clusters: nobody told")
         fresh = await self.outbox.put(*mails)
-        if fresh or not mails:
-            for problem in problems:
-                await self.store.audit(
-                    actor="notify",
-                    source="system",
-                    action="notification failed",
-                    target=entry.id,
-                    detail=f"hotfix {entry.id}: {problem}",
-                )
         log.info(
             "hotfix %s (%s) announced: %d e-mail(s)%s",
             entry.id,
@@ -288,9 +280,28 @@ class Notifier:
             len(mails),
             f", {len(callees)} phone contact(s)" if urgent else "",
         )
-        if urgent:
+        missing = self.twilio.missing()
+        if urgent and callees and missing:
+            problems.append(
+                f"{', '.join(f'twilio.{k}' for k in missing)} not configured: nobody phoned"
+            )
+        elif urgent:
             await self.escalations.start(event, callees)
+        await self._audit_problems(entry.id, problems, first=bool(fresh) or not mails)
         await self.bus.publish(event)
+
+    async def _audit_problems(self, hotfix_id: str, problems: list[str], *, first: bool) -> None:
+        """Who was not told, once per hotfix (not again when a crash repeats the announcement)."""
+        if not first:
+            return
+        for problem in problems:
+            await self.store.audit(
+                actor="notify",
+                source="system",
+                action="notification failed",
+                target=hotfix_id,
+                detail=f"hotfix {hotfix_id}: {problem}",
+            )
 
     # -- users' mailing list (L3) ------------------------------------------------------------
 

@@ -4,7 +4,8 @@
 recipient, so a repeated put sends nothing twice) and wakes the channel's worker. One
 worker per channel claims due items (status ``sending`` with a lease, so a second
 instance or a restarted one does not take them while they are in flight), hands them to
-the channel, and records each outcome as it comes, several per transaction:
+the channel, and records the outcomes as they come, all that came within ``RECORD_DELAY``
+in one transaction:
 
 * sent: status ``sent`` and an audit record "notification sent";
 * transient failure (connection refused, SMTP 4xx, Twilio 429/5xx): pending again, next
@@ -27,7 +28,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Protocol
 
 from core.settings import NotifySettings
@@ -40,6 +41,12 @@ IDLE = 10.0
 """Longest sleep of a worker with nothing due: it looks at the store at least this often."""
 MIN_WAIT = 0.05
 """Shortest sleep when something is due but could not be claimed (another instance has it)."""
+RECORD_DELAY = 0.05
+"""Outcomes are recorded at most this often while a batch is being sent (one transaction
+for all that came meanwhile). A crash loses at most the record of the last ``RECORD_DELAY``
+seconds of sends; those messages are sent again, with the same Message-ID."""
+PUT_CHUNK = 1000
+"""Notifications stored per transaction by ``put``."""
 SETTLE_TIMEOUT = 10.0
 """Bound for recording outcomes while the service stops."""
 
@@ -96,6 +103,10 @@ class Channel(Protocol):
 
     @property
     def batch_size(self) -> int: ...
+
+    @property
+    def parallel(self) -> int:
+        """Batches (connections) delivered at once."""
 
     def describe(self, item: OutboxRecord) -> str:
         """A short line naming the notification, for the audit log."""
@@ -164,9 +175,12 @@ class Outbox:
         for note in notifications:
             if note.channel not in self.channels:
                 raise ValueError(f"no outbox channel {note.channel!r}")
-        fresh = await self.store.enqueue_many([n.row() for n in notifications])
-        for name in {n.channel for n in notifications}:
-            self._wakes[name].set()
+        fresh: list[str] = []
+        for start in range(0, len(notifications), PUT_CHUNK):
+            chunk = notifications[start : start + PUT_CHUNK]
+            fresh += await self.store.enqueue_many([n.row() for n in chunk])
+            for name in {n.channel for n in chunk}:
+                self._wakes[name].set()  # the first chunk is on its way while the rest is put
         return fresh
 
     def wake(self, channel: str | None = None) -> None:
@@ -200,105 +214,109 @@ class Outbox:
     # -- worker ------------------------------------------------------------------------
 
     async def _worker(self, channel: Channel) -> None:
+        """Claim due batches and deliver them, up to ``channel.parallel`` at once."""
         wake = self._wakes[channel.name]
-        while not self._stopping.is_set():
-            wake.clear()
-            delay = self.idle
-            try:
-                now = utcnow()
-                batch = await self.store.claim_outbox(
-                    channel=channel.name,
-                    now=now,
-                    lease_until=now + timedelta(seconds=channel.lease),
-                    limit=channel.batch_size,
-                )
+        slots = asyncio.Semaphore(max(1, channel.parallel))
+        async with asyncio.TaskGroup() as group:
+            while not self._stopping.is_set():
+                await slots.acquire()
+                wake.clear()
+                delay = self.idle
+                batch: list[OutboxRecord] = []
+                try:
+                    now = utcnow()
+                    batch = await self.store.claim_outbox(
+                        channel=channel.name,
+                        now=now,
+                        lease_until=now + timedelta(seconds=channel.lease),
+                        limit=channel.batch_size,
+                    )
+                    if not batch:
+                        due = await self.store.next_outbox_due(channel=channel.name)
+                        if due is not None:
+                            delay = min(self.idle, max(MIN_WAIT, (due - utcnow()).total_seconds()))
+                except Exception:
+                    log.exception("outbox %s: delivery round failed; trying again", channel.name)
+                    delay = min(self.idle, 1.0)
                 if batch:
-                    await self._deliver(channel, batch)
+                    group.create_task(
+                        self._deliver_in_slot(channel, batch, slots),
+                        name=f"outbox:{channel.name}:batch",
+                    )
                     continue
-                due = await self.store.next_outbox_due(channel=channel.name)
-                if due is not None:
-                    delay = min(self.idle, max(MIN_WAIT, (due - utcnow()).total_seconds()))
-            except Exception:
-                log.exception("outbox %s: delivery round failed; trying again", channel.name)
-                delay = min(self.idle, 1.0)
-            try:
-                async with asyncio.timeout(delay):
-                    await wake.wait()
-            except TimeoutError:
-                pass
+                slots.release()
+                try:
+                    async with asyncio.timeout(delay):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+
+    async def _deliver_in_slot(
+        self, channel: Channel, batch: Sequence[OutboxRecord], slots: asyncio.Semaphore
+    ) -> None:
+        try:
+            await self._deliver(channel, batch)
+        except Exception:
+            log.exception("outbox %s: a batch of %d failed unexpectedly", channel.name, len(batch))
+        finally:
+            slots.release()
 
     async def _deliver(self, channel: Channel, batch: Sequence[OutboxRecord]) -> None:
         """Let the channel send the batch while a second task records outcomes as they come
-        (whatever piled up during the previous write goes into the next transaction)."""
-        reported: list[Outcome] = []
-        history: list[Outcome] = []
-        settled: set[int] = set()
-        seen: set[int] = set()
-        more = asyncio.Event()
-        finished = asyncio.Event()
-
-        def report(outcome: Outcome) -> bool:
-            if outcome.item.id not in seen:
-                seen.add(outcome.item.id)
-                reported.append(outcome)
-                history.append(outcome)
-                more.set()
-            return not self._stopping.is_set()
-
-        async def send() -> None:
-            try:
-                async with asyncio.timeout(channel.lease * 0.9):
-                    await channel.deliver(batch, report)
-            except TimeoutError:
-                log.warning(
-                    "outbox %s: batch of %d took longer than %.0fs; the rest is retried",
-                    channel.name,
-                    len(batch),
-                    channel.lease * 0.9,
-                )
-                self._fail_first_unreported(
-                    batch, seen, report, DeliveryTimeoutError("the batch", channel.lease * 0.9)
-                )
-            except Exception as exc:
-                log.exception("outbox %s: delivery failed unexpectedly", channel.name)
-                self._fail_first_unreported(batch, seen, report, UnexpectedDeliveryError(exc))
-            finally:
-                finished.set()
-                more.set()
-
-        async def record() -> None:
-            while True:
-                await more.wait()
-                more.clear()
-                while reported:
-                    chunk = list(reported)
-                    del reported[:]
-                    await self._settle(channel, chunk)
-                    settled.update(o.item.id for o in chunk)
-                if finished.is_set() and not reported:
-                    return
-
+        (whatever came within ``RECORD_DELAY`` goes into one transaction)."""
+        run = _Batch(batch, stopping=self._stopping)
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(send(), name=f"outbox:{channel.name}:send")
-                group.create_task(record(), name=f"outbox:{channel.name}:record")
+                group.create_task(self._send(channel, run), name=f"outbox:{channel.name}:send")
+                group.create_task(self._record(channel, run), name=f"outbox:{channel.name}:rec")
         finally:
-            # reported but not yet recorded (stopping, or a store error), and never tried
-            left = [o for o in reported if o.item.id not in settled]
-            left += [Outcome(item=i, released=True) for i in batch if i.id not in seen]
+            # reported but not recorded (stopping, or a store error), and never tried
+            left = [o for o in run.history if o.item.id not in run.settled]
+            left += [Outcome(item=i, released=True) for i in batch if i.id not in run.seen]
             if left:
                 await self._settle_shielded(channel, left)
-        await self._tell(channel, history)
+        await self._tell(channel, run.history)
 
-    @staticmethod
-    def _fail_first_unreported(
-        batch: Sequence[OutboxRecord], seen: set[int], report: Report, error: DeliveryError
-    ) -> None:
-        """The item in flight when a batch broke off gets the failure; the rest is released."""
-        for item in batch:
-            if item.id not in seen:
-                report(Outcome(item=item, error=error))
+    async def _send(self, channel: Channel, run: _Batch) -> None:
+        bound = channel.lease * 0.9
+        try:
+            async with asyncio.timeout(bound):
+                await channel.deliver(run.items, run.report)
+        except TimeoutError:
+            log.warning(
+                "outbox %s: batch of %d took longer than %.0fs; the rest is retried",
+                channel.name,
+                len(run.items),
+                bound,
+            )
+            run.fail_first_unreported(DeliveryTimeoutError("the batch", bound))
+        except Exception as exc:
+            log.exception("outbox %s: delivery failed unexpectedly", channel.name)
+            run.fail_first_unreported(UnexpectedDeliveryError(exc))
+        finally:
+            run.finished.set()
+            run.more.set()
+
+    async def _record(self, channel: Channel, run: _Batch) -> None:
+        while True:
+            await run.more.wait()
+            if not run.finished.is_set():
+                # group commit: outcomes of the next few messages join this write
+                try:
+                    async with asyncio.timeout(RECORD_DELAY):
+                        await run.finished.wait()
+                except TimeoutError:
+                    pass
+            run.more.clear()
+            if run.reported:
+                chunk = list(run.reported)
+                del run.reported[:]
+                await self._settle(channel, chunk)
+                run.settled.update(o.item.id for o in chunk)
+            if run.finished.is_set() and not run.reported:
                 return
+            if run.reported:
+                run.more.set()  # came in while writing: the next write, after the delay
 
     async def _settle_shielded(self, channel: Channel, outcomes: list[Outcome]) -> None:
         try:
@@ -381,6 +399,30 @@ class Outbox:
         }
 
 
-def due_in(when: datetime) -> float:
-    """Seconds from now until ``when`` (0 when it has passed)."""
-    return max(0.0, (when - utcnow()).total_seconds())
+class _Batch:
+    """The state of one claimed batch while it is sent and recorded."""
+
+    def __init__(self, items: Sequence[OutboxRecord], *, stopping: asyncio.Event) -> None:
+        self.items = items
+        self.reported: list[Outcome] = []
+        self.history: list[Outcome] = []
+        self.settled: set[int] = set()
+        self.seen: set[int] = set()
+        self.more = asyncio.Event()
+        self.finished = asyncio.Event()
+        self._stopping = stopping
+
+    def report(self, outcome: Outcome) -> bool:
+        if outcome.item.id not in self.seen:
+            self.seen.add(outcome.item.id)
+            self.reported.append(outcome)
+            self.history.append(outcome)
+            self.more.set()
+        return not self._stopping.is_set()
+
+    def fail_first_unreported(self, error: DeliveryError) -> None:
+        """The item in flight when a batch broke off gets the failure; the rest is released."""
+        for item in self.items:
+            if item.id not in self.seen:
+                self.report(Outcome(item=item, error=error))
+                return

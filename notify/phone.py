@@ -195,6 +195,7 @@ class CallChannel:
 
     name = "call"
     batch_size = 10
+    parallel = 1
 
     def __init__(
         self,
@@ -249,6 +250,7 @@ class SmsChannel:
 
     name = "sms"
     batch_size = 10
+    parallel = 1
 
     def __init__(self, twilio: Twilio, *, renderer: Renderer, public_url: str) -> None:
         self.twilio = twilio

@@ -31,6 +31,7 @@ class Renderer:
             trim_blocks=True,
             lstrip_blocks=True,
             keep_trailing_newline=True,
+            auto_reload=False,  # packaged templates: no stat() per message
         )
 
     def text(self, name: str, variables: Mapping[str, Any]) -> str:

@@ -106,6 +106,7 @@ class SmtpServer:
     count: int = 0
     mail_commands: int = 0
     connections: int = 0
+    max_open: int = 0
     logins: list[str] = field(default_factory=list)
     refuse_sender: str | None = None
     refuse_recipients: dict[str, str] = field(default_factory=dict)
@@ -142,6 +143,7 @@ class SmtpServer:
                 if self not in server._open:  # called again after STARTTLS
                     server.connections += 1
                     server._open.add(self)
+                    server.max_open = max(server.max_open, len(server._open))
                 super().connection_made(transport)
 
             def connection_lost(self, exc: Exception | None) -> None:

@@ -6,6 +6,8 @@ commands, failing runs) and checked as received by the SMTP server and in `/tg l
 
 from __future__ import annotations
 
+import email
+import email.policy
 import email.utils
 import re
 import ssl
@@ -13,10 +15,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trustme
 
+from core.errors import ConfigError
 from core.events import UpdateLockSet, WarningFlagSet
+from core.settings import SmtpSettings
 from core.store import OutboxRecord, Store
+from notify.email import EmailChannel
+from notify.errors import MessageComposeError
+from notify.render import Renderer
 from tests.notify_env import SENDER, audit_rows, notify_settings, outbox_rows, wait_until
 from tests.repository import Repo
 from tests.service import MAINT_TOKEN, running
@@ -309,3 +317,84 @@ async def test_mails_queued_when_the_service_stops_are_sent_once_after_restart(
             rows = await wait_until(lambda: settled(service.store), what="settled")
             assert [(r.status, r.attempts) for r in rows] == [("sent", 2), ("sent", 2)]
         assert len(server.messages) == 2
+
+
+def record(**overrides: Any) -> OutboxRecord:
+    now = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
+    values: dict[str, Any] = {
+        "id": 1,
+        "key": "ev1:email:jo@example.org",
+        "channel": "email",
+        "recipient": "jo@example.org",
+        "subject": "[tgops] Wartung von tg1: Kernel & <Treiber> für Überlänge " + "x" * 80,
+        "payload": {
+            "template": "maintenance",
+            "name": 'Jörg "Jo" Müller, Betrieb',
+            "target": "tg1",
+            "vars": {
+                "event": "ended",
+                "node": "tg1",
+                "cluster": None,
+                "timezone": "Europe/Berlin",
+                "reason": "fertig ✓ =3D . \r\n.",
+                "by": "x",
+            },
+        },
+        "status": "sending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "last_error": None,
+        "created_at": now,
+        "sent_at": None,
+    }
+    return OutboxRecord(**(values | overrides))
+
+
+def test_composed_mail_parses_back_exactly() -> None:
+    channel = EmailChannel(
+        SmtpSettings(host="127.0.0.1", sender=SENDER), renderer=Renderer(), batch_size=10
+    )
+    item = record()
+    raw = channel.compose(item)
+    assert raw.isascii() and b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["Subject"] == item.subject
+    assert msg["To"].addresses[0].display_name == 'Jörg "Jo" Müller, Betrieb'
+    assert msg["To"].addresses[0].addr_spec == "jo@example.org"
+    assert msg["Date"].datetime == item.created_at
+    assert (
+        msg["Message-ID"]
+        == channel.compose(item).split(b"Message-ID: ")[1].split(b"\r")[0].decode()
+    )
+    text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    text = text.replace("\r\n", "\n")  # canonical CRLF line ends of text/plain
+    assert "has ended (fertig ✓ =3D . \n.); tg1 is available again" in text
+    assert "fertig ✓ =3D" in msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert channel.compose(item) == raw  # the same message after a retry
+
+
+def test_header_injection_and_bad_addresses_are_refused() -> None:
+    channel = EmailChannel(
+        SmtpSettings(host="127.0.0.1", sender=SENDER), renderer=Renderer(), batch_size=10
+    )
+    raw = channel.compose(
+        record(
+            subject="Hello\r\nBcc: victim@example.org",
+            payload={**record().payload, "name": "Eve\r\nBcc: victim@example.org"},
+        )
+    )
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["Bcc"] is None
+    assert msg["Subject"] == "Hello Bcc: victim@example.org"
+    for bad in ("jo@example.org\r\nBcc: x@example.org", "jö@example.org", "no-at-sign", ""):
+        with pytest.raises(MessageComposeError, match="is not a plain ASCII e-mail address"):
+            channel.compose(record(recipient=bad))
+
+
+async def test_an_unreadable_ca_file_stops_the_start(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    settings = notify_settings(tmp_path, smtp=smtp(25, starttls=True, ca_file=str(missing)))
+    with pytest.raises(ConfigError, match=r"smtp\.ca_file: .*missing\.pem is not a readable PEM"):
+        async with running(settings):
+            pass

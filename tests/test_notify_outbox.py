@@ -43,11 +43,19 @@ def mail(i: int, key: str | None = None) -> Notification:
 
 @asynccontextmanager
 async def outbox_for(
-    tmp_path: Path, server: SmtpServer, *, batch_size: int = 100, start: bool = True
+    tmp_path: Path,
+    server: SmtpServer,
+    *,
+    batch_size: int = 100,
+    start: bool = True,
+    connections: int = 1,
 ) -> AsyncIterator[tuple[Outbox, Store]]:
     async with Store(f"sqlite+aiosqlite:///{tmp_path}/outbox.db") as store:
+        smtp = SmtpSettings(
+            host="127.0.0.1", port=server.port, sender=SENDER, timeout=2.0, connections=connections
+        )
         channel = EmailChannel(
-            SmtpSettings(host="127.0.0.1", port=server.port, sender=SENDER, timeout=2.0),
+            smtp,
             renderer=Renderer(),
             batch_size=batch_size,
         )
@@ -102,6 +110,7 @@ async def test_one_connection_per_batch(tmp_path: Path) -> None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         assert server.connections == 3  # 40 + 40 + 20
+        assert server.max_open == 1
         assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(
             f"user{i}@example.org" for i in range(100)
         )
@@ -155,3 +164,24 @@ async def test_unknown_channel_is_refused(tmp_path: Path) -> None:
     async with smtp_server() as server, outbox_for(tmp_path, server) as (outbox, _):
         with pytest.raises(ValueError, match="no outbox channel 'fax'"):
             await outbox.put(Notification(key="k", channel="fax", recipient="+49"))
+
+
+async def test_several_connections_at_once(tmp_path: Path) -> None:
+    async with smtp_server() as server:
+        async with outbox_for(tmp_path, server, batch_size=10, connections=3, start=False) as (
+            outbox,
+            store,
+        ):
+            await outbox.put(*(mail(i) for i in range(90)))
+            task = asyncio.create_task(outbox.run(), name="test-outbox")
+            try:
+                await server.wait_messages(90)
+                await wait_until(lambda: sent(store, 90), what="all sent")
+            finally:
+                await outbox.stop(5.0)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        assert server.connections == 9 and 2 <= server.max_open <= 3
+        assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(
+            f"user{i}@example.org" for i in range(90)
+        )

@@ -38,6 +38,7 @@ CAROL = {
     "clusters": ["elsewhere"],
 }
 DAVE = {"name": "Dave", "phone": "+4917000000004"}
+FRANK = {"name": "Frank", "email": "frank@example.org"}
 ADMIN = "admin@example.org"
 GATHER = f"{PUBLIC_URL}/twilio/voice/gather"
 STATUS = f"{PUBLIC_URL}/twilio/status"
@@ -111,10 +112,15 @@ async def escalation_ended(service: Service, hotfix: str) -> bool:
 
 
 async def test_urgent_hotfix_mail_call_and_acknowledgement(tmp_path: Path) -> None:
-    async with world(tmp_path, [ALICE, BOB, CAROL, DAVE]) as w, service_of(w) as (s, api, seen):
+    contacts = [ALICE, BOB, CAROL, DAVE, FRANK]
+    async with world(tmp_path, contacts) as w, service_of(w) as (s, api, seen):
         w.publish_urgent()
-        mails = await w.smtp.wait_messages(2)  # Alice (cluster c1) and Bob ("*"); not Carol
-        assert sorted(m.rcpt_tos[0] for m in mails) == ["alice@example.org", "bob@example.org"]
+        mails = await w.smtp.wait_messages(3)  # Alice (cluster c1), Bob, Frank; not Carol
+        assert sorted(m.rcpt_tos[0] for m in mails) == [
+            "alice@example.org",
+            "bob@example.org",
+            "frank@example.org",
+        ]
         mail = w.smtp.to("alice@example.org")[0].message
         assert mail["To"] == "Alice <alice@example.org>"
         assert mail["Subject"] == (
@@ -165,6 +171,7 @@ async def test_urgent_hotfix_mail_call_and_acknowledgement(tmp_path: Path) -> No
         assert "Alice (phone) hotfix acknowledged HF-7: Alice (+4917000000001) pressed 1" in log
         assert "notify (system) escalation started HF-7" in log
         assert "notification failed HF-7: hotfix HF-7: contact Dave has no e-mail address" in log
+        assert "contact Frank has urgent_calls but no phone number: not called" in log
         assert "notification sent HF-7: call to Alice (+4917000000001) (call CA" in log
         assert "Carol" not in log
 
@@ -231,6 +238,7 @@ async def test_twilio_errors_retried_or_reported(tmp_path: Path) -> None:
             "create record: Invalid 'To' Phone Number: 12345"
         ) in details
         assert any(d.startswith("SMS to Eve (12345): Twilio answered HTTP 400") for d in details)
+
         async def call_items() -> dict[str, Any] | None:
             calls = {r.recipient: r for r in await outbox_rows(s.store) if r.channel == "call"}
             return calls if calls[BOB["phone"]].status == "sent" else None
@@ -356,3 +364,35 @@ async def test_existing_hotfixes_can_be_left_unannounced_at_first_start(tmp_path
             await w.repo_server.wait_requests(path, now + 2)
             assert len(w.smtp.messages) == 1 and w.twilio.calls == []
             assert await s.store.announced(["HF-1", "HF-2"]) == {"HF-1", "HF-2"}
+
+
+async def test_urgent_hotfix_without_twilio_is_mailed_and_the_gap_recorded(
+    tmp_path: Path,
+) -> None:
+    repo = Repo(tmp_path)
+    repo.add("tg-base", "1.0")
+    async with serve_repo(repo.root) as repo_server, smtp_server() as smtp:
+        settings = notify_settings(
+            tmp_path,
+            smtp={"host": "127.0.0.1", "port": smtp.port},
+            contacts=[BOB],
+            repository_url=repo_server.url,
+            public_key=repo.public_key,
+            poll_interval="0.2s",
+        )
+        async with running(settings) as (service, _):
+            repo.add("tg-vnc", "2.0-1", hotfix="HF-3", urgency="urgent", summary="Fix")
+            (mail,) = await smtp.wait_messages(1)
+            assert mail.rcpt_tos == [BOB["email"]]
+            (row,) = await wait_until(
+                lambda: audit_rows(service.store, "notification failed"), what="the gap"
+            )
+            assert row.detail == (
+                "hotfix HF-3: twilio.account_sid, twilio.auth_token, twilio.from_number not "
+                "configured: nobody phoned"
+            )
+            assert await service.store.escalation("HF-3") is None
+            status, _ = await FakeTwilio(public_url=PUBLIC_URL).webhook(
+                STATUS, {"CallSid": "CA1", "CallStatus": "busy"}, service.port or 0
+            )
+            assert status == 403  # no auth token: no webhook can be verified
