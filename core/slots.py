@@ -21,7 +21,12 @@ class SlotGate:
     def __init__(self, store: Store, *, owner: str) -> None:
         self.store = store
         self.owner = owner
-        self._changed = asyncio.Condition()
+        self._changed: dict[str, asyncio.Condition] = {}
+        self._local: dict[str, list[str]] = {}
+        """This process's waiters per cluster, in arrival order."""
+
+    def _condition(self, cluster: str) -> asyncio.Condition:
+        return self._changed.setdefault(cluster, asyncio.Condition())
 
     async def acquire(
         self,
@@ -34,39 +39,59 @@ class SlotGate:
     ) -> int:
         """Wait for a slot, in queue order; ``stop`` may raise to give up while waiting."""
         await self.store.wait_for_slot(cluster=cluster, node=node, run_id=run_id)
+        local = self._local.setdefault(cluster, [])
+        local.append(node)
         try:
             while True:
                 if stop is not None:
                     await stop()
-                queue = await self.store.slot_queue(cluster)
-                held = await self.store.slots(cluster)
-                mine = next((s.slot for s in held if s.node == node), None)
-                if mine is not None:
-                    await self.store.leave_slot_queue(cluster=cluster, node=node)
-                    return mine
-                free = limit - len(held)
-                position = queue.index(node) if node in queue else 0
-                if position < free:
-                    slot = await self.store.try_take_slot(
-                        cluster=cluster, node=node, limit=limit, run_id=run_id, owner=self.owner
-                    )
+                # the store's queue holds this process's waiters in the same order, so one
+                # that is not among the first ``limit`` of them cannot be served yet: only
+                # those look at the store
+                if local.index(node) < limit:
+                    slot = await self._try(cluster=cluster, node=node, limit=limit, run_id=run_id)
                     if slot is not None:
                         return slot
-                async with self._changed:
+                condition = self._condition(cluster)
+                async with condition:
                     try:
                         async with asyncio.timeout(RECHECK):
-                            await self._changed.wait()
+                            await condition.wait()
                     except TimeoutError:
                         pass
         except BaseException:
             await asyncio.shield(self.store.leave_slot_queue(cluster=cluster, node=node))
             raise
+        finally:
+            local.remove(node)
+
+    async def _try(self, *, cluster: str, node: str, limit: int, run_id: int | None) -> int | None:
+        """The node's slot when its turn in the store's queue has come and one is free."""
+        held = await self.store.slots(cluster)
+        mine = next((s.slot for s in held if s.node == node), None)
+        if mine is not None:  # taken before a restart
+            await self.store.leave_slot_queue(cluster=cluster, node=node)
+            return mine
+        free = limit - len(held)
+        if free <= 0:
+            return None
+        queue = await self.store.slot_queue(cluster)
+        position = queue.index(node) if node in queue else 0
+        if position >= free:
+            return None
+        return await self.store.try_take_slot(
+            cluster=cluster, node=node, limit=limit, run_id=run_id, owner=self.owner
+        )
 
     async def release(self, *, cluster: str, node: str) -> bool:
         released = await self.store.release_slot(cluster=cluster, node=node)
-        await self.wake()
+        await self.wake(cluster)
         return released
 
-    async def wake(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+    async def wake(self, cluster: str | None = None) -> None:
+        """Wake the waiters of ``cluster`` (all clusters: ``None``)."""
+        clusters = list(self._changed) if cluster is None else [cluster]
+        for name in clusters:
+            condition = self._condition(name)
+            async with condition:
+                condition.notify_all()

@@ -226,6 +226,12 @@ class Store:
         if url.get_backend_name() == "sqlite":
             if url.database and url.database != ":memory:":
                 Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            # SQLite has one writer: one connection, so that no statement of this process
+            # ever waits in SQLite's busy handler for another of its own connections (that
+            # wait can block the event loop when a cursor is freed there)
+            kwargs["pool_size"] = 1
+            kwargs["max_overflow"] = 0
+            kwargs["pool_timeout"] = 120
         else:
             kwargs["pool_pre_ping"] = True
             kwargs["connect_args"] = {"timeout": self._connect_timeout}
