@@ -94,7 +94,7 @@ def header_text(alerts: Sequence[str] | None) -> str:
     """The header as notification text (what a phone shows)."""
     if not alerts:
         return ""
-    return " | ".join(a.removeprefix("!! ").removeprefix("-- ") for a in alerts) + "\n"
+    return escape(" | ".join(a.removeprefix("!! ").removeprefix("-- ") for a in alerts)) + "\n"
 
 
 # -- replies ---------------------------------------------------------------------------------
@@ -123,9 +123,14 @@ def chunks(text: str, limit: int = SECTION_LIMIT) -> list[str]:
     return pieces
 
 
-def body_blocks(text: str, *, preformatted: bool, prefix: str = "") -> list[Block]:
-    """Reply text as sections; tables as code blocks, sentences as mrkdwn."""
-    text = escape(text.replace("```", "'''"))
+def body_blocks(
+    text: str, *, preformatted: bool, prefix: str = "", mrkdwn: bool = False
+) -> list[Block]:
+    """Reply text as sections; tables as code blocks, sentences as mrkdwn.
+
+    ``mrkdwn``: the text is Slack markup already (mentions, escaped parts), not plain text.
+    """
+    text = text if mrkdwn else escape(text.replace("```", "'''"))
     limit = SECTION_LIMIT - len(prefix) - 8
     pieces = chunks(text, limit)
     blocks = []
@@ -140,11 +145,16 @@ def body_blocks(text: str, *, preformatted: bool, prefix: str = "") -> list[Bloc
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Shown:
-    """How a reply appears: its text, whether it is a table, and whether it was refused."""
+    """How a reply appears: its text, whether it is a table, and whether it was refused.
+
+    ``mrkdwn``: the text is Slack markup already (written by the bot, with mentions);
+    otherwise it is plain text (a command's reply) and escaped.
+    """
 
     text: str
     ok: bool
     preformatted: bool
+    mrkdwn: bool = False
 
 
 def reply_message(
@@ -155,11 +165,17 @@ def reply_message(
     head = [*header_blocks(alerts, tz), DIVIDER] if header else []
     blocks = [
         *head,
-        *body_blocks(shown.text, preformatted=shown.preformatted and shown.ok, prefix=prefix),
+        *body_blocks(
+            shown.text,
+            preformatted=shown.preformatted and shown.ok,
+            prefix=prefix,
+            mrkdwn=shown.mrkdwn,
+        ),
     ]
     if not header:
         alerts = None
     first = shown.text.splitlines()[0] if shown.text else ""
+    first = first if shown.mrkdwn else escape(first)
     return {"text": (header_text(alerts) + first)[:3000], "blocks": blocks}
 
 
@@ -200,7 +216,7 @@ def confirm_message(
         {"type": "actions", "block_id": "tg_confirm", "elements": [button]},
         context(f"Or type `/tg {escape(command)} --yes`."),
     ]
-    return {"text": (header_text(alerts) + text)[:3000], "blocks": blocks}
+    return {"text": (header_text(alerts) + escape(text))[:3000], "blocks": blocks}
 
 
 # -- run progress ------------------------------------------------------------------------------
@@ -267,7 +283,7 @@ def run_message(run: RunView) -> dict[str, Any]:
         blocks = [mrkdwn_section(head), context(by)]
         if run.message:
             blocks.insert(1, mrkdwn_section(escape(run.message)))
-        return {"text": f"{title}: {run.outcome}", "blocks": blocks}
+        return {"text": f"{title}: {escape(run.outcome)}", "blocks": blocks}
     steps = RUN_STEPS.get(run.kind, ())
     where = f" ({steps.index(run.step) + 1}/{len(steps)})" if run.step in steps else ""
     step = f"step *{escape(run.step)}*{where}" if run.step else "starting"
@@ -278,10 +294,10 @@ def run_message(run: RunView) -> dict[str, Any]:
         mrkdwn_section(f"{step}{amount}\n`{bar}`"),
         context(by),
     ]
-    return {"text": f"{title}: {run.step or 'starting'}", "blocks": blocks}
+    return {"text": f"{title}: {escape(run.step or 'starting')}", "blocks": blocks}
 
 
 def notice_message(emoji: str, title: str, detail: str) -> dict[str, Any]:
     """A one-off ops channel message (warning flag, lock, failure, acknowledgement)."""
     text = f"{emoji} *{escape(title)}*" + (f"\n{escape(detail)}" if detail else "")
-    return {"text": f"{title}: {detail}"[:3000], "blocks": [mrkdwn_section(text)]}
+    return {"text": escape(f"{title}: {detail}")[:3000], "blocks": [mrkdwn_section(text)]}

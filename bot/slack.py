@@ -33,7 +33,7 @@ from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.blocks import CONFIRM_ACTION, Shown, confirm_message, reply_message, who
+from bot.blocks import CONFIRM_ACTION, Shown, confirm_message, escape, reply_message, who
 from bot.commands import CommandService, Reply, alert_header, refused
 from bot.grammar import Command, allowed, parse
 from bot.home import HomeTab
@@ -58,7 +58,7 @@ QUERIES = frozenset(
 TABLES = QUERIES
 """Commands whose output is a table: shown as a code block."""
 COMMAND_TIMEOUT = 300.0
-"""Seconds a command may take before the user is told it is still going on."""
+"""Seconds a command may take; then it is stopped (runs it started go on) and the user told."""
 FORM_WAIT = 2.0
 """Seconds a form submission waits for its command, to show a refusal next to the field."""
 RESPONSE_URL_TTL = 29 * 60
@@ -74,7 +74,13 @@ ACK_QUIET_MAX = 1.0
 """Longest a command waits for such a pause (a steady stream of requests cannot starve it)."""
 
 _BUSY = re.compile(r"(\S+) is busy with run #(\d+)")
-_OPS_EVENTS = (ev.RunStarted, ev.RunFinished, ev.WarningFlagSet, ev.UpdateLockSet)
+_OPS_EVENTS = (
+    ev.RunStarted,
+    ev.RunFinished,
+    ev.WarningFlagSet,
+    ev.UpdateLockSet,
+    ev.HotfixAcknowledged,
+)
 _HOME_EVENTS = (
     ev.RunStarted,
     ev.RunProgress,
@@ -410,12 +416,17 @@ class SlackBot:
                     return await self.commands.execute(text, actor)
         log.error("Slack command of %s took over %.0fs: %s", actor, COMMAND_TIMEOUT, text)
         return refused(
-            f"`{text}` did not finish within {COMMAND_TIMEOUT:.0f}s; it may still "
-            "be going on. See `log` and `status`."
+            f"`{text}` did not finish within {COMMAND_TIMEOUT:.0f}s and was stopped; runs it "
+            "had started go on. See `log` and `status`."
         )
 
     async def _execute_into(self, done: asyncio.Future[Reply], text: str, user: str) -> None:
-        reply = await self._execute(text, self.actor(user))
+        try:
+            reply = await self._execute(text, self.actor(user))
+        except Exception as exc:
+            if not done.done():
+                done.set_exception(exc)
+            raise
         if not done.done():
             done.set_result(reply)
 
@@ -572,7 +583,8 @@ class SlackBot:
             await self._deliver(origin, await self._message(origin.user, shown), True)
             return
         if record.get("runs") is not None:
-            shown = Shown(text=await self._already(record), ok=True, preformatted=False)
+            text = await self._already(record)
+            shown = Shown(text=text, ok=True, preformatted=False, mrkdwn=True)
             await self._deliver(origin, await self._message(origin.user, shown), True)
             return
         command = _str(record.get("text"))
@@ -581,9 +593,10 @@ class SlackBot:
             record = {**record, "runs": list(reply.run_ids), "by": origin.user}
             await self.engine.store.kv_set(KV_CONFIRM, nonce, record)
             done = Shown(
-                text=f"Confirmed by {who(origin.user)}: `{command} --yes`.",
+                text=f"Confirmed by {who(origin.user)}: `{escape(command)} --yes`.",
                 ok=True,
                 preformatted=False,
+                mrkdwn=True,
             )
             await self._deliver(
                 origin,
@@ -618,9 +631,10 @@ class SlackBot:
                 continue
             if run.status in {"queued", "running"}:
                 running = True
-                lines.append(f"run #{run.id} on {run.node}: running, step {run.step or 'queued'}")
+                step = escape(run.step or "queued")
+                lines.append(f"run #{run.id} on {escape(run.node)}: running, step {step}")
             else:
-                lines.append(f"run #{run.id} on {run.node}: {run.status}")
+                lines.append(f"run #{run.id} on {escape(run.node)}: {escape(run.status)}")
         runs = "; ".join(lines) or "no run was needed"
         if running:
             return (

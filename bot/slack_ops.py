@@ -54,6 +54,7 @@ class OpsChannel:
         self.jobs = jobs
         self.interval = interval
         self._live: dict[int, _Live] = {}
+        self._unknown: set[int] = set()  # runs without a message: not looked up again
 
     async def on_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.RunStarted):
@@ -121,10 +122,11 @@ class OpsChannel:
 
     async def _known(self, run_id: int, node: str) -> _Live | None:
         live = self._live.get(run_id)
-        if live is not None:
+        if live is not None or run_id in self._unknown:
             return live
         record = await self._record(run_id)
         if record is None:
+            self._unknown.add(run_id)
             return None
         view = RunView(
             run_id=run_id,
@@ -169,6 +171,7 @@ class OpsChannel:
     async def _finished(self, event: ev.RunFinished) -> None:
         live = await self._known(event.run_id, event.node)
         self._live.pop(event.run_id, None)
+        self._unknown.discard(event.run_id)
         # forget the message first: once the outcome is shown nothing updates it any more
         await self.store.kv_delete(KV_RUNS, str(event.run_id))
         if live is not None:

@@ -39,6 +39,7 @@ class Call:
     headers: dict[str, str]
     status: int = 200
     path: str = ""
+    answer: dict[str, Any] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -99,14 +100,14 @@ class FakeSlack:
         count: int = 1,
         *,
         where: Callable[[Call], bool] | None = None,
-        timeout: float = WAIT,
+        within: float = WAIT,
     ) -> list[Call]:
         """Wait until ``count`` answered calls of ``method`` (matching ``where``) arrived."""
 
         def matching() -> list[Call]:
             return [c for c in self.of(method) if where is None or where(c)]
 
-        async with asyncio.timeout(timeout), self._changed:
+        async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(lambda: len(matching()) >= count)
         return matching()
 
@@ -158,7 +159,7 @@ class FakeSlack:
             answer.update(user_id="UBOT", team="fake", team_id="T1", bot_id="B1")
         elif method == "apps.connections.open":
             answer["url"] = self.base.replace("http://", "ws://") + "/socket"
-        await self._record(Call(method, body, headers, 200))
+        await self._record(Call(method, body, headers, 200, answer=answer))
         return web.json_response(answer)
 
     async def _respond(self, request: web.Request) -> web.StreamResponse:

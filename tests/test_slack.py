@@ -251,8 +251,10 @@ async def test_confirmation_button_starts_the_run_once(tmp_path: Path) -> None:
         await b.update.click(prompt, response_url=done_url)
         path = done_url.split(b.fake.base)[1]
         [done] = await b.fake.wait_for("response_url", where=lambda c: c.path == path)
-        assert f"Already done: this was confirmed before (by <@{UPDATE}>); run #{run_id} on " \
+        assert (
+            f"Already done: this was confirmed before (by <@{UPDATE}>); run #{run_id} on "
             "tg1: succeeded." in done.text
+        )
         assert len(await b.service.store.runs(node="tg1")) == 1
 
 
@@ -329,7 +331,7 @@ async def test_maintenance_form_opens_checks_and_schedules(tmp_path: Path) -> No
         assert answer.json()["response_action"] == "errors"
         assert "'nosuch' is neither a node nor a cluster" in answer.json()["errors"]["target"]
 
-        reason = "Kernel update -- it's \"urgent\"; back in  30 min"
+        reason = 'Kernel update -- it\'s "urgent"; back in  30 min'
         answer = await b.maint.submit(view, values("tg1", tomorrow, "22:30", reason, True))
         assert (answer.status, answer.text) == (200, "")  # the form closes
         path = url.split(b.fake.base)[1]
@@ -339,7 +341,7 @@ async def test_maintenance_form_opens_checks_and_schedules(tmp_path: Path) -> No
         maintenance = next(n for n in (await b.api.status())["nodes"] if n["name"] == "tg1")[
             "maintenance"
         ]
-        assert maintenance["reason"] == "Kernel update -- it's \"urgent\"; back in 30 min"
+        assert maintenance["reason"] == 'Kernel update -- it\'s "urgent"; back in 30 min'
         assert maintenance["disable_logon"] is True
         log = (await b.api.command("log tg1"))["text"]
         assert f"{MAINT} (slack) command tg1: maintenance schedule tg1" in log
@@ -365,9 +367,7 @@ async def test_app_home_is_published_and_refreshed(tmp_path: Path) -> None:
         reply = await b.api.command("logon disable solo1")
         assert reply["ok"], reply["text"]
         await b.service.lifecycle.set_lock("tg3", "install failed", SYSTEM)
-        calls = await b.fake.wait_for(
-            "views.publish", where=lambda c: "Update lock set" in c.text
-        )
+        calls = await b.fake.wait_for("views.publish", where=lambda c: "Update lock set" in c.text)
         assert re.search(r"solo1\s+-\s+0\s+disabled", calls[-1].text)
         assert calls[-1].body["user_id"] == VIEWER
 
@@ -405,6 +405,37 @@ async def test_ops_channel_follows_a_run_and_survives_429_and_500(tmp_path: Path
         assert await b.service.store.kv_get("slack.run", str(run_id)) is None
 
 
+async def test_the_run_message_survives_a_restart(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    repo.add("tg-base", "1.0")
+    async with serve_repo(repo.root) as server, fake_slack() as fake:
+        sections = {
+            "slack": {"bot_token": TOKEN, "signing_secret": SECRET, "api_url": fake.api_url,
+                      "channel": "COPS"},
+            "roles": {"update": [UPDATE]},
+        }  # fmt: skip
+        settings = settings_for(
+            tmp_path, repository_url=server.url, public_key=repo.public_key, sections=sections,
+            updates={"read_timeout": "30s"},
+        )  # fmt: skip
+        server.hold()
+        async with running(settings) as (_, api):
+            user = SlackUser(f"{api.base}/slack/events", SECRET, api.session, fake, UPDATE)
+            call = await user.command("download solo1")
+            [run_id] = run_ids(call.text)
+            title = f"Run #{run_id} download on solo1"
+            [posted] = await fake.wait_for("chat.postMessage", where=lambda c: title in c.text)
+            await fake.wait_for("chat.update", where=lambda c: "step *download*" in c.text)
+        # the service stopped inside the run's download; the next one resumes the run
+        server.release()
+        async with running(settings) as (service, _):
+            [run] = await service.lifecycle.wait([run_id])
+            assert run.status == "succeeded", run.error
+            [final] = await fake.wait_for("chat.update", where=lambda c: "succeeded" in c.text)
+        assert final.body["ts"] == posted.answer["ts"]  # the same message, across the restart
+        assert len(fake.of("chat.postMessage")) == 1
+
+
 async def test_ops_channel_reports_a_failure_and_the_lock(tmp_path: Path) -> None:
     async with bed(tmp_path) as b:
         node = tmp_path / "nodes" / "solo1"
@@ -416,7 +447,9 @@ async def test_ops_channel_reports_a_failure_and_the_lock(tmp_path: Path) -> Non
         assert run.status == "failed"
         [final] = await b.fake.wait_for("chat.update", where=lambda c: ": failed*" in c.text)
         assert "disk full" in final.text
-        await b.fake.wait_for("chat.postMessage", where=lambda c: "Update lock set on solo1" in c.text)
+        await b.fake.wait_for(
+            "chat.postMessage", where=lambda c: "Update lock set on solo1" in c.text
+        )
         await b.fake.wait_for(
             "chat.postMessage",
             where=lambda c: f"Run #{run_id} auto-update on solo1 failed" in c.text,
