@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -30,7 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from core.events import Event, LocalEventBus, RunFinished  # noqa: E402 - after the path is set
+from sqlalchemy import event as sa_event  # noqa: E402 - after the path is set
+
+from core.events import Event, LocalEventBus, RunFinished  # noqa: E402
 from tests.service import ADMIN_TOKEN  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -258,16 +261,25 @@ def log_to(path: Path) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def log_problems(path: Path, limit: int = 5) -> tuple[int, list[str]]:
-    """Number of WARNING/ERROR lines in the log and the first few of them."""
-    count, first = 0, []
+@dataclass(frozen=True, slots=True)
+class LogProblems:
+    errors: int
+    """ERROR lines of the service's log."""
+    locked: int
+    """Lines saying ``database is locked`` (SQLite's busy timeout ran out)."""
+    first_error: str | None
+
+
+def log_problems(path: Path) -> LogProblems:
+    errors, locked, first = 0, 0, None
     with contextlib.suppress(FileNotFoundError), path.open(errors="replace") as handle:
         for line in handle:
-            if " WARNING " in line or " ERROR " in line:
-                count += 1
-                if len(first) < limit:
-                    first.append(line.strip()[:300])
-    return count, first
+            if " ERROR " in line:
+                errors += 1
+                first = first or line.strip()[:240]
+            if "database is locked" in line:
+                locked += 1
+    return LogProblems(errors=errors, locked=locked, first_error=first)
 
 
 # -- databases -----------------------------------------------------------------------------
@@ -348,3 +360,113 @@ def profiled(out: Path | None, top: int = 30) -> Iterator[None]:
         stats.sort_stats("tottime").print_stats(top)
         stats.sort_stats("cumulative").print_stats(top * 2)
         out.write_text(text.getvalue())
+
+
+class SqlCounter:
+    """Counts the SQL statements the store sends, by kind and table (a cheap engine hook)."""
+
+    _TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE)\s+\"?(\w+)", re.IGNORECASE)
+
+    def __init__(self, engine: Any) -> None:
+        self.total = 0
+        self.by_key: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        """Statements that raised, by exception and statement kind (e.g. IntegrityError)."""
+        self._engine = engine.sync_engine
+        sa_event.listen(self._engine, "before_cursor_execute", self._count)
+        sa_event.listen(self._engine, "handle_error", self._error)
+
+    def _count(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        self.total += 1
+        match = self._TABLE.search(statement)
+        key = f"{statement.split(None, 1)[0].upper()} {match.group(1) if match else '-'}"
+        self.by_key[key] = self.by_key.get(key, 0) + 1
+
+    def _error(self, context: Any) -> None:
+        exc = context.original_exception
+        statement = (context.statement or "-").split(None, 1)[0].upper()
+        key = f"{type(exc).__name__} ({str(exc).splitlines()[0][:60]}) on {statement}"
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    def snapshot(self) -> tuple[int, dict[str, int]]:
+        return self.total, dict(self.by_key)
+
+    def close(self) -> None:
+        sa_event.remove(self._engine, "before_cursor_execute", self._count)
+        sa_event.remove(self._engine, "handle_error", self._error)
+
+
+class LoopLag:
+    """How late the event loop wakes a 50 ms sleeper: a measure of how blocked it is."""
+
+    def __init__(self, period: float = 0.05) -> None:
+        self.period = period
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            planned = loop.time() + self.period
+            await asyncio.sleep(self.period)
+            self.lags.append(max(0.0, loop.time() - planned))
+
+    def start(self) -> None:
+        self.lags.clear()
+        self._task = asyncio.create_task(self._run(), name="bench-loop-lag")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "lag_p50": percentile(self.lags, 50),
+            "lag_p99": percentile(self.lags, 99),
+            "lag_max": max(self.lags, default=float("nan")),
+            "lag_over_1s": float(sum(1 for x in self.lags if x > 1.0)),
+        }
+
+
+# -- causes found (shared text of both benchmarks) ---------------------------------------
+
+SQLITE_STALL = (
+    "- **SQLite: the event loop stalls for the 10 s busy timeout, runs fail with `database "
+    "is locked`.** `core/store.py` `Store.__aenter__` opens SQLite with SQLAlchemy's default "
+    "pool (up to 15 aiosqlite connections, each with its own thread) and `busy_timeout=10000`. "
+    "Statements that raise (here first the `IntegrityError` of two in-process waiters "
+    "inserting the same slot in `Store.try_take_slot`) leave unclosed sqlite3 cursors in "
+    "reference cycles (exception, traceback, frame). Python's cyclic garbage collector later "
+    "frees them **in the event-loop thread**: `cursor_clear` -> `sqlite3_reset`, which waits "
+    "for the connection's mutex while that connection's thread sits in SQLite's busy handler "
+    "waiting for the write lock, and the lock's holder is a coroutine that cannot run because "
+    "the loop is blocked: a deadlock until the busy timeout (py-spy native stack of the stalled "
+    "loop: `gc_collect_main` -> `cursor_clear` -> `stmt_reset` -> `sqlite3_reset` -> "
+    "`pthread_mutex_lock`; another thread in `sqlite3InvokeBusyHandler`). Each stall makes "
+    "more statements fail, so more garbage cursors, so more stalls; failed runs set update "
+    "locks and stop the rollout. Fix: in `Store.__aenter__`, for SQLite use one connection "
+    "(`pool_size=1, max_overflow=0`; SQLite has one writer anyway and `core/leader.py` "
+    "allows one instance) or serialize `Store.transaction` with an `asyncio.Lock`, so that no "
+    "connection ever waits in the busy handler inside the process. Tried here by patching the "
+    "pool size in a scratch run on 2026-11-25 (not part of these scripts): no stall, no "
+    "error, all 200 rollout runs succeeded, and the process used a third less CPU."
+)
+SLOT_POLLING = (
+    "`core/slots.py` `SlotGate.acquire`: every waiting node re-reads the whole queue "
+    "(`Store.slot_queue`) and the held slots (`Store.slots`) on every wake-up; `wake()` "
+    "(called by every `release`) wakes **all waiters of all clusters** (one "
+    "`asyncio.Condition`), and each also re-polls every `RECHECK` = 1 s. Fix: one condition "
+    "per cluster, only the first `limit - held` waiters of the in-memory queue look at the "
+    "store, `release` hands the slot to the queue head; other instances' changes by one poll "
+    "per cluster (PostgreSQL: LISTEN/NOTIFY), not one per waiter. Taking slots through that "
+    "one path also ends the `IntegrityError` races of `Store.try_take_slot`."
+)
+STEP_BOOKKEEPING = (
+    "`core/runs.py` `execute`: each step costs two transactions of its own (`begin_step`: "
+    "INSERT run_steps + UPDATE runs; `end_step`: UPDATE run_steps) plus an event; a run has "
+    "10 to 14 steps, so 20 to 25 transactions sit between slot and release of every node, "
+    "each waiting behind every other run's. Fix: one transaction per step transition (end "
+    "the previous and begin the next together), and no rows for steps that do nothing on this "
+    "node (e.g. `logon` of a cluster node, `reboot` without a core update)."
+)
