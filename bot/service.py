@@ -150,7 +150,7 @@ class Service:
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, settings.http.host, settings.http.port)
+        site = web.TCPSite(runner, settings.http.host, settings.http.port, backlog=1024)
         await site.start()
         server = site._server
         assert isinstance(server, asyncio.base_events.Server)
