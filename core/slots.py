@@ -22,8 +22,7 @@ class SlotGate:
         self.store = store
         self.owner = owner
         self._changed: dict[str, asyncio.Condition] = {}
-        self._local: dict[str, list[str]] = {}
-        """This process's waiters per cluster, in arrival order."""
+        """One condition per cluster: a freed slot wakes only that cluster's waiters."""
 
     def _condition(self, cluster: str) -> asyncio.Condition:
         return self._changed.setdefault(cluster, asyncio.Condition())
@@ -39,19 +38,13 @@ class SlotGate:
     ) -> int:
         """Wait for a slot, in queue order; ``stop`` may raise to give up while waiting."""
         await self.store.wait_for_slot(cluster=cluster, node=node, run_id=run_id)
-        local = self._local.setdefault(cluster, [])
-        local.append(node)
         try:
             while True:
                 if stop is not None:
                     await stop()
-                # the store's queue holds this process's waiters in the same order, so one
-                # that is not among the first ``limit`` of them cannot be served yet: only
-                # those look at the store
-                if local.index(node) < limit:
-                    slot = await self._try(cluster=cluster, node=node, limit=limit, run_id=run_id)
-                    if slot is not None:
-                        return slot
+                slot = await self._try(cluster=cluster, node=node, limit=limit, run_id=run_id)
+                if slot is not None:
+                    return slot
                 condition = self._condition(cluster)
                 async with condition:
                     try:
@@ -62,8 +55,6 @@ class SlotGate:
         except BaseException:
             await asyncio.shield(self.store.leave_slot_queue(cluster=cluster, node=node))
             raise
-        finally:
-            local.remove(node)
 
     async def _try(self, *, cluster: str, node: str, limit: int, run_id: int | None) -> int | None:
         """The node's slot when its turn in the store's queue has come and one is free."""
