@@ -153,7 +153,7 @@ class PostgresElection(Election):
         """Campaign from now on; waits (bounded) for the first round."""
         self._task = asyncio.create_task(self._run(), name="leader-election")
         try:
-            async with asyncio.timeout(self._interval * 3):
+            async with asyncio.timeout(max(5.0, self._interval * 4)):
                 await self.connected.wait()
         except TimeoutError:
             log.warning("leader election: no database connection yet; retrying")

@@ -79,7 +79,11 @@ async def test_leader_killed_during_a_scheduled_update_another_takes_over(
                 json.dumps({"delay": {"install": 1.5}})
             )
         async with service_process(config, tmp_path, session, name="a") as a:
-            assert (await a.health())["is_leader"] is True
+
+            async def a_leads() -> bool:
+                return bool((await a.health())["is_leader"])
+
+            await until(a_leads, within=20)
             async with service_process(config, tmp_path, session, name="b") as b:
                 b_health = await b.health()
                 assert b_health["is_leader"] is False
