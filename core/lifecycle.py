@@ -30,7 +30,7 @@ from core.pending import catch_up, pending_packages
 from core.retry import RetryPolicy
 from core.runs import Flow, RunCancelledError, RunContext, RunSkippedError, execute
 from core.slots import SlotGate
-from core.store import NodeBusyError, NodeRecord, RunRecord
+from core.store import NewRun, NodeBusyError, NodeRecord, RunRecord
 
 if TYPE_CHECKING:
     from core.scheduled import ScheduledRuns
@@ -257,48 +257,43 @@ class Lifecycle:
             if sessions:
                 return NeedsConfirmation(sessions=sessions)
         rollouts: dict[str, str] = {}
-        runs: list[tuple[str, int]] = []
+        specs: list[NewRun] = []
         for record in records:
             params: dict[str, Any] = {"packages": list(packages)}
+            queue = None
             if record.cluster is not None and kind in DISRUPTIVE_KINDS:
                 key = rollouts.setdefault(
                     record.cluster, f"{uuid.uuid4().hex[:12]}:{record.cluster}"
                 )
                 params["rollout"] = key
-            try:
-                run_id = await self.store.create_run(
+                # queued now, so that the cluster's nodes take their slots in command order
+                queue = record.cluster
+            specs.append(
+                NewRun(
                     kind=kind,
                     node=record.name,
                     target=target,
                     actor=actor.name,
                     params=params,
                     owner=self.owner,
+                    audit="run #{run} started",
+                    audit_source=actor.source,
+                    slot_queue=queue,
                 )
-            except NodeBusyError as exc:
-                raise RefusedError(
-                    f"{exc}; runs already started: "
-                    + (", ".join(f"#{i} on {n}" for n, i in runs) or "none")
-                ) from exc
-            await engine.record(
-                actor,
-                f"run {kind}",
-                target=record.name,
-                run_id=run_id,
-                detail=f"run #{run_id} started",
             )
-            runs.append((record.name, run_id))
-            if "rollout" in params:
-                # queue now, so that the cluster's nodes take their slots in command order
-                assert record.cluster is not None
-                await self.store.wait_for_slot(
-                    cluster=record.cluster, node=record.name, run_id=run_id
-                )
+        try:
+            ids = await self.store.create_runs(specs)
+        except NodeBusyError as exc:
+            raise RefusedError(f"{exc}; nothing was started") from exc
+        runs: list[tuple[str, int]] = []
+        for spec, run_id in zip(specs, ids, strict=True):
+            runs.append((spec.node, run_id))
             self.spawn(
                 run_id=run_id,
                 kind=kind,
-                node=record.name,
+                node=spec.node,
                 actor=actor.name,
-                params=params,
+                params=dict(spec.params),
                 completed=set(),
             )
         return Started(runs=runs)
@@ -617,9 +612,7 @@ class Lifecycle:
     async def step_disconnect(self, ctx: RunContext) -> None:
         ended = await self._driver(ctx).disconnect_sessions()
         await self.store.update_node(ctx.node, sessions=0)
-        await self.store.end_step(
-            ctx.run_id, "disconnect", status="running", detail=f"{ended} sessions ended"
-        )
+        await self.store.step_detail(ctx.run_id, "disconnect", f"{ended} sessions ended")
 
     async def step_install(self, ctx: RunContext) -> None:
         plan = [_plan_entry(i) for i in ctx.params.get("plan") or []]

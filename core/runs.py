@@ -87,17 +87,26 @@ async def execute(flow: Flow, ctx: RunContext) -> str:
     )
     status, error = "succeeded", None
     current = ""
+    ended: str | None = None
+    """A step that is done but not yet recorded as done: that is written together with
+    the start of the next step (one transaction per transition)."""
     try:
         for name, step in flow.steps:
             if name in ctx.completed:
                 continue
             current = name
+            # ctx.step changes only once the store has the transition: a stopping service
+            # treats the run as being in the step the store says it is in
+            await ctx.store.begin_step(ctx.run_id, name, after=ended)
             ctx.step = name
-            await ctx.store.begin_step(ctx.run_id, name)
+            ended = None
             await ctx.events.publish(ev.RunProgress(run_id=ctx.run_id, node=ctx.node, step=name))
             await step(ctx)
-            await ctx.store.end_step(ctx.run_id, name)
             ctx.completed.add(name)
+            ended = name
+        if ended is not None:
+            await ctx.store.end_step(ctx.run_id, ended)
+            ended = None
         if flow.on_success is not None:
             await flow.on_success(ctx)
     except RunCancelledError as exc:

@@ -37,7 +37,7 @@ from core.errors import DownloadFailedError
 from core.localtime import local_text
 from core.model import Actor
 from core.runs import Flow, RunCancelledError, RunContext, RunSkippedError
-from core.store import NodeBusyError
+from core.store import NewRun, NodeBusyError
 
 if TYPE_CHECKING:
     from core.lifecycle import Lifecycle
@@ -66,25 +66,24 @@ class ScheduledRuns:
         if until is not None:
             params["until"] = until.isoformat()
         try:
-            run_id = await self.store.create_run(
-                kind=kind,
-                node=node,
-                target=node,
-                actor=SCHEDULER.name,
-                params=params,
-                owner=self.life.owner,
+            (run_id,) = await self.store.create_runs(
+                [
+                    NewRun(
+                        kind=kind,
+                        node=node,
+                        target=node,
+                        actor=SCHEDULER.name,
+                        params=params,
+                        owner=self.life.owner,
+                        audit=f"run #{{run}} started for {self._local(at)}",
+                        audit_source=SCHEDULER.source,
+                    )
+                ]
             )
         except NodeBusyError as exc:
             await self.engine.record(SCHEDULER, f"{kind} skipped", target=node, detail=str(exc))
             log.warning("%s on %s skipped: %s", kind, node, exc)
             return None
-        await self.engine.record(
-            SCHEDULER,
-            f"run {kind}",
-            target=node,
-            run_id=run_id,
-            detail=f"run #{run_id} started for {self._local(at)}",
-        )
         self.life.spawn(
             run_id=run_id,
             kind=kind,

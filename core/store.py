@@ -54,6 +54,24 @@ class NodeBusyError(StoreError):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class NewRun:
+    """A run to create (``Store.create_runs``)."""
+
+    kind: str
+    node: str
+    target: str
+    actor: str
+    params: Mapping[str, Any]
+    owner: str | None = None
+    exclusive: bool = True
+    audit: str | None = None
+    """Detail of the run's audit record ("run KIND"); ``{run}`` is its number. None: none."""
+    audit_source: str = "system"
+    slot_queue: str | None = None
+    """Cluster whose slot queue the node joins with the run (in command order)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NodeRecord:
     name: str
     cluster: str | None
@@ -350,42 +368,85 @@ class Store:
 
         Raises ``NodeBusyError`` when the node already has an active run.
         """
+        spec = NewRun(
+            kind=kind,
+            node=node,
+            target=target,
+            actor=actor,
+            params=dict(params or {}),
+            owner=owner,
+            exclusive=exclusive,
+        )
+        return (await self.create_runs([spec]))[0]
+
+    async def create_runs(self, specs: Sequence[NewRun]) -> list[int]:
+        """Create the runs of one command in one transaction: all of them, or (when one
+        node is busy: ``NodeBusyError``) none. Each run's audit record and its place in
+        its cluster's slot queue are written with it."""
+        now = utcnow()
+        ids: list[int] = []
         async with self.transaction() as conn:
-            run_id = (
-                await conn.execute(
-                    insert(t.runs)
-                    .values(
-                        kind=kind,
-                        node=node,
-                        target=target,
-                        actor=actor,
-                        status="queued",
-                        params=dict(params or {}),
-                        progress_done=0,
-                        progress_total=0,
-                        owner=owner,
-                        created_at=utcnow(),
-                    )
-                    .returning(t.runs.c.id)
-                )
-            ).scalar_one()
-            if exclusive:
-                claimed = await conn.execute(
-                    update(t.nodes)
-                    .where(t.nodes.c.name == node, t.nodes.c.active_run_id.is_(None))
-                    .values(active_run_id=run_id)
-                )
-                if claimed.rowcount != 1:
-                    busy = (
-                        await conn.execute(
-                            select(t.nodes.c.active_run_id).where(t.nodes.c.name == node)
+            for spec in specs:
+                run_id = (
+                    await conn.execute(
+                        insert(t.runs)
+                        .values(
+                            kind=spec.kind,
+                            node=spec.node,
+                            target=spec.target,
+                            actor=spec.actor,
+                            status="queued",
+                            params=dict(spec.params),
+                            progress_done=0,
+                            progress_total=0,
+                            owner=spec.owner,
+                            created_at=now,
                         )
-                    ).scalar()
-                    await conn.rollback()
-                    if busy is None:
-                        raise StoreError(f"node {node} is not in the store")
-                    raise NodeBusyError(node, int(busy))
-        return int(run_id)
+                        .returning(t.runs.c.id)
+                    )
+                ).scalar_one()
+                if spec.exclusive:
+                    claimed = await conn.execute(
+                        update(t.nodes)
+                        .where(t.nodes.c.name == spec.node, t.nodes.c.active_run_id.is_(None))
+                        .values(active_run_id=run_id)
+                    )
+                    if claimed.rowcount != 1:
+                        busy = (
+                            await conn.execute(
+                                select(t.nodes.c.active_run_id).where(t.nodes.c.name == spec.node)
+                            )
+                        ).scalar()
+                        await conn.rollback()
+                        if busy is None:
+                            raise StoreError(f"node {spec.node} is not in the store")
+                        raise NodeBusyError(spec.node, int(busy))
+                if spec.audit is not None:
+                    await conn.execute(
+                        insert(t.audit).values(
+                            at=now,
+                            actor=spec.actor,
+                            source=spec.audit_source,
+                            action=f"run {spec.kind}",
+                            target=spec.node,
+                            detail=spec.audit.replace("{run}", str(run_id)),
+                            run_id=run_id,
+                        )
+                    )
+                if spec.slot_queue is not None:
+                    await conn.execute(  # a place left by a run that is gone is stale
+                        delete(t.slot_waiters).where(
+                            t.slot_waiters.c.cluster == spec.slot_queue,
+                            t.slot_waiters.c.node == spec.node,
+                        )
+                    )
+                    await conn.execute(
+                        insert(t.slot_waiters).values(
+                            cluster=spec.slot_queue, node=spec.node, run_id=run_id, queued_at=now
+                        )
+                    )
+                ids.append(int(run_id))
+        return ids
 
     async def run(self, run_id: int) -> RunRecord | None:
         async with self.engine.connect() as conn:
@@ -410,9 +471,21 @@ class Store:
         async with self.transaction() as conn:
             await conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
 
-    async def begin_step(self, run_id: int, name: str, detail: str | None = None) -> None:
+    async def begin_step(
+        self,
+        run_id: int,
+        name: str,
+        detail: str | None = None,
+        *,
+        after: str | None = None,
+    ) -> None:
+        """Record that step ``name`` of the run starts; with ``after``, that step ends as
+        done in the same transaction (one write per step transition, so that a crash
+        leaves either the old step running or the new one started, never neither)."""
         now = utcnow()
         async with self.transaction() as conn:
+            if after is not None:
+                await self._end_step(conn, run_id, after, status="done", detail=None, now=now)
             await conn.execute(
                 insert(t.run_steps).values(
                     run_id=run_id, name=name, status="running", detail=detail, started_at=now
@@ -432,9 +505,34 @@ class Store:
         self, run_id: int, name: str, *, status: str = "done", detail: str | None = None
     ) -> None:
         async with self.transaction() as conn:
-            values: dict[str, Any] = {"status": status, "finished_at": utcnow()}
-            if detail is not None:
-                values["detail"] = detail
+            await self._end_step(conn, run_id, name, status=status, detail=detail, now=utcnow())
+
+    @staticmethod
+    async def _end_step(
+        conn: AsyncConnection,
+        run_id: int,
+        name: str,
+        *,
+        status: str,
+        detail: str | None,
+        now: datetime,
+    ) -> None:
+        values: dict[str, Any] = {"status": status, "finished_at": now}
+        if detail is not None:
+            values["detail"] = detail
+        await conn.execute(
+            update(t.run_steps)
+            .where(
+                t.run_steps.c.run_id == run_id,
+                t.run_steps.c.name == name,
+                t.run_steps.c.status == "running",
+            )
+            .values(**values)
+        )
+
+    async def step_detail(self, run_id: int, name: str, detail: str) -> None:
+        """Note what a running step did so far (shown by ``log``); the step goes on."""
+        async with self.transaction() as conn:
             await conn.execute(
                 update(t.run_steps)
                 .where(
@@ -442,7 +540,7 @@ class Store:
                     t.run_steps.c.name == name,
                     t.run_steps.c.status == "running",
                 )
-                .values(**values)
+                .values(detail=detail)
             )
 
     async def steps(self, run_id: int) -> list[StepRecord]:
