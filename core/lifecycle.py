@@ -668,16 +668,8 @@ class Lifecycle:
         ctx.message = "every installed file matches its package"
 
     async def _update_succeeded(self, ctx: RunContext) -> None:
+        # the outcome's audit record is written when the run ends (core.runs.execute)
         await self.engine.refresh([ctx.node])
-        if ctx.kind == "restart":
-            return
-        await self.engine.record(
-            Actor(name="tgops", source="system"),
-            f"{ctx.kind} done",
-            target=ctx.node,
-            run_id=ctx.run_id,
-            detail=ctx.message,
-        )
 
     async def undo_slot(self, ctx: RunContext) -> None:
         cluster = self._cluster(ctx)
@@ -736,7 +728,10 @@ class Lifecycle:
             await self.store.update_run(run.id, owner=self.owner)
             if run.node not in self.engine.drivers:
                 await self.store.finish_run(
-                    run.id, status="failed", error="node no longer configured"
+                    run.id,
+                    status="failed",
+                    error="node no longer configured",
+                    summary="node no longer configured",
                 )
                 continue
             steps = await self.store.steps(run.id)
@@ -780,7 +775,12 @@ class Lifecycle:
             )
             if flow.on_failure is not None:
                 await flow.on_failure(ctx, interrupted, TgopsError(cause))
-            await self.store.finish_run(run.id, status="failed", error=f"{interrupted}: {cause}")
+            await self.store.finish_run(
+                run.id,
+                status="failed",
+                error=f"{interrupted}: {cause}",
+                summary=f"{interrupted}: {cause}",
+            )
             await self.engine.events.publish(
                 ev.RunFinished(
                     run_id=run.id,

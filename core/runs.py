@@ -132,7 +132,13 @@ async def execute(flow: Flow, ctx: RunContext) -> str:
         )
         if flow.on_failure is not None:
             await _shielded(flow.on_failure(ctx, current, exc), ctx, "failure handling")
-    await _shielded(ctx.store.finish_run(ctx.run_id, status=status, error=error), ctx, "finish")
+    await _shielded(
+        ctx.store.finish_run(
+            ctx.run_id, status=status, error=error, summary=error if error else ctx.message
+        ),
+        ctx,
+        "finish",
+    )
     await ctx.events.publish(
         ev.RunFinished(
             run_id=ctx.run_id, kind=flow.kind, node=ctx.node, outcome=status, message=ctx.message

@@ -34,6 +34,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 from core.errors import DownloadFailedError
+from core.lifecycle import DISRUPTIVE_STEPS
 from core.localtime import local_text
 from core.model import Actor
 from core.runs import Flow, RunCancelledError, RunContext, RunSkippedError
@@ -331,4 +332,14 @@ class ScheduledRuns:
         if ctx.params.get("download_gave_up"):
             await self.life.undo_slot(ctx)
             return
+        disruptive = step in DISRUPTIVE_STEPS or bool(ctx.completed & DISRUPTIVE_STEPS)
+        # a node whose users were not touched goes back into load balancing, its slot is
+        # freed; a disruptive failure sets the update lock there
         await self.life.update_failed(ctx, step, exc)
+        if not disruptive:
+            # L4: whatever failed, a failed scheduled update leaves the update lock (the
+            # next scheduled update waits for an admin) and the node in maintenance
+            reason = f"scheduled update run #{ctx.run_id} failed at step {step}: {ctx.message}"
+            if ctx.params.get("maintenance"):
+                reason += "; the node stays in maintenance until a maint admin ends it"
+            await self.life.set_lock(ctx.node, reason, SCHEDULER)

@@ -558,9 +558,35 @@ class Store:
         )
         return await self._all(query, StepRecord)
 
-    async def finish_run(self, run_id: int, *, status: str, error: str | None = None) -> None:
-        """End a run and release the node it claimed, in one transaction."""
+    async def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: str,
+        error: str | None = None,
+        summary: str | None = None,
+    ) -> None:
+        """End a run and release the node it claimed, in one transaction; with ``summary``
+        the outcome goes to the audit log too ("run #N KIND STATUS: summary", L13)."""
         async with self.transaction() as conn:
+            if summary is not None:
+                run = (
+                    await conn.execute(
+                        select(t.runs.c.kind, t.runs.c.node).where(t.runs.c.id == run_id)
+                    )
+                ).first()
+                if run is not None:
+                    await conn.execute(
+                        insert(t.audit).values(
+                            at=utcnow(),
+                            actor="tgops",
+                            source="system",
+                            action=f"run {run.kind} {status}",
+                            target=run.node,
+                            detail=summary,
+                            run_id=run_id,
+                        )
+                    )
             await conn.execute(
                 update(t.runs)
                 .where(t.runs.c.id == run_id)

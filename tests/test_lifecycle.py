@@ -63,6 +63,7 @@ async def test_download_then_auto_update_with_confirmation(tmp_path: Path) -> No
         assert cluster["updating"] == [] and cluster["waiting"] == []
         log = (await f.api.command("log tg1 50"))["text"]
         assert f"run auto-update tg1 run #{run.id}" in log
+        assert f"run auto-update succeeded tg1 run #{run.id}: installed tg-base 1.0" in log
         assert "token:admin (api) command tg1: auto-update tg1 --yes" in log
 
 
@@ -258,6 +259,9 @@ async def test_optional_packages_and_integrity(tmp_path: Path) -> None:
         assert "ibus-anthy: /usr/lib/ibus/anthy.so" in (run.error or "") or (
             "ibus-anthy: usr/lib/ibus/anthy.so" in (run.error or "")
         )
+        # the outcome of every run is in the log (L13), not only while it runs
+        log = (await f.api.command("log solo1 50", VIEWER_TOKEN))["text"]
+        assert f"run integrity failed solo1 run #{run.id}: integrity: 1 mismatches" in log
 
 
 async def test_maintenance_notices_logon_and_cancel(tmp_path: Path) -> None:

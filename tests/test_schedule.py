@@ -260,3 +260,25 @@ async def test_dst_change_in_listing_and_plan(tmp_path: Path) -> None:
         listing = await service.scheduler.listing()
         # 26 October 2031: 02:30 happens twice; it runs once, at the first (summer time)
         assert "next 2031-10-26 02:30 (download from 2031-10-26 01:30)" in listing
+
+
+async def test_scheduled_update_failing_before_users_are_touched_locks(tmp_path: Path) -> None:
+    """L4: a failed scheduled update sets the update lock and keeps maintenance, also when
+    it fails before any session was ended (here: leaving load balancing fails); the node
+    goes back into load balancing and its slot is freed."""
+    async with scheduling(tmp_path=tmp_path, cluster_nodes=1) as f:
+        f.fault("tg1", {"drain": "load balancer unreachable"})
+        assert (await f.api.command(f"schedule update tg1 on daily {soon(3)}"))["ok"]
+        event = await f.finished("tg1")
+        assert event.outcome == "failed"
+        assert "drain failed: load balancer unreachable" in event.message
+        status = await f.node_status("tg1")
+        assert status["update_lock"] is not None
+        assert "failed at step drain" in status["update_lock"]["reason"]
+        assert status["maintenance"] is not None
+        assert status["maintenance"]["reason"] == "Scheduled update"
+        assert status["lb"] == "in"
+        assert (await f.api.status())["clusters"][0]["updating"] == []
+        log = (await f.api.command("log tg1 40"))["text"]
+        assert "update lock set tg1" in log
+        assert "run scheduled-update failed tg1" in log
