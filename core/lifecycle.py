@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 UPDATE_KINDS = frozenset({"auto-update", "oldstable-partial", "oldstable-full", "install"})
 DISRUPTIVE_KINDS = UPDATE_KINDS | {"restart"}
 DISRUPTIVE_STEPS = frozenset({"disconnect", "install", "restart-services", "verify", "reboot"})
+PREPARE_AT_ONCE = 4
+"""Runs planning (node status, manifest) or staging at once; the others wait in the order
+they came (FIFO), so the first nodes of a rollout are ready first instead of all nodes
+sharing the machine until all are ready. Transfers have their own bound
+(``updates.max_parallel_downloads``) and are not held back by this."""
 STOP_GRACE = 3.0
 """Seconds a stopping service waits for runs to finish before it interrupts them."""
 
@@ -105,6 +110,7 @@ class Lifecycle:
         self._running: dict[int, tuple[RunContext, Flow]] = {}
         self._accepting = False
         self.scheduled: ScheduledRuns | None = None
+        self._preparing = asyncio.Semaphore(PREPARE_AT_ONCE)
 
     async def __aenter__(self) -> Self:
         """Start taking work; call ``recover()`` once every subscriber listens."""
@@ -516,9 +522,10 @@ class Lifecycle:
         The plan is saved in the run for the install step. Raises ``DownloadFailedError``
         when the retry policy gives up; the caller decides about the warning flag.
         """
-        record = (await self.engine.refresh([ctx.node]))[0]
         plan_kind = ctx.kind if ctx.kind in UPDATE_KINDS else "auto-update"
-        entries = await self._plan(plan_kind, record, ctx.params.get("packages") or [])
+        async with self._preparing:
+            record = (await self.engine.refresh([ctx.node]))[0]
+            entries = await self._plan(plan_kind, record, ctx.params.get("packages") or [])
         if not entries:
             await ctx.save_params(plan=[])
             ctx.message = "nothing pending"
@@ -548,7 +555,8 @@ class Lifecycle:
                 )
             )
         await ctx.progress(total, total)
-        await self._driver(ctx).stage(files)
+        async with self._preparing:
+            await self._driver(ctx).stage(files)
         staged = dict(record.staged)
         staged.update({f.name: f.version for f in files})
         await self.store.update_node(ctx.node, staged=staged)

@@ -28,7 +28,10 @@ Other programs (the demo console, tests, benchmarks) read and write these files 
     The simulated file system the packages are unpacked into.
 
 Every file except ``messages.log`` is replaced atomically (temporary file in the same
-directory, then ``os.replace``), so a reader never sees half a file.
+directory, then ``os.replace``), so a reader never sees half a file. The small JSON files
+are not fsync'd: a simulated node needs no durability against a power loss, and an
+fsync on the event loop's thread would stall every other run (the staged copies of
+packages are fsync'd, in a worker thread).
 """
 
 from __future__ import annotations
@@ -151,8 +154,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
