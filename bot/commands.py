@@ -124,9 +124,8 @@ class CommandService:
             when = rec.at.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S")
             target = f" {rec.target}" if rec.target else ""
             run = f" run #{rec.run_id}" if rec.run_id else ""
-            lines.append(
-                f"{when} {rec.actor} ({rec.source}) {rec.action}{target}{run}: {rec.detail}"
-            )
+            detail = rec.detail.replace("\n", "\n    ")  # a command's output, indented
+            lines.append(f"{when} {rec.actor} ({rec.source}) {rec.action}{target}{run}: {detail}")
         return Reply(ok=True, text="\n".join(lines), command=cmd.name)
 
     # -- maint -----------------------------------------------------------------------------

@@ -27,11 +27,12 @@ from core.drivers import make_driver
 from core.engine import Engine
 from core.errors import ConfigError
 from core.events import LocalEventBus
-from core.interfaces import Clock, NodeDriver
+from core.interfaces import Clock, NodeDriver, OutputSink
 from core.leader import PostgresElection, election_for
 from core.lifecycle import Lifecycle
 from core.maintenance import Maintenance
 from core.manifest import load_public_key
+from core.model import CommandOutput
 from core.repository import HttpRepository
 from core.retry import RetryPolicy
 from core.scheduled import ScheduledRuns
@@ -81,7 +82,7 @@ class Service:
         drivers: dict[str, NodeDriver] = {}
         for node in settings.nodes:
             cluster = settings.clusters.get(node.cluster) if node.cluster else None
-            driver = make_driver(node, cluster)
+            driver = make_driver(node, cluster, output=self._output_sink(node.name))
             drivers[node.name] = driver
             stack.push_async_callback(driver.aclose)
         self.engine = Engine(
@@ -162,6 +163,15 @@ class Service:
             self.store.display_url(),
             len(settings.nodes),
         )
+
+    def _output_sink(self, node: str) -> OutputSink:
+        """Driver commands' output goes to the log of the node's run (once the lifecycle
+        runs: drivers are made before it)."""
+
+        async def sink(output: CommandOutput) -> None:
+            await self.lifecycle.command_output(node, output)
+
+        return sink
 
     async def _repository(self, stack: AsyncExitStack) -> HttpRepository | None:
         updates = self.settings.updates

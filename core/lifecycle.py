@@ -25,7 +25,7 @@ from core.errors import DownloadFailedError, DriverError, TgopsError
 from core.interfaces import NodeDriver, RepositoryClient
 from core.localtime import local_text
 from core.manifest import Manifest, PackageEntry
-from core.model import Actor, PackageKind, StagedPackage
+from core.model import Actor, CommandOutput, PackageKind, StagedPackage
 from core.pending import catch_up, pending_packages
 from core.retry import RetryPolicy
 from core.runs import Flow, RunCancelledError, RunContext, RunSkippedError, execute
@@ -46,6 +46,9 @@ they came (FIFO), so the first nodes of a rollout are ready first instead of all
 sharing the machine until all are ready. Transfers have their own bound
 (``updates.max_parallel_downloads``) and are not held back by this."""
 STOP_GRACE = 3.0
+OUTPUT_LINES = 20
+"""Lines of a driver command's output kept in the run's log (the last ones)."""
+OUTPUT_CHARS = 4000
 """Seconds a stopping service waits for runs to finish before it interrupts them."""
 
 
@@ -388,6 +391,33 @@ class Lifecycle:
             )
 
     # -- runs --------------------------------------------------------------------------
+
+    async def command_output(self, node: str, output: CommandOutput) -> None:
+        """A driver command's output and exit status, into the log of the node's run (the
+        output sink of ``local``, ``ssh`` and ``sandbox`` drivers); commands outside a
+        run (status refreshes) are not recorded."""
+        run_id = next((i for i, (c, _) in self._running.items() if c.node == node), None)
+        if run_id is None:
+            return
+        text = "\n".join(
+            part.strip() for part in (output.stdout, output.stderr) if part.strip()
+        ).splitlines()
+        shown = text[-OUTPUT_LINES:]
+        more = (
+            [f"({len(text) - len(shown)} earlier lines not shown)"]
+            if len(text) > len(shown)
+            else []
+        )
+        detail = "\n".join([f"$ {output.command}  (exit {output.exit_status})", *more, *shown])[
+            :OUTPUT_CHARS
+        ]
+        await self.engine.record(
+            Actor(name="tgops", source="driver"),
+            f"command {output.operation}",
+            target=node,
+            run_id=run_id,
+            detail=detail,
+        )
 
     def spawn(
         self,

@@ -64,6 +64,10 @@ async def test_download_then_auto_update_with_confirmation(tmp_path: Path) -> No
         log = (await f.api.command("log tg1 50"))["text"]
         assert f"run auto-update tg1 run #{run.id}" in log
         assert f"run auto-update succeeded tg1 run #{run.id}: installed tg-base 1.0" in log
+        # every command the driver ran for the run, with its exit status and output
+        assert f"tgops (driver) command install tg1 run #{run.id}: $ dpkg-deb -X " in log
+        assert "(exit 0)\n    Package: tg-base\n    Version: 1.0\n" in log
+        assert "    ./usr/share/tg-base/VERSION\n" in log
         assert "token:admin (api) command tg1: auto-update tg1 --yes" in log
 
 
