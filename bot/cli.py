@@ -271,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _publish(args)
         if args.command == "config":
             settings = _settings(args.config)
+            settings.updates.verification_key()  # what `serve` would refuse, refused here
             print(json.dumps(masked(settings), indent=2, sort_keys=True))
             print("configuration OK", file=sys.stderr)
             return EXIT_OK

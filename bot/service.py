@@ -25,13 +25,11 @@ from core.clock import SystemClock
 from core.download import Downloader
 from core.drivers import make_driver
 from core.engine import Engine
-from core.errors import ConfigError
 from core.events import LocalEventBus
 from core.interfaces import Clock, NodeDriver, OutputSink
 from core.leader import PostgresElection, election_for
 from core.lifecycle import Lifecycle
 from core.maintenance import Maintenance
-from core.manifest import load_public_key
 from core.model import CommandOutput
 from core.repository import HttpRepository
 from core.retry import RetryPolicy
@@ -175,19 +173,10 @@ class Service:
 
     async def _repository(self, stack: AsyncExitStack) -> HttpRepository | None:
         updates = self.settings.updates
-        try:
-            key_text = updates.resolved_public_key()
-        except OSError as exc:
-            raise ConfigError(
-                [f"updates.public_key_file: cannot read {updates.public_key_file} ({exc.strerror})"]
-            ) from exc
-        if key_text is None:
+        key = updates.verification_key()
+        if key is None:
             log.warning("updates.public_key is not set: downloads and updates are unavailable")
             return None
-        try:
-            key = load_public_key(key_text)
-        except ValueError as exc:
-            raise ConfigError([f"updates.public_key: {exc}"]) from exc
         downloader = await stack.enter_async_context(Downloader.from_settings(updates))
         return HttpRepository(updates.repository_url, key, downloader)
 

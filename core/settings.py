@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -106,6 +107,23 @@ class UpdatesSettings(_Section):
         if self.public_key_file is not None:
             return self.public_key_file.read_text().strip()
         return None
+
+    def verification_key(self) -> Ed25519PublicKey | None:
+        """The key manifests are verified with (None: not configured); ``ConfigError`` when
+        the key file cannot be read or holds no key."""
+        try:
+            text = self.resolved_public_key()
+        except OSError as exc:
+            raise ConfigError(
+                [f"updates.public_key_file: cannot read {self.public_key_file} ({exc.strerror})"]
+            ) from exc
+        if text is None:
+            return None
+        try:
+            return load_public_key(text)
+        except ValueError as exc:
+            key = "public_key" if self.public_key is not None else "public_key_file"
+            raise ConfigError([f"updates.{key}: {exc}"]) from exc
 
 
 class MaintenanceSettings(_Section):
@@ -261,6 +279,15 @@ class NodeSettings(_Section):
             raise ValueError(f"node {self.name}: the sandbox driver needs root (a directory)")
         if self.driver == "ssh" and not self.host:
             raise ValueError(f"node {self.name}: the ssh driver needs host")
+        if self.driver in {"local", "ssh"}:
+            # the command templates are checked here, so that `config check` finds what
+            # `serve` would refuse (imported here: the drivers import these settings)
+            from core.drivers.commands import resolve_templates  # noqa: PLC0415
+
+            try:
+                resolve_templates(self.name, self.commands)
+            except ConfigError as exc:
+                raise ValueError("; ".join(exc.problems)) from exc
         return self
 
 
@@ -368,11 +395,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError as exc:
-        raise ConfigError([f"config: {path}: no such file"]) from exc
+        raise ConfigError([f"{path}: no such file"]) from exc
     except PermissionError as exc:
-        raise ConfigError([f"config: {path}: not readable ({exc.strerror})"]) from exc
+        raise ConfigError([f"{path}: not readable ({exc.strerror})"]) from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"config: {path}: not valid TOML: {exc}"]) from exc
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
 
 
 def _describe(error: Mapping[str, Any]) -> str:
@@ -414,7 +441,7 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
     except ValidationError as exc:
         problems.extend(_describe(error) for error in exc.errors())
     except ValueError as exc:
-        problems.append(f"config: {exc}")
+        problems.append(str(exc))
     if problems:
         raise ConfigError(problems)
     return settings

@@ -68,7 +68,33 @@ def test_config_check_masks_secrets_and_reports_problems(tmp_path: Path) -> None
 
     result = run("config", "check", env={"TGOPS_CONFIG": str(tmp_path / "missing.toml")})
     assert result.returncode == 2
-    assert "no such file" in result.stderr
+    assert result.stderr.strip() == f"tgops: config: {tmp_path / 'missing.toml'}: no such file"
+
+
+def test_config_check_refuses_what_serve_would_refuse(tmp_path: Path) -> None:
+    """Command templates and the key file are checked by `config check` as by `serve`."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        f'database_url = "sqlite+aiosqlite:///{tmp_path}/s.db"\n'
+        '[[nodes]]\nname = "h1"\ndriver = "local"\n'
+        'commands.frob = "x"\ncommands.announce = "wall {msg}"\n'
+    )
+    result = run("config", "check", "--config", str(bad))
+    assert result.returncode == 2
+    assert "nodes.h1.commands.frob: unknown command key; accepted keys: dpkg" in result.stderr
+    assert "nodes.h1.commands.announce: unknown placeholder {msg}" in result.stderr
+    assert "configuration OK" not in result.stderr
+
+    bad.write_text(
+        f'database_url = "sqlite+aiosqlite:///{tmp_path}/s.db"\n'
+        f'[updates]\npublic_key_file = "{tmp_path}/no.pub"\n'
+    )
+    result = run("config", "check", "--config", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"tgops: config: updates.public_key_file: cannot read {tmp_path}/no.pub "
+        "(No such file or directory)"
+    )
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from core.drivers import TEMPLATES, LocalDriver, make_driver
 from core.drivers.commands import parse_installed, parse_sessions, parse_verify
@@ -146,18 +147,19 @@ async def test_output_sink_sees_every_command(node: FakeNode) -> None:
 
 
 async def test_unknown_command_key_is_refused(node: FakeNode) -> None:
-    with pytest.raises(ConfigError) as caught:
-        LocalDriver(settings(node, commands={"disconnect_all": "true", "reboot": "true"}))
+    # refused when the settings are read (also by `tgops config check`), before any driver
+    with pytest.raises(ValidationError) as caught:
+        settings(node, commands={"disconnect_all": "true", "reboot": "true"})
     message = str(caught.value)
     assert "nodes.tg-local.commands.disconnect_all: unknown command key" in message
     assert "accepted keys: " + ", ".join(TEMPLATES) in message
 
 
 async def test_unknown_placeholder_is_refused(node: FakeNode) -> None:
-    with pytest.raises(ConfigError, match=r"commands.announce: unknown placeholder \{msg\}"):
-        LocalDriver(settings(node, commands={"announce": "wall {msg}"}))
-    with pytest.raises(ConfigError, match=r"commands\.install: must not be empty"):
-        LocalDriver(settings(node, commands={"install": " "}))
+    with pytest.raises(ValidationError, match=r"commands.announce: unknown placeholder \{msg\}"):
+        settings(node, commands={"announce": "wall {msg}"})
+    with pytest.raises(ValidationError, match=r"commands\.install: must not be empty"):
+        settings(node, commands={"install": " "})
 
 
 async def test_templates_keep_shell_braces(node: FakeNode) -> None:

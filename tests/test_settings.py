@@ -131,12 +131,12 @@ def test_one_line_per_problem(tmp_path: Path) -> None:
 def test_malformed_toml_is_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, "[http\nport = 1\n")
     (line,) = problems(path)
-    assert line.startswith(f"config: {path}: not valid TOML")
+    assert line.startswith(f"{path}: not valid TOML")
 
 
 def test_missing_file(tmp_path: Path) -> None:
     (line,) = problems(tmp_path / "nope.toml")
-    assert line == f"config: {tmp_path / 'nope.toml'}: no such file"
+    assert line == f"{tmp_path / 'nope.toml'}: no such file"
 
 
 def test_node_references_are_checked(tmp_path: Path) -> None:
