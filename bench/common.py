@@ -453,20 +453,17 @@ SQLITE_STALL = (
     "error, all 200 rollout runs succeeded, and the process used a third less CPU."
 )
 SLOT_POLLING = (
-    "`core/slots.py` `SlotGate.acquire`: every waiting node re-reads the whole queue "
-    "(`Store.slot_queue`) and the held slots (`Store.slots`) on every wake-up; `wake()` "
-    "(called by every `release`) wakes **all waiters of all clusters** (one "
-    "`asyncio.Condition`), and each also re-polls every `RECHECK` = 1 s. Fix: one condition "
-    "per cluster, only the first `limit - held` waiters of the in-memory queue look at the "
-    "store, `release` hands the slot to the queue head; other instances' changes by one poll "
-    "per cluster (PostgreSQL: LISTEN/NOTIFY), not one per waiter. Taking slots through that "
-    "one path also ends the `IntegrityError` races of `Store.try_take_slot`."
+    "`core/slots.py` `SlotGate`: the waiters of one cluster share one look at the store "
+    "(`Store.slots` and `Store.slot_queue`) per wake-up, at most one every `RECHECK` / 2 s "
+    "while nothing changes here; only the waiters whose turn has come try to take a slot. "
+    "What is left is one look per cluster per release and per second; other instances' "
+    "changes could be pushed (PostgreSQL: LISTEN/NOTIFY) instead of polled."
 )
 STEP_BOOKKEEPING = (
-    "`core/runs.py` `execute`: each step costs two transactions of its own (`begin_step`: "
-    "INSERT run_steps + UPDATE runs; `end_step`: UPDATE run_steps) plus an event; a run has "
-    "10 to 14 steps, so 20 to 25 transactions sit between slot and release of every node, "
-    "each waiting behind every other run's. Fix: one transaction per step transition (end "
-    "the previous and begin the next together), and no rows for steps that do nothing on this "
-    "node (e.g. `logon` of a cluster node, `reboot` without a core update)."
+    "`core/runs.py` `execute` writes one transaction per step transition (the previous "
+    "step's end together with the next one's start) plus an event; between slot and release "
+    "a cluster node has 7 steps, so 8 transactions, each queued behind the other runs' on "
+    "the store's connection. What is left on top of the steps' own work: the `update_node` "
+    "after drain, disconnect, install and undrain (an UPDATE and a SELECT each) and the "
+    "events' subscribers, all on the one event-loop thread that also serves every other run."
 )

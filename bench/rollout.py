@@ -352,7 +352,7 @@ def _analysis(results: list[dict[str, Any]]) -> list[str]:
             f"{'' if r['gc'] else ', gc disabled'}): a slot is held {r['hold_median']:.2f} s "
             f"(median) for a {INSTALL_SECONDS:g} s install; the steps themselves take "
             f"{work:.2f} s (install {med.get('install', 0):.2f} s: the sandbox's two `dpkg-deb` "
-            f"runs, hashing and fsync'd state writes on top of the delay), the other "
+            f"runs and hashing on top of the delay), the other "
             f"{r['hold_median'] - work:.2f} s is bookkeeping between the steps. "
             + STEP_BOOKKEEPING
             + " With 10 nodes per round, the makespan is about 20 x the hold time divided by "
@@ -360,11 +360,12 @@ def _analysis(results: list[dict[str, Any]]) -> list[str]:
         )
         lines.append(
             f"- **Starting the runs**: `auto-update c1` was answered after "
-            f"{r['reply_seconds']:.1f} s: `core/lifecycle.py` `Lifecycle.start` creates the "
-            "runs one by one (`create_run`, `engine.record`, `wait_for_slot`: three "
-            "transactions per node) while the first runs already compete for the store. It "
-            "does not limit this makespan (a node's turn comes later than its download), but "
-            "one transaction for all runs of a command would answer in well under a second."
+            f"{r['reply_seconds']:.1f} s (`Lifecycle.start` creates all runs of a command, "
+            "their audit records and queue places in one transaction); the first slot was "
+            f"taken {r['first_slot_after']:.1f} s after the answer: before its first node can "
+            "leave load balancing, it plans (node status, manifest fetched and verified), "
+            "downloads and stages; at most 4 runs plan and 4 stage at once, in command order, "
+            "so the first nodes are ready first. Those seconds add to the makespan directly."
         )
     return [*lines, ""]
 

@@ -41,9 +41,10 @@ UPDATE_KINDS = frozenset({"auto-update", "oldstable-partial", "oldstable-full", 
 DISRUPTIVE_KINDS = UPDATE_KINDS | {"restart"}
 DISRUPTIVE_STEPS = frozenset({"disconnect", "install", "restart-services", "verify", "reboot"})
 PREPARE_AT_ONCE = 4
-"""Runs planning (node status, manifest) or staging at once; the others wait in the order
-they came (FIFO), so the first nodes of a rollout are ready first instead of all nodes
-sharing the machine until all are ready. Transfers have their own bound
+"""Runs planning (node status, manifest) at once, and runs staging at once (two separate
+gates, so a node that planned does not queue behind every later node's planning); the
+others wait in the order they came (FIFO), so the first nodes of a rollout are ready
+first instead of all nodes sharing the machine until all are ready. Transfers have their own bound
 (``updates.max_parallel_downloads``) and are not held back by this."""
 STOP_GRACE = 3.0
 OUTPUT_LINES = 20
@@ -114,6 +115,7 @@ class Lifecycle:
         self._accepting = False
         self.scheduled: ScheduledRuns | None = None
         self._preparing = asyncio.Semaphore(PREPARE_AT_ONCE)
+        self._staging = asyncio.Semaphore(PREPARE_AT_ONCE)
 
     async def __aenter__(self) -> Self:
         """Start taking work; call ``recover()`` once every subscriber listens."""
@@ -585,7 +587,7 @@ class Lifecycle:
                 )
             )
         await ctx.progress(total, total)
-        async with self._preparing:
+        async with self._staging:
             await self._driver(ctx).stage(files)
         staged = dict(record.staged)
         staged.update({f.name: f.version for f in files})
