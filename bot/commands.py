@@ -67,6 +67,11 @@ class CommandService:
         """Parse, check the role (L11), audit (L13) and carry out one command."""
         parsed = parse(text)
         if isinstance(parsed, ParseError):
+            # L13: every command is recorded, also one that could not be understood
+            first = parsed.text.splitlines()[0] if parsed.text else ""
+            await self.engine.record(
+                actor, "rejected", detail=f"{' '.join(text.split())[:500]} ({first})"
+            )
             return refused(parsed.text)
         if not allowed(actor.roles, parsed.role):
             have = ", ".join(sorted(actor.roles)) or "none"

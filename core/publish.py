@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import enum
 import fcntl
 import hashlib
 import json
@@ -350,8 +351,13 @@ def _check_same(channel: str, existing: PackageEntry, entry: PackageEntry, temp:
                 entry.name,
                 entry.version,
                 f"it is published in channel {channel} with {name} "
-                f"{getattr(existing, name)!r}, not {getattr(entry, name)!r}",
+                f"{_shown(getattr(existing, name))}, not {_shown(getattr(entry, name))}",
             )
+
+
+def _shown(value: object) -> str:
+    """A manifest value as a user wrote it: ``'hotfix'``, not the enum's repr."""
+    return repr(str(value)) if isinstance(value, enum.Enum) else repr(value)
 
 
 def _stage(temp: Path, final: Path, entry: PackageEntry) -> _Staged:

@@ -88,6 +88,9 @@ async def test_bad_requests(tmp_path: Path) -> None:
         assert "'nosuchnode' is neither a node nor a cluster" in reply["text"]
         reply = await api.command("warning-flag clear tg1")
         assert reply["ok"] is False and "only a complete download clears" in reply["text"]
+        # L13: a command that was not understood is in the audit log too
+        log = (await api.command("log 50"))["text"]
+        assert "token:admin (api) rejected: frobnicate tg1 (unknown command 'frobnicate'" in log
 
 
 async def test_state_persists_across_restarts(tmp_path: Path) -> None:

@@ -219,7 +219,7 @@ def test_republishing_with_other_metadata_is_refused(tmp_path: Path, key: Path, 
     deb = build_deb(debs, "tg-vnc", "1.0-2")
     repo = tmp_path / "repo"
     publish(repo, "stable", key, [deb])
-    with pytest.raises(PublishConflictError, match="with kind"):
+    with pytest.raises(PublishConflictError, match="with kind 'regular', not 'hotfix'"):
         publish(repo, "stable", key, [deb], hotfix_id="HF-1")
 
 
