@@ -51,9 +51,15 @@ class RunContext:
     completed: set[str] = field(default_factory=set)
     step: str | None = None
     message: str = ""
+    _progress_saved: float = field(default=float("-inf"), init=False, repr=False)
 
     async def progress(self, done: int, total: int) -> None:
-        await self.store.update_run(self.run_id, progress_done=done, progress_total=total)
+        """Publish the progress; store it at most every ``PROGRESS_SAVE_INTERVAL`` seconds
+        (and always when done), so a fast transfer does not write the run for every chunk."""
+        now = asyncio.get_running_loop().time()
+        if done >= total or now - self._progress_saved >= PROGRESS_SAVE_INTERVAL:
+            self._progress_saved = now
+            await self.store.update_run(self.run_id, progress_done=done, progress_total=total)
         await self.events.publish(
             ev.RunProgress(
                 run_id=self.run_id, node=self.node, step=self.step or "", done=done, total=total
@@ -65,6 +71,8 @@ class RunContext:
         self.params.update(values)
         await self.store.update_run(self.run_id, params=dict(self.params))
 
+
+PROGRESS_SAVE_INTERVAL = 1.0
 
 Step = Callable[[RunContext], Awaitable[None]]
 FailureHook = Callable[[RunContext, str, BaseException], Awaitable[None]]

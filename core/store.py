@@ -345,11 +345,17 @@ class Store:
             query = update(t.nodes).where(t.nodes.c.name == name)
             if expect_version is not None:
                 query = query.where(t.nodes.c.version == expect_version)
-            result = await conn.execute(query.values(version=t.nodes.c.version + 1, **values))
-            if result.rowcount != 1 and expect_version is None:
-                raise StoreError(f"node {name} is not in the store")
-            row = (await conn.execute(select(t.nodes).where(t.nodes.c.name == name))).one()
-        return _record(NodeRecord, row)
+            changed = (
+                await conn.execute(
+                    query.values(version=t.nodes.c.version + 1, **values).returning(t.nodes)
+                )
+            ).first()
+            if changed is None:
+                if expect_version is None:
+                    raise StoreError(f"node {name} is not in the store")
+                row = (await conn.execute(select(t.nodes).where(t.nodes.c.name == name))).one()
+                return _record(NodeRecord, row)
+        return _record(NodeRecord, changed)
 
     # -- runs ----------------------------------------------------------------------------
 
