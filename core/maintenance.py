@@ -102,6 +102,13 @@ class Maintenance:
                 "only useful for cluster nodes (on a single system no other node takes the "
                 "users)."
             )
+        tz = engine.settings.tz
+        for old in await engine.store.maintenance():
+            if old.node in names:
+                warnings.append(
+                    f"{old.node}: replaces the maintenance of {local_text(old.start, tz)} "
+                    f"({old.reason}); a node has one maintenance window at a time"
+                )
         for name in names:
             await self.open_for(
                 name, start, reason, origin=origin, disable_logon=disable_logon, actor=actor

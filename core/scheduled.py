@@ -175,6 +175,22 @@ class ScheduledRuns:
         ctx.message = f"{len(entries)} package(s) pending"
 
     async def _maintenance(self, ctx: RunContext) -> None:
+        manual = [m for m in await self.store.maintenance(ctx.node) if m.origin == "manual"]
+        if manual:
+            # a window an admin set stays as it is (and is not ended by this run)
+            kept = manual[0]
+            ctx.message = (
+                f"maintenance of {self._local(kept.start)} ({kept.reason}) set by "
+                f"{kept.created_by} kept for the scheduled update"
+            )
+            await self.engine.record(
+                SCHEDULER,
+                "maintenance kept",
+                target=ctx.node,
+                run_id=ctx.run_id,
+                detail=ctx.message,
+            )
+            return
         await self.maintenance.open_for(
             ctx.node,
             self._at(ctx),

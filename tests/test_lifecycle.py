@@ -322,6 +322,10 @@ async def test_maintenance_bad_input(tmp_path: Path) -> None:
         )
         assert reply["ok"] is True
         assert "only useful for cluster nodes" in reply["text"]
+        reply = await f.api.command(f"maintenance schedule solo1 {future} 11:00 Disk check")
+        assert reply["ok"] is True
+        assert "solo1: replaces the maintenance of " in reply["text"]
+        assert "(Disk swap); a node has one maintenance window at a time" in reply["text"]
         reply = await f.api.command(f"maintenance schedule nosuch {future} 10:00 x")
         assert reply["ok"] is False and "'nosuch' is neither a node nor a cluster" in reply["text"]
         reply = await f.api.command("maintenance schedule solo1 2026-02-30 10:00 x")

@@ -282,3 +282,18 @@ async def test_scheduled_update_failing_before_users_are_touched_locks(tmp_path:
         log = (await f.api.command("log tg1 40"))["text"]
         assert "update lock set tg1" in log
         assert "run scheduled-update failed tg1" in log
+
+
+async def test_scheduled_update_keeps_a_maintenance_set_by_hand(tmp_path: Path) -> None:
+    async with scheduling(tmp_path=tmp_path) as f:
+        tomorrow = (datetime.now(BERLIN) + timedelta(days=1)).strftime("%Y-%m-%d")
+        reply = await f.api.command(f"maintenance schedule solo1 {tomorrow} 09:00 Disk check")
+        assert reply["ok"], reply["text"]
+        assert (await f.api.command(f"schedule update solo1 on daily {soon(3)}"))["ok"]
+        event = await f.finished("solo1")
+        assert event.outcome == "succeeded", event.message
+        assert (await f.node_status("solo1"))["installed"] == {"tg-base": "1.0"}
+        maintenance = (await f.node_status("solo1"))["maintenance"]
+        assert maintenance is not None and maintenance["reason"] == "Disk check"
+        log = (await f.api.command("log solo1 40"))["text"]
+        assert "maintenance kept solo1" in log and "(Disk check) set by token:admin" in log
