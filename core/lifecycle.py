@@ -47,6 +47,8 @@ others wait in the order they came (FIFO), so the first nodes of a rollout are r
 first instead of all nodes sharing the machine until all are ready. Transfers have their own bound
 (``updates.max_parallel_downloads``) and are not held back by this."""
 STOP_GRACE = 3.0
+ROLLOUTS_KV = "rollouts"
+"""kv namespace: a stopped rollout (key: the rollout's key) and why, for recovery."""
 OUTPUT_LINES = 20
 """Lines of a driver command's output kept in the run's log (the last ones)."""
 OUTPUT_CHARS = 4000
@@ -726,6 +728,8 @@ class Lifecycle:
         rollout = self._rollouts.get(ctx.params.get("rollout", ""))
         if rollout is not None and rollout.failed is None:
             rollout.failed = f"{ctx.node} failed (run #{ctx.run_id})"
+            # kept in the store: the rollout stays stopped across a restart
+            await self.store.kv_set(ROLLOUTS_KV, rollout.key, {"failed": rollout.failed})
             await self.slots.wake()
         disruptive = step in DISRUPTIVE_STEPS or bool(ctx.completed & DISRUPTIVE_STEPS)
         if not disruptive:
@@ -779,6 +783,11 @@ class Lifecycle:
             interrupted = next((s.name for s in steps if s.status == "running"), None)
             flow = self._flow(run.kind)
             params = dict(run.params)
+            key = params.get("rollout")
+            if isinstance(key, str) and key not in self._rollouts:
+                saved = await self.store.kv_get(ROLLOUTS_KV, key)
+                failed = saved.get("failed") if isinstance(saved, dict) else None
+                self._rollouts[key] = Rollout(key=key, failed=failed)
             if interrupted is None or interrupted in flow.resumable:
                 notes.append(
                     f"run #{run.id} on {run.node} resumed after {interrupted or 'its start'}"

@@ -30,7 +30,8 @@ async def test_kill_during_install_ends_the_run_failed_with_the_lock(tmp_path: P
             json.dumps({"delay": {"install": 60}})
         )
         async with service_process(config, tmp_path, session) as first:
-            reply = await first.command("auto-update tg1 --yes")
+            # the whole cluster: tg1 takes the one slot, tg2 and tg3 wait for it
+            reply = await first.command("auto-update c1 --yes")
             assert reply["ok"], reply
             run_id = int(reply["text"].split("#")[1].split()[0])
 
@@ -52,6 +53,18 @@ async def test_kill_during_install_ends_the_run_failed_with_the_lock(tmp_path: P
             assert "stays out of load balancing until `remove-lock`" in reason
             status = await second.status()
             assert status["clusters"][0]["updating"] == ["tg1"]
+            # the rollout stopped at its failed node, also across the restart
+            for name in ("tg2", "tg3"):
+
+                async def ended(name: str = name) -> bool:
+                    return (await second.node(name))["run"] is None
+
+                await until(ended)
+                node = await second.node(name)
+                assert node["installed"] == {} and node["lb"] == "in", node
+            assert (await second.status())["clusters"][0]["waiting"] == []
+            log = (await second.command("log c1 60"))["text"]
+            assert "rollout stopped: tg1 failed" in log
             log = (await second.command("log tg1 30"))["text"]
             assert "update lock set" in log
             reply = await second.command("remove-lock tg1")
