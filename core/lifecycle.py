@@ -226,6 +226,23 @@ class Lifecycle:
             requested_optional=requested,
         )
 
+    async def _check_names(self, kind: str, packages: Sequence[str]) -> None:
+        """Refuse a command naming packages its channel does not have, before any run
+        starts (the runs plan again per node, against the manifest of their time)."""
+        if kind == "oldstable-partial":
+            catch_up(
+                {}, await self.manifest(self.engine.settings.updates.oldstable_channel), packages
+            )
+            return
+        manifest = await self.manifest()
+        known = {p.name for p in manifest.packages if p.kind is PackageKind.OPTIONAL}
+        unknown = sorted(set(packages) - known)
+        if unknown:
+            raise RefusedError(
+                f"not an optional package of channel {manifest.channel}: {', '.join(unknown)} "
+                f"(optional packages: {', '.join(sorted(known)) or 'none'}); nothing was started"
+            )
+
     # -- commands ----------------------------------------------------------------------
 
     async def start(
@@ -244,6 +261,8 @@ class Lifecycle:
         records = await engine.refresh(names)
         if kind in {"download", "auto-update", "oldstable-partial", "oldstable-full", "install"}:
             self._repo()
+        if kind in {"install", "oldstable-partial"}:
+            await self._check_names(kind, packages)
         if kind in UPDATE_KINDS:
             locked = [r for r in records if r.update_lock_since is not None]
             if locked:

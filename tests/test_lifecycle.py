@@ -14,7 +14,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from core.model import PackageKind
-from tests.fleet import fleet, run_ids
+from tests.fleet import fleet
 from tests.service import VIEWER_TOKEN
 
 
@@ -228,10 +228,12 @@ async def test_oldstable_catch_up_and_omitted_update(tmp_path: Path) -> None:
         assert reply["runs"]["solo1"].status == "succeeded"
         assert f.state("solo1")["installed"] == {"tg-base": "2.0"}
         assert (await f.node_status("solo1"))["omitted_update"] == []
+        runs_before = len(await f.service.store.runs(node="solo1"))
         reply = await f.api.command("oldstable partial solo1 tg-nothing --yes")
-        # unknown names are refused when the run plans its packages
-        (run,) = await f.service.lifecycle.wait(run_ids(reply["text"]))
-        assert run.status == "failed" and "tg-nothing" in (run.error or "")
+        # unknown names are refused at once: no run starts
+        assert reply["ok"] is False
+        assert "channel oldstable has no package tg-nothing" in reply["text"]
+        assert len(await f.service.store.runs(node="solo1")) == runs_before
 
 
 async def test_optional_packages_and_integrity(tmp_path: Path) -> None:
@@ -243,10 +245,10 @@ async def test_optional_packages_and_integrity(tmp_path: Path) -> None:
             files={"usr/lib/ibus/anthy.so": b"\x7fELF anthy"},
         )
         reply = await f.api.command("install solo1 ibus-nonesuch --yes")
-        (run,) = await f.service.lifecycle.wait(run_ids(reply["text"]))
-        assert run.status == "failed"
-        assert "not an optional package of channel stable: ibus-nonesuch" in (run.error or "")
-        assert "optional packages: ibus-anthy" in (run.error or "")
+        assert reply["ok"] is False  # refused at once, no run started
+        assert "not an optional package of channel stable: ibus-nonesuch" in reply["text"]
+        assert "optional packages: ibus-anthy" in reply["text"]
+        assert (await f.service.store.runs(node="solo1")) == []
         assert (await f.node_status("solo1"))["update_lock"] is None  # nothing was changed
 
         reply = await f.run("install solo1 ibus-anthy")
