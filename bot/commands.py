@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from bot.grammar import Command, ParseError, allowed, format_days, help_text, parse
+from core.durations import format_duration
 from core.engine import Engine
 from core.errors import TgopsError
 from core.lifecycle import (
@@ -108,7 +111,12 @@ class CommandService:
 
     async def _status(self, cmd: Command, actor: Actor) -> Reply:
         status = await self.engine.status(cmd.target)
-        return Reply(ok=True, text=render_status(status), command=cmd.name, data=status)
+        return Reply(
+            ok=True,
+            text=render_status(status, self.engine.settings.tz),
+            command=cmd.name,
+            data=status,
+        )
 
     async def _log(self, cmd: Command, actor: Actor) -> Reply:
         targets = None
@@ -239,8 +247,8 @@ class CommandService:
         lead = self.engine.settings.maintenance
         text = (
             f"Maintenance scheduled on {', '.join(done.nodes)} at {local_text(done.start, tz)}: "
-            f"{cmd.reason}. Users get notices from {lead.notice_lead / 60:g} min before, "
-            f"every {lead.reminder_interval / 60:g} min."
+            f"{cmd.reason}. Users get notices from {format_duration(lead.notice_lead)} "
+            f"before, every {format_duration(lead.reminder_interval)}."
         )
         return Reply(ok=True, text="\n".join([text, *done.warnings]), command=cmd.name)
 
@@ -388,8 +396,11 @@ class CommandService:
         )
 
 
-def alert_header(status: dict[str, Any]) -> list[str]:
-    """The fleet's alerts, as every status header shows them (L6, L7, L2, L3)."""
+def alert_header(status: dict[str, Any], tz: ZoneInfo) -> list[str]:
+    """The fleet's alerts, as every status header shows them (L6, L7, L2, L3).
+
+    Maintenance starts are shown in ``tz`` (``bot.blocks`` reads them back by that form).
+    """
     lines = []
     flagged = [n["name"] for n in status["nodes"] if n["warning_flag"]]
     locked = [n["name"] for n in status["nodes"] if n["update_lock"]]
@@ -403,12 +414,13 @@ def alert_header(status: dict[str, Any]) -> list[str]:
         lines.append(f"!! Restart required: {', '.join(restart)}")
     for node in maint:
         m = node["maintenance"]
-        lines.append(f"-- Maintenance {node['name']} at {m['start']}: {m['reason']}")
+        start = local_text(datetime.fromisoformat(m["start"]), tz)
+        lines.append(f"-- Maintenance {node['name']} at {start}: {m['reason']}")
     return lines
 
 
-def render_status(status: dict[str, Any]) -> str:
-    lines = alert_header(status)
+def render_status(status: dict[str, Any], tz: ZoneInfo) -> str:
+    lines = alert_header(status, tz)
     if lines:
         lines.append("")
     for node in status["nodes"]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from tests.service import ADMIN_TOKEN, MAINT_TOKEN, VIEWER_TOKEN, running, settings_for
+
+BERLIN = ZoneInfo("Europe/Berlin")
 
 
 async def test_health_status_and_commands(tmp_path: Path) -> None:
@@ -35,6 +39,22 @@ async def test_health_status_and_commands(tmp_path: Path) -> None:
 
         reply = await api.command("nodes", VIEWER_TOKEN)
         assert "solo1" in reply["text"] and "single system" in reply["text"]
+
+
+async def test_maintenance_reply_and_status_header_in_local_time(tmp_path: Path) -> None:
+    settings = settings_for(
+        tmp_path, sections={"maintenance": {"notice_lead": "2h", "reminder_interval": "20s"}}
+    )
+    async with running(settings) as (_, api):
+        tomorrow = (datetime.now(BERLIN) + timedelta(days=1)).strftime("%Y-%m-%d")
+        reply = await api.command(f"maintenance schedule tg1 {tomorrow} 22:00 Kernel update")
+        assert reply == {
+            "ok": True,
+            "text": f"Maintenance scheduled on tg1 at {tomorrow} 22:00: Kernel update. "
+            "Users get notices from 2h before, every 20s.",
+        }
+        text = (await api.command("status", VIEWER_TOKEN))["text"]
+        assert text.splitlines()[0] == f"-- Maintenance tg1 at {tomorrow} 22:00: Kernel update"
 
 
 async def test_roles_are_enforced_and_refusals_name_the_role(tmp_path: Path) -> None:
