@@ -12,6 +12,7 @@ from bot.grammar import Command, ParseError, allowed, format_days, help_text, pa
 from core.durations import format_duration
 from core.engine import Engine
 from core.errors import TgopsError
+from core.leader import Election
 from core.lifecycle import (
     Lifecycle,
     NeedsConfirmation,
@@ -60,11 +61,26 @@ class CommandService:
         lifecycle: Lifecycle | None = None,
         maintenance: Maintenance | None = None,
         scheduler: Scheduler | None = None,
+        election: Election | None = None,
     ) -> None:
         self.engine = engine
         self.lifecycle = lifecycle
         self.maintenance = maintenance
         self.scheduler = scheduler
+        self.election = election
+
+    async def status(self, target: str | None = None) -> dict[str, Any]:
+        """The fleet's status (``GET /api/v1/status``, ``status``) with, when this service
+        takes part in an election, ``instance`` (this one) and ``leader`` (the best known
+        leading instance; null when none is known)."""
+        status = await self.engine.status(target)
+        if self.election is None:
+            return status
+        return {
+            **status,
+            "instance": self.election.instance,
+            "leader": await self.election.leader(),
+        }
 
     async def execute(self, text: str, actor: Actor) -> Reply:
         """Parse, check the role (L11), audit (L13) and carry out one command."""
@@ -110,7 +126,7 @@ class CommandService:
         return Reply(ok=True, text="\n".join(lines) or "No nodes configured.", command=cmd.name)
 
     async def _status(self, cmd: Command, actor: Actor) -> Reply:
-        status = await self.engine.status(cmd.target)
+        status = await self.status(cmd.target)
         return Reply(
             ok=True,
             text=render_status(status, self.engine.settings.tz),
@@ -454,4 +470,13 @@ def render_status(status: dict[str, Any], tz: ZoneInfo) -> str:
             f"{cluster['max_parallel_updates']} updating"
             + (f", waiting: {', '.join(cluster['waiting'])}" if cluster["waiting"] else "")
         )
+    if "instance" in status:
+        lines.append(leadership_text(status["instance"], status["leader"]))
     return "\n".join(lines)
+
+
+def leadership_text(instance: str, leader: str | None) -> str:
+    """Which instance answers and which one leads (several instances share one store)."""
+    if leader == instance:
+        return f"instance {instance} (the leader)"
+    return f"instance {instance}; leader: {leader or 'none known right now'}"
