@@ -10,11 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
-
-from core.localtime import local_text
 
 SECTION_LIMIT = 2900
 MAX_BODY_SECTIONS = 40
@@ -23,7 +19,7 @@ CONFIRM_ACTION = "tg_confirm"
 Block = dict[str, Any]
 
 _SLACK_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
-_MAINT = re.compile(r"^-- Maintenance (\S+) at (\S+): (.*)$", re.DOTALL)
+_MAINT = re.compile(r"^-- Maintenance (\S+) at (\d{4}-\d\d-\d\d [\d:]+): (.*)$", re.DOTALL)
 
 
 def escape(text: str) -> str:
@@ -56,7 +52,7 @@ DIVIDER: Block = {"type": "divider"}
 # -- the status header ---------------------------------------------------------------------
 
 
-def alert_line(line: str, tz: ZoneInfo) -> str:
+def alert_line(line: str) -> str:
     """One line of ``alert_header`` as Slack mrkdwn.
 
     Slack cannot colour text. "Restart required" is shown "in red" (DESIGN L2) by a red
@@ -72,22 +68,18 @@ def alert_line(line: str, tz: ZoneInfo) -> str:
         return f"{emoji} *{escape(title)}:* {escape(rest)}"
     match = _MAINT.match(line)
     if match is not None:
-        node, start, reason = match.groups()
-        try:
-            when = local_text(datetime.fromisoformat(start), tz)
-        except ValueError:
-            when = start
+        node, when, reason = match.groups()  # when: local time (``alert_header``)
         return f":calendar: *Maintenance* {escape(node)} at {when}: {escape(reason)}"
     return escape(line)
 
 
-def header_blocks(alerts: Sequence[str] | None, tz: ZoneInfo) -> list[Block]:
+def header_blocks(alerts: Sequence[str] | None) -> list[Block]:
     """The status header every reply begins with: the fleet's alerts, or that there are none."""
     if alerts is None:
         return [context(":grey_question: Fleet alerts are not available right now.")]
     if not alerts:
         return [context(":large_green_circle: No alerts: no download errors, locks or restarts.")]
-    return [mrkdwn_section("\n".join(alert_line(a, tz) for a in alerts))]
+    return [mrkdwn_section("\n".join(alert_line(a) for a in alerts))]
 
 
 def header_text(alerts: Sequence[str] | None) -> str:
@@ -158,11 +150,11 @@ class Shown:
 
 
 def reply_message(
-    shown: Shown, alerts: Sequence[str] | None, tz: ZoneInfo, *, header: bool = True
+    shown: Shown, alerts: Sequence[str] | None, *, header: bool = True
 ) -> dict[str, Any]:
     """A reply: the status header (not for users without any role), then the text."""
     prefix = "" if shown.ok else ":no_entry: "
-    head = [*header_blocks(alerts, tz), DIVIDER] if header else []
+    head = [*header_blocks(alerts), DIVIDER] if header else []
     blocks = [
         *head,
         *body_blocks(
@@ -187,7 +179,6 @@ def confirm_message(
     sessions: Sequence[str],
     value: str,
     alerts: Sequence[str] | None,
-    tz: ZoneInfo,
 ) -> dict[str, Any]:
     """A disruptive command's question: a danger button with Slack's confirm dialog."""
     who_ends = "; ".join(sessions)
@@ -209,7 +200,7 @@ def confirm_message(
         },
     }
     blocks = [
-        *header_blocks(alerts, tz),
+        *header_blocks(alerts),
         DIVIDER,
         mrkdwn_section(f":warning: {escape(text)}"),
         mrkdwn_section(f"*Sessions that will end:* {escape(who_ends)}"),

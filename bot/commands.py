@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from bot.grammar import Command, ParseError, allowed, format_days, help_text, parse
+from core.durations import format_duration
 from core.engine import Engine
 from core.errors import TgopsError
+from core.leader import Election
 from core.lifecycle import (
     Lifecycle,
     NeedsConfirmation,
@@ -57,11 +61,26 @@ class CommandService:
         lifecycle: Lifecycle | None = None,
         maintenance: Maintenance | None = None,
         scheduler: Scheduler | None = None,
+        election: Election | None = None,
     ) -> None:
         self.engine = engine
         self.lifecycle = lifecycle
         self.maintenance = maintenance
         self.scheduler = scheduler
+        self.election = election
+
+    async def status(self, target: str | None = None) -> dict[str, Any]:
+        """The fleet's status (``GET /api/v1/status``, ``status``) with, when this service
+        takes part in an election, ``instance`` (this one) and ``leader`` (the best known
+        leading instance; null when none is known)."""
+        status = await self.engine.status(target)
+        if self.election is None:
+            return status
+        return {
+            **status,
+            "instance": self.election.instance,
+            "leader": await self.election.leader(),
+        }
 
     async def execute(self, text: str, actor: Actor) -> Reply:
         """Parse, check the role (L11), audit (L13) and carry out one command."""
@@ -112,8 +131,13 @@ class CommandService:
         return Reply(ok=True, text="\n".join(lines) or "No nodes configured.", command=cmd.name)
 
     async def _status(self, cmd: Command, actor: Actor) -> Reply:
-        status = await self.engine.status(cmd.target)
-        return Reply(ok=True, text=render_status(status), command=cmd.name, data=status)
+        status = await self.status(cmd.target)
+        return Reply(
+            ok=True,
+            text=render_status(status, self.engine.settings.tz),
+            command=cmd.name,
+            data=status,
+        )
 
     async def _log(self, cmd: Command, actor: Actor) -> Reply:
         targets = None
@@ -243,8 +267,8 @@ class CommandService:
         lead = self.engine.settings.maintenance
         text = (
             f"Maintenance scheduled on {', '.join(done.nodes)} at {local_text(done.start, tz)}: "
-            f"{cmd.reason}. Users get notices from {lead.notice_lead / 60:g} min before, "
-            f"every {lead.reminder_interval / 60:g} min."
+            f"{cmd.reason}. Users get notices from {format_duration(lead.notice_lead)} "
+            f"before, every {format_duration(lead.reminder_interval)}."
         )
         return Reply(ok=True, text="\n".join([text, *done.warnings]), command=cmd.name)
 
@@ -392,8 +416,11 @@ class CommandService:
         )
 
 
-def alert_header(status: dict[str, Any]) -> list[str]:
-    """The fleet's alerts, as every status header shows them (L6, L7, L2, L3)."""
+def alert_header(status: dict[str, Any], tz: ZoneInfo) -> list[str]:
+    """The fleet's alerts, as every status header shows them (L6, L7, L2, L3).
+
+    Maintenance starts are shown in ``tz`` (``bot.blocks`` reads them back by that form).
+    """
     lines = []
     flagged = [n["name"] for n in status["nodes"] if n["warning_flag"]]
     locked = [n["name"] for n in status["nodes"] if n["update_lock"]]
@@ -407,12 +434,13 @@ def alert_header(status: dict[str, Any]) -> list[str]:
         lines.append(f"!! Restart required: {', '.join(restart)}")
     for node in maint:
         m = node["maintenance"]
-        lines.append(f"-- Maintenance {node['name']} at {m['start']}: {m['reason']}")
+        start = local_text(datetime.fromisoformat(m["start"]), tz)
+        lines.append(f"-- Maintenance {node['name']} at {start}: {m['reason']}")
     return lines
 
 
-def render_status(status: dict[str, Any]) -> str:
-    lines = alert_header(status)
+def render_status(status: dict[str, Any], tz: ZoneInfo) -> str:
+    lines = alert_header(status, tz)
     if lines:
         lines.append("")
     for node in status["nodes"]:
@@ -446,4 +474,13 @@ def render_status(status: dict[str, Any]) -> str:
             f"{cluster['max_parallel_updates']} updating"
             + (f", waiting: {', '.join(cluster['waiting'])}" if cluster["waiting"] else "")
         )
+    if "instance" in status:
+        lines.append(leadership_text(status["instance"], status["leader"]))
     return "\n".join(lines)
+
+
+def leadership_text(instance: str, leader: str | None) -> str:
+    """Which instance answers and which one leads (several instances share one store)."""
+    if leader == instance:
+        return f"instance {instance} (the leader)"
+    return f"instance {instance}; leader: {leader or 'none known right now'}"

@@ -43,6 +43,7 @@ from bot.debbuild import build_deb
 from bot.service import Service
 from core.drivers.sandbox import SandboxDriver
 from core.drivers.staging import sha256_file
+from core.errors import PublishConflictError
 from core.events import Event, HotfixAcknowledged, RunFinished
 from core.model import Actor, PackageKind, Role, StagedPackage
 from core.publish import keygen, public_key_path, publish
@@ -64,8 +65,14 @@ def _files(name: str, version: str) -> dict[str, bytes]:
     }
 
 
-def build_repository(root: Path) -> str:
-    """The demo's signed repository in ``root/repo``; returns the public key."""
+def build_repository(root: Path, say: Callable[[str], None] | None = None) -> str:
+    """The demo's signed repository in ``root/repo``; returns the public key.
+
+    A second run in the same directory reuses the key and the repository: the packages
+    are rebuilt byte for byte (``bot.debbuild``), so publishing them again changes nothing.
+    A package a different build already published under the same version (a directory
+    left by an earlier tgops, whose builds were not reproducible) is kept as it is.
+    """
     key = root / "keys" / "repo.key"
     if not key.exists():
         key.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +83,11 @@ def build_repository(root: Path) -> str:
 
     def add(channel: str, name: str, version: str, **kwargs: Any) -> None:
         deb = build_deb(debs, name, version, _files(name, version), description=name)
-        publish(repo, channel, key, [deb], **kwargs)
+        try:
+            publish(repo, channel, key, [deb], **kwargs)
+        except PublishConflictError:
+            if say is not None:
+                say(f"repository: keeping the published {name} {version} of channel {channel}")
 
     for name, version in OLD.items():
         add(
@@ -135,6 +146,15 @@ async def prepare_node(root: Path, name: str, clustered: bool, versions: dict[st
         json.dumps([{"user": user} for user in USERS[name]], indent=2)
     )
     await driver.aclose()
+
+
+async def prepare(root: Path, say: Callable[[str], None] | None = None) -> str:
+    """The repository and the nodes in ``root``, kept from an earlier run; the public key."""
+    public_key = await asyncio.to_thread(build_repository, root, say)
+    for name in CLUSTER:
+        await prepare_node(root, name, True, OLD)
+    await prepare_node(root, SINGLE, False, VERY_OLD)
+    return public_key
 
 
 class _Mailbox:
@@ -333,10 +353,7 @@ async def run_demo(root: Path, *, console: bool, environ: dict[str, str]) -> int
     root = await asyncio.to_thread(_make_dir, root)
     say = _printer()
     say(f"tgops demo in {root}")
-    public_key = await asyncio.to_thread(build_repository, root)
-    for name in CLUSTER:
-        await prepare_node(root, name, True, OLD)
-    await prepare_node(root, SINGLE, False, VERY_OLD)
+    public_key = await prepare(root, say)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

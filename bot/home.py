@@ -153,7 +153,7 @@ def home_view(
     have = ", ".join(sorted(roles)) or "none"
     blocks: list[Block] = [
         {"type": "header", "text": plain("tgops: the fleet", 150)},
-        *header_blocks(alert_header(status), tz),
+        *header_blocks(alert_header(status, tz)),
         DIVIDER,
         *_section("Running runs", _runs(status), "none"),
         *_section("Next maintenance windows", _maintenance(status, tz), "none scheduled"),

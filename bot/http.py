@@ -12,7 +12,6 @@ from aiohttp import web
 
 from bot.commands import CommandService
 from core import __version__
-from core.engine import Engine
 from core.errors import TgopsError
 from core.model import Actor, Role
 from core.settings import Settings
@@ -58,7 +57,6 @@ def _with_viewer(roles: frozenset[Role]) -> frozenset[Role]:
 def build_app(
     *,
     settings: Settings,
-    engine: Engine,
     commands: CommandService,
     health: HealthInfo | None = None,
 ) -> web.Application:
@@ -77,7 +75,7 @@ def build_app(
             return _error(401, "missing or unknown bearer token (Authorization: Bearer TOKEN)")
         target = request.query.get("target")
         try:
-            return web.json_response(await engine.status(target))
+            return web.json_response(await commands.status(target))
         except TgopsError as exc:
             return _error(400, str(exc))
 

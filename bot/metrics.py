@@ -1,7 +1,8 @@
 """``GET /metrics``: Prometheus metrics of one service instance (prometheus-client).
 
 Every service has its own ``CollectorRegistry`` (several services may share a process in
-tests). Two kinds of metrics:
+tests). Besides this instance's own ``tgops_info`` and ``tgops_leader`` (1 while it leads),
+two kinds of metrics:
 
 * counted by this instance from its domain events and hooks: runs ended (``RunFinished``),
   run durations, package bytes downloaded (``RunProgress``), download attempts (the retry
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -28,6 +29,7 @@ from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     Info,
     PlatformCollector,
@@ -226,12 +228,22 @@ class ServiceMetrics:
     """The metrics of one service: ``subscribe`` to its bus, ``add_routes`` to its app,
     and ``download_attempt`` as the retry policy's ``on_attempt``."""
 
-    def __init__(self, *, engine: Engine, instance: str) -> None:
+    def __init__(
+        self, *, engine: Engine, instance: str, leader: Callable[[], bool] | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
         Info("tgops", "This tgops instance", registry=registry).info(
             {"version": __version__, "instance": instance}
         )
+        if leader is not None:
+            Gauge(
+                "tgops_leader",
+                "1 while this instance leads (runs the timers, reminders, outbox and hotfix "
+                "watch), else 0",
+                ["instance"],
+                registry=registry,
+            ).labels(instance).set_function(lambda: float(leader()))
         self.runs = Counter(
             "tgops_runs",
             "Runs ended, by kind and outcome (succeeded, failed, cancelled, skipped)",

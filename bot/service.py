@@ -91,7 +91,9 @@ class Service:
             clock=self.clock,
         )
         await self.engine.start()
-        self.metrics = ServiceMetrics(engine=self.engine, instance=self.instance)
+        self.metrics = ServiceMetrics(
+            engine=self.engine, instance=self.instance, leader=lambda: self.election.is_leader
+        )
         self.repository = await self._repository(stack)
         self.lifecycle = await stack.enter_async_context(
             Lifecycle(
@@ -111,6 +113,7 @@ class Service:
             lifecycle=self.lifecycle,
             maintenance=self.maintenance,
             scheduler=self.scheduler,
+            election=self.election,
         )
         # Adapters subscribe to the event bus here, before any run resumes, so that they see
         # everything (notify: e-mail, phone, outbox; bot: Slack).
@@ -128,9 +131,7 @@ class Service:
             slack_bot(settings, engine=self.engine, commands=self.commands, bus=self.bus)
         )
 
-        app = build_app(
-            settings=settings, engine=self.engine, commands=self.commands, health=self._health
-        )
+        app = build_app(settings=settings, commands=self.commands, health=self._health)
         # Adapters add their HTTP routes to ``app`` here (Slack events, Twilio webhooks).
         self.metrics.add_routes(app)  # GET /metrics
         MaintenanceFeed(self.engine, self.scheduler).add_routes(app)  # GET /maintenance.ics

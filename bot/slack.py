@@ -467,7 +467,7 @@ class SlackBot:
 
     async def _alerts(self) -> list[str] | None:
         try:
-            return alert_header(await self.engine.status(refresh=False))
+            return alert_header(await self.engine.status(refresh=False), self.settings.tz)
         except Exception:
             log.exception("Slack: fleet alerts not available for the status header")
             return None
@@ -475,8 +475,8 @@ class SlackBot:
     async def _message(self, user: str, shown: Shown) -> dict[str, Any]:
         """A reply with the status header; a user without any role sees no fleet state."""
         if not self.roles_for(user):
-            return reply_message(shown, None, self.settings.tz, header=False)
-        return reply_message(shown, await self._alerts(), self.settings.tz)
+            return reply_message(shown, None, header=False)
+        return reply_message(shown, await self._alerts())
 
     async def _answer(self, reply: Reply, origin: Origin) -> None:
         """A command's reply, with the status header, to where the command came from."""
@@ -545,7 +545,6 @@ class SlackBot:
             sessions=await self._session_names(sessions),
             value=nonce,
             alerts=alerts,
-            tz=self.settings.tz,
         )
 
     async def _session_names(self, sessions: dict[str, int]) -> list[str]:

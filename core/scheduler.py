@@ -25,6 +25,7 @@ from apscheduler.triggers.date import DateTrigger
 
 from core.background import background
 from core.calendar import Weekly, days_text, parse_days_text, parse_time_text, time_text
+from core.durations import format_duration
 from core.engine import Engine
 from core.localtime import local_text
 from core.model import Actor
@@ -290,7 +291,7 @@ class Scheduler:
                 (
                     max(occ.at - notice, occ.fire_at),
                     f"{occ.node}: maintenance notices to users every "
-                    f"{settings.maintenance.reminder_interval:g}s until the update",
+                    f"{format_duration(settings.maintenance.reminder_interval)} until the update",
                 )
             )
         if not events:

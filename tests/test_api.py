@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+import aiohttp
+import pytest
+
+from tests.databases import POSTGRES_URL, reset_postgres
+from tests.events import until
 from tests.service import ADMIN_TOKEN, MAINT_TOKEN, VIEWER_TOKEN, running, settings_for
+
+BERLIN = ZoneInfo("Europe/Berlin")
 
 
 async def test_health_status_and_commands(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
-    async with running(settings) as (_, api):
+    async with running(settings) as (service, api):
         async with api.session.get(f"{api.base}/healthz") as response:
             assert response.status == 200
             health = await response.json()
@@ -27,14 +36,67 @@ async def test_health_status_and_commands(tmp_path: Path) -> None:
         assert status["clusters"] == [
             {"name": "c1", "max_parallel_updates": 1, "updating": [], "waiting": []}
         ]
+        # additions to the DESIGN schema: which instance answers, which one leads
+        assert status["instance"] == service.instance == health["instance"]
+        assert status["leader"] == service.instance  # SQLite: the one instance leads
 
         reply = await api.command("status", VIEWER_TOKEN)
         assert reply["ok"] is True
         for name in ("tg1", "tg2", "tg3", "solo1"):
             assert name in reply["text"]
+        assert reply["text"].splitlines()[-1] == f"instance {service.instance} (the leader)"
 
         reply = await api.command("nodes", VIEWER_TOKEN)
         assert "solo1" in reply["text"] and "single system" in reply["text"]
+
+
+@pytest.mark.skipif(POSTGRES_URL is None, reason="TGOPS_TEST_DATABASE_URL is not set")
+@pytest.mark.postgres
+async def test_a_follower_names_itself_and_the_leader(tmp_path: Path) -> None:
+    assert POSTGRES_URL is not None
+    await reset_postgres(POSTGRES_URL)
+    settings = settings_for(
+        tmp_path, database_url=POSTGRES_URL, sections={"leader": {"takeover": "2s"}}
+    )
+    async with running(settings) as (a, a_api):
+
+        async def a_leads() -> bool:
+            return a.election.is_leader
+
+        await until(a_leads, within=20)
+        async with running(settings) as (b, b_api):
+            assert b.election.is_leader is False
+            for api in (a_api, b_api):
+                async with api.session.get(f"{api.base}/healthz") as response:
+                    health = await response.json()
+                status = await api.status(VIEWER_TOKEN)
+                assert status["instance"] == health["instance"]
+                assert status["leader"] == a.instance
+            text = (await b_api.command("status", VIEWER_TOKEN))["text"]
+            assert text.splitlines()[-1] == f"instance {b.instance}; leader: {a.instance}"
+            text = (await a_api.command("status", VIEWER_TOKEN))["text"]
+            assert text.splitlines()[-1] == f"instance {a.instance} (the leader)"
+            async with aiohttp.ClientSession() as session:
+                for service, leads in ((a, 1.0), (b, 0.0)):
+                    async with session.get(f"http://127.0.0.1:{service.port}/metrics") as resp:
+                        metrics = await resp.text()
+                    assert f'tgops_leader{{instance="{service.instance}"}} {leads}' in metrics
+
+
+async def test_maintenance_reply_and_status_header_in_local_time(tmp_path: Path) -> None:
+    settings = settings_for(
+        tmp_path, sections={"maintenance": {"notice_lead": "2h", "reminder_interval": "20s"}}
+    )
+    async with running(settings) as (_, api):
+        tomorrow = (datetime.now(BERLIN) + timedelta(days=1)).strftime("%Y-%m-%d")
+        reply = await api.command(f"maintenance schedule tg1 {tomorrow} 22:00 Kernel update")
+        assert reply == {
+            "ok": True,
+            "text": f"Maintenance scheduled on tg1 at {tomorrow} 22:00: Kernel update. "
+            "Users get notices from 2h before, every 20s.",
+        }
+        text = (await api.command("status", VIEWER_TOKEN))["text"]
+        assert text.splitlines()[0] == f"-- Maintenance tg1 at {tomorrow} 22:00: Kernel update"
 
 
 async def test_roles_are_enforced_and_refusals_name_the_role(tmp_path: Path) -> None:

@@ -1,8 +1,12 @@
-"""`tgops demo --no-console`: everything starts, the API serves 4 nodes, SIGTERM ends it."""
+"""`tgops demo --no-console`: everything starts, the API serves 4 nodes, SIGTERM ends it.
+
+Its setup (repository and nodes) can run again in the same directory.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import mailbox
 import signal
 import subprocess
@@ -13,12 +17,52 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bot.demo import prepare
+from core.publish import keygen, publish
+from tests.debs import build_deb
 from tests.events import until
 
 ROOT = Path(__file__).parent.parent
-pytestmark = pytest.mark.slow
 
 
+def _files(root: Path) -> dict[Path, tuple[bytes, int]]:
+    return {
+        p.relative_to(root): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+async def test_the_demo_setup_runs_twice_in_one_directory(tmp_path: Path) -> None:
+    root = tmp_path / "demo"
+    public_key = await prepare(root)
+    repo = _files(root / "repo")
+    nodes = _files(root / "nodes")
+    said: list[str] = []
+    assert await prepare(root, said.append) == public_key
+    # the rebuilt packages are the published ones: the repository is left as it was
+    assert _files(root / "repo") == repo
+    assert _files(root / "nodes") == nodes
+    assert said == []
+
+
+async def test_the_demo_keeps_a_package_an_earlier_build_published(tmp_path: Path) -> None:
+    root = tmp_path / "demo"
+    key = root / "keys" / "repo.key"
+    key.parent.mkdir(parents=True)
+    keygen(key)
+    earlier = build_deb(tmp_path, "tg-base", "1.5", {"usr/share/tg-base/VERSION": b"earlier\n"})
+    publish(root / "repo", "oldstable", key, [earlier])
+    said: list[str] = []
+    await prepare(root, said.append)
+    assert said == ["repository: keeping the published tg-base 1.5 of channel oldstable"]
+    pool = root / "repo" / "pool" / "tg-base_1.5_all.deb"
+    assert pool.read_bytes() == earlier.read_bytes()
+    manifest = json.loads((root / "repo" / "channels" / "stable.json").read_text())
+    assert {p["name"] for p in manifest["packages"]} >= {"tg-base", "tg-browser", "tg-vnc"}
+
+
+@pytest.mark.slow
 async def test_demo_starts_serves_and_stops(tmp_path: Path) -> None:
     demo = tmp_path / "demo"
     out = tmp_path / "demo.out"

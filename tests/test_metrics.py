@@ -67,6 +67,8 @@ async def test_metrics_present_and_moving(tmp_path: Path) -> None:
         info = value(first, "tgops_info", version="0.1.0", instance=f.service.instance)
         assert info == 1.0
         assert value(first, "tgops_store_up") == 1.0
+        # one instance on SQLite: it leads
+        assert value(first, "tgops_leader", instance=f.service.instance) == 1.0
         for node, cluster in [("tg1", "c1"), ("tg2", "c1"), ("tg3", "c1"), ("solo1", "")]:
             for name in (
                 "tgops_node_warning_flag",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from cryptography.hazmat.primitives.serialization import (
     NoEncryption,
     PrivateFormat,
 )
+from debian.debfile import DebFile
 
+from bot.debbuild import SOURCE_DATE_EPOCH
 from core.errors import (
     ChannelNameError,
     KeyExistsError,
@@ -138,6 +141,37 @@ def test_publishing_the_same_file_again_changes_nothing(
     assert not again.changed
     assert [e.name for e in again.unchanged] == ["tg-base"]
     assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
+
+
+def test_a_rebuilt_package_is_the_same_file_and_publishing_it_is_a_no_op(
+    tmp_path: Path, key: Path, debs: Path
+) -> None:
+    repo = tmp_path / "repo"
+    files = {"usr/share/tg-base/VERSION": b"2.1-1\n", "etc/tg/base.conf": b"on\n"}
+    first = build_deb(debs, "tg-base", "2.1-1", files, postinst="#!/bin/sh\nexit 0\n")
+    publish(repo, "stable", key, [first])
+    manifest = repo / "channels" / "stable.json"
+    before = (manifest.read_bytes(), manifest.stat().st_mtime_ns)
+    other = tmp_path / "other"
+    other.mkdir()
+    old_umask = os.umask(0o027)  # files written group-only, others nothing
+    try:
+        again = build_deb(other, "tg-base", "2.1-1", files, postinst="#!/bin/sh\nexit 0\n")
+    finally:
+        os.umask(old_umask)
+    assert again.read_bytes() == first.read_bytes()
+    assert not publish(repo, "stable", key, [again]).changed
+    assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
+    with again.open("rb") as handle:
+        deb = DebFile(fileobj=handle)
+        entries = {str(m.name): m for m in deb.data.tgz().getmembers()}
+        control = {str(m.name): m for m in deb.control.tgz().getmembers()}
+        deb.close()
+    assert {m.mtime for m in [*entries.values(), *control.values()]} == {SOURCE_DATE_EPOCH}
+    assert {(m.uname, m.gname) for m in entries.values()} == {("root", "root")}
+    assert stat.S_IMODE(entries["./etc/tg/base.conf"].mode) == 0o644
+    assert stat.S_IMODE(entries["./etc/tg"].mode) == 0o755
+    assert stat.S_IMODE(control["./postinst"].mode) == 0o755
 
 
 def test_a_different_file_under_a_published_version_is_refused(
