@@ -288,7 +288,10 @@ def run_message(run: RunView) -> dict[str, Any]:
     return {"text": f"{title}: {escape(run.step or 'starting')}", "blocks": blocks}
 
 
-def notice_message(emoji: str, title: str, detail: str) -> dict[str, Any]:
-    """A one-off ops channel message (warning flag, lock, failure, acknowledgement)."""
-    text = f"{emoji} *{escape(title)}*" + (f"\n{escape(detail)}" if detail else "")
-    return {"text": escape(f"{title}: {detail}")[:3000], "blocks": [mrkdwn_section(text)]}
+def notice_message(emoji: str, title: str, detail: str, *, by: str = "") -> dict[str, Any]:
+    """A one-off ops channel message (warning flag, lock, failure, acknowledgement,
+    maintenance); ``by``: who did it, a Slack user ID shown as a mention."""
+    line = escape(detail) + (f" (by {who(by)})" if by else "")
+    text = f"{emoji} *{escape(title)}*" + (f"\n{line}" if line else "")
+    fallback = f"{title}: {detail}" + (f" (by {by})" if by else "")
+    return {"text": escape(fallback)[:3000], "blocks": [mrkdwn_section(text)]}

@@ -80,6 +80,8 @@ _OPS_EVENTS = (
     ev.WarningFlagSet,
     ev.UpdateLockSet,
     ev.HotfixAcknowledged,
+    ev.MaintenanceStarted,
+    ev.MaintenanceEnded,
 )
 _HOME_EVENTS = (
     ev.RunStarted,
@@ -89,6 +91,7 @@ _HOME_EVENTS = (
     ev.WarningFlagSet,
     ev.UpdateLockSet,
     ev.MaintenanceScheduled,
+    ev.MaintenanceStarted,
     ev.MaintenanceEnded,
     ev.HotfixPublished,
     ev.HotfixAcknowledged,
@@ -182,6 +185,7 @@ class SlackBot:
             self.ops = OpsChannel(
                 api=self.api, store=self.engine.store, channel=slack.channel, jobs=self.jobs
             )
+            self.jobs.spawn("slack-ops-outcomes", self.ops.retry_final_updates())
         else:
             log.info("Slack: slack.channel is not set; run progress is not posted")
         self.app = self._build_app()

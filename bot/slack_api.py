@@ -1,6 +1,6 @@
 """Slack's Web API and response URLs as the bot uses them: retried, bounded, never silent.
 
-Transient failures (HTTP 429 with ``Retry-After``, 500/503, dropped connections) are retried
+Transient failures (HTTP 429 with ``Retry-After``, every 5xx, dropped connections) are retried
 by slack_sdk's retry handlers, each attempt logged. What still fails is logged with the
 method and what it was for, and the caller gets ``None``/``False`` to fall back on. The bot
 token never reaches a log line (slack_sdk redacts the Authorization header itself).
@@ -72,7 +72,18 @@ class RateLimitRetry(AsyncRateLimitErrorRetryHandler):
 
 
 class ServerErrorRetry(AsyncServerErrorRetryHandler):
-    """500 and 503: back off and try again (logged)."""
+    """Every 5xx (slack_sdk's own handler only knows 500 and 503; Slack's edge also answers
+    502 and 504): back off and try again (logged)."""
+
+    async def _can_retry_async(
+        self,
+        *,
+        state: RetryState,
+        request: HttpRequest,
+        response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:
+        return response is not None and 500 <= response.status_code <= 599
 
     async def prepare_for_next_attempt_async(
         self,

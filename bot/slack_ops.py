@@ -4,7 +4,10 @@ RunStarted posts the run's message; RunProgress updates it (``chat.update``) wit
 and a progress bar, at most once per ``interval`` per run (bursts coalesce into the latest
 state); RunFinished writes the outcome. The message's channel and ts are kept in the store
 (``kv`` namespace ``slack.run``), so that a run resumed after a restart updates the same
-message. Failures, WarningFlagSet, UpdateLockSet and HotfixAcknowledged get messages too.
+message; when the outcome cannot be written into it (Slack still failing after the
+retries), the record keeps the outcome, a warning is logged, and the next start tries
+again (``FINAL_ATTEMPTS`` in all). Failures, WarningFlagSet, UpdateLockSet,
+HotfixAcknowledged, MaintenanceStarted and MaintenanceEnded get messages too.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 KV_RUNS = "slack.run"
 PROGRESS_INTERVAL = 1.0
 """Seconds between two progress updates of one run's message."""
+FINAL_ATTEMPTS = 3
+"""Tries to write a run's outcome into its message: at its end, then at the next starts."""
 
 
 @dataclass(slots=True)
@@ -84,6 +89,22 @@ class OpsChannel:
                 ),
                 f"acknowledgement of hotfix {event.hotfix_id}",
             )
+        elif isinstance(event, ev.MaintenanceStarted):
+            detail = event.reason + (" (logon disabled)" if event.logon_disabled else "")
+            await self._post(
+                notice_message(":construction:", f"Maintenance of {event.node} started", detail),
+                f"maintenance start of {event.node}",
+            )
+        elif isinstance(event, ev.MaintenanceEnded):
+            await self._post(
+                notice_message(
+                    ":white_check_mark:",
+                    f"Maintenance of {event.node} ended",
+                    event.reason,
+                    by=event.by,
+                ),
+                f"maintenance end of {event.node}",
+            )
 
     async def _post(self, message: dict[str, Any], what: str) -> dict[str, Any] | None:
         return await self.api.call("chat.postMessage", what, channel=self.channel, **message)
@@ -125,7 +146,7 @@ class OpsChannel:
         if live is not None or run_id in self._unknown:
             return live
         record = await self._record(run_id)
-        if record is None:
+        if record is None or "final" in record:  # none, or the run ended: not updated
             self._unknown.add(run_id)
             return None
         view = RunView(
@@ -157,23 +178,78 @@ class OpsChannel:
         live.flush = None
         await self._update(live)
 
-    async def _update(self, live: _Live) -> None:
+    async def _update(self, live: _Live) -> bool:
+        """``chat.update`` of the run's message; False (logged) when it finally failed."""
         async with live.lock:
             live.last = time.monotonic()
-            await self.api.call(
+            answer = await self.api.call(
                 "chat.update",
                 f"run #{live.view.run_id}",
                 channel=live.channel,
                 ts=live.ts,
                 **run_message(live.view),
             )
+        return answer is not None
+
+    async def _keep_final(self, live: _Live, attempts: int = 1) -> None:
+        """The outcome could not be written into the run's message: say so, and keep it to
+        try again at the next start (``FINAL_ATTEMPTS`` in all)."""
+        view = live.view
+        left = FINAL_ATTEMPTS - attempts
+        log.warning(
+            "Slack: the ops channel message of run #%d (%s on %s) could not be updated with "
+            "its outcome (%s%s); it still shows the run as running. %s",
+            view.run_id,
+            view.kind,
+            view.node,
+            view.outcome,
+            f": {view.message}" if view.message else "",
+            f"Tried again at the next start ({left} more time(s))."
+            if left > 0
+            else "Given up; see `log` for the outcome.",
+        )
+        if left <= 0:
+            await self.store.kv_delete(KV_RUNS, str(view.run_id))
+            return
+        await self.store.kv_set(
+            KV_RUNS,
+            str(view.run_id),
+            {
+                "channel": live.channel,
+                "ts": live.ts,
+                "kind": view.kind,
+                "node": view.node,
+                "actor": view.actor,
+                "final": {"outcome": view.outcome, "message": view.message},
+                "attempts": attempts,
+            },
+        )
+
+    async def retry_final_updates(self) -> None:
+        """Write outcomes whose final ``chat.update`` failed before into their messages."""
+        for key, record in sorted((await self.store.kv_items(KV_RUNS)).items()):
+            final = record.get("final") if isinstance(record, dict) else None
+            if not isinstance(final, dict) or not key.isdigit():
+                continue
+            view = RunView(
+                run_id=int(key),
+                kind=str(record.get("kind", "run")),
+                node=str(record.get("node", "?")),
+                actor=str(record.get("actor", "")),
+                outcome=str(final.get("outcome") or "?"),
+                message=str(final.get("message") or ""),
+            )
+            live = _Live(view=view, channel=str(record["channel"]), ts=str(record["ts"]))
+            if await self._update(live):
+                await self.store.kv_delete(KV_RUNS, key)
+                log.info("Slack: run #%s's message now shows its outcome", key)
+            else:
+                await self._keep_final(live, int(record.get("attempts") or 1) + 1)
 
     async def _finished(self, event: ev.RunFinished) -> None:
         live = await self._known(event.run_id, event.node)
         self._live.pop(event.run_id, None)
         self._unknown.discard(event.run_id)
-        # forget the message first: once the outcome is shown nothing updates it any more
-        await self.store.kv_delete(KV_RUNS, str(event.run_id))
         if live is not None:
             if live.flush is not None:
                 live.flush.cancel()
@@ -182,8 +258,13 @@ class OpsChannel:
             live.view = replace(
                 live.view, kind=event.kind, outcome=event.outcome, message=event.message
             )
-            await self._update(live)
+            # the message's record is kept until the outcome is shown in it
+            if await self._update(live):
+                await self.store.kv_delete(KV_RUNS, str(event.run_id))
+            else:
+                await self._keep_final(live)
         else:
+            await self.store.kv_delete(KV_RUNS, str(event.run_id))
             view = RunView(
                 run_id=event.run_id,
                 kind=event.kind,

@@ -97,6 +97,17 @@ class MaintenanceScheduled(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MaintenanceStarted(Event):
+    """A maintenance window's start time was reached (published once per window)."""
+
+    node: str
+    start: datetime
+    reason: str
+    origin: str
+    logon_disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MaintenanceEnded(Event):
     node: str
     reason: str

@@ -3,8 +3,11 @@
 From ``notice_lead`` before the start until the start, every ``reminder_interval``, the
 users of the node get the reason as a notice. Reminders missed while the service was
 down are not replayed: after a restart at most one notice per node is sent, the current
-one. With ``disable_logon`` the logon lock is set at the start. Maintenance is never ended
-automatically in the manual flow; ``cancel`` ends it and tells the users.
+one. With ``disable_logon`` the logon lock is set at the start. When the start is reached,
+``MaintenanceStarted`` is published once per window (recorded in the window's row, so
+not again after a restart; late when the start passed while the service was down).
+Maintenance is never ended automatically in the manual flow; ``cancel`` ends it and tells
+the users.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from core.store import MaintenanceRecord
 
 log = logging.getLogger(__name__)
 
+SYSTEM_ACTOR = Actor(name="maintenance", source="system")
+"""Who the reminder loop acts as (the start, the logon lock) in the audit log."""
 MAX_SLEEP = 30.0
 """Longest sleep of the reminder loop; it also looks at the store this often."""
 
@@ -200,6 +205,8 @@ class Maintenance:
             if now >= record.start:
                 if record.disable_logon and record.logon_disabled_at is None:
                     await self._disable_logon(record, now)
+                if record.started_at is None:
+                    await self._started(record, now)
                 continue
             if now < window_open:
                 next_due = min(next_due, window_open)
@@ -222,12 +229,34 @@ class Maintenance:
         except (DriverError, TimeoutError) as exc:
             log.warning("maintenance notice on %s failed: %s", record.node, exc)
 
+    async def _started(self, record: MaintenanceRecord, now: datetime) -> None:
+        # marked in the window's row first, so that it is published once (also across
+        # restarts and instances); a crash right after the mark loses the announcement
+        if not await self.engine.store.mark_started(record.id, now):
+            return
+        engine = self.engine
+        await engine.record(
+            SYSTEM_ACTOR,
+            "maintenance started",
+            target=record.node,
+            detail=record.reason,
+        )
+        await engine.events.publish(
+            ev.MaintenanceStarted(
+                id=f"maintenance:{record.id}:started",
+                node=record.node,
+                start=record.start,
+                reason=record.reason,
+                origin=record.origin,
+                logon_disabled=record.disable_logon,
+            )
+        )
+        log.info("maintenance %d on %s started", record.id, record.node)
+
     async def _disable_logon(self, record: MaintenanceRecord, now: datetime) -> None:
         await self.engine.store.mark_logon_disabled(record.id, now)
         try:
-            await self.engine.set_logon(
-                record.node, False, Actor(name="maintenance", source="system")
-            )
+            await self.engine.set_logon(record.node, False, SYSTEM_ACTOR)
         except DriverError as exc:
             log.warning("maintenance on %s: logon lock failed: %s", record.node, exc)
 

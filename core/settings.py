@@ -193,7 +193,7 @@ class NotifySettings(_Section):
     admin_emails: tuple[str, ...] = ()
     """Addresses that get admin alerts: warning flag, update lock, failed run."""
     users_list: str | None = None
-    """The users' mailing list: told when maintenance is scheduled and when it ends (L3)."""
+    """The users' mailing list: told when maintenance is scheduled, starts and ends (L3)."""
     announce_existing_hotfixes: bool = True
     """First poll of a fresh store: announce the hotfixes already published (false: only
     remember them, and announce only hotfixes published later)."""

@@ -149,6 +149,7 @@ class MaintenanceRecord:
     created_at: datetime
     last_notice_at: datetime | None
     logon_disabled_at: datetime | None
+    started_at: datetime | None
     ended_at: datetime | None
     ended_by: str | None
     end_reason: str | None
@@ -717,6 +718,21 @@ class Store:
                 .values(last_notice_at=at)
             )
 
+    async def mark_started(self, maintenance_id: int, at: datetime) -> bool:
+        """Record that an open window's start was announced; False if it already was
+        (or the window ended): the one who gets True publishes MaintenanceStarted."""
+        async with self.transaction() as conn:
+            result = await conn.execute(
+                update(t.maintenance)
+                .where(
+                    t.maintenance.c.id == maintenance_id,
+                    t.maintenance.c.started_at.is_(None),
+                    t.maintenance.c.ended_at.is_(None),
+                )
+                .values(started_at=at)
+            )
+        return bool(result.rowcount == 1)
+
     async def mark_logon_disabled(self, maintenance_id: int, at: datetime) -> None:
         async with self.transaction() as conn:
             await conn.execute(
@@ -1034,6 +1050,16 @@ class Store:
                 )
             ).first()
         return None if row is None else row.value
+
+    async def kv_items(self, namespace: str) -> dict[str, Any]:
+        """Every stored value of a namespace, by key."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(t.kv.c.key, t.kv.c.value).where(t.kv.c.namespace == namespace)
+                )
+            ).all()
+        return {row.key: row.value for row in rows}
 
     async def kv_set(self, namespace: str, key: str, value: Any) -> None:
         async with self.transaction() as conn:

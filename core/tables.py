@@ -157,6 +157,7 @@ maintenance = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("last_notice_at", UTCDateTime, nullable=True),
     Column("logon_disabled_at", UTCDateTime, nullable=True),
+    Column("started_at", UTCDateTime, nullable=True),  # MaintenanceStarted published
     Column("ended_at", UTCDateTime, nullable=True),
     Column("ended_by", String(256), nullable=True),
     Column("end_reason", Text, nullable=True),

@@ -2,7 +2,9 @@
 
 * hotfix watch (L8): new hotfixes are e-mailed to the contacts of the configured
   clusters; urgent ones are escalated by phone (L14);
-* users' mailing list (``notify.users_list``, L3): maintenance scheduled and ended;
+* users' mailing list (``notify.users_list``, L3): maintenance scheduled, started and
+  ended (one e-mail per event: the outbox key is the event id, and a window's start has a
+  fixed id, so a start is never mailed twice);
 * admin alerts (``notify.admin_emails``): warning flag, update lock, failed run;
 * the durable outbox and its workers (e-mail, call, SMS);
 * Twilio's webhooks (``add_routes``).
@@ -305,7 +307,9 @@ class Notifier:
 
     # -- users' mailing list (L3) ------------------------------------------------------------
 
-    async def _maintenance(self, event: ev.MaintenanceScheduled | ev.MaintenanceEnded) -> None:
+    async def _maintenance(
+        self, event: ev.MaintenanceScheduled | ev.MaintenanceStarted | ev.MaintenanceEnded
+    ) -> None:
         address = self.settings.notify.users_list
         if address is None:
             return
@@ -321,6 +325,10 @@ class Notifier:
             start = local_text(event.start, tz)
             variables |= {"event": "scheduled", "start": start, "origin": event.origin}
             subject = f"[tgops] Maintenance of {event.node} on {start}: {event.reason}"
+        elif isinstance(event, ev.MaintenanceStarted):
+            start = local_text(event.start, tz)
+            variables |= {"event": "started", "start": start, "origin": event.origin}
+            subject = f"[tgops] Maintenance of {event.node} has started: {event.reason}"
         else:
             variables |= {"event": "ended", "by": event.by}
             subject = f"[tgops] Maintenance of {event.node} has ended"
@@ -402,7 +410,7 @@ class Notifier:
     # -- events --------------------------------------------------------------------------
 
     async def _on_event(self, event: ev.Event) -> None:
-        if isinstance(event, ev.MaintenanceScheduled | ev.MaintenanceEnded):
+        if isinstance(event, ev.MaintenanceScheduled | ev.MaintenanceStarted | ev.MaintenanceEnded):
             await self._maintenance(event)
         elif isinstance(event, ev.WarningFlagSet | ev.UpdateLockSet | ev.RunFinished):
             await self._admin_event(event)

@@ -3,7 +3,8 @@
 ``FakeSlack`` records every call (``chat.postMessage``, ``chat.update``, ``views.open``,
 ``views.publish``, ``chat.postEphemeral``, ``auth.test``, posts to response URLs, …) and lets
 a test await the Nth call of a method, bounded in time. ``fail_next`` makes the next calls
-of a method answer an HTTP error (``429`` with ``Retry-After``, ``500``). Socket Mode:
+of a method (optionally only those whose body matches) answer an HTTP error (``429`` with
+``Retry-After``, ``500``, a gateway's ``502`` HTML page). Socket Mode:
 ``apps.connections.open`` hands out a WebSocket on the same server; ``send_envelope``
 pushes a request over it and ``wait_ack`` returns the app's acknowledgement.
 
@@ -67,6 +68,8 @@ class _Failure:
     status: int
     retry_after: int | None
     count: int
+    where: Callable[[dict[str, Any]], bool] | None = None
+    html: bool = False
 
 
 @dataclass
@@ -87,8 +90,11 @@ class FakeSlack:
         return f"{self.base}/respond/{name or uuid.uuid4().hex}"
 
     def fail_next(self, method: str, status: int, *, retry_after: int | None = None,
-                  count: int = 1) -> None:  # fmt: skip
-        self.failures.append(_Failure(method, status, retry_after, count))
+                  count: int = 1, where: Callable[[dict[str, Any]], bool] | None = None,
+                  html: bool = False) -> None:  # fmt: skip
+        """The next ``count`` calls of ``method`` (whose body matches ``where``) answer
+        ``status``: Slack's JSON error, or with ``html`` a gateway's HTML page."""
+        self.failures.append(_Failure(method, status, retry_after, count, where, html))
 
     def of(self, method: str) -> list[Call]:
         """Answered calls (status 200) of one method, in order."""
@@ -116,9 +122,13 @@ class FakeSlack:
             self.calls.append(call)
             self._changed.notify_all()
 
-    def _failure(self, method: str) -> _Failure | None:
+    def _failure(self, method: str, body: dict[str, Any]) -> _Failure | None:
         for rule in self.failures:
-            if rule.method == method and rule.count > 0:
+            if (
+                rule.method == method
+                and rule.count > 0
+                and (rule.where is None or rule.where(body))
+            ):
                 rule.count -= 1
                 return rule
         return None
@@ -135,10 +145,17 @@ class FakeSlack:
         method = request.match_info["method"]
         body = await self._body(request)
         headers = dict(request.headers)
-        failure = self._failure(method)
+        failure = self._failure(method, body)
         if failure is not None:
             await self._record(Call(method, body, headers, failure.status))
             extra = {"Retry-After": str(failure.retry_after)} if failure.retry_after else {}
+            if failure.html:
+                return web.Response(
+                    status=failure.status,
+                    text=f"<html><body><h1>{failure.status}</h1></body></html>",
+                    content_type="text/html",
+                    headers=extra,
+                )
             return web.json_response(
                 {"ok": False, "error": "ratelimited" if failure.status == 429 else "fatal_error"},
                 status=failure.status,
@@ -164,7 +181,7 @@ class FakeSlack:
 
     async def _respond(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        failure = self._failure("response_url")
+        failure = self._failure("response_url", body)
         status = failure.status if failure is not None else 200
         await self._record(
             Call("response_url", body, dict(request.headers), status, path=request.path)

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from bot.service import Service
+from core.interfaces import Clock
 from core.settings import Settings, load_settings
 
 ADMIN_TOKEN = "admin-token-for-tests"
@@ -86,11 +87,13 @@ def fleet_toml(
     return text
 
 
-def settings_for(root: Path, **kwargs: Any) -> Settings:
+def settings_for(
+    root: Path, *, environ: Mapping[str, str] | None = None, **kwargs: Any
+) -> Settings:
     root.mkdir(parents=True, exist_ok=True)
     path = root / "tgops.toml"
     path.write_text(fleet_toml(root, **kwargs))
-    return load_settings(path, {})
+    return load_settings(path, dict(environ or {}))
 
 
 @dataclass
@@ -120,7 +123,12 @@ class Api:
 
 
 @asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[tuple[Service, Api]]:
+async def running(
+    settings: Settings, *, clock: Clock | None = None
+) -> AsyncIterator[tuple[Service, Api]]:
     timeout = aiohttp.ClientTimeout(total=30)
-    async with Service(settings) as service, aiohttp.ClientSession(timeout=timeout) as session:
+    async with (
+        Service(settings, clock=clock) as service,
+        aiohttp.ClientSession(timeout=timeout) as session,
+    ):
         yield service, Api(base=f"http://127.0.0.1:{service.port}", session=session)

@@ -14,10 +14,12 @@ import ssl
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import trustme
 
+from core.clock import ManualClock
 from core.errors import ConfigError
 from core.events import UpdateLockSet, WarningFlagSet
 from core.settings import SmtpSettings
@@ -92,6 +94,40 @@ async def test_maintenance_mails_to_the_users_list_with_proper_headers(tmp_path:
             assert f"to {USERS}" in log
             rows = await outbox_rows(service.store)
             assert [(r.status, r.attempts) for r in rows] == [("sent", 1), ("sent", 1)]
+
+
+async def test_maintenance_start_is_mailed_once_also_across_a_restart(tmp_path: Path) -> None:
+    clock = ManualClock(datetime.now(UTC).replace(microsecond=0))
+    start = clock.now() + timedelta(days=1)
+    when = start.astimezone(ZoneInfo("Europe/Berlin")).strftime("%Y-%m-%d %H:%M:%S")
+    shown = when.removesuffix(":00")
+    async with smtp_server() as server:
+        settings = notify_settings(tmp_path, smtp=smtp(server.port), notify={"users_list": USERS})
+        async with running(settings, clock=clock) as (service, api):
+            reply = await api.command(f"maintenance schedule tg1 {when} Rack move", MAINT_TOKEN)
+            assert reply["ok"], reply["text"]
+            await server.wait_messages(1)
+            await clock.set(start + timedelta(seconds=5))
+            service.maintenance.changed()
+            _, started = await server.wait_messages(2)
+            await wait_until(lambda: settled(service.store), what="settled")
+            assert started.message["Subject"] == "[tgops] Maintenance of tg1 has started: Rack move"
+            text = started.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+            assert "the maintenance of tg1 (cluster c1) has started" in text
+            assert f"Start:   {shown} (Europe/Berlin)" in text
+            assert "Reason:  Rack move" in text
+        async with running(settings, clock=clock) as (service, api):
+            await service.maintenance.tick()  # the start passed before: not announced again
+            reply = await api.command("maintenance cancel tg1", MAINT_TOKEN)
+            assert reply["ok"], reply["text"]
+            *_, ended = await server.wait_messages(3)
+            await wait_until(lambda: settled(service.store), what="settled")
+            assert ended.message["Subject"] == "[tgops] Maintenance of tg1 has ended"
+            log = (await api.command("log tg1 50"))["text"]
+            subjects = [r.subject for r in await outbox_rows(service.store)]
+        assert len(server.messages) == 3
+        assert log.count("maintenance (system) maintenance started tg1: Rack move") == 1
+        assert subjects.count("[tgops] Maintenance of tg1 has started: Rack move") == 1
 
 
 async def test_starttls_with_auth_and_admin_alert_for_a_failed_run(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -22,8 +22,13 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from bot.service import Service
+from core.clock import ManualClock
+from core.interfaces import Clock
 from core.model import SYSTEM, PackageKind
+from core.store import Store
 from tests.fake_slack import Call, FakeSlack, SlackUser, fake_slack
+from tests.fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, fake_twilio
+from tests.notify_env import PUBLIC_URL
 from tests.repo_server import RepoServer, serve_repo
 from tests.repository import Repo
 from tests.service import Api, running, settings_for
@@ -73,6 +78,10 @@ async def bed(
     *,
     roles: dict[str, list[str]] | None = None,
     slack: dict[str, Any] | None = None,
+    more: dict[str, dict[str, Any]] | None = None,
+    extra: str = "",
+    environ: dict[str, str] | None = None,
+    clock: Clock | None = None,
 ) -> AsyncIterator[Bed]:
     repo = Repo(tmp_path)
     repo.add("tg-base", "1.0")
@@ -86,6 +95,7 @@ async def bed(
                 **(slack or {}),
             },
             "roles": roles or {"update": [UPDATE], "maint": [MAINT], "viewer": ["*"]},
+            **(more or {}),
         }
         settings = settings_for(
             tmp_path,
@@ -93,8 +103,10 @@ async def bed(
             public_key=repo.public_key,
             sections=sections,
             updates={"read_timeout": "30s"},  # tests hold the repository while Slack retries
+            extra=extra,
+            environ=environ,
         )
-        async with running(settings) as (service, api):
+        async with running(settings, clock=clock) as (service, api):
             viewer = SlackUser(
                 url=f"{api.base}/slack/events", secret=SECRET, session=api.session, fake=fake
             )
@@ -283,6 +295,58 @@ async def test_a_click_after_someone_else_started_the_run(tmp_path: Path) -> Non
         assert len(await b.service.store.runs(node="solo1")) == 1
 
 
+async def test_a_click_by_a_user_without_the_role_is_refused_naming_it(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        b.login("tg1", "alice")
+        prompt = await b.update.command("auto-update tg1")
+        assert "Sessions that will end:* tg1: alice" in prompt.text
+
+        # the click checks the clicking user's roles again: maint is not update
+        url = b.fake.response_url()
+        answer = await b.maint.click(prompt, response_url=url)
+        assert (answer.status, answer.text) == (200, "")
+        path = url.split(b.fake.base)[1]
+        [refusal] = await b.fake.wait_for("response_url", where=lambda c: c.path == path)
+        assert refusal.body["response_type"] == "ephemeral"
+        assert ":no_entry: `auto-update` needs role update; you have: maint, viewer." in (
+            refusal.text
+        )
+        assert "Confirmed by" not in refusal.text
+        assert await b.service.store.runs(node="tg1") == []
+        assert b.installed("tg1") == {}
+
+        # the refused click used nothing up: the button still works for an update admin
+        url = b.fake.response_url()
+        await b.update.click(prompt, response_url=url)
+        path = url.split(b.fake.base)[1]
+        _, started = await b.fake.wait_for("response_url", 2, where=lambda c: c.path == path)
+        [run_id] = run_ids(started.text)
+        [run] = await b.service.lifecycle.wait([run_id])
+        assert run.status == "succeeded", run.error
+
+
+async def test_a_click_after_an_update_lock_was_set_is_refused_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    async with bed(tmp_path) as b:
+        b.login("tg1", "alice", "bob")
+        prompt = await b.update.command("auto-update tg1")
+        assert "2 user session(s) would be ended" in prompt.text
+        # between the prompt and the click the node is locked
+        await b.service.lifecycle.set_lock("tg1", "install failed: disk full", SYSTEM)
+
+        url = b.fake.response_url()
+        await b.update.click(prompt, response_url=url)
+        path = url.split(b.fake.base)[1]
+        [refusal] = await b.fake.wait_for("response_url", where=lambda c: c.path == path)
+        assert refusal.body["replace_original"] is True
+        assert "update lock set, nothing was started (L6)" in refusal.text
+        assert "tg1: install failed: disk full" in refusal.text
+        assert "Confirmed by" not in refusal.text
+        assert await b.service.store.runs(node="tg1") == []
+        assert b.installed("tg1") == {}
+
+
 # -- the maintenance form --------------------------------------------------------------------
 
 
@@ -456,6 +520,147 @@ async def test_ops_channel_reports_a_failure_and_the_lock(tmp_path: Path) -> Non
         )
         call = await b.viewer.command("status solo1")
         assert ":lock: *Update lock set:* solo1" in call.text
+
+
+async def test_ops_channel_retries_502_and_504(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        # a gateway's 502 page for the run's first post, Slack's 504 for its final update
+        b.fake.fail_next("chat.postMessage", 502, html=True)
+        b.fake.fail_next("chat.update", 504, where=lambda body: "succeeded" in json.dumps(body))
+        call = await b.update.command("download solo1")
+        [run_id] = run_ids(call.text)
+        title = f"Run #{run_id} download on solo1"
+        [posted] = await b.fake.wait_for("chat.postMessage", where=lambda c: title in c.text)
+        [run] = await b.service.lifecycle.wait([run_id])
+        assert run.status == "succeeded", run.error
+        [final] = await b.fake.wait_for("chat.update", where=lambda c: "succeeded" in c.text)
+        assert final.body["ts"] == posted.answer["ts"]
+        assert f":white_check_mark: *{title}: succeeded*" in final.text
+        posts = [c.status for c in b.fake.calls if c.method == "chat.postMessage"]
+        assert posts[:2] == [502, 200]
+        updates = [c.status for c in b.fake.calls if "succeeded" in c.text]
+        assert updates == [504, 200]
+
+
+async def test_an_outcome_slack_refused_is_kept_and_shown_after_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bot.slack_ops")
+    repo = Repo(tmp_path)
+    repo.add("tg-base", "1.0")
+    async with serve_repo(repo.root) as server, fake_slack() as fake:
+        sections = {
+            "slack": {"bot_token": TOKEN, "signing_secret": SECRET, "api_url": fake.api_url,
+                      "channel": "COPS"},
+            "roles": {"update": [UPDATE]},
+        }  # fmt: skip
+        settings = settings_for(
+            tmp_path, repository_url=server.url, public_key=repo.public_key, sections=sections,
+        )  # fmt: skip
+        async with running(settings) as (service, api):
+            # the final update fails three times: the first try and both retries
+            fake.fail_next(
+                "chat.update", 502, count=3, where=lambda body: "succeeded" in json.dumps(body)
+            )
+            user = SlackUser(f"{api.base}/slack/events", SECRET, api.session, fake, UPDATE)
+            call = await user.command("download solo1")
+            [run_id] = run_ids(call.text)
+            title = f"Run #{run_id} download on solo1"
+            [posted] = await fake.wait_for("chat.postMessage", where=lambda c: title in c.text)
+            [run] = await service.lifecycle.wait([run_id])
+            assert run.status == "succeeded", run.error
+            # the ops channel handles events in order: once the post of the next one is
+            # there, the run's end has been handled
+            await service.lifecycle.set_warning_flag("tg3", "next event")
+            await fake.wait_for("chat.postMessage", where=lambda c: "on tg3" in c.text)
+            assert [c.status for c in fake.calls if "succeeded" in c.text] == [502, 502, 502]
+            kept = await service.store.kv_get("slack.run", str(run_id))
+            assert kept["ts"] == posted.answer["ts"]
+            assert kept["final"]["outcome"] == "succeeded"
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(
+            f"ops channel message of run #{run_id} (download on solo1) could not be updated "
+            "with its outcome (succeeded"
+            in w
+            and "Tried again at the next start" in w
+            for w in warnings
+        ), warnings
+        # the next start writes the outcome into the same message, and forgets it then
+        async with running(settings):
+            [final] = await fake.wait_for("chat.update", where=lambda c: "succeeded" in c.text)
+        assert final.body["ts"] == posted.answer["ts"]
+        assert f":white_check_mark: *{title}: succeeded*" in final.text
+        async with Store(settings.database_url) as store:
+            assert await store.kv_get("slack.run", str(run_id)) is None
+
+
+async def test_ops_channel_posts_maintenance_start_and_end(tmp_path: Path) -> None:
+    clock = ManualClock(datetime.now(UTC).replace(microsecond=0))
+    async with bed(tmp_path, clock=clock) as b:
+        start = (clock.now() + timedelta(hours=1)).astimezone(TZ)
+        when = start.strftime("%Y-%m-%d %H:%M:%S")
+        call = await b.maint.command(
+            f"maintenance schedule tg1 {when} Kernel update --disable-logon"
+        )
+        assert "Maintenance scheduled on tg1" in call.text
+
+        await clock.set(start + timedelta(seconds=1))
+        b.service.maintenance.changed()
+        [started] = await b.fake.wait_for(
+            "chat.postMessage", where=lambda c: "Maintenance of tg1 started" in c.text
+        )
+        assert started.body["channel"] == "COPS"
+        assert ":construction: *Maintenance of tg1 started*\nKernel update (logon disabled)" in (
+            started.text
+        )
+        await b.service.maintenance.tick()  # the start is announced once per window
+
+        call = await b.maint.command("maintenance cancel tg1")
+        assert "Maintenance ended on tg1" in call.text
+        [ended] = await b.fake.wait_for(
+            "chat.postMessage", where=lambda c: "Maintenance of tg1 ended" in c.text
+        )
+        assert f":white_check_mark: *Maintenance of tg1 ended*\ncancelled (by <@{MAINT}>)" in (
+            ended.text
+        )
+        # events reach the ops channel in order: a second start would be posted by now
+        posts = [c for c in b.fake.of("chat.postMessage") if "Maintenance of tg1" in c.text]
+        assert len(posts) == 2
+
+
+async def test_ops_channel_posts_the_warning_flag(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        await b.service.lifecycle.set_warning_flag("solo1", "10 attempts failed: refused")
+        [posted] = await b.fake.wait_for(
+            "chat.postMessage", where=lambda c: "Update download error on solo1" in c.text
+        )
+        assert posted.body["channel"] == "COPS"
+        assert ":warning: *Update download error on solo1*\n10 attempts failed: refused" in (
+            posted.text
+        )
+
+
+async def test_ops_channel_posts_an_acknowledged_urgent_hotfix_call(tmp_path: Path) -> None:
+    async with fake_twilio() as twilio:
+        twilio.public_url = PUBLIC_URL
+        more = {
+            "twilio": {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN,
+                       "from_number": FROM_NUMBER, "api_url": twilio.url, "timeout": "3s"},
+            "escalation": {"call_rounds": 1, "ack_wait": "20s"},
+        }  # fmt: skip
+        alice = '[[contacts]]\nname = "Alice"\nphone = "+4917000000001"\n'
+        environ = {"TGOPS_HTTP__PUBLIC_URL": PUBLIC_URL, "TGOPS_UPDATES__POLL_INTERVAL": "0.2s"}
+        async with bed(tmp_path, more=more, extra=alice, environ=environ) as b:
+            b.repo.add("tg-vnc", "2.0-1", hotfix="HF-7", urgency="urgent", summary="VNC crash")
+            (call,) = await twilio.wait_calls(1)
+            status, _ = await twilio.press(call, "1", b.service.port or 0)
+            assert status == 200
+            [posted] = await b.fake.wait_for(
+                "chat.postMessage", where=lambda c: "Hotfix HF-7 acknowledged" in c.text
+            )
+            assert posted.body["channel"] == "COPS"
+            assert ":telephone_receiver: *Hotfix HF-7 acknowledged*" in posted.text
+            assert "by Alice (+4917000000001); the escalation stops." in posted.text
 
 
 async def test_restart_required_is_red_in_every_header(tmp_path: Path) -> None:

@@ -171,6 +171,38 @@ async def test_outbox_idempotency_and_retry(store: Store) -> None:
     assert sent.sent_at is not None and sent.attempts == 2
 
 
+async def test_a_maintenance_start_is_marked_once_and_survives_reopen(
+    url: str, store: Store
+) -> None:
+    start = datetime(2026, 12, 1, 21, 0, tzinfo=UTC)
+    window = await store.open_maintenance(
+        node="n1",
+        start=start,
+        reason="Kernel",
+        origin="manual",
+        disable_logon=False,
+        created_by="alice",
+    )
+    assert window.started_at is None
+    at = start + timedelta(seconds=3)
+    assert await store.mark_started(window.id, at) is True
+    assert await store.mark_started(window.id, at + timedelta(seconds=1)) is False
+    async with Store(url) as reopened:
+        (stored,) = await reopened.maintenance("n1")
+        assert stored.started_at == at
+        assert await reopened.mark_started(window.id, at) is False
+    other = await store.open_maintenance(
+        node="n2",
+        start=start,
+        reason="Disk",
+        origin="manual",
+        disable_logon=False,
+        created_by="alice",
+    )
+    await store.end_maintenance("n2", by="bob", reason="cancelled")
+    assert await store.mark_started(other.id, at) is False  # ended: never announced
+
+
 async def test_maintenance_audit_schedules_hotfixes(store: Store) -> None:
     start = datetime(2026, 12, 1, 21, 0, tzinfo=UTC)
     await store.open_maintenance(
