@@ -265,11 +265,11 @@ class ScheduledRuns:
         if self.engine.cluster_of[ctx.node] is None:
             return
         lead = timedelta(seconds=self.engine.settings.maintenance.lb_drain_lead)
-        grace = timedelta(seconds=self.engine.settings.updates.update_grace)
+        wait = timedelta(seconds=self.engine.settings.updates.slot_wait)
         await self._sleep_until(self._at(ctx) - lead)
-        # a node left out of load balancing by a failure keeps its slot (L12); the others
-        # wait for it no longer than the grace after the update time
-        await self.life.step_slot(ctx, deadline=self._at(ctx) + grace)
+        # the cluster's nodes take turns (L12); a node left out of load balancing by a
+        # failure keeps its slot, so the others wait no longer than slot_wait after S
+        await self.life.step_slot(ctx, deadline=self._at(ctx) + wait)
 
     async def _logon(self, ctx: RunContext) -> None:
         await self._sleep_until(self._at(ctx))

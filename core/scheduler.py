@@ -329,11 +329,17 @@ class Scheduler:
                 )
             else:
                 start = occ.at + timedelta(seconds=rounds * duration)
+                late = ""
+                if rounds * duration > settings.updates.slot_wait:
+                    late = (
+                        f"; longer than updates.slot_wait "
+                        f"({format_duration(settings.updates.slot_wait)}): it would be skipped"
+                    )
                 events.append(
                     (
                         start,
                         f"{occ.node}: expected to get a slot of {cluster} "
-                        f"(waits ~{rounds * duration / 60:.0f} min), leaves load "
+                        f"(waits ~{rounds * duration / 60:.0f} min{late}), leaves load "
                         "balancing, sessions ended, install",
                     )
                 )

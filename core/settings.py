@@ -86,6 +86,9 @@ class UpdatesSettings(_Section):
     read_timeout: Duration = 60.0
     update_grace: Duration = 900.0
     """How late a scheduled update may still start after the service was down."""
+    slot_wait: Duration = 14400.0
+    """How long after its update time a scheduled cluster node waits for a slot of its
+    cluster (the nodes before it are updating) before it is skipped and logged."""
 
     @field_validator("public_key")
     @classmethod

@@ -59,7 +59,7 @@ async def test_leader_killed_during_a_scheduled_update_another_takes_over(
                 repository_url=server.url,
                 public_key=repo.public_key,
                 max_parallel=1,
-                updates={"download_lead": "3s", "update_grace": "20s"},
+                updates={"download_lead": "3s"},
                 sections={
                     "maintenance": {
                         "notice_lead": "3s",

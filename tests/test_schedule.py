@@ -297,3 +297,28 @@ async def test_scheduled_update_keeps_a_maintenance_set_by_hand(tmp_path: Path) 
         assert maintenance is not None and maintenance["reason"] == "Disk check"
         log = (await f.api.command("log solo1 40"))["text"]
         assert "maintenance kept solo1" in log and "(Disk check) set by token:admin" in log
+
+
+async def test_a_node_waits_for_a_slot_no_longer_than_slot_wait(tmp_path: Path) -> None:
+    """tg1's install fails: it keeps its slot (out of load balancing, locked), so tg2 of
+    the same cluster waits, and gives up untouched `slot_wait` after the update time."""
+    async with scheduling(
+        tmp_path=tmp_path, cluster_nodes=2, max_parallel=1, updates={"slot_wait": "2s"}
+    ) as f:
+        f.fault("tg1", {"install": "disk full"})
+        f.fault("tg2", {"install": "disk full"})  # whichever node goes first fails
+        assert (await f.api.command(f"schedule update c1 on daily {soon(3)}"))["ok"]
+        first = await f.finished("tg1")
+        second = await f.finished("tg2")
+        events = {e.node: e for e in (first, second)}
+        failed = [n for n, e in events.items() if e.outcome == "failed"]
+        assert len(failed) == 1, events
+        (other,) = set(events) - set(failed)
+        assert events[other].outcome == "skipped"
+        assert (
+            f"no slot of cluster c1 became free in time (held by {failed[0]}); "
+            f"{other} was not touched" in events[other].message
+        )
+        status = await f.node_status(other)
+        assert status["installed"] == {} and status["lb"] == "in"
+        assert status["maintenance"] is None and status["update_lock"] is None
