@@ -30,6 +30,16 @@ def soon(seconds: float) -> str:
     return (datetime.now(BERLIN) + timedelta(seconds=seconds)).strftime("%H:%M:%S")
 
 
+def wall_time(hhmmss: str) -> datetime:
+    """The next occurrence (or the one just passed) of a Berlin wall time, in UTC."""
+    now = datetime.now(BERLIN)
+    hour, minute, second = (int(x) for x in hhmmss.split(":"))
+    when = now.replace(hour=hour, minute=minute, second=second, microsecond=0)
+    if when < now - timedelta(hours=12):
+        when += timedelta(days=1)
+    return when.astimezone(UTC)
+
+
 def scheduling(**kwargs: Any) -> Any:
     """A fleet whose lifecycle durations are seconds."""
     return fleet(
@@ -91,6 +101,27 @@ async def test_scheduled_update_of_a_cluster_and_a_single_system(tmp_path: Path)
                 (await f.service.store.runs(node="tg2", limit=1))[0].id
             )
         }
+        # the manual's timeline: nothing happens before its planned time (late is allowed:
+        # the machine may be busy): check at S - download_lead, drain at S - lb_drain_lead,
+        # sessions ended and install at S
+        s_time = wall_time(at)
+        for steps in (steps1, steps2):
+            assert steps["check"].started_at >= s_time - timedelta(seconds=2)
+            assert steps["drain"].started_at >= s_time - timedelta(seconds=1)
+            assert steps["disconnect"].started_at >= s_time
+            assert steps["install"].started_at >= s_time
+        first_drain = min(steps1["drain"].started_at, steps2["drain"].started_at)
+        assert first_drain < s_time  # the first node left load balancing before S
+        solo = {
+            s.name: s
+            for s in await f.service.store.steps(
+                (await f.service.store.runs(node="solo1", limit=1))[0].id
+            )
+        }
+        assert solo["check"].started_at >= s_time - timedelta(seconds=2)
+        assert solo["logon"].finished_at is not None
+        assert solo["logon"].finished_at >= s_time  # logon disabled at S, just before install
+        assert solo["logon"].finished_at <= solo["install"].started_at
         out1 = (steps1["drain"].started_at, steps1["release"].finished_at)
         out2 = (steps2["drain"].started_at, steps2["release"].finished_at)
         assert out1[1] is not None and out2[1] is not None
@@ -113,7 +144,7 @@ async def test_no_updates_is_logged_and_nothing_happens(tmp_path: Path) -> None:
 
 async def test_download_failing_twice_locks_and_switches_schedules_off(tmp_path: Path) -> None:
     async with scheduling(
-        tmp_path=tmp_path, updates={"download_attempts": 3, "retry_delay": "0.1s"}
+        tmp_path=tmp_path, updates={"download_attempts": 10, "retry_delay": "0.05s"}
     ) as f:
         f.server.fail_next(10_000, status=503)
         at = soon(4)
@@ -138,8 +169,12 @@ async def test_download_failing_twice_locks_and_switches_schedules_off(tmp_path:
         solo = await f.node_status("solo1")
         assert solo["update_lock"] is not None and solo["maintenance"] is None
         assert solo["logon"] == "enabled"
-        # each batch made download_attempts attempts at the manifest
-        assert f.server.requests["channels/stable.json"] >= 2 * 3 * 2
+        # L5: 10 attempts, the flag, 10 more right before S (from S - 10 x retry_delay)
+        assert f.server.requests["channels/stable.json"] >= 2 * 10 * 2
+        log = (await f.api.command("log tg1 60"))["text"]
+        second_round = (wall_time(at) - timedelta(seconds=0.5)).astimezone(BERLIN)
+        assert "download retried later tg1 " in log
+        assert f"10 more attempts from {second_round:%Y-%m-%d %H:%M:%S}" in log
         text = (await f.api.command("status"))["text"]
         assert "!! Update download error: tg1, solo1" in text
         assert "!! Update lock set: tg1, solo1" in text
