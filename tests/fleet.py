@@ -91,14 +91,16 @@ class Fleet:
 
 @asynccontextmanager
 async def fleet(tmp_path: Path, **kwargs: Any) -> AsyncIterator[Fleet]:
-    """``tg-base 1.0`` published in ``stable``; ``kwargs`` go to ``settings_for``."""
+    """``tg-base 1.0`` published in ``stable``; ``kwargs`` go to ``settings_for`` (except
+    ``clock``: the service's clock)."""
+    clock = kwargs.pop("clock", None)
     repo = Repo(tmp_path)
     repo.add("tg-base", "1.0")
     async with serve_repo(repo.root) as server:
         settings = settings_for(
             tmp_path, repository_url=server.url, public_key=repo.public_key, **kwargs
         )
-        async with running(settings) as (service, api):
+        async with running(settings, clock=clock) as (service, api):
             yield Fleet(
                 root=tmp_path,
                 repo=repo,

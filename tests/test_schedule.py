@@ -297,6 +297,47 @@ async def test_dst_change_in_listing_and_plan(tmp_path: Path) -> None:
         assert "next 2031-10-26 02:30 (download from 2031-10-26 01:30)" in listing
 
 
+async def test_scheduled_updates_across_both_dst_changes_run_once_at_the_right_instant(
+    tmp_path: Path,
+) -> None:
+    """Runs driven by a settable clock over the DST changes of 2031 in Berlin."""
+    clock = ManualClock(datetime(2031, 3, 29, 22, 0, tzinfo=UTC))
+    async with fleet(tmp_path, clock=clock, updates={"download_lead": "1h"}) as f:
+        assert (await f.api.command("schedule update solo1 on daily 02:30"))["ok"]
+        # 30 March: 02:00 becomes 03:00, so 02:30 happens at 03:30 summer time (01:30 UTC);
+        # the download starts 1 h before, at 00:30 UTC
+        await clock.set(datetime(2031, 3, 30, 0, 29, tzinfo=UTC))
+        await f.service.scheduler.catch_up()
+        assert await f.service.store.runs(node="solo1") == []  # not yet
+        await clock.set(datetime(2031, 3, 30, 0, 31, tzinfo=UTC))
+        await f.service.scheduler.catch_up()
+        (run,) = await f.service.store.runs(node="solo1")
+        assert run.params["at"] == "2031-03-30T01:30:00+00:00"
+        await clock.set(datetime(2031, 3, 30, 1, 30, tzinfo=UTC))  # S on the clock
+        event = await f.finished("solo1")
+        assert event.outcome == "succeeded", event.message
+        await f.service.scheduler.catch_up()
+        assert len(await f.service.store.runs(node="solo1")) == 1  # once
+
+        f.repo.add("tg-base", "2.0")
+        # 26 October: 03:00 summer time becomes 02:00 again, so 02:30 happens twice; the
+        # update runs once, at the first (00:30 UTC)
+        await clock.set(datetime(2031, 10, 25, 23, 31, tzinfo=UTC))
+        await f.service.scheduler.catch_up()
+        second = (await f.service.store.runs(node="solo1", limit=1))[0]
+        assert second.id != run.id
+        assert second.params["at"] == "2031-10-26T00:30:00+00:00"
+        await clock.set(datetime(2031, 10, 26, 0, 30, tzinfo=UTC))
+        event = await f.events.wait_for(
+            lambda e: isinstance(e, ev.RunFinished) and e.run_id == second.id, 40
+        )
+        assert isinstance(event, ev.RunFinished) and event.outcome == "succeeded", event
+        assert (await f.node_status("solo1"))["installed"] == {"tg-base": "2.0"}
+        await clock.set(datetime(2031, 10, 26, 1, 31, tzinfo=UTC))  # the second 02:30
+        await f.service.scheduler.catch_up()
+        assert len(await f.service.store.runs(node="solo1")) == 2
+
+
 async def test_scheduled_update_failing_before_users_are_touched_locks(tmp_path: Path) -> None:
     """L4: a failed scheduled update sets the update lock and keeps maintenance, also when
     it fails before any session was ended (here: leaving load balancing fails); the node
