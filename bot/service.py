@@ -168,7 +168,10 @@ class Service:
         runs: drivers are made before it)."""
 
         async def sink(output: CommandOutput) -> None:
-            await self.lifecycle.command_output(node, output)
+            # the engine's first refresh comes before the lifecycle exists (and no run)
+            lifecycle: Lifecycle | None = getattr(self, "lifecycle", None)
+            if lifecycle is not None:
+                await lifecycle.command_output(node, output)
 
         return sink
 

@@ -140,7 +140,9 @@ class Engine:
             staged=dict(state.staged),
             sessions=len(state.sessions),
             logon_enabled=state.logon_enabled,
-            lb=state.lb,
+            # a load balancer that cannot be asked (command templates) and was not touched
+            # since the start reports None: what the store recorded stands
+            lb=state.lb if state.lb is not None or before.cluster is None else before.lb,
             restart_required=state.restart_required,
             reachable=True,
             last_error=None,

@@ -367,6 +367,17 @@ class Settings(BaseSettings):
                     f"nodes[{i}].cluster: cluster {node.cluster!r} is not declared; "
                     f"add [clusters.{node.cluster}]"
                 )
+            cluster = self.clusters.get(node.cluster) if node.cluster is not None else None
+            if (
+                cluster is not None
+                and node.driver in {"local", "ssh"}
+                and not (cluster.haproxy_socket or (cluster.lb_drain and cluster.lb_undrain))
+            ):
+                raise ValueError(
+                    f"clusters.{node.cluster}: node {node.name} ({node.driver} driver) leaves "
+                    "load balancing before an update; set lb_drain and lb_undrain (command "
+                    "templates with {node}) or haproxy_socket"
+                )
         if "all" in self.clusters:
             raise ValueError("clusters.all: 'all' is reserved for the whole fleet; rename it")
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from bot.service import Service
 from core.drivers import TEMPLATES, LocalDriver, make_driver
 from core.drivers.commands import parse_installed, parse_sessions, parse_verify
 from core.errors import CommandTimeoutError, ConfigError, DriverError
@@ -17,6 +19,7 @@ from core.interfaces import NodeDriver
 from core.model import PackageKind, Session
 from core.settings import ClusterSettings, NodeSettings
 from tests.sandbox_files import OutputLog, process_ended, staged_package
+from tests.service import settings_for
 from tests.sshd import FakeNode
 
 
@@ -202,7 +205,8 @@ async def test_command_load_balancer_through_the_driver(node: FakeNode) -> None:
         lb_undrain=f"echo ready {{node}} >> {log}",
     )
     driver = make_driver(settings(node, cluster="c1"), cluster)
-    assert (await driver.status()).lb == "in"
+    # command templates cannot be asked: unknown until the driver drains or undrains
+    assert (await driver.status()).lb is None
     await driver.drain()
     assert (await driver.status()).lb == "drained"
     await driver.undrain()
@@ -224,3 +228,22 @@ def test_parsers_accept_real_output_and_reject_garbage() -> None:
         ("/usr/bin/y", "missing"),
     ]
     assert isinstance(parse_verify("dpkg: warning: something\n"), str)
+
+
+async def test_a_drained_node_stays_drained_in_the_store_after_a_restart(
+    node: FakeNode, tmp_path: Path
+) -> None:
+    """With lb_drain/lb_undrain templates the driver cannot ask the load balancer, so a
+    restarted service keeps the state its store recorded instead of assuming "in"."""
+    commands = ", ".join(f"{k} = {json.dumps(v)}" for k, v in node.commands().items())
+    extra = (
+        '[clusters.c9]\nlb_drain = "true"\nlb_undrain = "true"\n'
+        f'[[nodes]]\nname = "tg-local"\ncluster = "c9"\ndriver = "local"\n'
+        f"commands = {{ {commands} }}\n"
+    )
+    config = settings_for(tmp_path / "svc", cluster_nodes=0, singles=1, extra=extra)
+    async with Service(config) as service:
+        await service.store.update_node("tg-local", lb="drained", left_drained_by_run=7)
+    async with Service(config) as service:
+        (record,) = await service.engine.refresh(["tg-local"])
+        assert record.lb == "drained" and record.left_drained_by_run == 7

@@ -150,6 +150,15 @@ def test_node_references_are_checked(tmp_path: Path) -> None:
     lines = problems(path)
     assert any(line.startswith("nodes[0]: ") and "needs host" in line for line in lines)
     assert any(line.startswith("nodes[1].driver: ") for line in lines)
+    # a real cluster node must be able to leave load balancing
+    path = write(
+        tmp_path, '[clusters.c1]\n[[nodes]]\nname = "n4"\ncluster = "c1"\ndriver = "local"\n'
+    )
+    (line,) = problems(path)
+    assert line.startswith("clusters.c1: node n4 (local driver) leaves load balancing")
+    assert line.endswith(
+        "set lb_drain and lb_undrain (command templates with {node}) or haproxy_socket"
+    )
 
 
 def test_secrets_are_masked_and_never_echoed(tmp_path: Path) -> None:

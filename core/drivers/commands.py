@@ -305,7 +305,9 @@ class CommandDriver:
         self._timeout = settings.command_timeout
         self._own_user = own_user
         self._wait_after_reboot = wait_after_reboot
-        self._lb_state: LbState = "in"
+        self._lb_state: LbState | None = None
+        """What this driver last did to the load balancer; None: nothing since the start
+        (the store's record then stands, see ``Engine.refresh``)."""
 
     # -- running templates ----------------------------------------------------------
 
