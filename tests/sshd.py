@@ -17,7 +17,7 @@ import shlex
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +67,9 @@ class Sshd:
 
 
 @contextmanager
-def start_sshd(directory: Path) -> Iterator[Sshd]:
+def start_sshd(directory: Path, *, set_env: Mapping[str, str] | None = None) -> Iterator[Sshd]:
+    """``set_env``: environment of the commands it runs (sshd's ``SetEnv``, e.g. a PATH
+    with stand-ins for programs that must not act on this machine)."""
     if not os.access(SSHD, os.X_OK):
         pytest.fail(
             f"{SSHD} is missing: the ssh driver tests need a real OpenSSH server; run "
@@ -97,6 +99,11 @@ def start_sshd(directory: Path) -> Iterator[Sshd]:
                 "MaxStartups 100",
                 "MaxSessions 100",
                 "LogLevel INFO",
+                *(
+                    [f"SetEnv {' '.join(f'{k}={v}' for k, v in set_env.items())}"]
+                    if set_env
+                    else []
+                ),
                 "",
             ]
         )

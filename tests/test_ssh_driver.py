@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shlex
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -370,3 +371,55 @@ async def test_unreachable_port_fails_fast(sshd: Sshd, node: FakeNode, tmp_path:
     assert caught.value.operation == "status"
     assert loop.time() - started < 5
     await driver.aclose()
+
+
+async def test_debian_defaults_for_sessions_notices_and_ending_sessions(
+    node: FakeNode, tmp_path: Path
+) -> None:
+    """The DEFAULT templates `loginctl list-sessions --no-legend`, `wall {message}` and
+    `loginctl terminate-session {id}` over SSH; `loginctl` and `wall` are stand-ins on the
+    PATH of the sshd (they act on the fake node's files, not on this machine)."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    flags = shlex.quote(str(node.flags))
+    (stubs / "loginctl").write_text(
+        "#!/bin/sh\n"
+        'case "$1 $2" in\n'
+        f'  "list-sessions --no-legend") cat {flags}/sessions/* 2>/dev/null || true ;;\n'
+        f'  "terminate-session "*) rm -- {flags}/sessions/"$2" ;;\n'
+        '  *) echo "loginctl stand-in: unexpected $*" >&2; exit 2 ;;\n'
+        "esac\n"
+    )
+    (stubs / "wall").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {flags}/notices\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    path = f"{stubs}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    commands = {
+        k: v for k, v in node.commands().items() if k not in {"sessions", "announce", "disconnect"}
+    }
+    with start_sshd(tmp_path / "sshd", set_env={"PATH": path}) as server:
+        made = make_driver(
+            NodeSettings(
+                name="tg-ssh",
+                driver="ssh",
+                host=server.host,
+                port=server.port,
+                user=server.user,
+                key_file=server.key_file,
+                known_hosts=server.known_hosts(tmp_path / "known_hosts"),
+                command_timeout=30,
+                commands=commands,
+            ),
+            None,
+            staging_dir=node.staging,
+        )
+        try:
+            node.login("3", "alice")
+            node.login("9", "root", uid=0)  # the controller's own login
+            assert (await made.status()).sessions == (Session(user="alice", id="3"),)
+            await made.announce("Update at 18:00; it's urgent")
+            assert node.notices() == ["Update at 18:00; it's urgent"]
+            assert await made.disconnect_sessions() == 1
+            assert sorted(p.name for p in (node.flags / "sessions").iterdir()) == ["9"]
+        finally:
+            await made.aclose()
