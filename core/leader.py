@@ -180,6 +180,19 @@ class PostgresElection(Election):
             except (OSError, asyncpg.PostgresError, TimeoutError):
                 conn.terminate()
 
+    def _keepalive(self) -> dict[str, str]:
+        """Server-side TCP keepalive for the election connection: if the leader's host
+        vanishes without closing the connection (power loss, network partition), the
+        database ends its session, and so frees the leader lock, within about half the
+        takeover time instead of the kernel's default of hours."""
+        probe = max(1, round(self._interval))
+        return {
+            "tcp_keepalives_idle": str(probe),
+            "tcp_keepalives_interval": str(probe),
+            "tcp_keepalives_count": "1",
+            "tcp_user_timeout": str(probe * 2000),
+        }
+
     async def _fetch(self, query: str, *args: Any) -> Any:
         if self._conn is None:
             raise ConnectionError("no leader-election connection")
@@ -189,7 +202,9 @@ class PostgresElection(Election):
     async def _run(self) -> None:
         while True:
             try:
-                self._conn = await asyncpg.connect(self._dsn, timeout=self._interval)
+                self._conn = await asyncpg.connect(
+                    self._dsn, timeout=self._interval, server_settings=self._keepalive()
+                )
                 await self._fetch(
                     "SELECT pg_advisory_lock($1, $2)",
                     LIVENESS_NAMESPACE,
