@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from core.model import PackageKind
+from core import events as ev
+from core.model import SYSTEM, PackageKind
 from tests.fleet import fleet
 from tests.service import VIEWER_TOKEN
 
@@ -334,3 +335,48 @@ async def test_maintenance_bad_input(tmp_path: Path) -> None:
         assert reply["ok"] is False and "'2026-02-30' is not a date" in reply["text"]
         reply = await f.api.command("maintenance schedule solo1 2027-03-28 02:30 DST gap")
         assert reply["ok"] is False and "does not exist in Europe/Berlin" in reply["text"]
+
+
+async def test_status_json_has_the_design_schema(tmp_path: Path) -> None:
+    """The keys of GET /api/v1/status are a contract (DESIGN.md "Status JSON"); the
+    additions (reachable, error, omitted_update; instance, leader) are documented."""
+    async with fleet(tmp_path) as f:
+        f.fault("tg1", {"delay": {"install": 30}})
+        future = (datetime.now(ZoneInfo("Europe/Berlin")) + timedelta(days=2)).strftime("%Y-%m-%d")
+        for command in (
+            f"maintenance schedule tg2 {future} 10:00 Disk swap",
+            "schedule download tg2 on mon-fri 01:00 until 03:00",
+            "schedule update tg2 on daily 02:30",
+            "auto-update tg1 --yes",
+        ):
+            assert (await f.api.command(command))["ok"], command
+        await f.service.lifecycle.set_lock("solo1", "checked by hand", SYSTEM)
+        await f.service.lifecycle.set_warning_flag("solo1", "repository down")
+        status = await f.api.status()
+        assert set(status) == {"nodes", "clusters", "instance", "leader"}
+        node_keys = {
+            "name", "cluster", "driver", "installed", "pending", "staged", "sessions",
+            "logon", "lb", "maintenance", "update_lock", "warning_flag", "restart_required",
+            "schedules", "hotfixes", "run",
+        }  # fmt: skip
+        extras = {"reachable", "error", "omitted_update"}
+        nodes = {n["name"]: n for n in status["nodes"]}
+        for node in nodes.values():
+            assert set(node) == node_keys | extras, node["name"]
+        assert nodes["solo1"]["pending"] == [
+            {"name": "tg-base", "version": "1.0", "kind": "regular", "id": None}
+        ]
+        assert set(nodes["tg2"]["maintenance"]) == {"start", "reason", "origin", "disable_logon"}
+        assert set(nodes["solo1"]["update_lock"]) == {"since", "reason"}
+        assert set(nodes["solo1"]["warning_flag"]) == {"since", "reason"}
+        assert set(nodes["tg2"]["schedules"]["download"]) == {"days", "start", "end"}
+        assert set(nodes["tg2"]["schedules"]["update"]) == {"days", "start"}
+        assert set(nodes["tg1"]["hotfixes"]) == {"always", "selected"}
+
+        await f.events.wait_for(
+            lambda e: isinstance(e, ev.RunProgress) and e.node == "tg1" and e.step == "install"
+        )
+        run = (await f.node_status("tg1"))["run"]
+        assert set(run) == {"id", "kind", "step", "progress"}
+        (cluster,) = status["clusters"]
+        assert set(cluster) == {"name", "max_parallel_updates", "updating", "waiting"}
