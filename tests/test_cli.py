@@ -177,3 +177,13 @@ def test_keygen_and_publish(tmp_path: Path) -> None:
     result = run(*args, str(other))
     assert result.returncode == 1 and "tg-base" in result.stderr
     assert "Traceback" not in result.stderr
+    # a large file shows its progress (a line per quarter when stderr is no terminal)
+    large = build_deb(
+        tmp_path / "large", "tg-kernel", "6.1", {"boot/vmlinuz": os.urandom(9 * 1024 * 1024)}
+    )
+    result = run(*args, "--kind", "core", str(large))
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    percents = [int(line.removeprefix(f"{large.name}: ").removesuffix("%")) for line in lines]
+    assert percents == sorted(percents) and len(percents) >= 3, lines
+    assert percents[-1] == 100
