@@ -17,7 +17,7 @@ from core import events as ev
 from core.errors import DriverError, TgopsError
 from core.interfaces import Clock, EventSink, NodeDriver
 from core.manifest import Manifest
-from core.model import Actor
+from core.model import SYSTEM, Actor
 from core.pending import omitted_update, pending_packages
 from core.settings import Settings
 from core.store import NodeRecord, Store
@@ -129,11 +129,15 @@ class Engine:
             except (DriverError, TimeoutError) as exc:
                 cause = str(exc) if isinstance(exc, DriverError) else "status timed out"
                 log.warning("node %s: status not available: %s", name, cause)
-                return await self.store.update_node(
+                after = await self.store.update_node(
                     name, reachable=False, last_error=cause, observed_at=self.clock.now()
                 )
+                if before.reachable:
+                    await self._observed(name, "unreachable", cause)
+                return after
         # a run may have changed the row while the driver answered: its write wins
-        return await self.store.update_node(
+        now = self.clock.now()
+        after = await self.store.update_node(
             name,
             expect_version=before.version,
             installed=dict(state.installed),
@@ -146,8 +150,21 @@ class Engine:
             restart_required=state.restart_required,
             reachable=True,
             last_error=None,
-            observed_at=self.clock.now(),
+            observed_at=now,
         )
+        if after.observed_at == now and after.reachable:  # this refresh's view was stored
+            if not before.reachable:
+                await self._observed(name, "reachable again", "status answered")
+            if before.active_run_id is None and after.installed != before.installed:
+                await self._observed(
+                    name, "installed packages changed", _diff(before.installed, after.installed)
+                )
+        return after
+
+    async def _observed(self, name: str, change: str, detail: str) -> None:
+        """A change found by asking the node (not made by tgops): audited, published."""
+        await self.record(SYSTEM, f"observed: {change}", target=name, detail=detail)
+        await self.events.publish(ev.NodeStateChanged(node=name, change=change))
 
     # -- audit -----------------------------------------------------------------------------
 
@@ -302,3 +319,19 @@ class Engine:
         """Packages older than the oldstable channel's: an update was omitted (L9)."""
         manifest = self.manifests.get(self.settings.updates.oldstable_channel)
         return [] if manifest is None else omitted_update(record.installed, manifest)
+
+
+def _diff(before: Mapping[str, str], after: Mapping[str, str]) -> str:
+    """``pkg 1.0 -> 1.1``, ``pkg (new) 2.0``, ``pkg 1.0 (removed)``, comma-separated."""
+    parts = []
+    for name in sorted(before.keys() | after.keys()):
+        old, new = before.get(name), after.get(name)
+        if old == new:
+            continue
+        if old is None:
+            parts.append(f"{name} (new) {new}")
+        elif new is None:
+            parts.append(f"{name} {old} (removed)")
+        else:
+            parts.append(f"{name} {old} -> {new}")
+    return ", ".join(parts)

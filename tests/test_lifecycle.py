@@ -380,3 +380,26 @@ async def test_status_json_has_the_design_schema(tmp_path: Path) -> None:
         assert set(run) == {"id", "kind", "step", "progress"}
         (cluster,) = status["clusters"]
         assert set(cluster) == {"name", "max_parallel_updates", "updating", "waiting"}
+
+
+async def test_changes_found_on_the_nodes_are_audited(tmp_path: Path) -> None:
+    """L13: what tgops finds changed on a node by others is in the log too."""
+    async with fleet(tmp_path) as f:
+        assert (await f.run("auto-update solo1"))["runs"]["solo1"].status == "succeeded"
+        state_file = f.node("solo1") / "state.json"
+        state = json.loads(state_file.read_text())
+        state["installed"]["tg-extra"] = "0.9"  # an admin installed a package by hand
+        state["installed"]["tg-base"] = "1.1"
+        state_file.write_text(json.dumps(state))
+        f.fault("tg2", {"unreachable": "powered off"})
+        await f.api.command("status")
+        f.fault("tg2", {})
+        await f.api.command("status")
+        log = (await f.api.command("log 60"))["text"]
+        assert (
+            "tgops (system) observed: installed packages changed solo1: "
+            "tg-base 1.0 -> 1.1, tg-extra (new) 0.9"
+        ) in log
+        assert "observed: unreachable tg2: node tg2: status failed: powered off" in log
+        assert "observed: reachable again tg2: status answered" in log
+        assert log.count("observed: installed packages changed") == 1  # not on every look
