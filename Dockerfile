@@ -26,5 +26,5 @@ USER tgops
 VOLUME ["/var/lib/tgops"]
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('TGOPS_HTTP__PORT', '8080'), timeout=4)"]
 ENTRYPOINT ["tgops", "serve"]
