@@ -42,8 +42,6 @@ from notify.render import Renderer
 
 log = logging.getLogger(__name__)
 
-COMPOSE_AHEAD = 4
-"""Messages composed ahead of the one being sent."""
 LEASE_FACTOR = 10
 """A claimed batch may take ``LEASE_FACTOR * smtp.timeout`` (then the rest is retried)."""
 
@@ -157,41 +155,27 @@ class EmailChannel:
     async def _send_all(
         self, client: aiosmtplib.SMTP, items: Sequence[OutboxRecord], report: Report
     ) -> None:
-        """Send the batch in order; the next messages are composed while the server
-        answers the current one (a few ahead, in a task of their own)."""
-        ready: asyncio.Queue[tuple[OutboxRecord, bytes | DeliveryError]] = asyncio.Queue(
-            COMPOSE_AHEAD
-        )
-
-        async def compose_ahead() -> None:
-            for item in items:
-                try:
-                    data: bytes | DeliveryError = self.compose(item)
-                except DeliveryError as exc:
-                    data = exc
-                await ready.put((item, data))
-
-        async with asyncio.TaskGroup() as group:
-            composer = group.create_task(compose_ahead(), name="email:compose")
-            for _ in items:
-                item, data = await ready.get()
-                if isinstance(data, DeliveryError):
-                    outcome, go_on = Outcome(item=item, error=data), True
-                else:
-                    outcome, go_on = await self._send_one(client, item, data)
-                if not report(outcome) or not go_on or not client.is_connected:
-                    composer.cancel()
-                    return  # the rest is released (and goes over a new connection)
+        """Send the batch in order, each message composed just before it is sent."""
+        for item in items:
+            try:
+                data = self.compose(item)
+            except DeliveryError as exc:
+                outcome, go_on = Outcome(item=item, error=exc), True
+            else:
+                outcome, go_on = await self._send_one(client, item, data)
+            if not report(outcome) or not go_on or not client.is_connected:
+                return  # the rest is released (and goes over a new connection)
 
     async def _send_one(
         self, client: aiosmtplib.SMTP, item: OutboxRecord, data: bytes
     ) -> tuple[Outcome, bool]:
-        """Send one message; the outcome, and whether the connection is still usable."""
+        """Send one message; the outcome, and whether the connection is still usable.
+        aiosmtplib bounds the wait for each reply (MAIL, RCPT, DATA, the message) by
+        ``smtp.timeout``; writes do not wait."""
         s = self.settings
         assert s.host is not None
         try:
-            async with asyncio.timeout(s.timeout * 4):
-                await client.sendmail(s.sender, [item.recipient], data)
+            await client.sendmail(s.sender, [item.recipient], data)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             refused = exc.recipients[0]
             error = SmtpRefusedError("recipient", refused.code, refused.message)

@@ -1,7 +1,7 @@
 """The bytes of one e-mail: ``multipart/alternative`` with a text and an HTML part.
 
 Built from the standard library's encoders (``formataddr`` and ``email.header.Header`` for
-RFC 2047 names and subjects, ``email.charset`` for quoted-printable UTF-8 bodies,
+RFC 2047 names and subjects, ``binascii.b2a_qp`` (C) for quoted-printable UTF-8 bodies,
 ``format_datetime``; ASCII subjects folded at spaces here) rather than with
 ``EmailMessage``, whose header objects and refolding cost about 1.7 ms per message, thirty
 times this (bench/RESULTS.md, "E-mail"), and which moves a folded subject holding ``<``,
@@ -12,7 +12,7 @@ are put on one line first, so no value can add a header.
 
 from __future__ import annotations
 
-import email.charset
+import binascii
 import hashlib
 import re
 from datetime import datetime
@@ -20,10 +20,10 @@ from email.header import Header
 from email.utils import format_datetime, formataddr
 
 CRLF = "\r\n"
+QP_LINE = 76
+"""Longest line of a quoted-printable body (RFC 2045 6.7)."""
 MAX_SUBJECT = 900
 """Characters of a subject kept (a line may not exceed 998, RFC 5322 2.1.1)."""
-_UTF8 = email.charset.Charset("utf-8")
-_UTF8.body_encoding = email.charset.QP
 _ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
@@ -82,11 +82,37 @@ def _subject(subject: str) -> str:
     return Header(text, "utf-8", header_name="Subject").encode(linesep=CRLF)
 
 
+def quoted_printable(body: str) -> str:
+    """``body`` as quoted-printable UTF-8 with CRLF line ends (RFC 2045 6.7): ``=``,
+    non-ASCII bytes, whitespace before a line end and a lone ``.`` line encoded, lines of
+    at most 76 characters. Line ends in ``body`` may be CRLF, LF or CR."""
+    data = body.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
+    lines = binascii.b2a_qp(data, istext=True).decode("ascii").split("\n")
+    if any(len(line) > QP_LINE for line in lines):
+        lines = [part for line in lines for part in _soft_breaks(line)]
+    return CRLF.join(lines)
+
+
+def _soft_breaks(line: str) -> list[str]:
+    """An encoded line cut into lines of at most ``QP_LINE`` characters with soft line
+    breaks (``=`` at the end), never inside an ``=XX`` escape. ``binascii.b2a_qp`` leaves
+    a line of up to 78 when it encodes a space or tab at the end."""
+    parts: list[str] = []
+    while len(line) > QP_LINE:
+        cut = QP_LINE - 1
+        escape = line.rfind("=", cut - 2, cut)
+        if escape != -1:
+            cut = escape
+        parts.append(line[:cut] + "=")
+        line = line[cut:]
+    parts.append(line)
+    return parts
+
+
 def _part(subtype: str, body: str) -> str:
-    encoded = _UTF8.body_encode(body.replace("\r\n", "\n")) or ""
     return (
         f'Content-Type: text/{subtype}; charset="utf-8"{CRLF}'
-        f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}" + encoded.replace("\n", CRLF)
+        f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}" + quoted_printable(body)
     )
 
 

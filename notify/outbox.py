@@ -254,17 +254,30 @@ class Outbox:
     async def _deliver_in_slot(
         self, channel: Channel, batch: Sequence[OutboxRecord], slots: asyncio.Semaphore
     ) -> None:
+        """Deliver a batch; its slot is free for the next batch (claim, connection) as soon
+        as the channel is done with this one, while the last outcomes are still recorded."""
+        freed = False
+
+        def free() -> None:
+            nonlocal freed
+            if not freed:
+                freed = True
+                slots.release()
+
         try:
-            await self._deliver(channel, batch)
+            await self._deliver(channel, batch, free)
         except Exception:
             log.exception("outbox %s: a batch of %d failed unexpectedly", channel.name, len(batch))
         finally:
-            slots.release()
+            free()
 
-    async def _deliver(self, channel: Channel, batch: Sequence[OutboxRecord]) -> None:
+    async def _deliver(
+        self, channel: Channel, batch: Sequence[OutboxRecord], sent: Callable[[], None]
+    ) -> None:
         """Let the channel send the batch while a second task records outcomes as they come
-        (whatever came within ``RECORD_DELAY`` goes into one transaction)."""
-        run = _Batch(batch, stopping=self._stopping)
+        (whatever came within ``RECORD_DELAY`` goes into one transaction); ``sent()`` is
+        called when the channel has returned."""
+        run = _Batch(batch, stopping=self._stopping, sent=sent)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._send(channel, run), name=f"outbox:{channel.name}:send")
@@ -296,6 +309,7 @@ class Outbox:
         finally:
             run.finished.set()
             run.more.set()
+            run.sent()
 
     async def _record(self, channel: Channel, run: _Batch) -> None:
         while True:
@@ -402,8 +416,15 @@ class Outbox:
 class _Batch:
     """The state of one claimed batch while it is sent and recorded."""
 
-    def __init__(self, items: Sequence[OutboxRecord], *, stopping: asyncio.Event) -> None:
+    def __init__(
+        self,
+        items: Sequence[OutboxRecord],
+        *,
+        stopping: asyncio.Event,
+        sent: Callable[[], None],
+    ) -> None:
         self.items = items
+        self.sent = sent
         self.reported: list[Outcome] = []
         self.history: list[Outcome] = []
         self.settled: set[int] = set()
