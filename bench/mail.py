@@ -54,8 +54,8 @@ from notify.render import Renderer
 
 HEADING = "## E-mail (issue 8)"
 NOTE = """- where the outbox's extra CPU goes (per mail, measured apart on this machine while
-  others used it): template rendering ~0.02 ms (each template rendered once per hotfix,
-  the recipient's name put in per message; it was ~0.07 ms), putting the message together
+  others used it): jinja2 rendering of both parts per recipient ~0.07 ms, putting the
+  message together
   (`notify/mime.py`, quoted-printable by `binascii`) ~0.03-0.05 ms, the store ~0.1-0.15 ms
   (claim ~0.06-0.08 ms, result and audit record ~0.05 ms, written together every 50 ms,
   each statement a hand-off to the aiosqlite thread), on top of what aiosmtplib itself
@@ -63,7 +63,7 @@ NOTE = """- where the outbox's extra CPU goes (per mail, measured apart on this 
   PIPELINING in aiosmtplib), so client CPU sits on the critical path: the outbox process
   uses about twice the CPU of the bare loop, and on 2 vCPUs shared with the sink and other
   work that is the remaining gap. Changed since the last figures (0.67 x and 0.44 x):
-  cached rendering, C quoted-printable encoding, each message composed right before it is
+  C quoted-printable encoding, each message composed right before it is
   sent (no composer task and queue per message), no extra timeout per message (aiosmtplib
   bounds every reply), and a batch frees its connection slot as soon as it is sent, so the
   next claim and connection overlap the recording of its last outcomes (before, with 2

@@ -18,7 +18,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import trustme
-from jinja2 import UndefinedError
 
 from core.clock import ManualClock
 from core.errors import ConfigError
@@ -430,41 +429,6 @@ def test_bodies_come_back_exactly_from_quoted_printable() -> None:
         text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
         expected = reason.replace("\r\n", "\n").replace("\r", "\n")
         assert f"has ended ({expected}); tg1 is available again" in text.replace("\r\n", "\n")
-
-
-def test_each_recipient_gets_the_text_rendered_for_them() -> None:
-    cached, fresh = Renderer(), Renderer(cache_size=0)
-    base = {
-        "hotfix": {
-            "id": "HF-1",
-            "package": "tg-vnc",
-            "version": "2.0-1",
-            "urgency": "urgent",
-            "summary": "<fix> & more",
-        },
-        "urgent": True,
-        "channel": "stable",
-        "nodes": ["tg1", "solo1"],
-    }
-    variants = [
-        {**base, "name": 'Jörg <b>"Jo"</b> & Co'},
-        {**base, "name": "Ann"},
-        {**base, "name": "Ann", "urgent": False},
-        {**base, "name": "Ann", "urgent": 1},
-        {**base, "name": 7, "nodes": ("tg1", "solo1")},
-        {**base, "name": "Bob", "nodes": []},
-    ]
-    for variables in variants * 2:
-        got = cached.email("hotfix", variables)
-        assert got == fresh.email("hotfix", variables)
-        assert f"Hello {variables['name']}," in got.text
-    html = cached.email("hotfix", variants[0]).html
-    assert "Hello Jörg &lt;b&gt;&#34;Jo&#34;&lt;/b&gt; &amp; Co," in html
-    assert "an URGENT hotfix" not in cached.email("hotfix", variants[2]).text
-    with pytest.raises(UndefinedError):
-        cached.email("hotfix", {k: v for k, v in base.items() if k != "channel"} | {"name": "x"})
-    with pytest.raises(UndefinedError):
-        cached.email("hotfix", base)  # no name
 
 
 def test_header_injection_and_bad_addresses_are_refused() -> None:
