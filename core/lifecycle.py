@@ -202,14 +202,7 @@ class Lifecycle:
         selected = (await self.store.selected_hotfixes()).get(record.name, [])
         requested = set(record.optional_packages)
         if kind == "install":
-            known = {p.name for p in manifest.packages if p.kind is PackageKind.OPTIONAL}
-            unknown = sorted(set(packages) - known)
-            if unknown:
-                raise RefusedError(
-                    f"not an optional package of channel {manifest.channel}: "
-                    f"{', '.join(unknown)} "
-                    f"(optional packages: {', '.join(sorted(known)) or 'none'})"
-                )
+            _only_optional(manifest, packages)
             entries = pending_packages(
                 manifest,
                 record.installed,
@@ -234,14 +227,7 @@ class Lifecycle:
                 {}, await self.manifest(self.engine.settings.updates.oldstable_channel), packages
             )
             return
-        manifest = await self.manifest()
-        known = {p.name for p in manifest.packages if p.kind is PackageKind.OPTIONAL}
-        unknown = sorted(set(packages) - known)
-        if unknown:
-            raise RefusedError(
-                f"not an optional package of channel {manifest.channel}: {', '.join(unknown)} "
-                f"(optional packages: {', '.join(sorted(known)) or 'none'}); nothing was started"
-            )
+        _only_optional(await self.manifest(), packages, "; nothing was started")
 
     # -- commands ----------------------------------------------------------------------
 
@@ -864,6 +850,17 @@ class Lifecycle:
         for note in notes:
             log.warning("%s", note)
         return notes
+
+
+def _only_optional(manifest: Manifest, packages: Sequence[str], then: str = "") -> None:
+    """Refuse names that are no optional package of the channel (L9a)."""
+    known = {p.name for p in manifest.packages if p.kind is PackageKind.OPTIONAL}
+    unknown = sorted(set(packages) - known)
+    if unknown:
+        raise RefusedError(
+            f"not an optional package of channel {manifest.channel}: {', '.join(unknown)} "
+            f"(optional packages: {', '.join(sorted(known)) or 'none'}){then}"
+        )
 
 
 def describe_start(started: Started, kind: str, tz: Any) -> str:
