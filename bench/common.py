@@ -464,6 +464,6 @@ STEP_BOOKKEEPING = (
     "step's end together with the next one's start) plus an event; between slot and release "
     "a cluster node has 7 steps, so 8 transactions, each queued behind the other runs' on "
     "the store's connection. What is left on top of the steps' own work: the `update_node` "
-    "after drain, disconnect, install and undrain (an UPDATE and a SELECT each) and the "
+    "after drain, disconnect, install and undrain (an UPDATE … RETURNING each) and the "
     "events' subscribers, all on the one event-loop thread that also serves every other run."
 )

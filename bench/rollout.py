@@ -358,6 +358,18 @@ def _analysis(results: list[dict[str, Any]]) -> list[str]:
             + " With 10 nodes per round, the makespan is about 20 x the hold time divided by "
             f"the slot utilisation ({(r['utilisation'] or 0) * 100:.0f} %)."
         )
+        budget = INSTALL_SECONDS * (TARGET_RATIO - 1)  # per round of PARALLEL nodes
+        others = work - med.get("install", 0)
+        lines.append(
+            f"- **What the target leaves**: 1.10 x the ideal leaves {budget * 1000:.0f} ms per "
+            "round of 10 nodes for everything but the 1 s delay: taking the slot, the six "
+            "other steps L12 puts between leaving and re-entering load balancing (drain, "
+            "notice, disconnect, restart-services, verify, undrain: "
+            f"{others * 1000:.0f} ms here) and the install's own work (the sandbox's "
+            f"`dpkg-deb` runs and hashing: {(med.get('install', 0) - INSTALL_SECONDS) * 1000:.0f} "
+            "ms here), with every slot busy all the time. The install's own work alone uses "
+            "most of it; the target is not reachable with real unpacking inside the slot."
+        )
         lines.append(
             f"- **Starting the runs**: `auto-update c1` was answered after "
             f"{r['reply_seconds']:.1f} s (`Lifecycle.start` creates all runs of a command, "
