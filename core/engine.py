@@ -111,17 +111,17 @@ class Engine:
     # -- observation -----------------------------------------------------------------------
 
     async def refresh(self, names: Sequence[str]) -> list[NodeRecord]:
-        """Ask the drivers for the nodes' state and persist what they report."""
-        return list(await asyncio.gather(*(self._refresh_one(n) for n in names)))
+        """Ask the drivers for the nodes' state and persist what changed."""
+        rows = {r.name: r for r in await self.store.nodes(list(names))} if names else {}
+        return list(await asyncio.gather(*(self._refresh_one(n, rows.get(n)) for n in names)))
 
-    async def _refresh_one(self, name: str) -> NodeRecord:
+    async def _refresh_one(self, name: str, before: NodeRecord | None) -> NodeRecord:
+        if before is None:
+            before = await self.store.node(name)
+        assert before is not None
         driver = self.drivers.get(name)
         if driver is None:
-            record = await self.store.node(name)
-            assert record is not None
-            return record
-        before = await self.store.node(name)
-        assert before is not None
+            return before
         async with self._refresh_gate:
             try:
                 async with asyncio.timeout(REFRESH_TIMEOUT):
@@ -135,22 +135,31 @@ class Engine:
                 if before.reachable:
                     await self._observed(name, "unreachable", cause)
                 return after
+        seen: dict[str, Any] = {
+            "installed": dict(state.installed),
+            "staged": dict(state.staged),
+            "sessions": len(state.sessions),
+            "logon_enabled": state.logon_enabled,
+            # a load balancer that cannot be asked (command templates) and was not touched
+            # since the start reports None: what the store recorded stands
+            "lb": state.lb if state.lb is not None or before.cluster is None else before.lb,
+            "restart_required": state.restart_required,
+        }
+        if (
+            before.reachable
+            and before.last_error is None
+            and all(getattr(before, key) == value for key, value in seen.items())
+        ):
+            return before  # nothing changed: nothing to write (a status of 500 nodes is cheap)
         # a run may have changed the row while the driver answered: its write wins
         now = self.clock.now()
         after = await self.store.update_node(
             name,
             expect_version=before.version,
-            installed=dict(state.installed),
-            staged=dict(state.staged),
-            sessions=len(state.sessions),
-            logon_enabled=state.logon_enabled,
-            # a load balancer that cannot be asked (command templates) and was not touched
-            # since the start reports None: what the store recorded stands
-            lb=state.lb if state.lb is not None or before.cluster is None else before.lb,
-            restart_required=state.restart_required,
             reachable=True,
             last_error=None,
             observed_at=now,
+            **seen,
         )
         if after.observed_at == now and after.reachable:  # this refresh's view was stored
             if not before.reachable:

@@ -93,6 +93,8 @@ class NodeRecord:
     reachable: bool = True
     last_error: str | None = None
     observed_at: datetime | None = None
+    """When a refresh last stored a change seen on the node (a refresh that sees none
+    writes nothing)."""
     version: int = 0
 
 
