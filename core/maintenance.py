@@ -32,6 +32,10 @@ SYSTEM_ACTOR = Actor(name="maintenance", source="system")
 """Who the reminder loop acts as (the start, the logon lock) in the audit log."""
 MAX_SLEEP = 30.0
 """Longest sleep of the reminder loop; it also looks at the store this often."""
+WAKE_SETTLE = 0.1
+"""Seconds the loop waits after a change woke it, so a burst of changes is one tick."""
+NOTICES_AT_ONCE = 16
+"""Nodes announced to at once (each announce is bounded by its own timeout)."""
 
 
 class MaintenanceInputError(TgopsError):
@@ -198,6 +202,7 @@ class Maintenance:
         lead = timedelta(seconds=self.settings.notice_lead)
         interval = timedelta(seconds=self.settings.reminder_interval)
         next_due = now + timedelta(seconds=MAX_SLEEP)
+        due_now: list[MaintenanceRecord] = []
         for record in await engine.store.maintenance():
             if record.node not in engine.drivers:
                 continue
@@ -213,21 +218,35 @@ class Maintenance:
                 continue
             due = record.last_notice_at is None or now - record.last_notice_at >= interval
             if due:
-                await self._notify(record, now)
+                due_now.append(record)
                 next_due = min(next_due, now + interval, record.start)
             else:
                 assert record.last_notice_at is not None
                 next_due = min(next_due, record.last_notice_at + interval, record.start)
+        if due_now:
+            await self._notify(due_now, now)
         return max(0.0, (next_due - engine.clock.now()).total_seconds())
 
-    async def _notify(self, record: MaintenanceRecord, now: datetime) -> None:
-        # mark first: a crash after this loses one reminder rather than repeating it
-        await self.engine.store.mark_notice(record.id, now)
-        try:
-            async with asyncio.timeout(30):
-                await self.engine.drivers[record.node].announce(notice_text(record, self.engine))
-        except (DriverError, TimeoutError) as exc:
-            log.warning("maintenance notice on %s failed: %s", record.node, exc)
+    async def _notify(self, records: list[MaintenanceRecord], now: datetime) -> None:
+        """The due notices: marked in one statement first (a crash after it loses one
+        reminder rather than repeating it), then announced, ``NOTICES_AT_ONCE`` at a time;
+        a notice that fails on one node does not stop the others."""
+        await self.engine.store.mark_notice([r.id for r in records], now)
+        gate = asyncio.Semaphore(NOTICES_AT_ONCE)
+
+        async def announce(record: MaintenanceRecord) -> None:
+            async with gate:
+                try:
+                    async with asyncio.timeout(30):
+                        await self.engine.drivers[record.node].announce(
+                            notice_text(record, self.engine)
+                        )
+                except (DriverError, TimeoutError) as exc:
+                    log.warning("maintenance notice on %s failed: %s", record.node, exc)
+
+        async with asyncio.TaskGroup() as group:
+            for record in records:
+                group.create_task(announce(record), name=f"notice-{record.node}")
 
     async def _started(self, record: MaintenanceRecord, now: datetime) -> None:
         # marked in the window's row first, so that it is published once (also across
@@ -262,14 +281,17 @@ class Maintenance:
 
     async def _loop(self) -> None:
         while True:
+            self._wake.clear()  # a change made while the tick runs wakes the next wait
             try:
                 delay = await self.tick()
             except Exception:
                 log.exception("maintenance reminders failed; trying again shortly")
                 delay = 5.0
-            self._wake.clear()
             try:
                 async with asyncio.timeout(min(delay, MAX_SLEEP)):
                     await self._wake.wait()
+                # many windows are often opened together (a scheduled update of a cluster):
+                # one look at the store for the burst, not one per window
+                await asyncio.sleep(WAKE_SETTLE)
             except TimeoutError:
                 pass

@@ -712,11 +712,14 @@ class Store:
             )
         return _record(MaintenanceRecord, row)
 
-    async def mark_notice(self, maintenance_id: int, at: datetime) -> None:
+    async def mark_notice(self, maintenance_ids: Sequence[int], at: datetime) -> None:
+        """Record that the windows' users got a notice at ``at`` (one statement)."""
+        if not maintenance_ids:
+            return
         async with self.transaction() as conn:
             await conn.execute(
                 update(t.maintenance)
-                .where(t.maintenance.c.id == maintenance_id)
+                .where(t.maintenance.c.id.in_(list(maintenance_ids)))
                 .values(last_notice_at=at)
             )
 

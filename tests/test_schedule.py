@@ -398,3 +398,20 @@ async def test_a_node_waits_for_a_slot_no_longer_than_slot_wait(tmp_path: Path) 
         status = await f.node_status(other)
         assert status["installed"] == {} and status["lb"] == "in"
         assert status["maintenance"] is None and status["update_lock"] is None
+
+
+async def test_a_notice_failing_on_one_node_does_not_stop_the_others(tmp_path: Path) -> None:
+    async with scheduling(tmp_path=tmp_path) as f:
+        f.fault("tg1", {"announce": "wall: cannot write"})  # the next notice on tg1 fails
+        today = datetime.now(BERLIN).strftime("%Y-%m-%d")
+        reply = await f.api.command(f"maintenance schedule c1 {today} {soon(3)} Disk swap")
+        assert reply["ok"], reply["text"]
+        await f.events.wait_for(
+            lambda e: isinstance(e, ev.MaintenanceStarted) and e.node == "tg3", 20
+        )
+        for node in ("tg2", "tg3"):
+            notices = [m for m in f.messages(node) if f"Maintenance of {node}" in m]
+            assert notices and "Disk swap" in notices[0], node
+        # tg1's first notice failed; the next reminder reached its users
+        assert [m for m in f.messages("tg1") if "Maintenance of tg1" in m]
+        assert len(f.messages("tg1")) < len(f.messages("tg2"))
