@@ -50,7 +50,9 @@ STOP_GRACE = 3.0
 ROLLOUTS_KV = "rollouts"
 """kv namespace: a stopped rollout (key: the rollout's key) and why, for recovery."""
 OUTPUT_LINES = 20
-"""Lines of a driver command's output kept in the run's log (the last ones)."""
+"""Lines of a failed driver command's output kept in the run's log (the last ones)."""
+OUTPUT_LINES_OK = 3
+"""The same for a command that succeeded (the log stays readable)."""
 OUTPUT_CHARS = 4000
 """Seconds a stopping service waits for runs to finish before it interrupts them."""
 
@@ -411,7 +413,7 @@ class Lifecycle:
         text = "\n".join(
             part.strip() for part in (output.stdout, output.stderr) if part.strip()
         ).splitlines()
-        shown = text[-OUTPUT_LINES:]
+        shown = text[-(OUTPUT_LINES if output.exit_status else OUTPUT_LINES_OK) :]
         more = (
             [f"({len(text) - len(shown)} earlier lines not shown)"]
             if len(text) > len(shown)
