@@ -9,6 +9,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from bot.grammar import Command, ParseError, allowed, format_days, help_text, parse
+from core.calendar import time_text
 from core.durations import format_duration
 from core.engine import Engine
 from core.errors import TgopsError
@@ -316,10 +317,10 @@ class CommandService:
         names = await scheduler.set(
             cmd.target, kind, days=cmd.days, at=cmd.at, until=cmd.until, actor=actor
         )
-        until = f" until {cmd.until:%H:%M:%S}" if cmd.until else ""
+        until = f" until {time_text(cmd.until)}" if cmd.until else ""
         text = (
             f"Scheduled {kind} on {', '.join(names)}: {format_days(cmd.days)} "
-            f"{cmd.at:%H:%M:%S}{until} ({self.engine.settings.timezone}).\n"
+            f"{time_text(cmd.at)}{until} ({self.engine.settings.timezone}).\n"
             + await scheduler.listing()
         )
         return Reply(ok=True, text=text, command=cmd.name)
