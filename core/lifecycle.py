@@ -30,7 +30,7 @@ from core.pending import catch_up, pending_packages
 from core.retry import RetryPolicy
 from core.runs import Flow, RunCancelledError, RunContext, RunSkippedError, execute
 from core.slots import SlotGate
-from core.store import NewRun, NodeBusyError, NodeRecord, RunRecord
+from core.store import NewRun, NodeBusyError, NodeRecord, RunEnd, RunRecord
 
 if TYPE_CHECKING:
     from core.scheduled import ScheduledRuns
@@ -782,7 +782,7 @@ class Lifecycle:
                     run.id,
                     status="failed",
                     error="node no longer configured",
-                    summary="node no longer configured",
+                    end=RunEnd(kind=run.kind, node=run.node),
                 )
                 continue
             steps = await self.store.steps(run.id)
@@ -835,7 +835,7 @@ class Lifecycle:
                 run.id,
                 status="failed",
                 error=f"{interrupted}: {cause}",
-                summary=f"{interrupted}: {cause}",
+                end=RunEnd(kind=run.kind, node=run.node),
             )
             await self.engine.events.publish(
                 ev.RunFinished(

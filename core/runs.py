@@ -17,7 +17,7 @@ from typing import Any
 from core import events as ev
 from core.errors import TgopsError
 from core.interfaces import EventSink
-from core.store import Store
+from core.store import RunEnd, Store
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,10 @@ async def execute(flow: Flow, ctx: RunContext) -> str:
             await _shielded(flow.on_failure(ctx, current, exc), ctx, "failure handling")
     await _shielded(
         ctx.store.finish_run(
-            ctx.run_id, status=status, error=error, summary=error if error else ctx.message
+            ctx.run_id,
+            status=status,
+            error=error,
+            end=RunEnd(kind=flow.kind, node=ctx.node, message=ctx.message),
         ),
         ctx,
         "finish",

@@ -54,6 +54,16 @@ class NodeBusyError(StoreError):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RunEnd:
+    """Whose run ended, for its audit record (``Store.finish_run``)."""
+
+    kind: str
+    node: str
+    message: str = ""
+    """What the run did (the detail when it ended without an error)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NewRun:
     """A run to create (``Store.create_runs``)."""
 
@@ -432,7 +442,7 @@ class Store:
                         raise NodeBusyError(spec.node, int(busy))
                 if spec.audit is not None:
                     await conn.execute(
-                        insert(t.audit).values(
+                        _audit_row(
                             at=now,
                             actor=spec.actor,
                             source=spec.audit_source,
@@ -573,29 +583,24 @@ class Store:
         *,
         status: str,
         error: str | None = None,
-        summary: str | None = None,
+        end: RunEnd | None = None,
     ) -> None:
-        """End a run and release the node it claimed, in one transaction; with ``summary``
-        the outcome goes to the audit log too ("run #N KIND STATUS: summary", L13)."""
+        """End a run and release the node it claimed, in one transaction; with ``end`` the
+        outcome goes to the audit log too ("run KIND STATUS": the error, else the message;
+        L13)."""
         async with self.transaction() as conn:
-            if summary is not None:
-                run = (
-                    await conn.execute(
-                        select(t.runs.c.kind, t.runs.c.node).where(t.runs.c.id == run_id)
+            if end is not None:
+                await conn.execute(
+                    _audit_row(
+                        at=utcnow(),
+                        actor="tgops",
+                        source="system",
+                        action=f"run {end.kind} {status}",
+                        target=end.node,
+                        detail=error or end.message,
+                        run_id=run_id,
                     )
-                ).first()
-                if run is not None:
-                    await conn.execute(
-                        insert(t.audit).values(
-                            at=utcnow(),
-                            actor="tgops",
-                            source="system",
-                            action=f"run {run.kind} {status}",
-                            target=run.node,
-                            detail=summary,
-                            run_id=run_id,
-                        )
-                    )
+                )
             await conn.execute(
                 update(t.runs)
                 .where(t.runs.c.id == run_id)
@@ -624,7 +629,7 @@ class Store:
     ) -> None:
         async with self.transaction() as conn:
             await conn.execute(
-                insert(t.audit).values(
+                _audit_row(
                     at=utcnow(),
                     actor=actor,
                     source=source,
@@ -1375,3 +1380,25 @@ class Store:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return {str(r[0]): int(r[1]) for r in rows}
+
+
+def _audit_row(
+    *,
+    at: datetime,
+    actor: str,
+    source: str,
+    action: str,
+    target: str | None,
+    detail: str,
+    run_id: int | None,
+) -> Any:
+    """The INSERT of one audit record (L13)."""
+    return insert(t.audit).values(
+        at=at,
+        actor=actor,
+        source=source,
+        action=action,
+        target=target,
+        detail=detail,
+        run_id=run_id,
+    )
