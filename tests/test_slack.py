@@ -25,6 +25,7 @@ from bot.service import Service
 from core.clock import ManualClock
 from core.interfaces import Clock
 from core.model import SYSTEM, PackageKind
+from core.settings import Settings
 from core.store import Store
 from tests.fake_slack import Call, FakeSlack, SlackUser, fake_slack
 from tests.fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, fake_twilio
@@ -469,7 +470,9 @@ async def test_ops_channel_follows_a_run_and_survives_429_and_500(tmp_path: Path
         assert await b.service.store.kv_get("slack.run", str(run_id)) is None
 
 
-async def test_the_run_message_survives_a_restart(tmp_path: Path) -> None:
+@asynccontextmanager
+async def restartable(tmp_path: Path) -> AsyncIterator[tuple[RepoServer, FakeSlack, Settings]]:
+    """The peers and settings of a service that a test starts more than once."""
     repo = Repo(tmp_path)
     repo.add("tg-base", "1.0")
     async with serve_repo(repo.root) as server, fake_slack() as fake:
@@ -480,8 +483,13 @@ async def test_the_run_message_survives_a_restart(tmp_path: Path) -> None:
         }  # fmt: skip
         settings = settings_for(
             tmp_path, repository_url=server.url, public_key=repo.public_key, sections=sections,
-            updates={"read_timeout": "30s"},
+            updates={"read_timeout": "30s"},  # tests hold the repository while Slack retries
         )  # fmt: skip
+        yield server, fake, settings
+
+
+async def test_the_run_message_survives_a_restart(tmp_path: Path) -> None:
+    async with restartable(tmp_path) as (server, fake, settings):
         server.hold()
         async with running(settings) as (_, api):
             user = SlackUser(f"{api.base}/slack/events", SECRET, api.session, fake, UPDATE)
@@ -546,17 +554,7 @@ async def test_an_outcome_slack_refused_is_kept_and_shown_after_a_restart(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="bot.slack_ops")
-    repo = Repo(tmp_path)
-    repo.add("tg-base", "1.0")
-    async with serve_repo(repo.root) as server, fake_slack() as fake:
-        sections = {
-            "slack": {"bot_token": TOKEN, "signing_secret": SECRET, "api_url": fake.api_url,
-                      "channel": "COPS"},
-            "roles": {"update": [UPDATE]},
-        }  # fmt: skip
-        settings = settings_for(
-            tmp_path, repository_url=server.url, public_key=repo.public_key, sections=sections,
-        )  # fmt: skip
+    async with restartable(tmp_path) as (_, fake, settings):
         async with running(settings) as (service, api):
             # the final update fails three times: the first try and both retries
             fake.fail_next(
