@@ -44,8 +44,8 @@ PREPARE_AT_ONCE = 4
 """Runs planning (node status, manifest) at once, and runs staging at once (two separate
 gates, so a node that planned does not queue behind every later node's planning); the
 others wait in the order they came (FIFO), so the first nodes of a rollout are ready
-first instead of all nodes sharing the machine until all are ready. Transfers have their own bound
-(``updates.max_parallel_downloads``) and are not held back by this."""
+first instead of all nodes sharing the machine until all are ready. Transfers have their
+own bound (``updates.max_parallel_downloads``) and are not held back by this."""
 STOP_GRACE = 3.0
 ROLLOUTS_KV = "rollouts"
 """kv namespace: a stopped rollout (key: the rollout's key) and why, for recovery."""
