@@ -164,7 +164,13 @@ class Engine:
         if after.observed_at == now and after.reachable:  # this refresh's view was stored
             if not before.reachable:
                 await self._observed(name, "reachable again", "status answered")
-            if before.active_run_id is None and after.installed != before.installed:
+            # the first look at a new node's row (created empty) is no change
+            first_look = before.version == 0
+            if (
+                not first_look
+                and before.active_run_id is None
+                and after.installed != before.installed
+            ):
                 await self._observed(
                     name, "installed packages changed", _diff(before.installed, after.installed)
                 )

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 from core import events as ev
 from core.model import SYSTEM, PackageKind
 from tests.fleet import fleet
-from tests.service import VIEWER_TOKEN
+from tests.service import VIEWER_TOKEN, running, settings_for
 
 
 async def test_download_then_auto_update_with_confirmation(tmp_path: Path) -> None:
@@ -403,3 +403,13 @@ async def test_changes_found_on_the_nodes_are_audited(tmp_path: Path) -> None:
         assert "observed: unreachable tg2: node tg2: status failed: powered off" in log
         assert "observed: reachable again tg2: status answered" in log
         assert log.count("observed: installed packages changed") == 1  # not on every look
+
+
+async def test_the_first_look_at_a_node_is_not_a_change(tmp_path: Path) -> None:
+    node = tmp_path / "nodes" / "solo1"
+    node.mkdir(parents=True)
+    (node / "state.json").write_text(json.dumps({"installed": {"tg-base": "0.9"}}))
+    async with running(settings_for(tmp_path)) as (_, api):
+        assert (await api.status())["nodes"][3]["installed"] == {"tg-base": "0.9"}
+        log = (await api.command("log 20"))["text"]
+        assert "observed: installed packages changed" not in log
