@@ -4,8 +4,9 @@
 recipient, so a repeated put sends nothing twice) and wakes the channel's worker. One
 worker per channel claims due items (status ``sending`` with a lease, so a second
 instance or a restarted one does not take them while they are in flight), hands them to
-the channel, and records the outcomes as they come, all that came within ``RECORD_DELAY``
-in one transaction:
+the channel (up to ``parallel`` batches at once), and one recorder per channel writes the
+outcomes as they come, all that came within ``RECORD_DELAY`` from every batch in flight in
+one transaction:
 
 * sent: status ``sent`` and an audit record "notification sent";
 * transient failure (connection refused, SMTP 4xx, Twilio 429/5xx): pending again, next
@@ -214,7 +215,17 @@ class Outbox:
     # -- worker ------------------------------------------------------------------------
 
     async def _worker(self, channel: Channel) -> None:
-        """Claim due batches and deliver them, up to ``channel.parallel`` at once."""
+        """Claim due batches and deliver them, up to ``channel.parallel`` at once; one
+        recorder writes the outcomes of all of them."""
+        recorder = _Recorder(self, channel)
+        async with asyncio.TaskGroup() as outer:
+            outer.create_task(recorder.run(), name=f"outbox:{channel.name}:rec")
+            try:
+                await self._claim_loop(channel, recorder)
+            finally:
+                recorder.close()  # ends when the last outcome is written
+
+    async def _claim_loop(self, channel: Channel, recorder: _Recorder) -> None:
         wake = self._wakes[channel.name]
         slots = asyncio.Semaphore(max(1, channel.parallel))
         async with asyncio.TaskGroup() as group:
@@ -240,7 +251,7 @@ class Outbox:
                     delay = min(self.idle, 1.0)
                 if batch:
                     group.create_task(
-                        self._deliver_in_slot(channel, batch, slots),
+                        self._deliver_in_slot(channel, recorder, batch, slots),
                         name=f"outbox:{channel.name}:batch",
                     )
                     continue
@@ -252,7 +263,11 @@ class Outbox:
                     pass
 
     async def _deliver_in_slot(
-        self, channel: Channel, batch: Sequence[OutboxRecord], slots: asyncio.Semaphore
+        self,
+        channel: Channel,
+        recorder: _Recorder,
+        batch: Sequence[OutboxRecord],
+        slots: asyncio.Semaphore,
     ) -> None:
         """Deliver a batch; its slot is free for the next batch (claim, connection) as soon
         as the channel is done with this one, while the last outcomes are still recorded."""
@@ -265,24 +280,28 @@ class Outbox:
                 slots.release()
 
         try:
-            await self._deliver(channel, batch, free)
+            await self._deliver(channel, recorder, batch, free)
         except Exception:
             log.exception("outbox %s: a batch of %d failed unexpectedly", channel.name, len(batch))
         finally:
             free()
 
     async def _deliver(
-        self, channel: Channel, batch: Sequence[OutboxRecord], sent: Callable[[], None]
+        self,
+        channel: Channel,
+        recorder: _Recorder,
+        batch: Sequence[OutboxRecord],
+        sent: Callable[[], None],
     ) -> None:
-        """Let the channel send the batch while a second task records outcomes as they come
-        (whatever came within ``RECORD_DELAY`` goes into one transaction); ``sent()`` is
-        called when the channel has returned."""
-        run = _Batch(batch, stopping=self._stopping, sent=sent)
+        """Let the channel send the batch while the recorder writes outcomes as they come;
+        ``sent()`` is called when the channel has returned. Listeners are told once the
+        batch's outcomes are written."""
+        run = _Batch(batch, recorder=recorder, stopping=self._stopping, sent=sent)
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._send(channel, run), name=f"outbox:{channel.name}:send")
-                group.create_task(self._record(channel, run), name=f"outbox:{channel.name}:rec")
+            await self._send(channel, run)
+            await run.recorded.wait()
         finally:
+            await run.detach()
             # reported but not recorded (stopping, or a store error), and never tried
             left = [o for o in run.history if o.item.id not in run.settled]
             left += [Outcome(item=i, released=True) for i in batch if i.id not in run.seen]
@@ -307,30 +326,8 @@ class Outbox:
             log.exception("outbox %s: delivery failed unexpectedly", channel.name)
             run.fail_first_unreported(UnexpectedDeliveryError(exc))
         finally:
-            run.finished.set()
-            run.more.set()
+            run.finish()
             run.sent()
-
-    async def _record(self, channel: Channel, run: _Batch) -> None:
-        while True:
-            await run.more.wait()
-            if not run.finished.is_set():
-                # group commit: outcomes of the next few messages join this write
-                try:
-                    async with asyncio.timeout(RECORD_DELAY):
-                        await run.finished.wait()
-                except TimeoutError:
-                    pass
-            run.more.clear()
-            if run.reported:
-                chunk = list(run.reported)
-                del run.reported[:]
-                await self._settle(channel, chunk)
-                run.settled.update(o.item.id for o in chunk)
-            if run.finished.is_set() and not run.reported:
-                return
-            if run.reported:
-                run.more.set()  # came in while writing: the next write, after the delay
 
     async def _settle_shielded(self, channel: Channel, outcomes: list[Outcome]) -> None:
         try:
@@ -413,6 +410,82 @@ class Outbox:
         }
 
 
+class _Recorder:
+    """Writes the outcomes of a channel's batches: all that came within ``RECORD_DELAY``
+    in one transaction, at once when a batch has ended (its listeners wait for it)."""
+
+    def __init__(self, outbox: Outbox, channel: Channel) -> None:
+        self._outbox = outbox
+        self._channel = channel
+        self._pending: list[tuple[_Batch, Outcome]] = []
+        self._more = asyncio.Event()
+        self._now = asyncio.Event()
+        self._closing = False
+
+    def add(self, batch: _Batch, outcome: Outcome) -> None:
+        self._pending.append((batch, outcome))
+        self._more.set()
+
+    def withdraw(self, batch: _Batch) -> None:
+        """Drop the batch's outcomes not written yet (the batch writes them itself)."""
+        self._pending = [entry for entry in self._pending if entry[0] is not batch]
+
+    def flush(self) -> None:
+        """Write what is pending without waiting for more (a batch has ended)."""
+        self._now.set()
+        self._more.set()
+
+    def close(self) -> None:
+        """No batch is left: write what is pending, then ``run`` returns."""
+        self._closing = True
+        self.flush()
+
+    async def run(self) -> None:
+        while True:
+            await self._more.wait()
+            if not self._now.is_set():
+                # group commit: outcomes of the next few messages join this write
+                try:
+                    async with asyncio.timeout(RECORD_DELAY):
+                        await self._now.wait()
+                except TimeoutError:
+                    pass
+            self._more.clear()
+            self._now.clear()
+            chunk, self._pending = self._pending, []
+            if chunk:
+                await self._write(chunk)
+            if self._pending:
+                self._more.set()  # came in while writing: the next write, after the delay
+            elif self._closing:
+                return
+
+    async def _write(self, chunk: list[tuple[_Batch, Outcome]]) -> None:
+        batches = list({id(batch): batch for batch, _ in chunk}.values())
+        for batch in batches:
+            batch.writing += 1
+            batch.idle.clear()
+        try:
+            await self._outbox._settle(self._channel, [outcome for _, outcome in chunk])
+        except Exception:
+            # each batch writes what is left itself when it ends
+            log.exception("outbox %s: outcomes not recorded", self._channel.name)
+            for batch in batches:
+                self.withdraw(batch)
+                batch.detached = True
+                batch.recorded.set()
+            return
+        finally:
+            for batch in batches:
+                batch.writing -= 1
+                if not batch.writing:
+                    batch.idle.set()
+        for batch, outcome in chunk:
+            batch.settled.add(outcome.item.id)
+        for batch in batches:
+            batch.check_recorded()
+
+
 class _Batch:
     """The state of one claimed batch while it is sent and recorded."""
 
@@ -420,26 +493,58 @@ class _Batch:
         self,
         items: Sequence[OutboxRecord],
         *,
+        recorder: _Recorder,
         stopping: asyncio.Event,
         sent: Callable[[], None],
     ) -> None:
         self.items = items
         self.sent = sent
-        self.reported: list[Outcome] = []
         self.history: list[Outcome] = []
         self.settled: set[int] = set()
         self.seen: set[int] = set()
-        self.more = asyncio.Event()
-        self.finished = asyncio.Event()
+        self.finished = False
+        self.recorded = asyncio.Event()
+        """Set when the batch has ended and every outcome reported is written (or the
+        writing failed)."""
+        self.detached = False
+        """The recorder no longer takes this batch's outcomes (they are written when it
+        ends, by ``Outbox._deliver``)."""
+        self.writing = 0
+        self.idle = asyncio.Event()
+        """Set while the recorder is not writing outcomes of this batch."""
+        self.idle.set()
+        self._recorder = recorder
         self._stopping = stopping
 
     def report(self, outcome: Outcome) -> bool:
         if outcome.item.id not in self.seen:
             self.seen.add(outcome.item.id)
-            self.reported.append(outcome)
             self.history.append(outcome)
-            self.more.set()
+            if not self.detached:
+                self._recorder.add(self, outcome)
         return not self._stopping.is_set()
+
+    async def detach(self) -> None:
+        """Take the batch's outcomes back from the recorder: the ones not written yet are
+        withdrawn, and a write under way is waited for (bounded), so that no outcome is
+        written twice."""
+        self.detached = True
+        self._recorder.withdraw(self)
+        if not self.idle.is_set():
+            try:
+                async with asyncio.timeout(SETTLE_TIMEOUT):
+                    await self.idle.wait()
+            except TimeoutError:
+                log.warning("outbox: outcomes still being written after %.0fs", SETTLE_TIMEOUT)
+
+    def finish(self) -> None:
+        self.finished = True
+        self._recorder.flush()
+        self.check_recorded()
+
+    def check_recorded(self) -> None:
+        if self.finished and len(self.settled) == len(self.history):
+            self.recorded.set()
 
     def fail_first_unreported(self, error: DeliveryError) -> None:
         """The item in flight when a batch broke off gets the failure; the rest is released."""
