@@ -1155,32 +1155,26 @@ class Store:
             t.outbox.c.status.in_(("pending", "sending")),
             t.outbox.c.next_attempt_at <= now,
         )
+        chosen = (
+            select(t.outbox.c.id)
+            .where(*due)
+            .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
         async with self.transaction() as conn:
-            ids = [
-                r.id
-                for r in await conn.execute(
-                    select(t.outbox.c.id)
-                    .where(*due)
-                    .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
-                )
-            ]
-            if not ids:
-                return []
-            await conn.execute(
-                update(t.outbox)
-                .where(t.outbox.c.id.in_(ids), *due)
-                .values(status="sending", next_attempt_at=lease_until)
-            )
+            # one statement: choose, take (due again: another instance may have been first)
+            # and read them
             rows = (
                 await conn.execute(
-                    select(t.outbox)
-                    .where(t.outbox.c.id.in_(ids), t.outbox.c.next_attempt_at == lease_until)
-                    .order_by(t.outbox.c.id)
+                    update(t.outbox)
+                    .where(t.outbox.c.id.in_(chosen), *due)
+                    .values(status="sending", next_attempt_at=lease_until)
+                    .returning(*t.outbox.c)
                 )
             ).all()
-        return [_record(OutboxRecord, r) for r in rows]
+        return sorted((_record(OutboxRecord, r) for r in rows), key=lambda r: r.id)
 
     async def next_outbox_due(self, *, channel: str) -> datetime | None:
         """When the next pending (or leased) notification of a channel is due."""
