@@ -155,16 +155,28 @@ class EmailChannel:
     async def _send_all(
         self, client: aiosmtplib.SMTP, items: Sequence[OutboxRecord], report: Report
     ) -> None:
-        """Send the batch in order, each message composed just before it is sent."""
-        for item in items:
-            try:
-                data = self.compose(item)
-            except DeliveryError as exc:
-                outcome, go_on = Outcome(item=item, error=exc), True
+        """Send the batch in order. The next message is composed while the server answers
+        the current one (SMTP waits for each reply), so composing stays off the path."""
+        prepared = self._prepare(items[0]) if items else None
+        for index, item in enumerate(items):
+            current, prepared = prepared, None
+            if isinstance(current, DeliveryError):
+                outcome, go_on = Outcome(item=item, error=current), True
             else:
-                outcome, go_on = await self._send_one(client, item, data)
+                assert current is not None
+                send = asyncio.ensure_future(self._send_one(client, item, current))
+                if index + 1 < len(items):
+                    await asyncio.sleep(0)  # MAIL FROM is on its way before composing
+                    prepared = self._prepare(items[index + 1])
+                outcome, go_on = await send
             if not report(outcome) or not go_on or not client.is_connected:
                 return  # the rest is released (and goes over a new connection)
+
+    def _prepare(self, item: OutboxRecord) -> bytes | DeliveryError:
+        try:
+            return self.compose(item)
+        except DeliveryError as exc:
+            return exc
 
     async def _send_one(
         self, client: aiosmtplib.SMTP, item: OutboxRecord, data: bytes
