@@ -5,14 +5,17 @@ RFC 2047 names and subjects, ``binascii.b2a_qp`` (C) for quoted-printable UTF-8 
 ``format_datetime``; ASCII subjects folded at spaces here) rather than with
 ``EmailMessage``, whose header objects and refolding cost about 1.7 ms per message, thirty
 times this (bench/RESULTS.md, "E-mail"), and which moves a folded subject holding ``<``,
-``&`` or ``[`` onto a continuation line (parsers then read it with a leading space). Every part
-is quoted-printable, so the boundary (it holds ``=_``) cannot occur in a body; header values
-are put on one line first, so no value can add a header.
+``&`` or ``[`` onto a continuation line (parsers then read it with a leading space). A part
+that is plain ASCII with lines of at most 998 characters is sent as it is (``7bit``), any
+other quoted-printable; the boundary starts with ``=_tgops_``, which quoted-printable
+cannot produce and which a ``7bit`` part is checked not to hold, so it cannot occur in a
+body. Header values are put on one line first, so no value can add a header.
 """
 
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import re
 from datetime import datetime
@@ -22,6 +25,10 @@ from email.utils import format_datetime, formataddr
 CRLF = "\r\n"
 QP_LINE = 76
 """Longest line of a quoted-printable body (RFC 2045 6.7)."""
+SEVEN_BIT_LINE = 998
+"""Longest line of a part sent as it is (RFC 5322 2.1.1)."""
+BOUNDARY_MARK = "=_tgops_"
+"""How every boundary starts."""
 MAX_SUBJECT = 900
 """Characters of a subject kept (a line may not exceed 998, RFC 5322 2.1.1)."""
 _ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
@@ -42,9 +49,12 @@ def one_line(value: str) -> str:
 
 def message_id(key: str, sender: str) -> str:
     """A stable Message-ID for an outbox key (the same after a retry or a restart)."""
+    return _message_id(hashlib.sha256(key.encode()).hexdigest(), sender)
+
+
+def _message_id(digest: str, sender: str) -> str:
     domain = sender.rpartition("@")[2] or "localhost"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:40]
-    return f"<{digest}@{domain}>"
+    return f"<{digest[:40]}@{domain}>"
 
 
 def check_address(address: str) -> str:
@@ -75,11 +85,26 @@ def _fold(value: str, used: int) -> str:
     return (CRLF + " ").join(lines)
 
 
+@functools.lru_cache(maxsize=64)
 def _subject(subject: str) -> str:
     text = one_line(subject)[:MAX_SUBJECT]
     if text.isascii():
         return _fold(text, len("Subject: "))
     return Header(text, "utf-8", header_name="Subject").encode(linesep=CRLF)
+
+
+# The same sender, subject and creation time recur across the messages of one
+# announcement: their header values are formatted once.
+
+
+@functools.lru_cache(maxsize=8)
+def _from(sender_name: str, sender: str) -> str:
+    return formataddr((one_line(sender_name), sender))
+
+
+@functools.lru_cache(maxsize=64)
+def _date(date: datetime) -> str:
+    return format_datetime(date)
 
 
 def quoted_printable(body: str) -> str:
@@ -88,7 +113,7 @@ def quoted_printable(body: str) -> str:
     at most 76 characters. Line ends in ``body`` may be CRLF, LF or CR."""
     data = body.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
     lines = binascii.b2a_qp(data, istext=True).decode("ascii").split("\n")
-    if any(len(line) > QP_LINE for line in lines):
+    if max(map(len, lines)) > QP_LINE:
         lines = [part for line in lines for part in _soft_breaks(line)]
     return CRLF.join(lines)
 
@@ -110,9 +135,19 @@ def _soft_breaks(line: str) -> list[str]:
 
 
 def _part(subtype: str, body: str) -> str:
+    lines = body.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if (
+        body.isascii()
+        and max(map(len, lines)) <= SEVEN_BIT_LINE
+        and BOUNDARY_MARK not in body
+        and "\0" not in body
+    ):
+        encoding, encoded = "7bit", CRLF.join(lines)
+    else:
+        encoding, encoded = "quoted-printable", quoted_printable(body)
     return (
         f'Content-Type: text/{subtype}; charset="utf-8"{CRLF}'
-        f"Content-Transfer-Encoding: quoted-printable{CRLF}{CRLF}" + quoted_printable(body)
+        f"Content-Transfer-Encoding: {encoding}{CRLF}{CRLF}{encoded}"
     )
 
 
@@ -130,14 +165,15 @@ def compose(
 ) -> bytes:
     """The message as sent (CRLF line ends); ``AddressError`` for a bad recipient."""
     check_address(recipient)
-    boundary = "=_tgops_" + hashlib.sha256(key.encode()).hexdigest()[:24]
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    boundary = BOUNDARY_MARK + digest[:24]
     display = one_line(name) if name else ""
     headers = [
-        _header("From", formataddr((one_line(sender_name), sender))),
+        _header("From", _from(sender_name, sender)),
         _header("To", formataddr((display, recipient)) if display else recipient),
         _header("Subject", _subject(subject)),
-        _header("Date", format_datetime(date)),
-        _header("Message-ID", message_id(key, sender)),
+        _header("Date", _date(date)),
+        _header("Message-ID", _message_id(digest, sender)),
         _header("Auto-Submitted", "auto-generated"),
         _header("MIME-Version", "1.0"),
         _header("Content-Type", f'multipart/alternative; boundary="{boundary}"'),

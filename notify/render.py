@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template, select_autoescape
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -33,12 +33,21 @@ class Renderer:
             keep_trailing_newline=True,
             auto_reload=False,  # packaged templates: no stat() per message
         )
+        self._templates: dict[str, Template] = {}
+
+    def _template(self, filename: str) -> Template:
+        """The compiled template, kept after its first use (one per message otherwise
+        costs a lookup in jinja2's cache with its lock)."""
+        template = self._templates.get(filename)
+        if template is None:
+            template = self._templates[filename] = self._env.get_template(filename)
+        return template
 
     def text(self, name: str, variables: Mapping[str, Any]) -> str:
-        return self._env.get_template(f"{name}.txt").render(variables)
+        return self._template(f"{name}.txt").render(variables)
 
     def email(self, name: str, variables: Mapping[str, Any]) -> Rendered:
         return Rendered(
             text=self.text(name, variables),
-            html=self._env.get_template(f"{name}.html").render(variables),
+            html=self._template(f"{name}.html").render(variables),
         )

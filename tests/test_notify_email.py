@@ -410,23 +410,32 @@ def test_composed_mail_parses_back_exactly() -> None:
     assert channel.compose(item) == raw  # the same message after a retry
 
 
-def test_bodies_come_back_exactly_from_quoted_printable() -> None:
+def test_bodies_come_back_exactly_as_7bit_or_quoted_printable() -> None:
     channel = EmailChannel(
         SmtpSettings(host="127.0.0.1", sender=SENDER), renderer=Renderer(), batch_size=10
     )
-    reasons = [
-        "x" * 75 + " \n" + "y" * 74 + "\t\n" + "z" * 200,  # whitespace at a line's end
-        "=" * 30 + "é" * 30 + " ✓.\n.\n..\nFrom here\rCR alone\r\nend \t",
-        "",
-    ]
-    for reason in reasons:
+    reasons = {  # reason: transfer encoding of the text part
+        "x" * 75 + " \n" + "y" * 74 + "\t\n" + "z" * 200: "7bit",  # whitespace at line ends
+        "=" * 30 + "é" * 30 + " ✓.\n.\n..\nFrom here\rCR alone\r\nend \t": "quoted-printable",
+        "": "7bit",
+        ".\n..\nFrom here\rCR alone\r\nend \t": "7bit",
+        "w" * 999: "quoted-printable",  # longer than a line may be
+        "--=_tgops_0123 looks like a boundary": "quoted-printable",
+        "a NUL \0 byte": "quoted-printable",
+    }
+    for reason, encoding in reasons.items():
         vars_ = {**record().payload["vars"], "reason": reason}
         raw = channel.compose(record(payload={**record().payload, "vars": vars_}))
-        body = raw.split(b"\r\n\r\n", 1)[1]
-        assert max(len(line) for line in body.split(b"\r\n")) <= 76  # RFC 2045 6.7
         assert b"\n" not in raw.replace(b"\r\n", b"") and b"\r" not in raw.replace(b"\r\n", b"")
         msg = email.message_from_bytes(raw, policy=email.policy.default)
-        text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        part = msg.get_body(("plain",))
+        assert part is not None
+        assert part["Content-Transfer-Encoding"] == encoding, reason
+        body = part.get_payload().encode("ascii")  # as sent
+        longest = max(len(line) for line in body.split(b"\r\n"))
+        assert longest <= (76 if encoding == "quoted-printable" else 998)  # RFC 2045 6.7, 5322
+        assert len(msg.get_payload()) == 2  # type: ignore[arg-type]  (no part split by a body)
+        text = part.get_content()
         expected = reason.replace("\r\n", "\n").replace("\r", "\n")
         assert f"has ended ({expected}); tg1 is available again" in text.replace("\r\n", "\n")
 
