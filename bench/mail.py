@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,15 @@ def rss_kib(field: str = "VmRSS") -> int:
     return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(field))
 
 
+def cpu_split(before: resource.struct_rusage) -> dict[str, float]:
+    """CPU seconds in user space and in the kernel (system calls) since ``before``."""
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "user_seconds": now.ru_utime - before.ru_utime,
+        "sys_seconds": now.ru_stime - before.ru_stime,
+    }
+
+
 def recipient(i: int) -> str:
     return f"contact{i}@customer{i % 97}.example.org"
 
@@ -153,6 +163,7 @@ async def child_bare(
     start_rss = rss_kib()
     started = time.perf_counter()
     cpu = time.process_time()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     async with asyncio.TaskGroup() as group:
         for lane in range(parallel):
             group.create_task(connection(batches[lane::parallel]))
@@ -160,6 +171,7 @@ async def child_bare(
     return {
         "seconds": seconds,
         "cpu_seconds": time.process_time() - cpu,
+        **cpu_split(usage),
         "sent": sent,
         "connections": len(batches),
         "rss_start_kib": start_rss,
@@ -212,6 +224,7 @@ async def child_outbox(
         samples["rss_start_kib"] = rss_kib()
         started = time.perf_counter()
         cpu = time.process_time()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         worker = asyncio.create_task(outbox.run(), name="bench-outbox")
         queued = len(await outbox.put(*notes))
         put_seconds = time.perf_counter() - started
@@ -219,6 +232,7 @@ async def child_outbox(
             await done.wait()
         seconds = time.perf_counter() - started
         cpu_seconds = time.process_time() - cpu
+        split = cpu_split(usage)
         samples["rss_end_kib"] = rss_kib()
         samples["vm_hwm_kib"] = rss_kib("VmHWM")  # before the checks below read everything
         await outbox.stop(10.0)
@@ -229,6 +243,7 @@ async def child_outbox(
     return {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
+        **split,
         "put_seconds": put_seconds,
         "queued": queued,
         "sent": counts["sent"],
