@@ -54,25 +54,25 @@ from notify.outbox import Backoff, Notification, Outbox, Outcome
 from notify.render import Renderer
 
 HEADING = "## E-mail (issue 8)"
-NOTE = """- where the outbox's extra CPU goes (per mail, measured apart on this machine while
-  others used it): jinja2 rendering of both parts per recipient ~0.07 ms, putting the
-  message together
-  (`notify/mime.py`, quoted-printable by `binascii`) ~0.03-0.05 ms, the store ~0.1-0.15 ms
-  (claim ~0.06-0.08 ms, result and audit record ~0.05 ms, written together every 50 ms,
-  each statement a hand-off to the aiosqlite thread), on top of what aiosmtplib itself
-  needs. The SMTP conversation is strictly request/reply (4 round trips per mail, no
-  PIPELINING in aiosmtplib), so client CPU sits on the critical path: the outbox process
-  uses about twice the CPU of the bare loop, and on 2 vCPUs shared with the sink and other
-  work that is the remaining gap. Changed since the last figures (0.67 x and 0.44 x):
-  C quoted-printable encoding, each message composed right before it is
-  sent (no composer task and queue per message), no extra timeout per message (aiosmtplib
-  bounds every reply), and a batch frees its connection slot as soon as it is sent, so the
-  next claim and connection overlap the recording of its last outcomes (before, with 2
-  connections, a lane stood idle while its batch was recorded and its listeners told).
-  With 2 connections the outbox is no longer slower than with 1, but its runs still vary
-  widely (13.6 to 27.2 s here; 7.3 to 15.7 s last time) while the bare loop's do not; the
-  cause of the slow runs is not established. Left: fewer store round trips (a claim in one
-  `UPDATE … RETURNING`, one recorder for all connections of a channel) and SMTP PIPELINING.
+NOTE = """- changed since the figures of 2026-11-30 01:12 (0.64 x with 1 and with 2 connections):
+  the next message is composed while the server answers the current one (SMTP waits for
+  each reply, so composing no longer adds to the time per message with one connection);
+  plain ASCII parts go as `7bit` instead of quoted-printable (putting a message together:
+  ~68 -> ~31 us); compiled templates and recurring header values (sender, subject, date)
+  are kept; a claim is one `UPDATE … RETURNING` instead of three statements; one
+  recorder per channel writes the outcomes of all batches in flight (with 2 connections,
+  half the transactions).
+- what the outbox still adds, per mail, measured apart without SMTP (the outbox with a
+  channel that only composes, 3,000 mails): ~0.25-0.3 ms of CPU: jinja2 rendering of
+  both parts per recipient ~0.05 ms, putting the message together ~0.03 ms, the store
+  (`put` ~0.065 ms, claim ~0.075 ms, outcome and audit record ~0.07 ms, partly on the
+  aiosqlite thread). In the real run the outbox process needs about twice the user CPU
+  of the bare loop (table: CPU s). The sink itself needs ~1.07 ms of CPU per mail; with
+  2 connections on 2 vCPUs the bare loop is bound by the sink, while the outbox's
+  client work is about as large as the sink's, so the two wait for each other more often.
+- this machine's vCPUs are shared: system time of the same run varied from 0.4 s to 5 s
+  (steal time ~7 % on average), so single runs vary widely; the table keeps every run,
+  the ratios use medians; user CPU varies far less than time.
 """
 SENDER = "tgops@bench.example.org"
 SUBJECT = "[tgops] URGENT hotfix HF-2026-001 for tg-vnc 2.0-1: Fixes a VNC crash"
@@ -303,7 +303,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=100, help="messages per connection")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument(
         "--parallel", default="1,2", help="connections at once, per variant (comma list)"
     )
@@ -360,7 +360,8 @@ def report(
     table = "\n".join(
         f"| {labels[kind]} | {lanes} | {median((kind, lanes)):.2f} | "
         f"{args.count / median((kind, lanes)):.0f} | {runs((kind, lanes))} | "
-        f"{median((kind, lanes), 'cpu_seconds'):.2f} |"
+        f"{median((kind, lanes), 'user_seconds'):.2f} + "
+        f"{median((kind, lanes), 'sys_seconds'):.2f} |"
         for kind, lanes in results
     )
     verdicts = []
@@ -403,7 +404,7 @@ def report(
   connections of {args.batch} messages in every variant, one or more at once; each variant
   in a fresh process; every message accepted and (outbox) recorded: {"yes" if ok else "NO"}
 
-| path | connections at once | seconds (median) | mails/s | runs | CPU s (median) |
+| path | connections at once | seconds (median) | mails/s | runs | CPU s, user + system (medians) |
 |---|---|---|---|---|---|
 {table}
 
