@@ -22,9 +22,24 @@ class Rendered:
     html: str
 
 
+class _Environment(Environment):
+    """``{{ hotfix.id }}`` on a dict looks up the key first (the variables are decoded
+    JSON: dicts all the way down). jinja2 tries the attribute first and pays for an
+    ``AttributeError`` per lookup; a key named like a dict method (``items``) now gives
+    the value instead of the method."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict:
+            try:
+                return obj[attribute]
+            except KeyError:
+                pass
+        return super().getattr(obj, attribute)
+
+
 class Renderer:
     def __init__(self, directory: Path = TEMPLATES) -> None:
-        self._env = Environment(
+        self._env = _Environment(
             loader=FileSystemLoader(directory),
             autoescape=select_autoescape(enabled_extensions=("html",), default=False),
             undefined=StrictUndefined,

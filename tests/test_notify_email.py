@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import trustme
+from jinja2 import UndefinedError
 
 from core.clock import ManualClock
 from core.errors import ConfigError
@@ -464,3 +465,13 @@ async def test_an_unreadable_ca_file_stops_the_start(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"smtp\.ca_file: .*missing\.pem is not a readable PEM"):
         async with running(settings):
             pass
+
+
+def test_templates_read_keys_of_dicts_and_refuse_missing_ones(tmp_path: Path) -> None:
+    (tmp_path / "probe.txt").write_text("{{ hotfix.id }} {{ hotfix.items }} {{ n.real }}")
+    (tmp_path / "gap.txt").write_text("{{ hotfix.missing }}")
+    renderer = Renderer(tmp_path)
+    text = renderer.text("probe", {"hotfix": {"id": "HF-1", "items": "tg-vnc"}, "n": 3})
+    assert text == "HF-1 tg-vnc 3"  # a key named like a dict method gives the value
+    with pytest.raises(UndefinedError, match="has no attribute 'missing'"):
+        renderer.text("gap", {"hotfix": {"id": "HF-1"}})
