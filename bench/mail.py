@@ -66,10 +66,13 @@ NOTE = """- changed since the figures of 2026-11-30 01:12 (0.64 x with 1 and wit
 - what the outbox still adds, per mail, measured apart without SMTP (the outbox with a
   channel that only composes, 3,000 mails): ~0.22-0.25 ms of user CPU: rendering
   ~0.035 ms, putting the message together ~0.03 ms, the store (`put` ~0.065 ms, claim,
-  outcome and audit record ~0.1 ms together, partly on the aiosqlite thread). In the real run the outbox process needs about twice the user CPU
-  of the bare loop (table: CPU s). The sink itself needs ~1.07 ms of CPU per mail; with
-  2 connections on 2 vCPUs the bare loop is bound by the sink, while the outbox's
-  client work is about as large as the sink's, so the two wait for each other more often.
+  outcome and audit record ~0.1 ms together, partly on the aiosqlite thread). In the
+  real run the outbox process needs about twice the user CPU of the bare loop (table).
+  The sink itself needs ~1.07 ms of CPU per mail: with 2 connections on 2 vCPUs the bare
+  loop is bound by the sink, while the outbox's client work is about as large as the
+  sink's, so each waits for the other a third of the time (both ~67 % busy). Tried and
+  left: writing outcomes every 10 ms and queueing 100 items per transaction (shorter
+  stretches without a look at the sockets) cost 15 % more CPU for the same time.
 - this machine's vCPUs are shared: system time of the same run varied from 0.4 s to 5 s
   (steal time ~7 % on average), so single runs vary widely; the table keeps every run,
   the ratios use medians; user CPU varies far less than time.
