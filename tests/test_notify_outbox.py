@@ -181,6 +181,12 @@ async def test_several_connections_at_once(tmp_path: Path) -> None:
                 await outbox.stop(5.0)
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            # one recorder wrote the outcomes of all three connections, each once
+            assert {r.attempts for r in await outbox_rows(store)} == {1}
+            audits = await audit_rows(store, "notification sent")
+            assert sorted(a.detail for a in audits) == sorted(
+                f"e-mail “[tgops] Test {i}” to user{i}@example.org" for i in range(90)
+            )
         assert server.connections == 9 and 2 <= server.max_open <= 3
         assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(
             f"user{i}@example.org" for i in range(90)
