@@ -4,6 +4,7 @@ SMTP server on loopback."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -191,3 +192,50 @@ async def test_several_connections_at_once(tmp_path: Path) -> None:
         assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(
             f"user{i}@example.org" for i in range(90)
         )
+
+
+async def test_outcomes_the_store_refuses_are_not_written_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with smtp_server() as server:
+        async with outbox_for(tmp_path, server, batch_size=20, connections=2, start=False) as (
+            outbox,
+            store,
+        ):
+            await outbox.put(*(mail(i) for i in range(40)))
+            # the database refuses every write that holds the audit record of user0 (first
+            # of the first batch); the second batch is sent at the same time, and its
+            # outcomes share the recorder with the first batch's
+            with sqlite3.connect(tmp_path / "outbox.db") as db:
+                db.execute(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON audit"
+                    " WHEN NEW.detail LIKE '%user0@%'"
+                    " BEGIN SELECT RAISE(ABORT, 'refused (test)'); END"
+                )
+            task = asyncio.create_task(outbox.run(), name="test-outbox")
+            try:
+                await server.wait_messages(40)
+
+                async def second_batch_recorded() -> bool:
+                    rows = await outbox_rows(store)
+                    return [r.status for r in rows[20:]] == ["sent"] * 20
+
+                await wait_until(second_batch_recorded, what="the second batch recorded")
+            finally:
+                await outbox.stop(5.0)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            rows = await outbox_rows(store)
+            # after the refused write the first batch writes its outcomes itself, with
+            # user0's again: refused, so all of it stays claimed (sent again once the lease
+            # runs out), none of it recorded by the recorder meanwhile
+            assert [(r.status, r.attempts) for r in rows[:20]] == [("sending", 0)] * 20
+            assert [r.attempts for r in rows[20:]] == [1] * 20
+            audits = await audit_rows(store, "notification sent")
+            assert sorted(a.detail for a in audits) == sorted(
+                f"e-mail “[tgops] Test {i}” to user{i}@example.org" for i in range(20, 40)
+            )
+        assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(
+            f"user{i}@example.org" for i in range(40)
+        )
+        assert "outcomes not recorded" in caplog.text
