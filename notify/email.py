@@ -165,10 +165,14 @@ class EmailChannel:
             else:
                 assert current is not None
                 send = asyncio.ensure_future(self._send_one(client, item, current))
-                if index + 1 < len(items):
-                    await asyncio.sleep(0)  # MAIL FROM is on its way before composing
-                    prepared = self._prepare(items[index + 1])
-                outcome, go_on = await send
+                try:
+                    if index + 1 < len(items):
+                        await asyncio.sleep(0)  # MAIL FROM is on its way before composing
+                        prepared = self._prepare(items[index + 1])
+                    outcome, go_on = await send
+                except BaseException:
+                    send.cancel()  # not left running on a connection about to be closed
+                    raise
             if not report(outcome) or not go_on or not client.is_connected:
                 return  # the rest is released (and goes over a new connection)
 
