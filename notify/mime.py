@@ -107,12 +107,11 @@ def _date(date: datetime) -> str:
     return format_datetime(date)
 
 
-def quoted_printable(body: str) -> str:
-    """``body`` as quoted-printable UTF-8 with CRLF line ends (RFC 2045 6.7): ``=``,
-    non-ASCII bytes, whitespace before a line end and a lone ``.`` line encoded, lines of
-    at most 76 characters. Line ends in ``body`` may be CRLF, LF or CR."""
-    data = body.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
-    lines = binascii.b2a_qp(data, istext=True).decode("ascii").split("\n")
+def quoted_printable(text: str) -> str:
+    """``text`` (LF line ends) as quoted-printable UTF-8 with CRLF line ends (RFC 2045
+    6.7): ``=``, non-ASCII bytes, whitespace before a line end and a lone ``.`` line
+    encoded, lines of at most 76 characters."""
+    lines = binascii.b2a_qp(text.encode("utf-8"), istext=True).decode("ascii").split("\n")
     if max(map(len, lines)) > QP_LINE:
         lines = [part for line in lines for part in _soft_breaks(line)]
     return CRLF.join(lines)
@@ -135,16 +134,18 @@ def _soft_breaks(line: str) -> list[str]:
 
 
 def _part(subtype: str, body: str) -> str:
-    lines = body.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    """One part; line ends in ``body`` may be CRLF, LF or CR."""
+    text = body.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
     if (
-        body.isascii()
+        text.isascii()
         and max(map(len, lines)) <= SEVEN_BIT_LINE
-        and BOUNDARY_MARK not in body
-        and "\0" not in body
+        and BOUNDARY_MARK not in text
+        and "\0" not in text
     ):
         encoding, encoded = "7bit", CRLF.join(lines)
     else:
-        encoding, encoded = "quoted-printable", quoted_printable(body)
+        encoding, encoded = "quoted-printable", quoted_printable(text)
     return (
         f'Content-Type: text/{subtype}; charset="utf-8"{CRLF}'
         f"Content-Transfer-Encoding: {encoding}{CRLF}{CRLF}{encoded}"
