@@ -1,13 +1,20 @@
-"""Database URLs for tests: SQLite in a temp dir, and PostgreSQL from TGOPS_TEST_DATABASE_URL."""
+"""Database URLs for tests: SQLite in a temp dir, and PostgreSQL.
+
+PostgreSQL is the server named by TGOPS_TEST_DATABASE_URL when it is set, otherwise a
+throwaway server the test session starts itself on first import of this module
+(tests/postgres.py). Only a machine without PostgreSQL's binaries skips those tests, with
+``NO_POSTGRES`` as the reason.
+"""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-POSTGRES_URL = os.environ.get("TGOPS_TEST_DATABASE_URL")
+from tests.postgres import MISSING, session_url
+
+POSTGRES_URL = session_url()
+NO_POSTGRES = MISSING
 
 
 async def reset_postgres(url: str) -> None:
@@ -28,9 +35,7 @@ def backends() -> list[object]:
             "postgresql",
             marks=[
                 pytest.mark.postgres,
-                pytest.mark.skipif(
-                    POSTGRES_URL is None, reason="TGOPS_TEST_DATABASE_URL is not set"
-                ),
+                pytest.mark.skipif(POSTGRES_URL is None, reason=NO_POSTGRES),
             ],
         ),
     ]

@@ -50,7 +50,7 @@ async def test_health_status_and_commands(tmp_path: Path) -> None:
         assert "solo1" in reply["text"] and "single system" in reply["text"]
 
 
-@pytest.mark.skipif(POSTGRES_URL is None, reason="TGOPS_TEST_DATABASE_URL is not set")
+@pytest.mark.skipif(POSTGRES_URL is None, reason="no initdb: install Debian package postgresql")
 @pytest.mark.postgres
 async def test_a_follower_names_itself_and_the_leader(tmp_path: Path) -> None:
     assert POSTGRES_URL is not None

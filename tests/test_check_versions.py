@@ -317,7 +317,7 @@ def test_bad_threshold_ranges(text: str) -> None:
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(POSTGRES_URL is None, reason="TGOPS_TEST_DATABASE_URL is not set")
+@pytest.mark.skipif(POSTGRES_URL is None, reason="no initdb: install Debian package postgresql")
 async def test_postgresql_store(tmp_path: Path) -> None:
     assert POSTGRES_URL is not None
     await reset_postgres(POSTGRES_URL)

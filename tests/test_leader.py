@@ -36,7 +36,7 @@ async def test_a_second_instance_on_sqlite_refuses_to_start(tmp_path: Path) -> N
         pass
 
 
-@pytest.mark.skipif(POSTGRES_URL is None, reason="TGOPS_TEST_DATABASE_URL is not set")
+@pytest.mark.skipif(POSTGRES_URL is None, reason="no initdb: install Debian package postgresql")
 @pytest.mark.slow
 @pytest.mark.postgres
 async def test_leader_killed_during_a_scheduled_update_another_takes_over(

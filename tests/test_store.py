@@ -1,4 +1,4 @@
-"""The store on SQLite and on PostgreSQL (TGOPS_TEST_DATABASE_URL)."""
+"""The store on SQLite and on PostgreSQL (TGOPS_TEST_DATABASE_URL or a throwaway server)."""
 
 from __future__ import annotations
 
