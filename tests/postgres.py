@@ -105,6 +105,7 @@ class Postgres:
     process: subprocess.Popen[str]
     user: ServerUser
     log: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
     host: str = "127.0.0.1"
 
     @property
@@ -202,7 +203,8 @@ def _launch(binaries: Path, directory: Path, user: ServerUser) -> Postgres:
                 ready.set()
         ready.set()  # the server ended: wake the waiter, which then reports the log
 
-    threading.Thread(target=drain, name=f"postgres-{port}-log", daemon=True).start()
+    server.reader = threading.Thread(target=drain, name=f"postgres-{port}-log", daemon=True)
+    server.reader.start()
     ready.wait(_START_TIMEOUT)
     return server
 
@@ -216,6 +218,12 @@ def _stop(server: Postgres) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=_STOP_TIMEOUT)
+    # The log reader ends at the end of the server's output; only then is the pipe closed
+    # (closing it under a reading thread makes that thread fail).
+    if server.reader is not None:
+        server.reader.join(timeout=_STOP_TIMEOUT)
+        if server.reader.is_alive():
+            return
     if process.stderr is not None:
         process.stderr.close()
 
