@@ -433,7 +433,8 @@ class LoopLag:
 
 SQLITE_STALL = (
     "- **SQLite: the event loop stalls for the 10 s busy timeout, runs fail with `database "
-    "is locked`.** `core/store.py` `Store.__aenter__` opens SQLite with SQLAlchemy's default "
+    "is locked`.** `core/store/base.py` `StoreBase.__aenter__` opens SQLite with SQLAlchemy's "
+    "default "
     "pool (up to 15 aiosqlite connections, each with its own thread) and `busy_timeout=10000`. "
     "Statements that raise (here first the `IntegrityError` of two in-process waiters "
     "inserting the same slot in `Store.try_take_slot`) leave unclosed sqlite3 cursors in "

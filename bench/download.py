@@ -46,7 +46,7 @@ from typing import Any
 
 import aiohttp
 
-from core.download import Downloader
+from core.repository.cache import Downloader
 
 SIZE = 1 << 30
 BLOCK = 16 << 20

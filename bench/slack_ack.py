@@ -325,7 +325,7 @@ def report(
   round then measured tgops 124 / 130 ms against bare 46 / 52 ms (p50 / p99), a p99 ratio
   of 2.50: the 200 commands' work (each refreshing 500 nodes) shared the event loop and
   the GIL with the rest of the burst's acks. Now commands wait until no Slack request has
-  arrived for 50 ms (at most 1 s; `ACK_QUIET` in bot/slack.py) and run at most 4 at once.
+  arrived for 50 ms (at most 1 s; `ACK_QUIET` in bot/slack/app.py) and run at most 4 at once.
 """
 
 

@@ -34,11 +34,11 @@ from aiohttp import web
 from icalendar import Calendar, Event
 from sqlalchemy.exc import SQLAlchemyError
 
-from core.engine import Engine, UnknownTargetError
 from core.errors import StoreError
+from core.lifecycle.engine import Engine, UnknownTargetError
+from core.lifecycle.scheduled import SCHEDULED_REASON
+from core.lifecycle.scheduler import Occurrence, Scheduler
 from core.localtime import local_text
-from core.scheduled import SCHEDULED_REASON
-from core.scheduler import Occurrence, Scheduler
 from core.store import MaintenanceRecord, NodeRecord, ScheduleRecord
 
 log = logging.getLogger(__name__)

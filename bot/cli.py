@@ -21,11 +21,11 @@ import aiohttp
 from core import __version__
 from core.errors import ConfigError, TgopsError
 from core.model import PackageKind
-from core.publish import keygen, public_key_path, publish
+from core.repository.publish import keygen, public_key_path, publish
 from core.settings import Settings, load_settings, masked
 
 if TYPE_CHECKING:
-    from core.nagios import Range
+    from bot.nagios import Range
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _range(text: str) -> Range:
-    from core.nagios import Range, RangeError  # noqa: PLC0415  (only check-versions needs it)
+    from bot.nagios import Range, RangeError  # noqa: PLC0415  (only check-versions needs it)
 
     try:
         return Range.parse(text)
@@ -181,7 +181,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Nam
         sys.stderr.write(captured)
         if exc.code in {0, None}:
             raise
-        from core.nagios import PREFIX, State  # noqa: PLC0415  (only check-versions needs it)
+        from bot.nagios import PREFIX, State  # noqa: PLC0415  (only check-versions needs it)
 
         lines = captured.strip().splitlines()
         reason = lines[-1] if lines else "invalid arguments"
@@ -192,7 +192,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Nam
 def _check_versions(args: argparse.Namespace) -> int:
     """`tgops check-versions`: print the plugin output, return its state as exit code."""
     # imported here: the check's modules are not needed by the other commands
-    from core.nagios import (  # noqa: PLC0415
+    from bot.nagios import (  # noqa: PLC0415
         DEFAULT_TIMEOUT,
         PREFIX,
         State,
@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(serve(_settings(args.config), ready=args.ready_file))
             return EXIT_OK
         if args.command == "demo":
-            from bot.demo import run_demo  # noqa: PLC0415  (pulls in the whole service)
+            from bot.demo.demo import run_demo  # noqa: PLC0415  (pulls in the whole service)
 
             return asyncio.run(
                 run_demo(args.dir, console=not args.no_console, environ=dict(os.environ))

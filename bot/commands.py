@@ -9,21 +9,21 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from bot.grammar import Command, ParseError, allowed, format_days, help_text, parse
-from core.calendar import time_text
 from core.durations import format_duration
-from core.engine import Engine
 from core.errors import TgopsError
-from core.leader import Election
-from core.lifecycle import (
+from core.lifecycle.calendar import time_text
+from core.lifecycle.engine import Engine
+from core.lifecycle.leader import Election
+from core.lifecycle.maintenance import Maintenance
+from core.lifecycle.scheduler import Scheduler
+from core.lifecycle.updates import (
     Lifecycle,
     NeedsConfirmation,
     describe_confirmation,
     describe_start,
 )
 from core.localtime import local_text
-from core.maintenance import Maintenance
 from core.model import Actor, PackageKind
-from core.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ class CommandService:
 def alert_header(status: dict[str, Any], tz: ZoneInfo) -> list[str]:
     """The fleet's alerts, as every status header shows them (L6, L7, L2, L3).
 
-    Maintenance starts are shown in ``tz`` (``bot.blocks`` reads them back by that form).
+    Maintenance starts are shown in ``tz`` (``bot.slack.blocks`` reads them back by that form).
     """
     lines = []
     flagged = [n["name"] for n in status["nodes"] if n["warning_flag"]]

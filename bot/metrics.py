@@ -39,13 +39,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from sqlalchemy.exc import SQLAlchemyError
 
+from bot.nagios import node_pending, saved_manifest
 from core import __version__
 from core import events as ev
-from core.engine import MANIFESTS_KV, Engine
 from core.errors import StoreError
-from core.manifest import Manifest
-from core.nagios import node_pending, saved_manifest
-from core.retry import AttemptOutcome
+from core.lifecycle.engine import MANIFESTS_KV, Engine
+from core.repository.manifest import Manifest
+from core.repository.retry import AttemptOutcome
 from core.store import ACTIVE_RUN_STATES, NodeRecord
 
 log = logging.getLogger(__name__)

@@ -19,22 +19,22 @@ from bot.calendar_feed import MaintenanceFeed
 from bot.commands import CommandService
 from bot.http import build_app
 from bot.metrics import ServiceMetrics
-from bot.slack import slack_bot
+from bot.slack.app import slack_bot
 from core.background import background
 from core.clock import SystemClock
-from core.download import Downloader
 from core.drivers import make_driver
-from core.engine import Engine
 from core.events import LocalEventBus
 from core.interfaces import Clock, NodeDriver, OutputSink
-from core.leader import PostgresElection, election_for
-from core.lifecycle import Lifecycle
-from core.maintenance import Maintenance
+from core.lifecycle.engine import Engine
+from core.lifecycle.leader import PostgresElection, election_for
+from core.lifecycle.maintenance import Maintenance
+from core.lifecycle.scheduled import ScheduledRuns
+from core.lifecycle.scheduler import Scheduler
+from core.lifecycle.updates import Lifecycle
 from core.model import CommandOutput
-from core.repository import HttpRepository
-from core.retry import RetryPolicy
-from core.scheduled import ScheduledRuns
-from core.scheduler import Scheduler
+from core.repository.cache import Downloader
+from core.repository.client import HttpRepository
+from core.repository.retry import RetryPolicy
 from core.settings import Settings
 from core.store import Store
 from notify.notifier import Notifier
@@ -106,8 +106,9 @@ class Service:
             )
         )
         self.maintenance = Maintenance(self.engine)
-        self.lifecycle.scheduled = ScheduledRuns(self.lifecycle, self.maintenance)
-        self.scheduler = Scheduler(self.engine, self.lifecycle.scheduled)
+        scheduled = ScheduledRuns(self.lifecycle, self.maintenance)
+        self.lifecycle.scheduled = scheduled
+        self.scheduler = Scheduler(self.engine, scheduled)
         self.commands = CommandService(
             self.engine,
             lifecycle=self.lifecycle,

@@ -61,8 +61,8 @@ class StoreError(TgopsError):
     pass
 
 
-# --- update repository: publishing, fetching, downloading (core/publish.py,
-# core/repository.py, core/download.py, core/retry.py, core/pending.py) ---
+# --- update repository: publishing, fetching, downloading (core/repository/,
+# core/lifecycle/pending.py) ---
 
 
 class PublishError(TgopsError):
@@ -206,7 +206,7 @@ class UnknownPackageError(RepositoryError):
         )
 
 
-# --- node drivers and load balancers (core/drivers/, core/loadbalancer.py) ---
+# --- node drivers and load balancers (core/drivers/) ---
 
 
 class CommandTimeoutError(DriverError):

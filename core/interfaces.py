@@ -1,7 +1,7 @@
 """Every pluggable boundary of ``core``, as small protocols.
 
-Implementations live in modules beside this one: ``drivers/`` (nodes), ``store.py``,
-``repository.py`` (update repository), ``events.py`` (local bus), ``clock.py``.
+Implementations live beside this module: ``drivers/`` (nodes), ``store/``,
+``repository/client.py`` (update repository), ``events.py`` (local bus), ``clock.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from core.events import Event
-from core.manifest import Manifest, PackageEntry
 from core.model import (
     CommandOutput,
     InstallResult,
@@ -20,6 +19,7 @@ from core.model import (
     NodeStatus,
     StagedPackage,
 )
+from core.repository.manifest import Manifest, PackageEntry
 
 OutputSink = Callable[[CommandOutput], Awaitable[None]]
 """Receives the output and exit status of every command a driver runs (the run's log)."""

@@ -33,8 +33,9 @@ from pydantic_settings import (
 
 from core.durations import Duration
 from core.errors import ConfigError
-from core.manifest import load_public_key
 from core.model import Role
+from core.repository.manifest import load_public_key
+from core.templates import resolve_templates
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///var/lib/tgops/state.db"
 
@@ -284,9 +285,7 @@ class NodeSettings(_Section):
             raise ValueError(f"node {self.name}: the ssh driver needs host")
         if self.driver in {"local", "ssh"}:
             # the command templates are checked here, so that `config check` finds what
-            # `serve` would refuse (imported here: the drivers import these settings)
-            from core.drivers.commands import resolve_templates  # noqa: PLC0415
-
+            # `serve` would refuse
             try:
                 resolve_templates(self.name, self.commands)
             except ConfigError as exc:

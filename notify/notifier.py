@@ -33,7 +33,7 @@ from aiohttp import web
 from core import events as ev
 from core.interfaces import RepositoryClient
 from core.localtime import local_text
-from core.manifest import PackageEntry
+from core.repository.manifest import PackageEntry
 from core.settings import Contact, Settings
 from core.store import Store, utcnow
 from notify.calls import CallRegistry

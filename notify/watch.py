@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from core.errors import TgopsError
 from core.interfaces import RepositoryClient
-from core.manifest import PackageEntry
+from core.repository.manifest import PackageEntry
 from core.settings import UpdatesSettings
 from core.store import Store, utcnow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.model import PackageKind
-from core.publish import keygen, public_key_path, publish
+from core.repository.publish import keygen, public_key_path, publish
 from tests.debs import build_deb
 
 

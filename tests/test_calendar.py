@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.calendar import Weekly, days_text, parse_days_text
+from core.lifecycle.calendar import Weekly, days_text, parse_days_text
 
 BERLIN = ZoneInfo("Europe/Berlin")
 

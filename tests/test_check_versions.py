@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from bot.nagios import Range, RangeError
 from core.model import PackageKind
-from core.nagios import Range, RangeError
 from tests.databases import POSTGRES_URL, reset_postgres
 from tests.fleet import fleet
 from tests.ports import free_port

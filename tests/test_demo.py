@@ -17,8 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bot.demo import prepare
-from core.publish import keygen, publish
+from bot.demo.demo import prepare
+from core.repository.publish import keygen, publish
 from tests.debs import build_deb
 from tests.events import until
 

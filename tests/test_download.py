@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from core.download import Downloader
 from core.errors import (
     DownloadError,
     DownloadFailedError,
     DownloadMismatchError,
     PackageNotFoundError,
 )
-from core.retry import AttemptOutcome, RetryPolicy, is_transient
+from core.repository.cache import Downloader
+from core.repository.retry import AttemptOutcome, RetryPolicy, is_transient
 from tests.repo_server import RepoServer, serve_repo
 
 SIZE = 3 * 1024 * 1024 + 12345  # a few chunks and a ragged end
@@ -262,7 +262,7 @@ async def test_the_policy_gives_up_after_its_attempts(
         await policy.run(lambda: fetch(downloader, server, blob), describe="package tg-base 1.0")
     assert e.value.exhausted
     assert server.requests[blob.rel] == 3
-    logged = [r.getMessage() for r in caplog.records if r.name == "core.retry"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "core.repository.retry"]
     assert len(logged) == 3
     assert "attempt 1 of 3 failed" in logged[0]
     assert logged[-1].endswith("giving up")

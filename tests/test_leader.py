@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from bot.service import Service
-from core.leader import SecondInstanceError
+from core.lifecycle.leader import SecondInstanceError
 from tests.databases import POSTGRES_URL, reset_postgres
 from tests.events import until
 from tests.processes import service_process

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from core.drivers import make_driver
+from core.drivers.loadbalancer import CommandLoadBalancer, HAProxyLoadBalancer, make_load_balancer
 from core.errors import CommandTimeoutError, ConfigError, DriverError
-from core.loadbalancer import CommandLoadBalancer, HAProxyLoadBalancer, make_load_balancer
 from core.settings import ClusterSettings, NodeSettings
 from tests.sandbox_files import OutputLog
 from tests.sshd import FakeNode, free_port

@@ -11,14 +11,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from core.errors import ManifestError, ManifestSignatureError
-from core.manifest import (
+from core.model import PackageKind
+from core.repository.manifest import (
     PackageEntry,
     is_confined_path,
     is_debian_version,
     load_public_key,
     verify_manifest,
 )
-from core.model import PackageKind
 
 SHA = "ab" * 32
 

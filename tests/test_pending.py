@@ -9,9 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.errors import UnknownPackageError
-from core.manifest import Manifest, PackageEntry
-from core.model import PackageKind
-from core.pending import (
+from core.lifecycle.pending import (
     catch_up,
     compare_versions,
     is_newer,
@@ -19,6 +17,8 @@ from core.pending import (
     omitted_update,
     pending_packages,
 )
+from core.model import PackageKind
+from core.repository.manifest import Manifest, PackageEntry
 
 
 def pkg(name: str, version: str, kind: str = "regular", **extra: Any) -> PackageEntry:

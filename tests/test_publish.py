@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from debian.debfile import DebFile
 
-from bot.debbuild import SOURCE_DATE_EPOCH
+from bot.demo.debbuild import SOURCE_DATE_EPOCH
 from core.errors import (
     ChannelNameError,
     KeyExistsError,
@@ -29,9 +29,9 @@ from core.errors import (
     PublishError,
     SigningKeyError,
 )
-from core.manifest import load_public_key, verify_manifest
 from core.model import PackageKind
-from core.publish import keygen, public_key_path, publish, read_control
+from core.repository.manifest import load_public_key, verify_manifest
+from core.repository.publish import keygen, public_key_path, publish, read_control
 from tests.debs import build_deb
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from core.download import Downloader
 from core.errors import (
     ChannelNameError,
     ManifestError,
@@ -20,12 +19,13 @@ from core.errors import (
     UnknownChannelError,
     UnsafePathError,
 )
-from core.manifest import PackageEntry, load_public_key
+from core.lifecycle.pending import pending_packages
 from core.model import PackageKind
-from core.pending import pending_packages
-from core.publish import keygen, load_signing_key, public_key_path, publish
-from core.repository import HttpRepository
-from core.retry import RetryPolicy
+from core.repository.cache import Downloader
+from core.repository.client import HttpRepository
+from core.repository.manifest import PackageEntry, load_public_key
+from core.repository.publish import keygen, load_signing_key, public_key_path, publish
+from core.repository.retry import RetryPolicy
 from tests.debs import build_deb
 from tests.repo_server import RepoServer, serve_repo
 

@@ -553,7 +553,7 @@ async def test_ops_channel_retries_502_and_504(tmp_path: Path) -> None:
 async def test_an_outcome_slack_refused_is_kept_and_shown_after_a_restart(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="bot.slack_ops")
+    caplog.set_level(logging.WARNING, logger="bot.slack.ops")
     async with restartable(tmp_path) as (_, fake, settings):
         async with running(settings) as (service, api):
             # the final update fails three times: the first try and both retries
@@ -679,12 +679,12 @@ async def test_restart_required_is_red_in_every_header(tmp_path: Path) -> None:
 async def test_without_slack_settings_the_service_runs_without_slack(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="bot.slack")
+    caplog.set_level(logging.INFO, logger="bot.slack.app")
     settings = settings_for(tmp_path, sections={"slack": {"bot_token": TOKEN}})
     async with running(settings) as (_, api):
         async with api.session.post(f"{api.base}/slack/events", data=b"x") as response:
             assert response.status == 404
         assert (await api.command("status"))["ok"]
-    lines = [r.getMessage() for r in caplog.records if r.name == "bot.slack"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "bot.slack.app"]
     assert lines == ["Slack is disabled: slack.signing_secret not set"]
     assert TOKEN not in caplog.text

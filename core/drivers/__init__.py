@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.drivers.commands import DEFAULT_STAGING_DIR, TEMPLATES, CommandDriver
+from core.drivers.commands import DEFAULT_STAGING_DIR, CommandDriver
 from core.drivers.local import LocalDriver
 from core.drivers.sandbox import SandboxDriver
 from core.drivers.ssh import SshDriver
 from core.errors import ConfigError
 from core.interfaces import NodeDriver, OutputSink
 from core.settings import ClusterSettings, NodeSettings
+from core.templates import TEMPLATES
 
 __all__ = [
     "DEFAULT_STAGING_DIR",
@@ -38,9 +39,9 @@ def make_driver(
     node without its cluster's settings). ``staging_dir`` is where ``local``/``ssh`` stage
     packages on the node (default ``/var/cache/tgops/staged``).
     """
-    # core.loadbalancer imports core.drivers.shell; importing it here keeps either import
+    # core.drivers.loadbalancer imports core.drivers.shell; importing it here keeps either import
     # order working.
-    from core.loadbalancer import make_load_balancer  # noqa: PLC0415
+    from core.drivers.loadbalancer import make_load_balancer  # noqa: PLC0415
 
     if node.cluster is not None and cluster is None:
         raise ConfigError(

@@ -55,7 +55,7 @@ owners                 ``{dpkg_query} -S {paths}`` -- ``PACKAGE: /path`` lines f
 =====================  ===============================================================
 
 Load balancing (drain/undrain) is not a node command: it goes through the cluster's load
-balancer (``core.loadbalancer``). A single system has none and drain/undrain do nothing.
+balancer (``core.drivers.loadbalancer``). A single system has none and drain/undrain do nothing.
 """
 
 from __future__ import annotations
@@ -63,8 +63,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -72,8 +71,7 @@ from typing import TYPE_CHECKING, Protocol
 from core.drivers.checkurl import check_url
 from core.drivers.shell import Completed
 from core.drivers.staging import parse_staged, staged_file_name
-from core.drivers.templates import Value, fill, unknown_placeholders
-from core.errors import CommandTimeoutError, ConfigError, DriverError, NodeUnreachableError
+from core.errors import CommandTimeoutError, DriverError, NodeUnreachableError
 from core.interfaces import OutputSink
 from core.model import (
     CommandOutput,
@@ -86,92 +84,16 @@ from core.model import (
     StagedPackage,
 )
 from core.settings import NodeSettings
+from core.templates import VERBATIM, Value, fill, resolve_templates
 
 if TYPE_CHECKING:
-    from core.loadbalancer import NodeBalancer
+    from core.drivers.loadbalancer import NodeBalancer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STAGING_DIR = "/var/cache/tgops/staged"
-_VERBATIM = frozenset({"dpkg", "dpkg_query"})
-_COMMON = frozenset({"node"}) | _VERBATIM
 _REBOOT_POLL = 2.0
 """Seconds between attempts to reach a rebooting node."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TemplateSpec:
-    default: str
-    placeholders: frozenset[str] = frozenset()
-    required: bool = False
-
-
-TEMPLATES: Mapping[str, TemplateSpec] = {
-    "dpkg": TemplateSpec(default="dpkg", required=True),
-    "dpkg_query": TemplateSpec(default="dpkg-query", required=True),
-    "installed": TemplateSpec(
-        default="{dpkg_query} -W -f '${Package}\\t${Version}\\t${db:Status-Abbrev}\\n'",
-        required=True,
-    ),
-    "sessions": TemplateSpec(default="loginctl list-sessions --no-legend"),
-    "announce": TemplateSpec(default="wall {message}", placeholders=frozenset({"message"})),
-    "logon_disabled": TemplateSpec(default="test -e /etc/nologin"),
-    "logon_disable": TemplateSpec(
-        default="echo 'Logon is disabled for maintenance.' > /etc/nologin"
-    ),
-    "logon_enable": TemplateSpec(default="rm -f /etc/nologin"),
-    "disconnect": TemplateSpec(
-        default="loginctl terminate-session {id}", placeholders=frozenset({"id", "user"})
-    ),
-    "checksum": TemplateSpec(
-        default="sha256sum {file}", placeholders=frozenset({"file"}), required=True
-    ),
-    "install": TemplateSpec(
-        default=(
-            "DEBIAN_FRONTEND=noninteractive {dpkg} --force-confdef --force-confold -i {files}"
-        ),
-        placeholders=frozenset({"files"}),
-        required=True,
-    ),
-    "reboot_required": TemplateSpec(default="test -e /var/run/reboot-required"),
-    "mark_reboot_required": TemplateSpec(default="touch /var/run/reboot-required"),
-    "restart_services": TemplateSpec(default="true"),
-    "boot_id": TemplateSpec(default="cat /proc/sys/kernel/random/boot_id"),
-    "reboot": TemplateSpec(default="systemctl reboot"),
-    "post_check": TemplateSpec(default="true"),
-    "integrity": TemplateSpec(default="{dpkg} --verify"),
-    "owners": TemplateSpec(default="{dpkg_query} -S {paths}", placeholders=frozenset({"paths"})),
-}
-"""Every command template key, with its default and the placeholders it may use."""
-
-
-def resolve_templates(node: str, overrides: Mapping[str, str]) -> dict[str, str]:
-    """The node's templates (defaults with its overrides); ``ConfigError`` lists every problem."""
-    problems: list[str] = []
-    accepted = ", ".join(TEMPLATES)
-    for key in overrides:
-        if key not in TEMPLATES:
-            problems.append(
-                f"nodes.{node}.commands.{key}: unknown command key; accepted keys: {accepted}"
-            )
-    templates = {key: overrides.get(key, spec.default) for key, spec in TEMPLATES.items()}
-    for key, spec in TEMPLATES.items():
-        template = templates[key]
-        if spec.required and not template.strip():
-            problems.append(f"nodes.{node}.commands.{key}: must not be empty")
-        allowed = spec.placeholders | (frozenset({"node"}) if key in _VERBATIM else _COMMON)
-        bad = unknown_placeholders(template, allowed)
-        if bad:
-            problems.append(
-                f"nodes.{node}.commands.{key}: unknown placeholder "
-                + ", ".join("{" + b + "}" for b in bad)
-                + "; accepted here: "
-                + ", ".join("{" + a + "}" for a in sorted(allowed))
-                + " (write {{name}} for a literal {name})"
-            )
-    if problems:
-        raise ConfigError(problems)
-    return templates
 
 
 class CommandRunner(Protocol):
@@ -320,7 +242,7 @@ class CommandDriver:
                 "dpkg_query": self.templates["dpkg_query"],
                 **values,
             },
-            verbatim=_VERBATIM,
+            verbatim=VERBATIM,
         )
 
     async def _exec(

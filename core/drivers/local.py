@@ -21,7 +21,7 @@ from core.interfaces import OutputSink
 from core.settings import NodeSettings
 
 if TYPE_CHECKING:
-    from core.loadbalancer import NodeBalancer
+    from core.drivers.loadbalancer import NodeBalancer
 
 
 class LocalRunner:

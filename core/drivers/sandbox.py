@@ -32,6 +32,10 @@ directory, then ``os.replace``), so a reader never sees half a file. The small J
 are not fsync'd: a simulated node needs no durability against a power loss, and an
 fsync on the event loop's thread would stall every other run (the staged copies of
 packages are fsync'd, in a worker thread).
+
+It is over 600 lines on purpose: the simulated node's whole file format (state,
+sessions, faults, messages) and every driver operation stay in one place, so that the
+demo, tests and benchmarks that write these files have one module to read.
 """
 
 from __future__ import annotations

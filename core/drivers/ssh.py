@@ -42,7 +42,7 @@ from core.interfaces import OutputSink
 from core.settings import NodeSettings
 
 if TYPE_CHECKING:
-    from core.loadbalancer import NodeBalancer
+    from core.drivers.loadbalancer import NodeBalancer
 
 log = logging.getLogger(__name__)
 

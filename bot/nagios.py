@@ -1,0 +1,382 @@
+"""`tgops check-versions`: the fleet's update state as a Nagios plugin, read from the store.
+
+The check reads the store only: it neither starts the service nor contacts a node, so it
+answers while the service is down. It opens the database read-only: a missing SQLite file
+is reported, never created, and nothing is migrated.
+
+States (monitoring-plugins guidelines): update lock → CRITICAL; warning flag ("Update
+download failed") or restart required → WARNING; ``-w``/``-c`` ranges on the number of
+pending updates; a store that cannot be read → UNKNOWN.
+
+Pending packages come from the last verified manifest of ``updates.channel`` that the
+service saved in the store (kv ``manifests``, see ``Engine.remember_manifest``), with the
+same rules as the service (``core.lifecycle.pending.pending_packages``: hotfixes when selected or
+"always"; optional packages when installed or requested). Packages staged on a node but
+not installed count as pending too. Without a saved manifest only those staged packages
+are counted, and the output says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import IntEnum
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from core.errors import StoreError, TgopsError
+from core.lifecycle.engine import MANIFESTS_KV
+from core.lifecycle.pending import is_newer, pending_packages
+from core.localtime import local_text
+from core.model import PackageKind
+from core.repository.manifest import Manifest
+from core.settings import Settings
+from core.store import NodeRecord, ReadOnlyStore, StoreUnreadableError
+from core.store.readonly import error_cause
+
+PREFIX = "TGOPS"
+DEFAULT_TIMEOUT = 10.0
+"""Seconds (``-t``) before the check gives up with UNKNOWN (the plugins' usual default)."""
+MAX_TEXT = 300
+"""Longest reason quoted from the store in one detail line."""
+
+
+class State(IntEnum):
+    """Plugin states and their exit codes."""
+
+    OK = 0
+    WARNING = 1
+    CRITICAL = 2
+    UNKNOWN = 3
+
+
+class RangeError(TgopsError):
+    def __init__(self, text: str) -> None:
+        super().__init__(
+            f"{text!r} is not a Nagios threshold range (e.g. 10, 10:, ~:10, 10:20, @10:20)"
+        )
+
+
+class CheckError(TgopsError):
+    """The check cannot give an answer (reported as UNKNOWN with this message)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Range:
+    """A threshold range of the monitoring-plugins guidelines.
+
+    ``N`` alerts outside 0..N (so above N), ``N:`` below N, ``~:N`` above N, ``M:N``
+    outside M..N, and a leading ``@`` inverts: alert inside M..N.
+    """
+
+    text: str
+    low: float
+    high: float
+    inside: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Range:
+        spec = text.strip()
+        inside = spec.startswith("@")
+        spec = spec.removeprefix("@")
+        if not spec:
+            raise RangeError(text)
+        low_text, colon, high_text = spec.partition(":")
+        if not colon:
+            low_text, high_text = "0", spec
+        try:
+            low = -math.inf if low_text == "~" else float(low_text or "0")
+            high = math.inf if not high_text else float(high_text)
+        except ValueError as exc:
+            raise RangeError(text) from exc
+        if math.isnan(low) or math.isnan(high) or low > high:
+            raise RangeError(text)
+        return cls(text=text.strip(), low=low, high=high, inside=inside)
+
+    def alerts(self, value: float) -> bool:
+        within = self.low <= value <= self.high
+        return within if self.inside else not within
+
+
+def _one_line(value: str | None, limit: int = MAX_TEXT) -> str:
+    """Store text made safe for plugin output: one line, no ``|``, bounded length."""
+    flat = " ".join((value or "").split()).replace("|", "/")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+# -- reading the store --------------------------------------------------------------------
+
+
+# -- the check ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SavedManifest:
+    manifest: Manifest
+    saved_at: datetime | None
+
+
+def saved_manifest(value: Any) -> SavedManifest | None:
+    """The manifest ``Engine.remember_manifest`` stored, or None when absent or unreadable."""
+    if not isinstance(value, Mapping) or "manifest" not in value:
+        return None
+    try:
+        manifest = Manifest.model_validate(value["manifest"])
+    except ValidationError:
+        return None
+    saved_at = None
+    if isinstance(value.get("saved_at"), str):
+        try:
+            saved_at = datetime.fromisoformat(value["saved_at"])
+        except ValueError:
+            saved_at = None
+    return SavedManifest(manifest=manifest, saved_at=saved_at)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodePending:
+    updates: tuple[str, ...]
+    hotfixes: tuple[str, ...]
+
+
+def node_pending(
+    record: NodeRecord,
+    manifest: Manifest | None,
+    *,
+    selected: Sequence[str],
+    always_hotfixes: bool,
+) -> NodePending:
+    """Pending package names of a node: from the manifest, plus staged but not installed."""
+    updates: set[str] = set()
+    hotfixes: set[str] = set()
+    if manifest is not None:
+        for entry in pending_packages(
+            manifest,
+            record.installed,
+            selected_hotfixes=selected,
+            always_hotfixes=always_hotfixes,
+            requested_optional=record.optional_packages,
+        ):
+            (hotfixes if entry.kind is PackageKind.HOTFIX else updates).add(entry.name)
+    for name, version in record.staged.items():
+        if name not in hotfixes and is_newer(version, record.installed.get(name)):
+            updates.add(name)
+    return NodePending(updates=tuple(sorted(updates)), hotfixes=tuple(sorted(hotfixes)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckResult:
+    state: State
+    summary: str
+    details: tuple[str, ...] = ()
+    perfdata: tuple[str, ...] = ()
+
+    def output(self) -> str:
+        """Plugin output: the status line with the perfdata, then one line per detail."""
+        line = f"{PREFIX} {self.state.name} - {_one_line(self.summary, 1000)}"
+        if self.perfdata:
+            line += " | " + " ".join(self.perfdata)
+        return "\n".join([line, *(_one_line(d, 1000) for d in self.details)]) + "\n"
+
+
+def unknown(reason: str) -> CheckResult:
+    return CheckResult(state=State.UNKNOWN, summary=reason)
+
+
+def perf(
+    label: str,
+    value: int,
+    *,
+    warn: str = "",
+    crit: str = "",
+    low: int | None = 0,
+    high: int | None = None,
+) -> str:
+    """``label=value;warn;crit;min;max`` (trailing empty fields dropped)."""
+    fields = [str(value), warn, crit, "" if low is None else str(low)]
+    fields.append("" if high is None else str(high))
+    return f"{label}=" + ";".join(fields).rstrip(";")
+
+
+@dataclass(slots=True)
+class _Findings:
+    locked: list[str] = field(default_factory=list)
+    flagged: list[str] = field(default_factory=list)
+    restart: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+
+
+def resolve_nodes(settings: Settings, target: str | None) -> list[str]:
+    """Configured node names of ``target`` (a node, a cluster, ``all``; None = all)."""
+    names = [n.name for n in settings.nodes]
+    if not names:
+        raise CheckError("no [[nodes]] are configured; nothing to check")
+    if target is None or target == "all":
+        return names
+    if target in names:
+        return [target]
+    members = [n.name for n in settings.nodes if n.cluster == target]
+    if members:
+        return members
+    known = ", ".join([*settings.clusters, *names][:20])
+    raise CheckError(f"{target!r} is neither a configured node nor a cluster (known: {known})")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreView:
+    """What the check reads from the store."""
+
+    records: Mapping[str, NodeRecord]
+    selected: Mapping[str, Sequence[str]]
+    saved: SavedManifest | None
+
+
+async def read_store(settings: Settings, names: Sequence[str], *, limit: float) -> StoreView:
+    """The nodes, hotfix selections and saved manifest, from the store opened read-only."""
+    async with ReadOnlyStore(settings.database_url, connect_timeout=limit) as store:
+        records = {r.name: r for r in await store.nodes(names)}
+        selected = await store.selected_hotfixes()
+        saved = saved_manifest(await store.kv_get(MANIFESTS_KV, settings.updates.channel))
+    return StoreView(records=records, selected=selected, saved=saved)
+
+
+async def check_versions(
+    settings: Settings,
+    *,
+    target: str | None = None,
+    warning: Range | None = None,
+    critical: Range | None = None,
+    limit: float = DEFAULT_TIMEOUT,
+) -> CheckResult:
+    """Run the check within ``limit`` seconds; a failure to answer is an UNKNOWN result."""
+    try:
+        async with asyncio.timeout(limit):
+            names = resolve_nodes(settings, target)
+            view = await read_store(settings, names, limit=limit)
+    except TimeoutError:
+        return unknown(f"no answer within {limit:g}s (-t); is the database overloaded?")
+    except (CheckError, StoreUnreadableError) as exc:
+        return unknown(str(exc))
+    except (StoreError, SQLAlchemyError, OSError) as exc:
+        shown = make_url(settings.database_url).render_as_string(hide_password=True)
+        return unknown(str(StoreUnreadableError(shown, _one_line(error_cause(exc)))))
+    missing = [n for n in names if n not in view.records]
+    if missing:
+        return unknown(
+            f"node {', '.join(missing)} is configured but not in the store; start "
+            "`tgops serve` once with this configuration so that it registers the node"
+        )
+    return evaluate(settings, names, view, warning=warning, critical=critical)
+
+
+def _node_problems(record: NodeRecord, found: _Findings, settings: Settings) -> None:
+    tz = settings.tz
+    name = record.name
+    problems: list[str] = []
+    if record.update_lock_since is not None:
+        found.locked.append(name)
+        problems.append(
+            f"update lock since {local_text(record.update_lock_since, tz)}: "
+            f"{_one_line(record.update_lock_reason)}"
+        )
+    if record.warning_flag_since is not None:
+        found.flagged.append(name)
+        problems.append(
+            f"Update download failed (warning flag since "
+            f"{local_text(record.warning_flag_since, tz)}): "
+            f"{_one_line(record.warning_flag_reason)}"
+        )
+    if record.restart_required:
+        found.restart.append(name)
+        problems.append(f"restart required (core update installed; `restart {name}`)")
+    if problems:
+        worst = State.CRITICAL if record.update_lock_since is not None else State.WARNING
+        found.details.append(f"{name}: {worst.name}: " + "; ".join(problems))
+
+
+def _plural(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
+def evaluate(
+    settings: Settings,
+    names: Sequence[str],
+    view: StoreView,
+    *,
+    warning: Range | None,
+    critical: Range | None,
+) -> CheckResult:
+    """The plugin result for ``names`` from what was read."""
+    found = _Findings()
+    pending_updates = pending_hotfixes = 0
+    manifest = view.saved.manifest if view.saved else None
+    for name in names:
+        record = view.records[name]
+        always = record.hotfixes_always
+        if always is None:
+            always = settings.updates.always_install_hotfixes
+        pending = node_pending(
+            record, manifest, selected=view.selected.get(name, []), always_hotfixes=always
+        )
+        pending_updates += len(pending.updates)
+        pending_hotfixes += len(pending.hotfixes)
+        _node_problems(record, found, settings)
+
+    state = State.OK
+    parts: list[str] = []
+    if found.locked:
+        state = State.CRITICAL
+        parts.append(f"update lock: {', '.join(found.locked)}")
+    if found.flagged:
+        state = max(state, State.WARNING)
+        parts.append(f"Update download failed: {', '.join(found.flagged)}")
+    if found.restart:
+        state = max(state, State.WARNING)
+        parts.append(f"restart required: {', '.join(found.restart)}")
+    if critical is not None and critical.alerts(pending_updates):
+        state = State.CRITICAL
+        parts.append(f"pending updates {pending_updates} (critical: {critical.text})")
+    elif warning is not None and warning.alerts(pending_updates):
+        state = max(state, State.WARNING)
+        parts.append(f"pending updates {pending_updates} (warning: {warning.text})")
+    count = len(names)
+    parts.append(
+        f"{_plural(count, 'node')}, {_plural(pending_updates, 'pending update')}, "
+        f"{_plural(pending_hotfixes, 'pending hotfix', 'pending hotfixes')}"
+    )
+    channel = settings.updates.channel
+    details = list(found.details)
+    if view.saved is None:
+        details.append(
+            f"note: no verified manifest of channel {channel} is in the store yet; pending "
+            "counts only packages downloaded but not installed (the service saves the "
+            "manifest when it next downloads or updates)"
+        )
+    else:
+        saved_at = view.saved.saved_at
+        when = f" at {local_text(saved_at, settings.tz)}" if saved_at else ""
+        details.append(
+            f"pending as of channel {channel}'s manifest generated "
+            f"{view.saved.manifest.generated_at}, saved{when}"
+        )
+    perfdata = (
+        perf(
+            "pending_updates",
+            pending_updates,
+            warn=warning.text if warning else "",
+            crit=critical.text if critical else "",
+        ),
+        perf("pending_hotfixes", pending_hotfixes),
+        perf("nodes_warning_flag", len(found.flagged), warn="0", high=count),
+        perf("nodes_locked", len(found.locked), crit="0", high=count),
+        perf("nodes_restart_required", len(found.restart), warn="0", high=count),
+    )
+    return CheckResult(
+        state=state, summary="; ".join(parts), details=tuple(details), perfdata=perfdata
+    )

@@ -1,0 +1,352 @@
+"""The engine: the fleet's state and every change to it.
+
+Each change is persisted first, audited (L13), and then published as a domain event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from core import events as ev
+from core.errors import DriverError, TgopsError
+from core.interfaces import Clock, EventSink, NodeDriver
+from core.lifecycle.pending import omitted_update, pending_packages
+from core.model import SYSTEM, Actor
+from core.repository.manifest import Manifest
+from core.settings import Settings
+from core.store import NodeRecord, Store
+
+log = logging.getLogger(__name__)
+
+REFRESH_TIMEOUT = 10.0
+REFRESH_PARALLEL = 32
+MANIFESTS_KV = "manifests"
+"""kv namespace: channel → the last verified manifest (``Engine.remember_manifest``)."""
+
+
+class UnknownTargetError(TgopsError):
+    def __init__(self, target: str, nodes: Sequence[str], clusters: Sequence[str]) -> None:
+        self.target = target
+        known = ", ".join([*clusters, *nodes][:20]) or "none configured"
+        super().__init__(f"{target!r} is neither a node nor a cluster (known: {known}; or 'all')")
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        events: EventSink,
+        drivers: Mapping[str, NodeDriver],
+        clock: Clock,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.events = events
+        self.drivers = dict(drivers)
+        self.clock = clock
+        self.node_names = [n.name for n in settings.nodes]
+        self.cluster_of = {n.name: n.cluster for n in settings.nodes}
+        self._refresh_gate = asyncio.Semaphore(REFRESH_PARALLEL)
+        self.manifests: dict[str, Manifest] = {}
+
+    async def remember_manifest(self, manifest: Manifest) -> None:
+        """The newest verified manifest of a channel, for status and hotfix listings.
+
+        A changed one is also stored (kv ``manifests``, key = channel, value
+        ``{"saved_at", "manifest"}``) for readers of the store that cannot fetch it
+        themselves, such as ``tgops check-versions``, and for the next start.
+        """
+        if self.manifests.get(manifest.channel) == manifest:
+            return
+        self.manifests[manifest.channel] = manifest
+        async with asyncio.timeout(REFRESH_TIMEOUT):
+            await self.store.kv_set(
+                MANIFESTS_KV,
+                manifest.channel,
+                {
+                    "saved_at": self.clock.now().isoformat(),
+                    "manifest": manifest.model_dump(mode="json"),
+                },
+            )
+
+    async def start(self) -> None:
+        """Register the configured nodes in the store and read their state once."""
+        await self.store.sync_nodes([(n.name, n.cluster, n.driver) for n in self.settings.nodes])
+        for channel in (self.settings.updates.channel, self.settings.updates.oldstable_channel):
+            saved = await self.store.kv_get(MANIFESTS_KV, channel)
+            if isinstance(saved, dict):
+                try:
+                    self.manifests[channel] = Manifest.model_validate(saved["manifest"])
+                except (KeyError, ValidationError):
+                    log.warning("the stored manifest of channel %s is unreadable; ignored", channel)
+        await self.refresh(self.node_names)
+
+    # -- targets ---------------------------------------------------------------------------
+
+    def cluster_nodes(self, cluster: str) -> list[str]:
+        return [n for n in self.node_names if self.cluster_of[n] == cluster]
+
+    def resolve(self, target: str | None) -> list[str]:
+        """Node names of a target: a node, a cluster or ``all`` (``None`` = all)."""
+        if target is None or target == "all":
+            return list(self.node_names)
+        if target in self.cluster_of:
+            return [target]
+        if target in self.settings.clusters:
+            return self.cluster_nodes(target)
+        raise UnknownTargetError(target, self.node_names, list(self.settings.clusters))
+
+    # -- observation -----------------------------------------------------------------------
+
+    async def refresh(self, names: Sequence[str]) -> list[NodeRecord]:
+        """Ask the drivers for the nodes' state and persist what changed."""
+        rows = {r.name: r for r in await self.store.nodes(list(names))} if names else {}
+        return list(await asyncio.gather(*(self._refresh_one(n, rows.get(n)) for n in names)))
+
+    async def _refresh_one(self, name: str, before: NodeRecord | None) -> NodeRecord:
+        if before is None:
+            before = await self.store.node(name)
+        assert before is not None
+        driver = self.drivers.get(name)
+        if driver is None:
+            return before
+        async with self._refresh_gate:
+            try:
+                async with asyncio.timeout(REFRESH_TIMEOUT):
+                    state = await driver.status()
+            except (DriverError, TimeoutError) as exc:
+                cause = str(exc) if isinstance(exc, DriverError) else "status timed out"
+                log.warning("node %s: status not available: %s", name, cause)
+                after = await self.store.update_node(
+                    name, reachable=False, last_error=cause, observed_at=self.clock.now()
+                )
+                if before.reachable:
+                    await self._observed(name, "unreachable", cause)
+                return after
+        seen: dict[str, Any] = {
+            "installed": dict(state.installed),
+            "staged": dict(state.staged),
+            "sessions": len(state.sessions),
+            "logon_enabled": state.logon_enabled,
+            # a load balancer that cannot be asked (command templates) and was not touched
+            # since the start reports None: what the store recorded stands
+            "lb": state.lb if state.lb is not None or before.cluster is None else before.lb,
+            "restart_required": state.restart_required,
+        }
+        if (
+            before.reachable
+            and before.last_error is None
+            and all(getattr(before, key) == value for key, value in seen.items())
+        ):
+            return before  # nothing changed: nothing to write (a status of 500 nodes is cheap)
+        # a run may have changed the row while the driver answered: its write wins
+        now = self.clock.now()
+        after = await self.store.update_node(
+            name,
+            expect_version=before.version,
+            reachable=True,
+            last_error=None,
+            observed_at=now,
+            **seen,
+        )
+        if after.observed_at == now and after.reachable:  # this refresh's view was stored
+            if not before.reachable:
+                await self._observed(name, "reachable again", "status answered")
+            # the first look at a new node's row (created empty) is no change
+            first_look = before.version == 0
+            if (
+                not first_look
+                and before.active_run_id is None
+                and after.installed != before.installed
+            ):
+                await self._observed(
+                    name, "installed packages changed", _diff(before.installed, after.installed)
+                )
+        return after
+
+    async def _observed(self, name: str, change: str, detail: str) -> None:
+        """A change found by asking the node (not made by tgops): audited, published."""
+        await self.record(SYSTEM, f"observed: {change}", target=name, detail=detail)
+        await self.events.publish(ev.NodeStateChanged(node=name, change=change))
+
+    # -- audit -----------------------------------------------------------------------------
+
+    async def record(
+        self,
+        actor: Actor,
+        action: str,
+        *,
+        target: str | None = None,
+        detail: str = "",
+        run_id: int | None = None,
+    ) -> None:
+        await self.store.audit(
+            actor=actor.name,
+            source=actor.source,
+            action=action,
+            target=target,
+            detail=detail,
+            run_id=run_id,
+        )
+
+    async def command_received(self, actor: Actor, text: str, target: str | None) -> None:
+        """L13: every command, who sent it and from where, before it is carried out."""
+        await self.record(actor, "command", target=target, detail=text)
+        await self.events.publish(
+            ev.CommandReceived(actor=actor.name, source=actor.source, text=text)
+        )
+
+    # -- state changes ---------------------------------------------------------------------
+
+    async def set_logon(self, name: str, enabled: bool, actor: Actor) -> NodeRecord:
+        await self.drivers[name].set_logon(enabled)
+        record = await self.store.update_node(name, logon_enabled=enabled)
+        change = "logon enabled" if enabled else "logon disabled"
+        await self.record(actor, "logon", target=name, detail=change)
+        await self.events.publish(ev.NodeStateChanged(node=name, change=change))
+        return record
+
+    # -- status ----------------------------------------------------------------------------
+
+    async def status(self, target: str | None = None, *, refresh: bool = True) -> dict[str, Any]:
+        """The fleet state as in DESIGN.md "Status JSON" (for a target, or all)."""
+        names = self.resolve(target)
+        # runs first: a run that ends while the nodes are read shows its outcome, not a gap
+        active = {
+            r.id: r for r in await self.store.runs(statuses=("queued", "running"), limit=10_000)
+        }
+        records = await self.refresh(names) if refresh else await self.store.nodes(names)
+        by_name = {r.name: r for r in records}
+        maintenance = {m.node: m for m in await self.store.maintenance()}
+        schedules: dict[str, dict[str, Any]] = {}
+        for sched in await self.store.schedules():
+            if sched.enabled:
+                entry: dict[str, Any] = {"days": sched.days, "start": sched.start}
+                if sched.kind == "download":
+                    entry["end"] = sched.end
+                schedules.setdefault(sched.node, {})[sched.kind] = entry
+        selected = await self.store.selected_hotfixes()
+        nodes = []
+        for name in names:
+            rec = by_name[name]
+            maint = maintenance.get(name)
+            run = active.get(rec.active_run_id) if rec.active_run_id is not None else None
+            nodes.append(
+                {
+                    "name": name,
+                    "cluster": rec.cluster,
+                    "driver": rec.driver,
+                    "installed": dict(rec.installed),
+                    "pending": self.pending(rec, selected.get(name, [])),
+                    "staged": [{"name": k, "version": v} for k, v in sorted(rec.staged.items())],
+                    "sessions": rec.sessions,
+                    "logon": "enabled" if rec.logon_enabled else "disabled",
+                    "lb": rec.lb if rec.cluster else None,
+                    "maintenance": None
+                    if maint is None
+                    else {
+                        "start": iso(maint.start),
+                        "reason": maint.reason,
+                        "origin": maint.origin,
+                        "disable_logon": maint.disable_logon,
+                    },
+                    "update_lock": None
+                    if rec.update_lock_since is None
+                    else {"since": iso(rec.update_lock_since), "reason": rec.update_lock_reason},
+                    "warning_flag": None
+                    if rec.warning_flag_since is None
+                    else {
+                        "since": iso(rec.warning_flag_since),
+                        "reason": rec.warning_flag_reason,
+                    },
+                    "restart_required": rec.restart_required,
+                    "schedules": {
+                        "download": schedules.get(name, {}).get("download"),
+                        "update": schedules.get(name, {}).get("update"),
+                    },
+                    "hotfixes": {
+                        "always": self.hotfixes_always(rec),
+                        "selected": selected.get(name, []),
+                    },
+                    "run": None
+                    if run is None
+                    else {
+                        "id": run.id,
+                        "kind": run.kind,
+                        "step": run.step,
+                        "progress": {"done": run.progress_done, "total": run.progress_total},
+                    },
+                    "omitted_update": self.omitted(rec),
+                    "reachable": rec.reachable,
+                    "error": rec.last_error,
+                }
+            )
+        clusters = []
+        wanted = {self.cluster_of[n] for n in names if self.cluster_of[n]}
+        slots = await self.store.slots()
+        for cname, cluster in self.settings.clusters.items():
+            if cname not in wanted:
+                continue
+            clusters.append(
+                {
+                    "name": cname,
+                    "max_parallel_updates": cluster.max_parallel_updates,
+                    "updating": [s.node for s in slots if s.cluster == cname],
+                    "waiting": await self.store.slot_queue(cname),
+                }
+            )
+        return {"nodes": nodes, "clusters": clusters}
+
+    def hotfixes_always(self, record: NodeRecord) -> bool:
+        if record.hotfixes_always is not None:
+            return record.hotfixes_always
+        return self.settings.updates.always_install_hotfixes
+
+    def pending(self, record: NodeRecord, selected: Sequence[str]) -> list[dict[str, Any]]:
+        """Pending packages of a node against the last verified manifest of its channel."""
+        manifest = self.manifests.get(self.settings.updates.channel)
+        if manifest is None:
+            return []
+        entries = pending_packages(
+            manifest,
+            record.installed,
+            selected_hotfixes=selected,
+            always_hotfixes=self.hotfixes_always(record),
+            requested_optional=record.optional_packages,
+        )
+        return [
+            {"name": e.name, "version": e.version, "kind": str(e.kind), "id": e.id} for e in entries
+        ]
+
+    def omitted(self, record: NodeRecord) -> list[str]:
+        """Packages older than the oldstable channel's: an update was omitted (L9)."""
+        manifest = self.manifests.get(self.settings.updates.oldstable_channel)
+        return [] if manifest is None else omitted_update(record.installed, manifest)
+
+
+def _diff(before: Mapping[str, str], after: Mapping[str, str]) -> str:
+    """``pkg 1.0 -> 1.1``, ``pkg (new) 2.0``, ``pkg 1.0 (removed)``, comma-separated."""
+    parts = []
+    for name in sorted(before.keys() | after.keys()):
+        old, new = before.get(name), after.get(name)
+        if old == new:
+            continue
+        if old is None:
+            parts.append(f"{name} (new) {new}")
+        elif new is None:
+            parts.append(f"{name} {old} (removed)")
+        else:
+            parts.append(f"{name} {old} -> {new}")
+    return ", ".join(parts)

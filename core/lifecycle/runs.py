@@ -1,0 +1,173 @@
+"""Runs: long work on one node, persisted step by step (L13, L15).
+
+A run is a list of named steps. Before a step starts and after it ends the store is
+written, so that a restarted controller knows where each run stood. Steps listed as
+``resumable`` are safe to carry out again; a run interrupted inside another step ends as
+failed, and its flow decides what that means for the node (usually: update lock set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from core import events as ev
+from core.errors import TgopsError
+from core.interfaces import EventSink
+from core.store import RunEnd, Store
+
+log = logging.getLogger(__name__)
+
+
+class RunCancelledError(TgopsError):
+    """The run was stopped before doing anything disruptive (e.g. a rollout stopped)."""
+
+
+class RunSkippedError(RunCancelledError):
+    """A scheduled run found nothing to do, or was not allowed to (logged, not a failure)."""
+
+
+class StepFailedError(TgopsError):
+    def __init__(self, step: str, cause: str) -> None:
+        self.step = step
+        self.cause = cause
+        super().__init__(f"{step}: {cause}")
+
+
+@dataclass(slots=True, kw_only=True)
+class RunContext:
+    """What a step sees: its run, the node, and a place to leave data for later steps."""
+
+    run_id: int
+    kind: str
+    node: str
+    actor: str
+    store: Store
+    events: EventSink
+    params: dict[str, Any]
+    completed: set[str] = field(default_factory=set)
+    step: str | None = None
+    message: str = ""
+    _progress_saved: float = field(default=float("-inf"), init=False, repr=False)
+
+    async def progress(self, done: int, total: int) -> None:
+        """Publish the progress; store it at most every ``PROGRESS_SAVE_INTERVAL`` seconds
+        (and always when done), so a fast transfer does not write the run for every chunk."""
+        now = asyncio.get_running_loop().time()
+        if done >= total or now - self._progress_saved >= PROGRESS_SAVE_INTERVAL:
+            self._progress_saved = now
+            await self.store.update_run(self.run_id, progress_done=done, progress_total=total)
+        await self.events.publish(
+            ev.RunProgress(
+                run_id=self.run_id, node=self.node, step=self.step or "", done=done, total=total
+            )
+        )
+
+    async def save_params(self, **values: Any) -> None:
+        """Persist data a later step (or a resumed run) needs."""
+        self.params.update(values)
+        await self.store.update_run(self.run_id, params=dict(self.params))
+
+
+PROGRESS_SAVE_INTERVAL = 1.0
+
+Step = Callable[[RunContext], Awaitable[None]]
+FailureHook = Callable[[RunContext, str, BaseException], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Flow:
+    kind: str
+    steps: Sequence[tuple[str, Step]]
+    resumable: frozenset[str]
+    on_failure: FailureHook | None = None
+    on_success: Step | None = None
+    on_cancel: Step | None = None
+
+
+class FlowSource(Protocol):
+    """Where the flows of run kinds defined outside ``updates`` come from (the scheduled ones)."""
+
+    def flow(self, kind: str) -> Flow: ...
+
+
+async def execute(flow: Flow, ctx: RunContext) -> str:
+    """Carry out the steps not completed yet; returns the run's final status."""
+    await ctx.events.publish(
+        ev.RunStarted(run_id=ctx.run_id, kind=flow.kind, node=ctx.node, actor=ctx.actor)
+    )
+    status, error = "succeeded", None
+    current = ""
+    ended: str | None = None
+    """A step that is done but not yet recorded as done: that is written together with
+    the start of the next step (one transaction per transition)."""
+    try:
+        for name, step in flow.steps:
+            if name in ctx.completed:
+                continue
+            current = name
+            # ctx.step changes only once the store has the transition: a stopping service
+            # treats the run as being in the step the store says it is in
+            await ctx.store.begin_step(ctx.run_id, name, after=ended)
+            ctx.step = name
+            ended = None
+            await ctx.events.publish(ev.RunProgress(run_id=ctx.run_id, node=ctx.node, step=name))
+            await step(ctx)
+            ctx.completed.add(name)
+            ended = name
+        if ended is not None:
+            await ctx.store.end_step(ctx.run_id, ended)
+            ended = None
+        if flow.on_success is not None:
+            await flow.on_success(ctx)
+    except RunCancelledError as exc:
+        status = "skipped" if isinstance(exc, RunSkippedError) else "cancelled"
+        error = str(exc)
+        ctx.message = str(exc)
+        await ctx.store.end_step(ctx.run_id, current, status="skipped", detail=str(exc))
+        if flow.on_cancel is not None:
+            await _shielded(flow.on_cancel(ctx), ctx, "cancel")
+    except asyncio.CancelledError:
+        # the service is stopping: leave the run as it is in the store, recovery resumes it
+        log.info("run #%d on %s interrupted at step %s", ctx.run_id, ctx.node, current)
+        raise
+    except Exception as exc:
+        status = "failed"
+        cause = str(exc) if isinstance(exc, TgopsError) else f"{type(exc).__name__}: {exc}"
+        error = f"{current}: {cause}" if current else cause
+        ctx.message = error
+        if not isinstance(exc, TgopsError):
+            log.exception("run #%d on %s failed unexpectedly", ctx.run_id, ctx.node)
+        await _shielded(
+            ctx.store.end_step(ctx.run_id, current, status="failed", detail=cause), ctx, "record"
+        )
+        if flow.on_failure is not None:
+            await _shielded(flow.on_failure(ctx, current, exc), ctx, "failure handling")
+    await _shielded(
+        ctx.store.finish_run(
+            ctx.run_id,
+            status=status,
+            error=error,
+            end=RunEnd(kind=flow.kind, node=ctx.node, message=ctx.message),
+        ),
+        ctx,
+        "finish",
+    )
+    await ctx.events.publish(
+        ev.RunFinished(
+            run_id=ctx.run_id, kind=flow.kind, node=ctx.node, outcome=status, message=ctx.message
+        )
+    )
+    return status
+
+
+async def _shielded(work: Awaitable[Any], ctx: RunContext, what: str) -> None:
+    """Bookkeeping that must finish even while the service stops (bounded)."""
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.shield(work)
+    except Exception:
+        log.exception("run #%d on %s: %s did not complete", ctx.run_id, ctx.node, what)

@@ -1,0 +1,361 @@
+"""Time-controlled runs (L4, L5): the scheduled update and the scheduled download.
+
+A scheduled update for update time S is one run, started at ``S - download_lead``:
+
+1. ``check``: lock set → skipped (L6); nothing pending → skipped, "no updates".
+2. ``maintenance``: maintenance mode with the reason "Scheduled update", start S (users get
+   the maintenance notices from now until S).
+3. ``download``: the retry policy; when all attempts fail the warning flag is set and the
+   same number of attempts is made again immediately before S; when those fail too both
+   schedules are switched off and the update lock is set; a cluster node stays in
+   maintenance (only a maint admin ends it), a single system's maintenance ends.
+4. ``slot`` and ``drain`` (cluster nodes, ``lb_drain_lead`` before S): the node takes a
+   cluster slot first (L12: the slot covers the whole time out of load balancing), then
+   leaves load balancing.
+5. ``logon``: immediately before S a single system disables logon.
+6. ``wait``: until S; a lock set by now → skipped; S passed by more than
+   ``updates.update_grace`` (the service was down) → skipped.
+7. ``notice``, ``disconnect``, ``install``, ``reboot`` (only when a core update asks for
+   it), ``verify``, ``undrain``, ``release``.
+
+Success ends the maintenance and enables logon; failure sets the update lock and leaves
+the node in maintenance (and out of load balancing) for an admin (L4).
+
+A scheduled download (``schedule download T on DAYS TIME [until TIME]``) fetches and
+stages what is pending and stops at its end time, keeping partial files for resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, TypeVar
+
+from core.errors import DownloadFailedError
+from core.lifecycle.runs import Flow, RunCancelledError, RunContext, RunSkippedError
+from core.lifecycle.steps import DISRUPTIVE_STEPS
+from core.localtime import local_text
+from core.model import Actor
+from core.store import NewRun, NodeBusyError
+
+if TYPE_CHECKING:
+    from core.lifecycle.maintenance import Maintenance
+    from core.lifecycle.updates import Lifecycle
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SCHEDULER = Actor(name="scheduler", source="scheduler")
+SCHEDULED_REASON = "Scheduled update"
+
+
+class ScheduledRuns:
+    def __init__(self, life: Lifecycle, maintenance: Maintenance) -> None:
+        self.life = life
+        self.maintenance = maintenance
+        self.engine = life.engine
+        self.store = life.store
+        self.schedules_changed: Callable[[], Awaitable[None]] | None = None
+
+    async def start(
+        self, kind: str, node: str, *, at: datetime, until: datetime | None = None
+    ) -> int | None:
+        """Start a scheduled run for the occurrence ``at`` (S, or the download start)."""
+        params: dict[str, object] = {"at": at.isoformat(), "packages": []}
+        if until is not None:
+            params["until"] = until.isoformat()
+        try:
+            (run_id,) = await self.store.create_runs(
+                [
+                    NewRun(
+                        kind=kind,
+                        node=node,
+                        target=node,
+                        actor=SCHEDULER.name,
+                        params=params,
+                        owner=self.life.owner,
+                        audit=f"run #{{run}} started for {self._local(at)}",
+                        audit_source=SCHEDULER.source,
+                    )
+                ]
+            )
+        except NodeBusyError as exc:
+            await self.engine.record(SCHEDULER, f"{kind} skipped", target=node, detail=str(exc))
+            log.warning("%s on %s skipped: %s", kind, node, exc)
+            return None
+        self.life.spawn(
+            run_id=run_id,
+            kind=kind,
+            node=node,
+            actor=SCHEDULER.name,
+            params=params,
+            completed=set(),
+        )
+        return run_id
+
+    def _local(self, when: datetime) -> str:
+        return local_text(when, self.engine.settings.tz)
+
+    # -- flows -------------------------------------------------------------------------
+
+    def flow(self, kind: str) -> Flow:
+        life = self.life
+        if kind == "scheduled-download":
+            return Flow(
+                kind=kind,
+                steps=[("download", self._download_window)],
+                resumable=frozenset({"download"}),
+            )
+        return Flow(
+            kind=kind,
+            steps=[
+                ("check", self._check),
+                ("maintenance", self._maintenance),
+                ("download", self._download),
+                ("slot", self._slot),
+                ("drain", life.step_drain),
+                ("logon", self._logon),
+                ("wait", self._wait),
+                ("notice", life.step_notice),
+                ("disconnect", life.step_disconnect),
+                ("install", life.step_install),
+                ("reboot", self._reboot_if_needed),
+                ("verify", life.step_verify),
+                ("undrain", life.step_undrain),
+                ("release", life.step_release),
+            ],
+            resumable=frozenset(
+                {
+                    "check",
+                    "maintenance",
+                    "download",
+                    "slot",
+                    "drain",
+                    "logon",
+                    "wait",
+                    "notice",
+                    "disconnect",
+                    "verify",
+                    "undrain",
+                    "release",
+                }
+            ),
+            on_success=self._succeeded,
+            on_failure=self._failed,
+            on_cancel=self._skipped,
+        )
+
+    @staticmethod
+    def _at(ctx: RunContext) -> datetime:
+        return datetime.fromisoformat(str(ctx.params["at"]))
+
+    async def _sleep_until(self, when: datetime) -> None:
+        await self.engine.clock.sleep_until(when)
+
+    # -- steps -------------------------------------------------------------------------
+
+    async def _check(self, ctx: RunContext) -> None:
+        record = (await self.engine.refresh([ctx.node]))[0]
+        if record.update_lock_since is not None:
+            raise RunSkippedError(
+                f"skipped: the update lock is in place ({record.update_lock_reason})"
+            )
+        entries = await self._twice(ctx, lambda: self.life.plan_for(ctx.node))
+        if not entries:
+            await self.engine.record(
+                SCHEDULER,
+                "no updates",
+                target=ctx.node,
+                run_id=ctx.run_id,
+                detail=f"nothing pending for the update at {self._local(self._at(ctx))}",
+            )
+            raise RunSkippedError("no updates")
+        ctx.message = f"{len(entries)} package(s) pending"
+
+    async def _maintenance(self, ctx: RunContext) -> None:
+        manual = [m for m in await self.store.maintenance(ctx.node) if m.origin == "manual"]
+        if manual:
+            # a window an admin set stays as it is (and is not ended by this run)
+            kept = manual[0]
+            ctx.message = (
+                f"maintenance of {self._local(kept.start)} ({kept.reason}) set by "
+                f"{kept.created_by} kept for the scheduled update"
+            )
+            await self.engine.record(
+                SCHEDULER,
+                "maintenance kept",
+                target=ctx.node,
+                run_id=ctx.run_id,
+                detail=ctx.message,
+            )
+            return
+        await self.maintenance.open_for(
+            ctx.node,
+            self._at(ctx),
+            SCHEDULED_REASON,
+            origin="scheduled-update",
+            disable_logon=False,
+            actor=SCHEDULER,
+        )
+        await ctx.save_params(maintenance=True)
+
+    async def _download(self, ctx: RunContext) -> None:
+        files = await self._twice(ctx, lambda: self.life.fetch_and_stage(ctx))
+        await self.life.clear_warning_flag(ctx.node)
+        if not files:
+            raise RunSkippedError("no updates")
+
+    async def _twice(self, ctx: RunContext, attempt: Callable[[], Awaitable[T]]) -> T:
+        """L5: the retry policy; when it gives up, the warning flag and one more round of
+        attempts immediately before the update time; when that fails too, both schedules
+        off and the update lock (a cluster node stays in maintenance)."""
+        try:
+            return await attempt()
+        except DownloadFailedError as first:
+            await self.life.set_warning_flag(ctx.node, str(first))
+            policy = self.life.retry
+            second_round = self._at(ctx) - timedelta(seconds=policy.attempts * policy.delay)
+            await self.engine.record(
+                SCHEDULER,
+                "download retried later",
+                target=ctx.node,
+                run_id=ctx.run_id,
+                detail=f"{policy.attempts} more attempts from {self._local(second_round)}",
+            )
+            await self._sleep_until(second_round)
+        try:
+            return await attempt()
+        except DownloadFailedError as second:
+            await self._give_up(ctx, second)
+            raise
+
+    async def _give_up(self, ctx: RunContext, error: DownloadFailedError) -> None:
+        await ctx.save_params(download_gave_up=True)
+        off = [
+            kind
+            for kind in ("download", "update")
+            if await self.store.disable_schedule(node=ctx.node, kind=kind, by=SCHEDULER.name)
+        ]
+        if self.schedules_changed is not None:
+            await self.schedules_changed()
+        reason = (
+            f"scheduled download failed twice ({error}); schedules switched off "
+            f"({', '.join(off) or 'none were on'})"
+        )
+        if self.engine.cluster_of[ctx.node] is not None:
+            reason += "; the node stays in maintenance until a maint admin ends it"
+            if not ctx.params.get("maintenance"):
+                await self.maintenance.open_for(
+                    ctx.node,
+                    self.engine.clock.now(),
+                    "Update download failed: the scheduled update could not run",
+                    origin="download-failure",
+                    disable_logon=False,
+                    actor=SCHEDULER,
+                )
+        elif ctx.params.get("maintenance"):
+            await self.maintenance.end_for(
+                ctx.node, actor=SCHEDULER, reason="the scheduled update could not be downloaded"
+            )
+        await self.life.set_lock(ctx.node, reason, SCHEDULER)
+
+    async def _slot(self, ctx: RunContext) -> None:
+        if self.engine.cluster_of[ctx.node] is None:
+            return
+        lead = timedelta(seconds=self.engine.settings.maintenance.lb_drain_lead)
+        wait = timedelta(seconds=self.engine.settings.updates.slot_wait)
+        await self._sleep_until(self._at(ctx) - lead)
+        # the cluster's nodes take turns (L12); a node left out of load balancing by a
+        # failure keeps its slot, so the others wait no longer than slot_wait after S
+        await self.life.step_slot(ctx, deadline=self._at(ctx) + wait)
+
+    async def _logon(self, ctx: RunContext) -> None:
+        await self._sleep_until(self._at(ctx))
+        if self.engine.cluster_of[ctx.node] is None:
+            await self.engine.set_logon(ctx.node, False, SCHEDULER)
+            await ctx.save_params(logon_disabled=True)
+
+    async def _wait(self, ctx: RunContext) -> None:
+        at = self._at(ctx)
+        await self._sleep_until(at)
+        grace = timedelta(seconds=self.engine.settings.updates.update_grace)
+        now = self.engine.clock.now()
+        if now > at + grace:
+            raise RunSkippedError(
+                f"the update time {self._local(at)} passed while tgops was down "
+                f"(more than {grace} ago); skipped, the next one is planned"
+            )
+        record = await self.store.node(ctx.node)
+        assert record is not None
+        if record.update_lock_since is not None:
+            raise RunSkippedError(
+                "skipped at the update time: the update lock is in place "
+                f"({record.update_lock_reason})"
+            )
+
+    async def _reboot_if_needed(self, ctx: RunContext) -> None:
+        record = await self.store.node(ctx.node)
+        assert record is not None
+        if record.restart_required:
+            await self.life.step_reboot(ctx)
+
+    async def _download_window(self, ctx: RunContext) -> None:
+        until = ctx.params.get("until")
+        try:
+            if until is None:
+                files = await self.life.fetch_and_stage(ctx)
+            else:
+                async with asyncio.timeout_at(self._loop_time(datetime.fromisoformat(str(until)))):
+                    files = await self.life.fetch_and_stage(ctx)
+        except TimeoutError as exc:
+            raise RunCancelledError(
+                f"stopped at the end time {self._local(datetime.fromisoformat(str(until)))}; "
+                "partial files are kept and the next download resumes them"
+            ) from exc
+        except DownloadFailedError as exc:
+            await self.life.set_warning_flag(ctx.node, str(exc))
+            raise
+        await self.life.clear_warning_flag(ctx.node)
+        ctx.message = ctx.message if files else "no updates"
+
+    def _loop_time(self, when: datetime) -> float:
+        delay = (when - self.engine.clock.now()).total_seconds()
+        return asyncio.get_running_loop().time() + max(0.0, delay)
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    async def _succeeded(self, ctx: RunContext) -> None:
+        if ctx.params.get("maintenance"):
+            await self.maintenance.end_for(
+                ctx.node, actor=SCHEDULER, reason="scheduled update done"
+            )
+        if ctx.params.get("logon_disabled"):
+            await self.engine.set_logon(ctx.node, True, SCHEDULER)
+        await self.engine.refresh([ctx.node])
+
+    async def _skipped(self, ctx: RunContext) -> None:
+        await self.life.undo_slot(ctx)
+        if ctx.params.get("maintenance"):
+            await self.maintenance.end_for(
+                ctx.node, actor=SCHEDULER, reason=f"scheduled update skipped: {ctx.message}"
+            )
+        if ctx.params.get("logon_disabled"):
+            await self.engine.set_logon(ctx.node, True, SCHEDULER)
+
+    async def _failed(self, ctx: RunContext, step: str, exc: BaseException) -> None:
+        if ctx.params.get("download_gave_up"):
+            await self.life.undo_slot(ctx)
+            return
+        disruptive = step in DISRUPTIVE_STEPS or bool(ctx.completed & DISRUPTIVE_STEPS)
+        # a node whose users were not touched goes back into load balancing, its slot is
+        # freed; a disruptive failure sets the update lock there
+        await self.life.update_failed(ctx, step, exc)
+        if not disruptive:
+            # L4: whatever failed, a failed scheduled update leaves the update lock (the
+            # next scheduled update waits for an admin) and the node in maintenance
+            reason = f"scheduled update run #{ctx.run_id} failed at step {step}: {ctx.message}"
+            if ctx.params.get("maintenance"):
+                reason += "; the node stays in maintenance until a maint admin ends it"
+            await self.life.set_lock(ctx.node, reason, SCHEDULER)

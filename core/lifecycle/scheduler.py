@@ -1,0 +1,361 @@
+"""The timers of the time-controlled lifecycle (APScheduler 3.11, timers only).
+
+The store is the source of truth: the schedules live there, and the timer jobs are
+rebuilt from it at start and on every change. Each schedule has one job, set for its
+next occurrence; when it fires it starts the run and plans the next one.
+
+After downtime reminders are not replayed (see ``core.lifecycle.maintenance``); a scheduled update
+whose download start passed while the service was down still starts if its update time is
+less than ``updates.update_grace`` ago (it is late, so every wait passes at once); older
+ones are skipped and logged, and the next one is planned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from types import TracebackType
+from typing import Self
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.date import DateTrigger
+
+from core.background import background
+from core.durations import format_duration
+from core.lifecycle.calendar import Weekly, days_text, parse_days_text, parse_time_text, time_text
+from core.lifecycle.engine import Engine
+from core.lifecycle.scheduled import SCHEDULER, ScheduledRuns
+from core.localtime import local_text
+from core.model import Actor
+from core.store import ScheduleRecord
+
+log = logging.getLogger(__name__)
+
+FIRED = "schedule-fired"
+"""kv namespace: the last occurrence each schedule fired for (``KIND:NODE`` → ISO time)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Occurrence:
+    node: str
+    kind: str
+    at: datetime  # the update time S, or the download start
+    fire_at: datetime  # when the run starts
+    until: datetime | None = None
+
+
+class Scheduler:
+    """``async with Scheduler(engine, runs)``: timers for every enabled schedule."""
+
+    def __init__(
+        self, engine: Engine, runs: ScheduledRuns, *, resync_interval: float = 1.0
+    ) -> None:
+        self.engine = engine
+        self._resync_interval = resync_interval
+        self._fingerprint: tuple[object, ...] = ()
+        self._stack = AsyncExitStack()
+        self.runs = runs
+        self.store = engine.store
+        self._timers = AsyncIOScheduler(timezone="UTC")
+        self._lock = asyncio.Lock()
+        runs.schedules_changed = self.rebuild
+        self.fired_late: list[float] = []
+        """Seconds each timer fired after its planned time (for the benchmark)."""
+
+    async def __aenter__(self) -> Self:
+        self._timers.start()
+        await self.catch_up()
+        await self.rebuild()
+        self._stack = AsyncExitStack()
+        # schedules changed through another instance reach the timers within this interval
+        await self._stack.enter_async_context(background("scheduler-resync", self._resync))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+        self._timers.shutdown(wait=False)
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self._resync_interval)
+            if await self._schedule_fingerprint() != self._fingerprint:
+                await self.rebuild()
+
+    async def _schedule_fingerprint(self) -> tuple[object, ...]:
+        return tuple(
+            (r.node, r.kind, r.days, r.start, r.end, r.enabled, r.updated_at)
+            for r in await self.store.schedules()
+        )
+
+    # -- occurrences -------------------------------------------------------------------
+
+    def _weekly(self, record: ScheduleRecord) -> Weekly:
+        return Weekly(
+            days=parse_days_text(record.days),
+            at=parse_time_text(record.start),
+            tz=self.engine.settings.tz,
+        )
+
+    def next_occurrence(self, record: ScheduleRecord, after: datetime) -> Occurrence:
+        """The next occurrence after ``after``. An update whose download start has passed
+        but whose update time has not still counts: its run starts at once (late)."""
+        weekly = self._weekly(record)
+        if record.kind == "update":
+            lead = timedelta(seconds=self.engine.settings.updates.download_lead)
+            at = weekly.next_after(after)
+            return Occurrence(node=record.node, kind="update", at=at, fire_at=at - lead)
+        at = weekly.next_after(after)
+        until = None
+        if record.end is not None:
+            end = Weekly(
+                days=tuple(range(7)), at=parse_time_text(record.end), tz=self.engine.settings.tz
+            )
+            until = end.next_after(at)
+        return Occurrence(node=record.node, kind="download", at=at, fire_at=at, until=until)
+
+    # -- timers ------------------------------------------------------------------------
+
+    async def rebuild(self) -> None:
+        """Replace every timer with the ones the store's schedules call for."""
+        async with self._lock:
+            self._fingerprint = await self._schedule_fingerprint()
+            self._timers.remove_all_jobs()
+            now = self.engine.clock.now()
+            for record in await self.store.schedules():
+                if record.enabled and record.node in self.engine.drivers:
+                    self._plan(self.next_occurrence(record, now))
+
+    def _plan(self, occurrence: Occurrence) -> None:
+        planned = max(occurrence.fire_at, self.engine.clock.now())
+        self._timers.add_job(
+            self._fire,
+            DateTrigger(run_date=planned),
+            args=[occurrence, planned],
+            id=f"{occurrence.kind}:{occurrence.node}",
+            replace_existing=True,
+            misfire_grace_time=int(self.engine.settings.updates.update_grace) or 1,
+        )
+
+    async def _fire(self, occurrence: Occurrence, planned: datetime) -> None:
+        self.fired_late.append((self.engine.clock.now() - planned).total_seconds())
+        try:
+            await self._start(occurrence)
+        except Exception:
+            log.exception("scheduled %s on %s did not start", occurrence.kind, occurrence.node)
+        async with self._lock:
+            for record in await self.store.schedules(occurrence.node):
+                if record.kind == occurrence.kind and record.enabled:
+                    self._plan(self.next_occurrence(record, occurrence.at))
+
+    async def _start(self, occurrence: Occurrence) -> int | None:
+        key = f"{occurrence.kind}:{occurrence.node}"
+        if await self.store.kv_get(FIRED, key) == occurrence.at.isoformat():
+            return None  # this occurrence already ran (another instance, or before a restart)
+        await self.store.kv_set(FIRED, key, occurrence.at.isoformat())
+        kind = "scheduled-update" if occurrence.kind == "update" else "scheduled-download"
+        return await self.runs.start(
+            kind, occurrence.node, at=occurrence.at, until=occurrence.until
+        )
+
+    async def catch_up(self) -> None:
+        """Start a scheduled update missed while the service was down, if within grace."""
+        now = self.engine.clock.now()
+        lead = timedelta(seconds=self.engine.settings.updates.download_lead)
+        grace = timedelta(seconds=self.engine.settings.updates.update_grace)
+        for record in await self.store.schedules():
+            if not record.enabled or record.kind != "update":
+                continue
+            if record.node not in self.engine.drivers:
+                continue
+            at = self._weekly(record).previous_at_or_before(now + lead)
+            if at is None or at - lead <= record.updated_at:
+                continue  # it was not yet scheduled then
+            key = f"update:{record.node}"
+            if await self.store.kv_get(FIRED, key) == at.isoformat():
+                continue
+            if now <= at + grace:
+                log.warning(
+                    "scheduled update of %s at %s is late; starting it now", record.node, at
+                )
+                await self._start(
+                    Occurrence(node=record.node, kind="update", at=at, fire_at=at - lead)
+                )
+            else:
+                await self.store.kv_set(FIRED, key, at.isoformat())
+                await self.engine.record(
+                    SCHEDULER,
+                    "scheduled update missed",
+                    target=record.node,
+                    detail=f"the update at {local_text(at, self.engine.settings.tz)} passed "
+                    "while tgops was down; skipped, the next one is planned",
+                )
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def set(
+        self,
+        target: str,
+        kind: str,
+        *,
+        days: tuple[int, ...],
+        at: time,
+        until: time | None,
+        actor: Actor,
+    ) -> list[str]:
+        names = self.engine.resolve(target)
+        for name in names:
+            await self.store.set_schedule(
+                node=name,
+                kind=kind,
+                days=days_text(days),
+                start=time_text(at),
+                end=None if until is None else time_text(until),
+                by=actor.name,
+            )
+            detail = f"on {days_text(days)} {time_text(at)}" + (
+                f" until {time_text(until)}" if until else ""
+            )
+            await self.engine.record(actor, f"schedule {kind} on", target=name, detail=detail)
+        await self.rebuild()
+        return names
+
+    async def disable(self, target: str, kind: str, *, actor: Actor) -> tuple[list[str], list[str]]:
+        names = self.engine.resolve(target)
+        off, none = [], []
+        for name in names:
+            if await self.store.disable_schedule(node=name, kind=kind, by=actor.name):
+                off.append(name)
+                await self.engine.record(actor, f"schedule {kind} off", target=name)
+            else:
+                none.append(name)
+        await self.rebuild()
+        return off, none
+
+    async def listing(self) -> str:
+        now = self.engine.clock.now()
+        tz = self.engine.settings.tz
+        lines = []
+        for record in await self.store.schedules():
+            if not record.enabled:
+                continue
+            nxt = self.next_occurrence(record, now)
+            if record.kind == "update":
+                lines.append(
+                    f"{record.node}: update on {record.days} {record.start} — next "
+                    f"{local_text(nxt.at, tz)} (download from "
+                    f"{local_text(nxt.fire_at, tz)})"
+                )
+            else:
+                end = f" until {record.end}" if record.end else ""
+                lines.append(
+                    f"{record.node}: download on {record.days} {record.start}{end} — "
+                    f"next {local_text(nxt.at, tz)}"
+                )
+        return "\n".join(lines) or "No schedules are on."
+
+    async def plan(self, target: str | None) -> str:
+        """The timeline of the next scheduled runs, with the expected wait for slots."""
+        names = self.engine.resolve(target)
+        now = self.engine.clock.now()
+        tz = self.engine.settings.tz
+        settings = self.engine.settings
+        notice = timedelta(seconds=settings.maintenance.notice_lead)
+        drain = timedelta(seconds=settings.maintenance.lb_drain_lead)
+        events: list[tuple[datetime, str]] = []
+        updates: list[Occurrence] = []
+        for record in await self.store.schedules():
+            if not record.enabled or record.node not in names:
+                continue
+            occ = self.next_occurrence(record, now)
+            if record.kind == "download":
+                until = f" until {local_text(occ.until, tz)}" if occ.until else ""
+                events.append((occ.at, f"{occ.node}: scheduled download{until}"))
+                continue
+            updates.append(occ)
+            events.append(
+                (
+                    occ.fire_at,
+                    f"{occ.node}: checks for updates and downloads them; "
+                    "maintenance mode if any are pending",
+                )
+            )
+            events.append(
+                (
+                    max(occ.at - notice, occ.fire_at),
+                    f"{occ.node}: maintenance notices to users every "
+                    f"{format_duration(settings.maintenance.reminder_interval)} until the update",
+                )
+            )
+        if not events:
+            return "Nothing is scheduled for " + (target or "the fleet") + "."
+        duration = await self._typical_update()
+        for occ in updates:
+            cluster = self.engine.cluster_of[occ.node]
+            if cluster is None:
+                events.append((occ.at, f"{occ.node}: logon disabled, sessions ended, install"))
+                continue
+            limit = settings.clusters[cluster].max_parallel_updates
+            same = sorted(
+                o.node
+                for o in updates
+                if o.at == occ.at and self.engine.cluster_of[o.node] == cluster
+            )
+            rounds = same.index(occ.node) // limit
+            if rounds == 0:
+                events.append(
+                    (
+                        occ.at - drain,
+                        f"{occ.node}: takes a slot of {cluster}, leaves load balancing",
+                    )
+                )
+                events.append((occ.at, f"{occ.node}: sessions ended, install"))
+                continue
+            if duration is None:
+                wait = f"after {rounds} round(s) of {limit} node(s) of {cluster}"
+                events.append(
+                    (
+                        occ.at,
+                        f"{occ.node}: waits for a slot of {cluster}; "
+                        f"leaves load balancing and installs {wait}",
+                    )
+                )
+            else:
+                start = occ.at + timedelta(seconds=rounds * duration)
+                late = ""
+                if rounds * duration > settings.updates.slot_wait:
+                    late = (
+                        f"; longer than updates.slot_wait "
+                        f"({format_duration(settings.updates.slot_wait)}): it would be skipped"
+                    )
+                events.append(
+                    (
+                        start,
+                        f"{occ.node}: expected to get a slot of {cluster} "
+                        f"(waits ~{rounds * duration / 60:.0f} min{late}), leaves load "
+                        "balancing, sessions ended, install",
+                    )
+                )
+        lines = [f"{local_text(when, tz)}  {text}" for when, text in sorted(events)]
+        if duration is not None:
+            lines.append(
+                f"(estimates use the median update duration here: {duration / 60:.1f} min)"
+            )
+        return "\n".join(lines)
+
+    async def _typical_update(self) -> float | None:
+        spans = sorted(
+            (r.finished_at - r.started_at).total_seconds()
+            for r in await self.store.runs(statuses=("succeeded",), limit=200)
+            if r.kind in {"auto-update", "scheduled-update"}
+            and r.started_at is not None
+            and r.finished_at is not None
+        )
+        return spans[len(spans) // 2] if spans else None

@@ -1,0 +1,430 @@
+"""The steps of an update on one node (L1, L2, L6, L7, L10, L12): plan, download and
+stage, slot, drain, notice, disconnect, install, restart, verify, undrain, release, integrity;
+and what happens when one fails (the update lock, the rollout stopped).
+
+``Lifecycle`` (``updates``) strings these steps into flows and runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from core import events as ev
+from core.errors import DownloadFailedError, DriverError, TgopsError
+from core.interfaces import NodeDriver, RepositoryClient
+from core.lifecycle.engine import Engine
+from core.lifecycle.pending import catch_up, pending_packages
+from core.lifecycle.runs import (
+    RunCancelledError,
+    RunContext,
+    RunSkippedError,
+)
+from core.lifecycle.slots import SlotGate
+from core.model import Actor, PackageKind, StagedPackage
+from core.repository.manifest import Manifest, PackageEntry
+from core.repository.retry import RetryPolicy
+from core.store import NodeRecord
+
+log = logging.getLogger(__name__)
+
+UPDATE_KINDS = frozenset({"auto-update", "oldstable-partial", "oldstable-full", "install"})
+
+
+DISRUPTIVE_STEPS = frozenset({"disconnect", "install", "restart-services", "verify", "reboot"})
+
+
+PREPARE_AT_ONCE = 4
+"""Runs planning (node status, manifest) at once, and runs staging at once (two separate
+gates, so a node that planned does not queue behind every later node's planning); the
+others wait in the order they came (FIFO), so the first nodes of a rollout are ready
+first instead of all nodes sharing the machine until all are ready. Transfers have their
+own bound (``updates.max_parallel_downloads``) and are not held back by this."""
+
+
+ROLLOUTS_KV = "rollouts"
+"""kv namespace: a stopped rollout (key: the rollout's key) and why, for recovery."""
+
+
+class RefusedError(TgopsError):
+    """A command that is not carried out; the message says why and what would be accepted."""
+
+
+@dataclass(slots=True)
+class Rollout:
+    """Nodes of one cluster updated by one command; the first failure stops the rest."""
+
+    key: str
+    failed: str | None = None
+
+
+def _plan_entry(item: dict[str, Any]) -> StagedPackage:
+    return StagedPackage(
+        name=item["name"],
+        version=item["version"],
+        kind=PackageKind(item["kind"]),
+        sha256=item["sha256"],
+        path=Path(item["path"]),
+    )
+
+
+def only_optional(manifest: Manifest, packages: Sequence[str], then: str = "") -> None:
+    """Refuse names that are no optional package of the channel (L9a)."""
+    known = {p.name for p in manifest.packages if p.kind is PackageKind.OPTIONAL}
+    unknown = sorted(set(packages) - known)
+    if unknown:
+        raise RefusedError(
+            f"not an optional package of channel {manifest.channel}: {', '.join(unknown)} "
+            f"(optional packages: {', '.join(sorted(known)) or 'none'}){then}"
+        )
+
+
+class UpdateSteps:
+    """The steps of an update on one node, and what they need: manifests, the plan,
+    the update lock and the warning flag. ``Lifecycle`` builds runs from these steps."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        repository: RepositoryClient | None,
+        retry: RetryPolicy,
+        owner: str,
+    ) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.repository = repository
+        self.retry = retry
+        self.owner = owner
+        self.slots = SlotGate(engine.store, owner=owner)
+        self._rollouts: dict[str, Rollout] = {}
+        self._preparing = asyncio.Semaphore(PREPARE_AT_ONCE)
+        self._staging = asyncio.Semaphore(PREPARE_AT_ONCE)
+
+    def _repo(self) -> RepositoryClient:
+        if self.repository is None:
+            raise RefusedError(
+                "no update repository is usable: set updates.public_key (or public_key_file) "
+                "and updates.repository_url"
+            )
+        return self.repository
+
+    async def manifest(self, channel: str | None = None) -> Manifest:
+        channel = channel or self.engine.settings.updates.channel
+        manifest = await self.retry.run(
+            lambda: self._repo().manifest(channel), describe=f"channel {channel}"
+        )
+        await self.engine.remember_manifest(manifest)
+        return manifest
+
+    async def refresh_manifests(self) -> list[str]:
+        """Fetch both channels' manifests (status shows pending and omitted updates from
+        them); returns one line per channel that could not be fetched."""
+        updates = self.engine.settings.updates
+        problems = []
+        for channel in (updates.channel, updates.oldstable_channel):
+            try:
+                await self.engine.remember_manifest(await self._repo().manifest(channel))
+            except TgopsError as exc:
+                problems.append(str(exc))
+        return problems
+
+    async def _plan(
+        self, kind: str, record: NodeRecord, packages: Sequence[str]
+    ) -> list[PackageEntry]:
+        settings = self.engine.settings.updates
+        if kind in {"oldstable-partial", "oldstable-full"}:
+            oldstable = await self.manifest(settings.oldstable_channel)
+            return catch_up(
+                record.installed, oldstable, packages if kind == "oldstable-partial" else None
+            )
+        manifest = await self.manifest()
+        selected = (await self.store.selected_hotfixes()).get(record.name, [])
+        requested = set(record.optional_packages)
+        if kind == "install":
+            only_optional(manifest, packages)
+            entries = pending_packages(
+                manifest,
+                record.installed,
+                selected_hotfixes=(),
+                always_hotfixes=False,
+                requested_optional=set(packages),
+            )
+            return [e for e in entries if e.name in packages]
+        return pending_packages(
+            manifest,
+            record.installed,
+            selected_hotfixes=selected,
+            always_hotfixes=self.engine.hotfixes_always(record),
+            requested_optional=requested,
+        )
+
+    async def _check_names(self, kind: str, packages: Sequence[str]) -> None:
+        """Refuse a command naming packages its channel does not have, before any run
+        starts (the runs plan again per node, against the manifest of their time)."""
+        if kind == "oldstable-partial":
+            catch_up(
+                {}, await self.manifest(self.engine.settings.updates.oldstable_channel), packages
+            )
+            return
+        only_optional(await self.manifest(), packages, "; nothing was started")
+
+    async def set_lock(self, name: str, reason: str, actor: Actor) -> None:
+        now = self.engine.clock.now()
+        await self.store.update_node(name, update_lock_since=now, update_lock_reason=reason)
+        await self.engine.record(actor, "update lock set", target=name, detail=reason)
+        await self.engine.events.publish(ev.UpdateLockSet(node=name, reason=reason))
+
+    async def set_warning_flag(self, name: str, reason: str) -> None:
+        now = self.engine.clock.now()
+        await self.store.update_node(name, warning_flag_since=now, warning_flag_reason=reason)
+        await self.engine.record(
+            Actor(name="tgops", source="system"), "warning flag set", target=name, detail=reason
+        )
+        await self.engine.events.publish(ev.WarningFlagSet(node=name, reason=reason))
+
+    async def clear_warning_flag(self, name: str) -> None:
+        record = await self.store.node(name)
+        if record is not None and record.warning_flag_since is not None:
+            await self.store.update_node(name, warning_flag_since=None, warning_flag_reason=None)
+            await self.engine.record(
+                Actor(name="tgops", source="system"),
+                "warning flag cleared",
+                target=name,
+                detail="a complete download cleared it",
+            )
+            await self.engine.events.publish(
+                ev.NodeStateChanged(node=name, change="warning flag cleared")
+            )
+
+    def _driver(self, ctx: RunContext) -> NodeDriver:
+        return self.engine.drivers[ctx.node]
+
+    async def _node(self, ctx: RunContext) -> NodeRecord:
+        record = await self.store.node(ctx.node)
+        assert record is not None
+        return record
+
+    async def step_download(self, ctx: RunContext) -> None:
+        try:
+            files = await self.fetch_and_stage(ctx)
+        except DownloadFailedError as exc:
+            await self.set_warning_flag(ctx.node, str(exc))
+            raise
+        if files or ctx.kind == "download":
+            await self.clear_warning_flag(ctx.node)
+        if not files and ctx.kind != "download":
+            raise RunCancelledError(f"nothing to install on {ctx.node}; nothing was changed")
+
+    async def plan_for(self, node: str) -> list[PackageEntry]:
+        """What an update of ``node`` would install now (channel, hotfixes, optional)."""
+        record = (await self.engine.refresh([node]))[0]
+        return await self._plan("auto-update", record, [])
+
+    async def fetch_and_stage(self, ctx: RunContext) -> list[StagedPackage]:
+        """Plan what the node needs, download it (retry policy), stage it on the node.
+
+        The plan is saved in the run for the install step. Raises ``DownloadFailedError``
+        when the retry policy gives up; the caller decides about the warning flag.
+        """
+        plan_kind = ctx.kind if ctx.kind in UPDATE_KINDS else "auto-update"
+        async with self._preparing:
+            record = (await self.engine.refresh([ctx.node]))[0]
+            entries = await self._plan(plan_kind, record, ctx.params.get("packages") or [])
+        if not entries:
+            await ctx.save_params(plan=[])
+            ctx.message = "nothing pending"
+            return []
+        total = sum(e.size for e in entries)
+        done_before = 0
+        files: list[StagedPackage] = []
+        repo = self._repo()
+        for entry in entries:
+            base = done_before
+
+            async def progress(done: int, _total: int, base: int = base) -> None:
+                await ctx.progress(base + done, total)
+
+            def fetch(entry: PackageEntry = entry, progress: Any = progress) -> Any:
+                return repo.download(entry, progress)
+
+            path = await self.retry.run(fetch, describe=f"package {entry.name} {entry.version}")
+            done_before += entry.size
+            files.append(
+                StagedPackage(
+                    name=entry.name,
+                    version=entry.version,
+                    kind=entry.kind,
+                    sha256=entry.sha256,
+                    path=path,
+                )
+            )
+        await ctx.progress(total, total)
+        async with self._staging:
+            await self._driver(ctx).stage(files)
+        staged = dict(record.staged)
+        staged.update({f.name: f.version for f in files})
+        await self.store.update_node(ctx.node, staged=staged)
+        await ctx.save_params(
+            plan=[
+                {
+                    "name": f.name,
+                    "version": f.version,
+                    "kind": str(f.kind),
+                    "sha256": f.sha256,
+                    "path": str(f.path),
+                }
+                for f in files
+            ]
+        )
+        ctx.message = "staged " + ", ".join(f"{f.name} {f.version}" for f in files)
+        return files
+
+    def _cluster(self, ctx: RunContext) -> str | None:
+        return self.engine.cluster_of[ctx.node]
+
+    async def step_slot(self, ctx: RunContext, *, deadline: datetime | None = None) -> None:
+        """Take a slot of the node's cluster (L12), waiting in order; a stopped rollout or
+        the ``deadline`` ends the wait (the run is cancelled or skipped, nothing touched)."""
+        cluster = self._cluster(ctx)
+        if cluster is None:
+            return
+        rollout = self._rollouts.get(ctx.params.get("rollout", ""))
+
+        async def stop() -> None:
+            if rollout is not None and rollout.failed is not None:
+                raise RunCancelledError(
+                    f"rollout stopped: {rollout.failed}; {ctx.node} was not touched"
+                )
+            if deadline is not None and self.engine.clock.now() > deadline:
+                holders = ", ".join(s.node for s in await self.store.slots(cluster))
+                raise RunSkippedError(
+                    f"no slot of cluster {cluster} became free in time (held by {holders}); "
+                    f"{ctx.node} was not touched"
+                )
+
+        limit = self.engine.settings.clusters[cluster].max_parallel_updates
+        await self.slots.acquire(
+            cluster=cluster, node=ctx.node, limit=limit, run_id=ctx.run_id, stop=stop
+        )
+
+    async def step_drain(self, ctx: RunContext) -> None:
+        if self._cluster(ctx) is None:
+            return
+        await self._driver(ctx).drain()
+        await self.store.update_node(ctx.node, lb="drained")
+        await self.engine.events.publish(ev.NodeStateChanged(node=ctx.node, change="drained"))
+
+    async def step_notice(self, ctx: RunContext) -> None:
+        what = "restart" if ctx.kind == "restart" else "update"
+        await self._driver(ctx).announce(
+            f"The {what} of {ctx.node} starts now; your session will be ended. "
+            "Please save your work."
+        )
+
+    async def step_disconnect(self, ctx: RunContext) -> None:
+        ended = await self._driver(ctx).disconnect_sessions()
+        await self.store.update_node(ctx.node, sessions=0)
+        await self.store.step_detail(ctx.run_id, "disconnect", f"{ended} sessions ended")
+
+    async def step_install(self, ctx: RunContext) -> None:
+        plan = [_plan_entry(i) for i in ctx.params.get("plan") or []]
+        result = await self._driver(ctx).install(plan)
+        record = await self._node(ctx)
+        values: dict[str, Any] = {
+            "installed": dict(result.installed),
+            "staged": {k: v for k, v in record.staged.items() if k not in {p.name for p in plan}},
+        }
+        if result.restart_required:
+            values["restart_required"] = True
+        if ctx.kind == "install":
+            values["optional_packages"] = sorted(
+                set(record.optional_packages) | {p.name for p in plan}
+            )
+        await self.store.update_node(ctx.node, **values)
+        ctx.message = "installed " + ", ".join(f"{p.name} {p.version}" for p in plan)
+        if result.restart_required:
+            ctx.message += "; restart required (core update): `restart T`"
+            await self.engine.events.publish(
+                ev.NodeStateChanged(node=ctx.node, change="restart required")
+            )
+
+    async def step_restart_services(self, ctx: RunContext) -> None:
+        await self._driver(ctx).restart_services()
+
+    async def step_reboot(self, ctx: RunContext) -> None:
+        await self._driver(ctx).reboot()
+        await self.store.update_node(ctx.node, restart_required=False)
+        ctx.message = f"{ctx.node} restarted"
+
+    async def step_verify(self, ctx: RunContext) -> None:
+        await self._driver(ctx).post_check()
+
+    async def step_undrain(self, ctx: RunContext) -> None:
+        if self._cluster(ctx) is None:
+            return
+        await self._driver(ctx).undrain()
+        await self.store.update_node(ctx.node, lb="in", left_drained_by_run=None)
+        await self.engine.events.publish(ev.NodeStateChanged(node=ctx.node, change="undrained"))
+
+    async def step_release(self, ctx: RunContext) -> None:
+        cluster = self._cluster(ctx)
+        if cluster is not None:
+            await self.slots.release(cluster=cluster, node=ctx.node)
+
+    async def step_integrity(self, ctx: RunContext) -> None:
+        mismatches = await self._driver(ctx).verify_integrity()
+        if mismatches:
+            lines = [f"{m.package}: {m.path}: {m.problem}" for m in mismatches[:50]]
+            more = f" (and {len(mismatches) - 50} more)" if len(mismatches) > 50 else ""
+            raise TgopsError(f"{len(mismatches)} mismatches{more}:\n" + "\n".join(lines))
+        ctx.message = "every installed file matches its package"
+
+    async def _update_succeeded(self, ctx: RunContext) -> None:
+        # the outcome's audit record is written when the run ends (core.lifecycle.runs.execute)
+        await self.engine.refresh([ctx.node])
+
+    async def undo_slot(self, ctx: RunContext) -> None:
+        cluster = self._cluster(ctx)
+        if cluster is not None:
+            await self.store.leave_slot_queue(cluster=cluster, node=ctx.node)
+            record = await self._node(ctx)
+            if record.lb == "drained" and "drain" in ctx.completed:
+                await self._driver(ctx).undrain()
+                await self.store.update_node(ctx.node, lb="in")
+            await self.slots.release(cluster=cluster, node=ctx.node)
+
+    async def update_failed(self, ctx: RunContext, step: str, exc: BaseException) -> None:
+        cluster = self._cluster(ctx)
+        rollout = self._rollouts.get(ctx.params.get("rollout", ""))
+        if rollout is not None and rollout.failed is None:
+            rollout.failed = f"{ctx.node} failed (run #{ctx.run_id})"
+            # kept in the store: the rollout stays stopped across a restart
+            await self.store.kv_set(ROLLOUTS_KV, rollout.key, {"failed": rollout.failed})
+            await self.slots.wake()
+        disruptive = step in DISRUPTIVE_STEPS or bool(ctx.completed & DISRUPTIVE_STEPS)
+        if not disruptive:
+            # nothing on the node changed: put it back as it was
+            if cluster is not None:
+                await self.store.leave_slot_queue(cluster=cluster, node=ctx.node)
+                record = await self._node(ctx)
+                if record.lb == "drained" and "drain" in ctx.completed:
+                    try:
+                        await self._driver(ctx).undrain()
+                        await self.store.update_node(ctx.node, lb="in")
+                    except DriverError as undrain_error:
+                        log.warning("%s", undrain_error)
+                        await self.store.update_node(ctx.node, left_drained_by_run=ctx.run_id)
+                        return
+                await self.slots.release(cluster=cluster, node=ctx.node)
+            return
+        reason = f"run #{ctx.run_id} ({ctx.kind}) failed at step {step}: {ctx.message}"
+        if cluster is not None and "drain" in ctx.completed and "undrain" not in ctx.completed:
+            await self.store.update_node(ctx.node, left_drained_by_run=ctx.run_id)
+            reason += "; the node stays out of load balancing until `remove-lock`"
+        await self.set_lock(ctx.node, reason, Actor(name="tgops", source="system"))

@@ -1,0 +1,10 @@
+"""The update repository: signed channel manifests and package files.
+
+- ``manifest``: the channel manifest's wire format (pydantic).
+- ``client``: the repository over HTTP(S) or ``file://`` (manifest, signature, packages).
+- ``cache``: the content cache of package files: resumable downloads, verified by SHA-256.
+- ``retry``: the download retry policy (L5): named transient errors only, every attempt logged.
+- ``publish``: ``tgops keygen`` and ``tgops publish``, writing a static signed repository.
+
+May import: the vocabulary at the top of ``core`` only (never the lifecycle or the store).
+"""

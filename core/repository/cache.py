@@ -1,0 +1,445 @@
+"""The content cache of package files: resumable downloads, verified before they count.
+
+Files live in ``cache_dir`` under their SHA-256. ``<sha256>.deb`` is complete and verified
+(size and SHA-256); nothing else ever gets that name. ``<sha256>.part`` is a partial
+transfer and ``<sha256>.etag`` its validator; both are kept across attempts and restarts so
+that the next attempt resumes with ``Range`` and ``If-Range``. A file wanted by several
+callers at once is transferred once; at most ``max_parallel`` transfers run at a time.
+
+The body is streamed (bounded memory): the event loop only receives, while worker threads
+hash, write and flush (``partial.PartialFile``), so SHA-256 costs no throughput where a second
+core is free (bench/RESULTS.md, "Download (issue 3)"). ``file://`` URLs work too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+import aiohttp
+
+from core.errors import DownloadError, DownloadMismatchError, PackageNotFoundError
+from core.repository.partial import CHUNK_SIZE, PartialFile
+
+if TYPE_CHECKING:
+    from core.settings import UpdatesSettings
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], Awaitable[None]]
+"""``await progress(done, total)`` after every chunk (bytes)."""
+
+MANIFEST_LIMIT = 16 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_IDENTITY = {"Accept-Encoding": "identity"}
+
+
+def is_transient_status(status: int) -> bool:
+    """HTTP statuses worth retrying: request timeout, too many requests, server errors."""
+    return status in (408, 429) or 500 <= status <= 599
+
+
+def _status_error(package: str, url: str, status: int) -> DownloadError:
+    if status in (404, 410):
+        return PackageNotFoundError(package, url)
+    if is_transient_status(status):
+        return DownloadError(package, f"HTTP {status} from {url}", transient=True)
+    return DownloadError(
+        package, f"HTTP {status} from {url}; check updates.repository_url", transient=False
+    )
+
+
+def _network_error(package: str, url: str, exc: BaseException, timeouts: str) -> DownloadError:
+    if isinstance(exc, aiohttp.InvalidURL):
+        return DownloadError(package, f"invalid URL {url}", transient=False)
+    if isinstance(exc, TimeoutError):
+        return DownloadError(package, f"{url} timed out ({timeouts})", transient=True)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return DownloadError(package, f"transfer from {url} cut off ({exc})", transient=True)
+    return DownloadError(package, f"{url}: {exc or type(exc).__name__}", transient=True)
+
+
+def _check_digest(package: str, expected: str, actual: str) -> None:
+    if actual != expected:
+        raise DownloadMismatchError(package, "SHA-256", expected, actual)
+
+
+def _local_path(url: str) -> Path:
+    return Path(url2pathname(urlsplit(url).path))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class _Waiters:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    count: int = 0
+
+
+class Downloader:
+    """Downloads package files into the content cache; use as ``async with``.
+
+    Without ``session`` it opens (and closes) its own ``aiohttp.ClientSession``.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        max_parallel: int = 4,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self._session = session
+        self._own_session = session is None
+        self._slots = asyncio.Semaphore(max_parallel)
+        self._chunk = chunk_size
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._timeouts = f"connect timeout {connect_timeout:g}s, read timeout {read_timeout:g}s"
+        self._waiters: dict[str, _Waiters] = {}
+
+    @classmethod
+    def from_settings(
+        cls, updates: UpdatesSettings, *, session: aiohttp.ClientSession | None = None
+    ) -> Downloader:
+        return cls(
+            updates.cache_dir,
+            session=session,
+            max_parallel=updates.max_parallel_downloads,
+            connect_timeout=updates.connect_timeout,
+            read_timeout=updates.read_timeout,
+        )
+
+    async def __aenter__(self) -> Self:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if self._own_session and self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout, auto_decompress=False, read_bufsize=self._chunk
+            )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("use the Downloader as `async with Downloader(...)`")
+        return self._session
+
+    def path_for(self, sha256: str) -> Path:
+        """Where the verified file with this SHA-256 lives in the cache (present or not)."""
+        if not _SHA256.match(sha256):
+            raise ValueError(f"{sha256!r} is not a SHA-256 (64 lower-case hex digits)")
+        return self.cache_dir / f"{sha256}.deb"
+
+    def cached(self, sha256: str, size: int) -> Path | None:
+        """The verified cached file, or None."""
+        final = self.path_for(sha256)
+        try:
+            return final if final.stat().st_size == size else None
+        except FileNotFoundError:
+            return None
+
+    def partial_size(self, sha256: str) -> int:
+        """Bytes of a partial transfer kept for resume (0 when none)."""
+        try:
+            return (self.cache_dir / f"{sha256}.part").stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, sha256: str) -> AsyncIterator[None]:
+        waiters = self._waiters.setdefault(sha256, _Waiters())
+        waiters.count += 1
+        try:
+            async with waiters.lock:
+                yield
+        finally:
+            waiters.count -= 1
+            if waiters.count == 0:
+                del self._waiters[sha256]
+
+    async def fetch(
+        self,
+        url: str,
+        *,
+        package: str,
+        sha256: str,
+        size: int,
+        progress: Progress | None = None,
+    ) -> Path:
+        """The verified file from the cache, transferring (or resuming) it when missing.
+
+        Raises ``DownloadError`` (``transient`` says whether a retry may help).
+        """
+        final = self.path_for(sha256)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DownloadError(
+                package,
+                f"cannot use the cache directory {self.cache_dir} ({exc.strerror}); "
+                "check updates.cache_dir",
+                transient=False,
+            ) from exc
+        async with self._exclusive(sha256):
+            if self.cached(sha256, size) is None:
+                final.unlink(missing_ok=True)  # a wrong size under the final name: refetch
+                async with self._slots:
+                    await self._transfer(url, package, sha256, size, progress)
+            elif progress is not None:
+                await progress(size, size)
+        return final
+
+    async def _transfer(
+        self, url: str, package: str, sha256: str, size: int, progress: Progress | None
+    ) -> None:
+        part = self.cache_dir / f"{sha256}.part"
+        meta = self.cache_dir / f"{sha256}.etag"
+        sink = PartialFile(part, size, package=package)
+        try:
+            try:
+                offset = await sink.open()
+            except OSError as exc:
+                raise DownloadError(
+                    package,
+                    f"cannot use the cache file {part} ({exc.strerror}); check updates.cache_dir",
+                    transient=False,
+                ) from exc
+            if offset < size:
+                if offset:
+                    log.info("%s: resuming at byte %d of %d", package, offset, size)
+                if url.startswith("file://"):
+                    await self._receive_local(url, package, sink, progress)
+                else:
+                    await self._receive(url, package, sink, meta, progress)
+            if sink.done < size:
+                raise DownloadError(
+                    package,
+                    f"transfer from {url} cut off after {sink.done} of {size} bytes "
+                    "(the next attempt resumes there)",
+                    transient=True,
+                )
+            _check_digest(package, sha256, await sink.finish())
+            await sink.aclose()
+            os.replace(part, self.cache_dir / f"{sha256}.deb")
+            _fsync_dir(self.cache_dir)
+            meta.unlink(missing_ok=True)
+            log.info("%s: downloaded and verified (%d bytes)", package, size)
+        except DownloadMismatchError:
+            await sink.aclose()
+            part.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+            raise
+        finally:
+            await sink.aclose()
+            if sink.done == 0:  # nothing to resume from: leave no empty partial file behind
+                part.unlink(missing_ok=True)
+                meta.unlink(missing_ok=True)
+
+    async def _receive(
+        self,
+        url: str,
+        package: str,
+        sink: PartialFile,
+        meta: Path,
+        progress: Progress | None,
+    ) -> None:
+        headers = dict(_IDENTITY)
+        offset = sink.done
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            validator = _read_validator(meta, url)
+            if validator is not None:
+                headers["If-Range"] = validator
+        try:
+            async with self.session.get(
+                url,
+                headers=headers,
+                timeout=self._timeout,
+                auto_decompress=False,
+                read_bufsize=self._chunk,
+            ) as response:
+                await self._accept(response, url, package, sink, offset)
+                _write_validator(meta, url, response.headers)
+                announced = response.content_length
+                if announced is not None and sink.done + announced != sink.size:
+                    raise DownloadMismatchError(
+                        package, "size", f"{sink.size} bytes", f"{sink.done + announced} bytes"
+                    )
+                await self._stream(response.content, package, sink, progress)
+        except aiohttp.ClientPayloadError as exc:
+            raise DownloadError(
+                package,
+                f"transfer from {url} cut off after {sink.done} of {sink.size} bytes "
+                "(the next attempt resumes there)",
+                transient=True,
+            ) from exc
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _network_error(package, url, exc, self._timeouts) from exc
+
+    async def _accept(
+        self,
+        response: aiohttp.ClientResponse,
+        url: str,
+        package: str,
+        sink: PartialFile,
+        offset: int,
+    ) -> None:
+        if response.status == 206:
+            match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+            start = int(match.group(1)) if match else -1
+            if start != offset:
+                await sink.restart()
+                raise DownloadError(
+                    package,
+                    f"{url} answered a range from byte {start} to a request from byte "
+                    f"{offset}; the partial file was discarded",
+                    transient=True,
+                )
+        elif response.status == 200:
+            if offset:
+                log.info("%s: %s ignored the Range request; starting over", package, url)
+                await sink.restart()
+        elif response.status == 416:
+            await sink.restart()
+            raise DownloadError(
+                package,
+                f"{url} refused to resume at byte {offset} (HTTP 416); the partial file was "
+                "discarded",
+                transient=True,
+            )
+        else:
+            raise _status_error(package, url, response.status)
+
+    async def _stream(
+        self,
+        content: aiohttp.StreamReader,
+        package: str,
+        sink: PartialFile,
+        progress: Progress | None,
+    ) -> None:
+        reported = sink.done
+        async for data in content.iter_chunked(self._chunk):
+            if sink.done + len(data) > sink.size:
+                raise DownloadMismatchError(
+                    package, "size", f"{sink.size} bytes", f"more than {sink.size} bytes"
+                )
+            await sink.append(data)
+            if progress is not None and sink.done - reported >= self._chunk:
+                reported = sink.done
+                await progress(sink.done, sink.size)
+        if progress is not None:
+            await progress(sink.done, sink.size)
+
+    async def _receive_local(
+        self, url: str, package: str, sink: PartialFile, progress: Progress | None
+    ) -> None:
+        path = _local_path(url)
+        try:
+            handle = await asyncio.to_thread(path.open, "rb")
+        except FileNotFoundError as exc:
+            raise PackageNotFoundError(package, url) from exc
+        except OSError as exc:
+            raise DownloadError(package, f"{path}: {exc.strerror}", transient=False) from exc
+        try:
+            await asyncio.to_thread(handle.seek, sink.done)
+            while data := await asyncio.to_thread(handle.read, self._chunk):
+                if sink.done + len(data) > sink.size:
+                    raise DownloadMismatchError(
+                        package, "size", f"{sink.size} bytes", f"more than {sink.size} bytes"
+                    )
+                await sink.append(data)
+                if progress is not None:
+                    await progress(sink.done, sink.size)
+        except OSError as exc:
+            raise DownloadError(package, f"{path}: {exc.strerror}", transient=True) from exc
+        finally:
+            handle.close()
+
+    async def read(self, url: str, *, package: str, limit: int = MANIFEST_LIMIT) -> bytes:
+        """A small file (a manifest) in memory; ``package`` names it in errors."""
+        if url.startswith("file://"):
+            return await asyncio.to_thread(_read_local, url, package, limit)
+        try:
+            async with self.session.get(
+                url, headers=_IDENTITY, timeout=self._timeout, auto_decompress=False
+            ) as response:
+                if response.status != 200:
+                    raise _status_error(package, url, response.status)
+                body = bytearray()
+                async for data in response.content.iter_chunked(self._chunk):
+                    body += data
+                    if len(body) > limit:
+                        raise DownloadError(
+                            package, f"{url} is larger than {limit} bytes", transient=False
+                        )
+                return bytes(body)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _network_error(package, url, exc, self._timeouts) from exc
+
+
+def _read_local(url: str, package: str, limit: int) -> bytes:
+    path = _local_path(url)
+    try:
+        with path.open("rb") as handle:
+            body = handle.read(limit + 1)
+    except FileNotFoundError as exc:
+        raise PackageNotFoundError(package, url) from exc
+    except OSError as exc:
+        raise DownloadError(package, f"{path}: {exc.strerror}", transient=False) from exc
+    if len(body) > limit:
+        raise DownloadError(package, f"{path} is larger than {limit} bytes", transient=False)
+    return body
+
+
+def _read_validator(meta: Path, url: str) -> str | None:
+    """The ``If-Range`` value saved with a partial file fetched from ``url``."""
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("url") != url:
+        return None
+    etag, modified = data.get("etag"), data.get("last_modified")
+    if isinstance(etag, str) and etag and not etag.startswith("W/"):
+        return etag  # If-Range accepts strong validators only
+    return modified if isinstance(modified, str) and modified else None
+
+
+def _write_validator(meta: Path, url: str, headers: Mapping[str, str]) -> None:
+    data = {"url": url, "etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified")}
+    tmp = meta.with_name(meta.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, meta)

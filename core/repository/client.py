@@ -1,0 +1,111 @@
+"""The update repository over HTTP(S) (or ``file://``): signed manifests and package files.
+
+Layout (DESIGN.md, "Update repository")::
+
+    channels/<channel>.json       the manifest
+    channels/<channel>.json.sig   base64 ed25519 signature of its exact bytes
+    pool/<name>_<version>_<arch>.deb
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import quote, urljoin
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from core.errors import (
+    ChannelNameError,
+    DownloadError,
+    ManifestError,
+    ManifestFetchError,
+    PackageNotFoundError,
+    UnknownChannelError,
+    UnsafePathError,
+)
+from core.repository.cache import MANIFEST_LIMIT, Downloader, Progress
+from core.repository.manifest import Manifest, PackageEntry, is_confined_path, verify_manifest
+
+CHANNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+def check_channel(channel: str) -> str:
+    """``channel`` when it is a valid channel name, else ``ChannelNameError``."""
+    if not CHANNEL_NAME.match(channel) or ".." in channel:
+        raise ChannelNameError(channel)
+    return channel
+
+
+def manifest_path(channel: str) -> str:
+    """The manifest's path relative to the repository root; its signature adds ``.sig``."""
+    return f"channels/{check_channel(channel)}.json"
+
+
+def pool_path(name: str, version: str, arch: str) -> str:
+    """The pool file of a package (``:`` of an epoch written ``%3a``, as dpkg-deb does)."""
+    return f"pool/{name}_{version.replace(':', '%3a')}_{arch}.deb"
+
+
+class HttpRepository:
+    """``RepositoryClient`` over a static repository at ``base_url``.
+
+    The ``downloader`` (an entered ``Downloader``) does the transfers and owns the cache.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        public_key: Ed25519PublicKey,
+        downloader: Downloader,
+        *,
+        manifest_limit: int = MANIFEST_LIMIT,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://", "file://")):
+            raise ValueError(f"{base_url!r}: the repository URL must be http(s):// or file://")
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self._key = public_key
+        self._downloader = downloader
+        self._limit = manifest_limit
+
+    def url_of(self, path: str) -> str:
+        """The URL of a repository-relative file path; ``ValueError`` if it leaves the root."""
+        if not is_confined_path(path):
+            raise ValueError(path)
+        url = urljoin(self.base_url, quote(path, safe="/"))
+        if not url.startswith(self.base_url) or url == self.base_url:
+            raise ValueError(path)
+        return url
+
+    async def manifest(self, channel: str) -> Manifest:
+        """The channel's manifest; the signature is verified before anything is parsed."""
+        path = manifest_path(channel)
+        url = self.url_of(path)
+        what = f"channel {channel} manifest"
+        try:
+            body = await self._downloader.read(url, package=what, limit=self._limit)
+        except PackageNotFoundError as exc:
+            raise UnknownChannelError(channel, self.base_url) from exc
+        except DownloadError as exc:
+            raise ManifestFetchError(channel, exc.cause, transient=exc.transient) from exc
+        try:
+            signature = await self._downloader.read(url + ".sig", package=what, limit=4096)
+        except PackageNotFoundError as exc:
+            raise ManifestError(
+                channel,
+                f"it is not signed ({path}.sig is missing); re-sign it with `tgops publish`",
+            ) from exc
+        except DownloadError as exc:
+            raise ManifestFetchError(channel, exc.cause, transient=exc.transient) from exc
+        return verify_manifest(channel, body, signature, self._key)
+
+    async def download(self, entry: PackageEntry, progress: Progress | None = None) -> Path:
+        """A verified local copy of the entry's file (from the cache when present)."""
+        package = f"{entry.name} {entry.version}"
+        try:
+            url = self.url_of(entry.path)
+        except ValueError as exc:
+            raise UnsafePathError(package, entry.path) from exc
+        return await self._downloader.fetch(
+            url, package=package, sha256=entry.sha256, size=entry.size, progress=progress
+        )

@@ -1,0 +1,46 @@
+"""The audit log (L13): who did what, when, to which target."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select
+
+from core.store import tables as t
+from core.store.base import StoreBase, audit_row, utcnow
+from core.store.records import AuditRecord
+
+
+class AuditStore(StoreBase):
+    """The audit log (L13): who did what, when, to which target."""
+
+    async def audit(
+        self,
+        *,
+        actor: str,
+        source: str,
+        action: str,
+        target: str | None = None,
+        detail: str = "",
+        run_id: int | None = None,
+    ) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                audit_row(
+                    at=utcnow(),
+                    actor=actor,
+                    source=source,
+                    action=action,
+                    target=target,
+                    detail=detail,
+                    run_id=run_id,
+                )
+            )
+
+    async def audit_log(
+        self, *, targets: Sequence[str] | None = None, limit: int = 20
+    ) -> list[AuditRecord]:
+        query = select(t.audit).order_by(t.audit.c.id.desc()).limit(limit)
+        if targets is not None:
+            query = query.where(t.audit.c.target.in_(list(targets)))
+        return await self._all(query, AuditRecord)

@@ -1,0 +1,174 @@
+"""The store's engine: opening and migrating the database, connections and transactions.
+
+SQLite by default (one connection: SQLite has one writer), PostgreSQL when configured.
+Alembic migrations in ``migrations/`` are applied at start-up, idempotently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, event, insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from core.errors import StoreError
+from core.store import tables as t
+from core.store.records import NodeRecord
+
+log = logging.getLogger(__name__)
+
+ACTIVE_RUN_STATES = ("queued", "running")
+R = TypeVar("R")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class StoreUnavailableError(StoreError):
+    def __init__(self, url: str, cause: str) -> None:
+        super().__init__(
+            f"database {url}: cannot be opened ({cause}); check database_url and that the "
+            "server is running"
+        )
+
+
+class NodeBusyError(StoreError):
+    def __init__(self, node: str, run_id: int) -> None:
+        self.node = node
+        self.run_id = run_id
+        super().__init__(
+            f"node {node} is busy with run #{run_id}; wait for it to end (see `log {node}`)"
+        )
+
+
+def record_of(cls: type[R], row: Any) -> R:
+    data = dict(row._mapping)
+    if cls is NodeRecord:
+        data["optional_packages"] = tuple(data.get("optional_packages") or ())
+        data["installed"] = dict(data.get("installed") or {})
+        data["staged"] = dict(data.get("staged") or {})
+    return cls(**data)
+
+
+def _migrate(connection: Connection) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def audit_row(
+    *,
+    at: datetime,
+    actor: str,
+    source: str,
+    action: str,
+    target: str | None,
+    detail: str,
+    run_id: int | None,
+) -> Any:
+    """The INSERT of one audit record (L13)."""
+    return insert(t.audit).values(
+        at=at,
+        actor=actor,
+        source=source,
+        action=action,
+        target=target,
+        detail=detail,
+        run_id=run_id,
+    )
+
+
+class StoreBase:
+    """The engine and its transactions; every aggregate's methods run over these."""
+
+    def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
+        self.url = url
+        self._connect_timeout = connect_timeout
+        self._engine: AsyncEngine | None = None
+
+    @property
+    def dialect(self) -> str:
+        return make_url(self.url).get_backend_name()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise StoreError("the store is not open; use `async with Store(url)`")
+        return self._engine
+
+    def display_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    async def __aenter__(self) -> Self:
+        url = make_url(self.url)
+        kwargs: dict[str, Any] = {}
+        if url.get_backend_name() == "sqlite":
+            if url.database and url.database != ":memory:":
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            # SQLite has one writer: one connection, so that no statement of this process
+            # ever waits in SQLite's busy handler for another of its own connections (that
+            # wait can block the event loop when a cursor is freed there)
+            kwargs["pool_size"] = 1
+            kwargs["max_overflow"] = 0
+            kwargs["pool_timeout"] = 120
+        else:
+            kwargs["pool_pre_ping"] = True
+            kwargs["connect_args"] = {"timeout": self._connect_timeout}
+        engine = create_async_engine(self.url, **kwargs)
+        if url.get_backend_name() == "sqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        try:
+            async with asyncio.timeout(self._connect_timeout + 20):
+                async with engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        # one instance migrates at a time
+                        await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(74470501)")
+                    await conn.run_sync(_migrate)
+        except (OSError, SQLAlchemyError, TimeoutError) as exc:
+            await engine.dispose()
+            cause = str(getattr(exc, "orig", None) or exc).splitlines()[0] or type(exc).__name__
+            raise StoreUnavailableError(self.display_url(), cause) from exc
+        self._engine = engine
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._engine is not None:
+            await asyncio.shield(self._engine.dispose())
+            self._engine = None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.begin() as conn:
+            yield conn
+
+    async def _all(self, query: Any, cls: type[R]) -> list[R]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [record_of(cls, r) for r in rows]

@@ -1,0 +1,45 @@
+"""Small named values (saved manifests, the notifier's watermarks) as JSON per namespace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+
+from core.store import tables as t
+from core.store.base import StoreBase, utcnow
+
+
+class KvStore(StoreBase):
+    """Small named values (saved manifests, the notifier's watermarks) as JSON per namespace."""
+
+    async def kv_get(self, namespace: str, key: str) -> Any:
+        """The stored value, or None."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(t.kv.c.value).where(t.kv.c.namespace == namespace, t.kv.c.key == key)
+                )
+            ).first()
+        return None if row is None else row.value
+
+    async def kv_items(self, namespace: str) -> dict[str, Any]:
+        """Every stored value of a namespace, by key."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(t.kv.c.key, t.kv.c.value).where(t.kv.c.namespace == namespace)
+                )
+            ).all()
+        return {row.key: row.value for row in rows}
+
+    async def kv_set(self, namespace: str, key: str, value: Any) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(delete(t.kv).where(t.kv.c.namespace == namespace, t.kv.c.key == key))
+            await conn.execute(
+                insert(t.kv).values(namespace=namespace, key=key, value=value, updated_at=utcnow())
+            )
+
+    async def kv_delete(self, namespace: str, key: str) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(delete(t.kv).where(t.kv.c.namespace == namespace, t.kv.c.key == key))

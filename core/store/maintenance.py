@@ -1,0 +1,117 @@
+"""Maintenance windows (L3): opened, notices sent, started, logon disabled, ended."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import insert, select, update
+
+from core.store import tables as t
+from core.store.base import StoreBase, record_of, utcnow
+from core.store.records import MaintenanceRecord
+
+
+class MaintenanceStore(StoreBase):
+    """Maintenance windows (L3): opened, notices sent, started, logon disabled, ended."""
+
+    async def open_maintenance(
+        self,
+        *,
+        node: str,
+        start: datetime,
+        reason: str,
+        origin: str,
+        disable_logon: bool,
+        created_by: str,
+    ) -> MaintenanceRecord:
+        """Schedule maintenance for a node, replacing an open one (which is ended)."""
+        now = utcnow()
+        async with self.transaction() as conn:
+            await conn.execute(
+                update(t.maintenance)
+                .where(t.maintenance.c.node == node, t.maintenance.c.ended_at.is_(None))
+                .values(ended_at=now, ended_by=created_by, end_reason="replaced")
+            )
+            new_id = (
+                await conn.execute(
+                    insert(t.maintenance)
+                    .values(
+                        node=node,
+                        start=start,
+                        reason=reason,
+                        origin=origin,
+                        disable_logon=disable_logon,
+                        created_by=created_by,
+                        created_at=now,
+                    )
+                    .returning(t.maintenance.c.id)
+                )
+            ).scalar_one()
+            row = (
+                await conn.execute(select(t.maintenance).where(t.maintenance.c.id == new_id))
+            ).one()
+        return record_of(MaintenanceRecord, row)
+
+    async def maintenance(self, node: str | None = None) -> list[MaintenanceRecord]:
+        """Open (not ended) maintenance windows, by start time."""
+        query = (
+            select(t.maintenance)
+            .where(t.maintenance.c.ended_at.is_(None))
+            .order_by(t.maintenance.c.start)
+        )
+        if node is not None:
+            query = query.where(t.maintenance.c.node == node)
+        return await self._all(query, MaintenanceRecord)
+
+    async def end_maintenance(self, node: str, *, by: str, reason: str) -> MaintenanceRecord | None:
+        async with self.transaction() as conn:
+            row = (
+                await conn.execute(
+                    select(t.maintenance).where(
+                        t.maintenance.c.node == node, t.maintenance.c.ended_at.is_(None)
+                    )
+                )
+            ).first()
+            if row is None:
+                return None
+            await conn.execute(
+                update(t.maintenance)
+                .where(t.maintenance.c.id == row.id)
+                .values(ended_at=utcnow(), ended_by=by, end_reason=reason)
+            )
+        return record_of(MaintenanceRecord, row)
+
+    async def mark_notice(self, maintenance_ids: Sequence[int], at: datetime) -> None:
+        """Record that the windows' users got a notice at ``at`` (one statement)."""
+        if not maintenance_ids:
+            return
+        async with self.transaction() as conn:
+            await conn.execute(
+                update(t.maintenance)
+                .where(t.maintenance.c.id.in_(list(maintenance_ids)))
+                .values(last_notice_at=at)
+            )
+
+    async def mark_started(self, maintenance_id: int, at: datetime) -> bool:
+        """Record that an open window's start was announced; False if it already was
+        (or the window ended): the one who gets True publishes MaintenanceStarted."""
+        async with self.transaction() as conn:
+            result = await conn.execute(
+                update(t.maintenance)
+                .where(
+                    t.maintenance.c.id == maintenance_id,
+                    t.maintenance.c.started_at.is_(None),
+                    t.maintenance.c.ended_at.is_(None),
+                )
+                .values(started_at=at)
+            )
+        return bool(result.rowcount == 1)
+
+    async def mark_logon_disabled(self, maintenance_id: int, at: datetime) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                update(t.maintenance)
+                .where(t.maintenance.c.id == maintenance_id)
+                .values(logon_disabled_at=at)
+            )

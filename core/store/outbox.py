@@ -1,0 +1,281 @@
+"""The durable outbox of notifications: enqueued, claimed, sent or retried, never lost."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from core.store import tables as t
+from core.store.base import StoreBase, record_of, utcnow
+from core.store.records import OutboxRecord
+
+
+class OutboxStore(StoreBase):
+    """The durable outbox of notifications: enqueued, claimed, sent or retried, never lost."""
+
+    async def enqueue(
+        self,
+        *,
+        key: str,
+        channel: str,
+        recipient: str,
+        subject: str = "",
+        payload: Mapping[str, Any] | None = None,
+        not_before: datetime | None = None,
+    ) -> bool:
+        """Queue one notification; ``False`` when its idempotency key is already queued."""
+        now = utcnow()
+        try:
+            async with self.transaction() as conn:
+                await conn.execute(
+                    insert(t.outbox).values(
+                        key=key,
+                        channel=channel,
+                        recipient=recipient,
+                        subject=subject,
+                        payload=dict(payload or {}),
+                        status="pending",
+                        attempts=0,
+                        next_attempt_at=not_before or now,
+                        created_at=now,
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    async def due_outbox(self, *, now: datetime, limit: int = 100) -> list[OutboxRecord]:
+        query = (
+            select(t.outbox)
+            .where(t.outbox.c.status == "pending", t.outbox.c.next_attempt_at <= now)
+            .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
+            .limit(limit)
+        )
+        return await self._all(query, OutboxRecord)
+
+    async def outbox(
+        self, *, statuses: Sequence[str] | None = None, limit: int = 100
+    ) -> list[OutboxRecord]:
+        query = select(t.outbox).order_by(t.outbox.c.id.desc()).limit(limit)
+        if statuses is not None:
+            query = query.where(t.outbox.c.status.in_(list(statuses)))
+        return await self._all(query, OutboxRecord)
+
+    async def outbox_result(
+        self,
+        outbox_id: int,
+        *,
+        status: str,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
+        values: dict[str, Any] = {
+            "status": status,
+            "last_error": error,
+            "attempts": t.outbox.c.attempts + 1,
+        }
+        if status == "sent":
+            values["sent_at"] = utcnow()
+        if retry_at is not None:
+            values["next_attempt_at"] = retry_at
+        async with self.transaction() as conn:
+            await conn.execute(update(t.outbox).where(t.outbox.c.id == outbox_id).values(**values))
+
+    async def enqueue_many(self, items: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Queue several notifications in one transaction; returns the keys newly queued.
+
+        Each item has ``key``, ``channel``, ``recipient`` and optionally ``subject``,
+        ``payload`` and ``not_before``; keys already queued are left as they are.
+        """
+        if not items:
+            return []
+        now = utcnow()
+        keys = [str(item["key"]) for item in items]
+        rows = [
+            {
+                "key": str(item["key"]),
+                "channel": item["channel"],
+                "recipient": item["recipient"],
+                "subject": item.get("subject", ""),
+                "payload": dict(item.get("payload") or {}),
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": item.get("not_before") or now,
+                "created_at": now,
+            }
+            for item in items
+        ]
+        try:
+            async with self.transaction() as conn:
+                have: set[str] = set()
+                for start in range(0, len(keys), 500):
+                    chunk = keys[start : start + 500]
+                    have.update(
+                        r.key
+                        for r in await conn.execute(
+                            select(t.outbox.c.key).where(t.outbox.c.key.in_(chunk))
+                        )
+                    )
+                fresh: dict[str, dict[str, Any]] = {}
+                for row in rows:
+                    if row["key"] not in have:
+                        fresh.setdefault(row["key"], row)
+                new_rows = list(fresh.values())
+                for start in range(0, len(new_rows), 500):
+                    await conn.execute(insert(t.outbox), new_rows[start : start + 500])
+                return list(fresh)
+        except IntegrityError:
+            # another instance queued some of them meanwhile: one at a time
+            return [
+                str(item["key"])
+                for item in items
+                if await self.enqueue(
+                    key=str(item["key"]),
+                    channel=item["channel"],
+                    recipient=item["recipient"],
+                    subject=item.get("subject", ""),
+                    payload=item.get("payload"),
+                    not_before=item.get("not_before"),
+                )
+            ]
+
+    async def claim_outbox(
+        self, *, channel: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutboxRecord]:
+        """Take due notifications of a channel for delivery (status ``sending``).
+
+        Due are pending ones whose time has come and ``sending`` ones whose lease ran out
+        (their sender died). Until ``lease_until`` no one else takes them.
+        """
+        due = (
+            t.outbox.c.channel == channel,
+            t.outbox.c.status.in_(("pending", "sending")),
+            t.outbox.c.next_attempt_at <= now,
+        )
+        chosen = (
+            select(t.outbox.c.id)
+            .where(*due)
+            .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        async with self.transaction() as conn:
+            # one statement: choose, take (due again: another instance may have been first)
+            # and read them
+            rows = (
+                await conn.execute(
+                    update(t.outbox)
+                    .where(t.outbox.c.id.in_(chosen), *due)
+                    .values(status="sending", next_attempt_at=lease_until)
+                    .returning(*t.outbox.c)
+                )
+            ).all()
+        return sorted((record_of(OutboxRecord, r) for r in rows), key=lambda r: r.id)
+
+    async def next_outbox_due(self, *, channel: str) -> datetime | None:
+        """When the next pending (or leased) notification of a channel is due."""
+        async with self.engine.connect() as conn:
+            value = (
+                await conn.execute(
+                    select(func.min(t.outbox.c.next_attempt_at)).where(
+                        t.outbox.c.channel == channel,
+                        t.outbox.c.status.in_(("pending", "sending")),
+                    )
+                )
+            ).scalar_one_or_none()
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+    async def outbox_item(self, key: str) -> OutboxRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(t.outbox).where(t.outbox.c.key == key))).first()
+        return None if row is None else record_of(OutboxRecord, row)
+
+    async def settle_outbox(
+        self,
+        results: Sequence[Mapping[str, Any]],
+        audits: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """Record delivery outcomes and their audit records in one transaction.
+
+        Each result has ``id``, ``status`` (pending, sent, failed), optional ``error``,
+        ``retry_at`` (next attempt), and ``attempted`` (default true: counts an attempt).
+        Each audit record has the arguments of ``audit``.
+        """
+        now = utcnow()
+        sent = [
+            r["id"]
+            for r in results
+            if r["status"] == "sent" and r.get("attempted", True) and r.get("retry_at") is None
+        ]
+        done = set(sent)
+        async with self.transaction() as conn:
+            if sent:  # the common case in one statement
+                await conn.execute(
+                    update(t.outbox)
+                    .where(t.outbox.c.id.in_(sent))
+                    .values(
+                        status="sent",
+                        last_error=None,
+                        attempts=t.outbox.c.attempts + 1,
+                        sent_at=now,
+                    )
+                )
+            for result in results:
+                if result["id"] in done:
+                    continue
+                values: dict[str, Any] = {
+                    "status": result["status"],
+                    "last_error": result.get("error"),
+                }
+                if result.get("attempted", True):
+                    values["attempts"] = t.outbox.c.attempts + 1
+                if result["status"] == "sent":
+                    values["sent_at"] = now
+                if result.get("retry_at") is not None:
+                    values["next_attempt_at"] = result["retry_at"]
+                await conn.execute(
+                    update(t.outbox).where(t.outbox.c.id == result["id"]).values(**values)
+                )
+            if audits:
+                await conn.execute(
+                    insert(t.audit),
+                    [
+                        {
+                            "at": now,
+                            "actor": a["actor"],
+                            "source": a["source"],
+                            "action": a["action"],
+                            "target": a.get("target"),
+                            "detail": a.get("detail", ""),
+                            "run_id": a.get("run_id"),
+                        }
+                        for a in audits
+                    ],
+                )
+
+    async def cancel_outbox(self, key: str, *, reason: str) -> bool:
+        """Fail a notification that is still waiting (not being sent); ``False`` otherwise."""
+        async with self.transaction() as conn:
+            result = await conn.execute(
+                update(t.outbox)
+                .where(t.outbox.c.key == key, t.outbox.c.status == "pending")
+                .values(status="failed", last_error=reason)
+            )
+        return bool(result.rowcount)
+
+    async def outbox_counts(self) -> dict[tuple[str, str], int]:
+        """Notifications in the outbox per (channel, status)."""
+        query = select(t.outbox.c.channel, t.outbox.c.status, func.count()).group_by(
+            t.outbox.c.channel, t.outbox.c.status
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}

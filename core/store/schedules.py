@@ -1,0 +1,52 @@
+"""Schedules (L4, L5): the weekly times of scheduled updates and downloads per node."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, insert, select, update
+
+from core.store import tables as t
+from core.store.base import StoreBase, utcnow
+from core.store.records import ScheduleRecord
+
+
+class SchedulesStore(StoreBase):
+    """Schedules (L4, L5): the weekly times of scheduled updates and downloads per node."""
+
+    async def set_schedule(
+        self, *, node: str, kind: str, days: str, start: str, end: str | None, by: str
+    ) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                delete(t.schedules).where(t.schedules.c.node == node, t.schedules.c.kind == kind)
+            )
+            await conn.execute(
+                insert(t.schedules).values(
+                    node=node,
+                    kind=kind,
+                    days=days,
+                    start=start,
+                    end=end,
+                    enabled=True,
+                    updated_by=by,
+                    updated_at=utcnow(),
+                )
+            )
+
+    async def disable_schedule(self, *, node: str, kind: str, by: str) -> bool:
+        async with self.transaction() as conn:
+            result = await conn.execute(
+                update(t.schedules)
+                .where(
+                    t.schedules.c.node == node,
+                    t.schedules.c.kind == kind,
+                    t.schedules.c.enabled.is_(True),
+                )
+                .values(enabled=False, updated_by=by, updated_at=utcnow())
+            )
+        return bool(result.rowcount)
+
+    async def schedules(self, node: str | None = None) -> list[ScheduleRecord]:
+        query = select(t.schedules).order_by(t.schedules.c.node, t.schedules.c.kind)
+        if node is not None:
+            query = query.where(t.schedules.c.node == node)
+        return await self._all(query, ScheduleRecord)
