@@ -1,5 +1,11 @@
-"""Node drivers: ``sandbox`` (a simulated node in a directory, for the demo and tests),
+"""Node drivers: ``sandbox`` (a SIMULATED node in a directory, for the demo and tests),
 ``local`` (this Debian host) and ``ssh`` (a Debian host over SSH), built by ``make_driver``.
+
+``commands`` is the command-template driver ``local`` and ``ssh`` share (``shell`` runs a
+command, ``staging`` names staged files, ``checkurl`` the post-update URL check);
+``loadbalancer`` takes cluster nodes out of load balancing and back.
+
+May import: the vocabulary at the top of ``core`` only (no other room of ``core``).
 """
 
 from __future__ import annotations
