@@ -307,7 +307,7 @@ class LeaderSettings(_Section):
 
 
 class Settings(BaseSettings):
-    """The whole configuration (DESIGN.md, "Configuration keys")."""
+    """The whole configuration (every key is documented in config/tgops.example.toml)."""
 
     model_config = SettingsConfigDict(
         extra="forbid",

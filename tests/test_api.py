@@ -36,7 +36,7 @@ async def test_health_status_and_commands(tmp_path: Path) -> None:
         assert status["clusters"] == [
             {"name": "c1", "max_parallel_updates": 1, "updating": [], "waiting": []}
         ]
-        # additions to the DESIGN schema: which instance answers, which one leads
+        # additions to the basic schema: which instance answers, which one leads
         assert status["instance"] == service.instance == health["instance"]
         assert status["leader"] == service.instance  # SQLite: the one instance leads
 

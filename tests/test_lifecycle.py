@@ -338,7 +338,7 @@ async def test_maintenance_bad_input(tmp_path: Path) -> None:
 
 
 async def test_status_json_has_the_design_schema(tmp_path: Path) -> None:
-    """The keys of GET /api/v1/status are a contract (DESIGN.md "Status JSON"); the
+    """The keys of GET /api/v1/status are a contract (docs/lifecycle.md, "Status JSON"); the
     additions (reachable, error, omitted_update; instance, leader) are documented."""
     async with fleet(tmp_path) as f:
         f.fault("tg1", {"delay": {"install": 30}})

@@ -55,7 +55,7 @@ DIVIDER: Block = {"type": "divider"}
 def alert_line(line: str) -> str:
     """One line of ``alert_header`` as Slack mrkdwn.
 
-    Slack cannot colour text. "Restart required" is shown "in red" (DESIGN L2) by a red
+    Slack cannot colour text. "Restart required" is shown "in red" (L2) by a red
     circle emoji in front of bold text; the other alerts get their own emoji, also bold.
     """
     if line.startswith("!! "):

@@ -221,7 +221,7 @@ class Engine:
     # -- status ----------------------------------------------------------------------------
 
     async def status(self, target: str | None = None, *, refresh: bool = True) -> dict[str, Any]:
-        """The fleet state as in DESIGN.md "Status JSON" (for a target, or all)."""
+        """The fleet state as in docs/lifecycle.md "Status JSON" (for a target, or all)."""
         names = self.resolve(target)
         # runs first: a run that ends while the nodes are read shows its outcome, not a gap
         active = {

@@ -44,7 +44,7 @@ def pending_packages(
     always_hotfixes: bool,
     requested_optional: Collection[str] = (),
 ) -> list[PackageEntry]:
-    """The entries a node should install from ``manifest`` (DESIGN.md, L1 and L8), by name.
+    """The entries a node should install from ``manifest`` (docs/lifecycle.md, L1 and L8), by name.
 
     Per package name the newest entry the node may take counts:
     ``regular`` and ``core`` always; ``hotfix`` when its id is selected or

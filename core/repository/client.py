@@ -1,6 +1,6 @@
 """The update repository over HTTP(S) (or ``file://``): signed manifests and package files.
 
-Layout (DESIGN.md, "Update repository")::
+Layout (README, "Update repository")::
 
     channels/<channel>.json       the manifest
     channels/<channel>.json.sig   base64 ed25519 signature of its exact bytes
