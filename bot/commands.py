@@ -22,7 +22,7 @@ from core.lifecycle.updates import (
     describe_confirmation,
     describe_start,
 )
-from core.localtime import local_text
+from core.localtime import local_text, zone_note, zoned_text
 from core.model import Actor, PackageKind
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,8 @@ class CommandService:
         tz = self.engine.settings.tz
         lines = []
         for rec in reversed(records):
-            when = rec.at.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S")
+            # with the zone: the reader's own zone may be another one (L13)
+            when = rec.at.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
             target = f" {rec.target}" if rec.target else ""
             run = f" run #{rec.run_id}" if rec.run_id else ""
             detail = rec.detail.replace("\n", "\n    ")  # a command's output, indented
@@ -245,6 +246,7 @@ class CommandService:
                 f"{m.node}: {local_text(m.start, tz)} ({m.origin}{logon}): {m.reason}"
                 f" — by {m.created_by}"
             )
+        lines.append(f"({zone_note(tz)})")
         return Reply(ok=True, text="\n".join(lines), command=cmd.name)
 
     async def _maintenance_new(self, cmd: Command, actor: Actor) -> Reply:
@@ -454,6 +456,20 @@ def render_status(status: dict[str, Any], tz: ZoneInfo) -> str:
         lines.append(head)
         installed = ", ".join(f"{k} {v}" for k, v in sorted(node["installed"].items()))
         lines.append(f"  installed: {installed or 'nothing recorded'}")
+        if node["update_lock"]:
+            lock = node["update_lock"]
+            since = zoned_text(datetime.fromisoformat(lock["since"]), tz)
+            lines.append(
+                f"  ! update lock since {since}: {lock['reason']} "
+                f"(check the node, then `remove-lock {node['name']}`)"
+            )
+        if node["warning_flag"]:
+            flag = node["warning_flag"]
+            since = zoned_text(datetime.fromisoformat(flag["since"]), tz)
+            lines.append(
+                f"  ! update download error since {since}: {flag['reason']} "
+                "(a complete download clears it)"
+            )
         if node["pending"]:
             pending = ", ".join(f"{p['name']} {p['version']}" for p in node["pending"])
             lines.append(f"  pending: {pending}")

@@ -7,6 +7,7 @@ shows the usage line.
 
 from __future__ import annotations
 
+import difflib
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -261,8 +262,20 @@ def _group_usage(head: str) -> str:
     return "  |  ".join(s.usage for s in SPECS if s.name.split()[0] == head)
 
 
+def _heads() -> list[str]:
+    return sorted({s.name.split()[0] for s in SPECS})
+
+
 def _command_names() -> str:
-    return ", ".join(sorted({s.name.split()[0] for s in SPECS}))
+    return ", ".join(_heads())
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    """``; did you mean `status`?`` for a mistyped word close to one of ``choices``."""
+    close = difflib.get_close_matches(word, choices, n=2, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(f"`{c}`" for c in close) + "?)"
 
 
 def parse_time(word: str) -> time | None:
@@ -369,11 +382,18 @@ def _split(text: str) -> tuple[str, list[str], set[str]]:
     if name not in SPEC_BY_NAME:
         if head in GROUPS:
             sub = words[0] if words else ""
+            subs = [s.name.split()[1] for s in SPECS if s.name.startswith(head + " ")]
             raise _Bad(
-                f"unknown {head} command {sub!r}" if sub else f"{head} needs a sub-command",
+                f"unknown {head} command {sub!r}{_did_you_mean(sub.lower(), subs)}"
+                if sub
+                else f"{head} needs a sub-command",
                 _group_usage(head),
             )
-        raise _Bad(f"unknown command {head!r}; commands: {_command_names()}", "help [COMMAND]")
+        raise _Bad(
+            f"unknown command {head!r}{_did_you_mean(head, _heads())}; commands: "
+            f"{_command_names()}",
+            "help [COMMAND]",
+        )
     spec = SPEC_BY_NAME[name]
     flags: set[str] = set()
     rest: list[str] = []
@@ -405,14 +425,24 @@ def _parse(text: str) -> Command:
             and topic.removeprefix("/tg ") not in SPEC_BY_NAME
             and topic not in GROUPS
         ):
-            raise _Bad(f"no command {topic!r}; commands: {_command_names()}", spec.usage)
+            names = sorted({s.name for s in SPECS} | GROUPS)
+            raise _Bad(
+                f"no command {topic!r}{_did_you_mean(topic, names)}; commands: {_command_names()}",
+                spec.usage,
+            )
         return make(topic=topic)
     if name in {"nodes", "maintenance", "maintenance new", "schedule"}:
         if rest and name in GROUPS:
-            raise _Bad(f"unknown {name} command {rest[0]!r}", _group_usage(name))
+            subs = [s.name.split()[1] for s in SPECS if s.name.startswith(name + " ")]
+            raise _Bad(
+                f"unknown {name} command {rest[0]!r}{_did_you_mean(rest[0].lower(), subs)}",
+                _group_usage(name),
+            )
         w.end()
         return make()
     if name in {"status", "plan", "hotfixes"}:
+        if name == "hotfixes" and len(rest) > 1:
+            _mistyped_sub(name, rest[0])
         target = w.optional_target()
         w.end()
         return make(target=target)
@@ -426,7 +456,11 @@ def _parse(text: str) -> Command:
     if name == "logon":
         action = w.take("disable or enable").lower()
         if action not in {"disable", "enable"}:
-            raise _Bad(f"{action!r} is neither disable nor enable", spec.usage)
+            raise _Bad(
+                f"{action!r} is neither disable nor enable"
+                f"{_did_you_mean(action, ['disable', 'enable'])}",
+                spec.usage,
+            )
         target = w.target()
         w.end()
         return make(target=target, enabled=action == "enable")
@@ -454,6 +488,14 @@ def _parse(text: str) -> Command:
         w.end()
         return make(target=target, enabled=mode == "on")
     raise _Bad(f"command {name!r} is not understood", spec.usage)  # pragma: no cover
+
+
+def _mistyped_sub(head: str, word: str) -> None:
+    """Refuse ``word`` when it looks like a mistyped sub-command of ``head``."""
+    subs = [s.name.split()[1] for s in SPECS if s.name.startswith(head + " ")]
+    hint = _did_you_mean(word.lower(), subs)
+    if hint:
+        raise _Bad(f"unknown {head} command {word!r}{hint}", _group_usage(head))
 
 
 def _parse_maintenance(w: _Words, make: Any) -> Command:

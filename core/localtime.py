@@ -33,3 +33,15 @@ def local_text(when: datetime, tz: ZoneInfo) -> str:
     """``2026-12-01 22:00`` (seconds shown only when set) in ``tz``."""
     local = when.astimezone(tz)
     return local.strftime("%Y-%m-%d %H:%M:%S" if local.second else "%Y-%m-%d %H:%M")
+
+
+def zoned_text(when: datetime, tz: ZoneInfo) -> str:
+    """``2026-12-01 22:00 CET``: ``local_text`` with the zone's abbreviation, for replies
+    read by people who may sit in another zone than the service."""
+    local = when.astimezone(tz)
+    return f"{local_text(local, tz)} {local.tzname() or tz.key}"
+
+
+def zone_note(tz: ZoneInfo) -> str:
+    """``times in Europe/Berlin``: the zone of the times a reply lists."""
+    return f"times in {tz.key}"

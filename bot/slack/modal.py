@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 from bot.grammar import parse_date, parse_time
 from bot.slack.blocks import plain
 from core.errors import TgopsError
-from core.localtime import local_text, to_utc
+from core.localtime import to_utc, zoned_text
 from core.settings import Settings
 
 CALLBACK = "tg_maintenance"
@@ -186,7 +186,7 @@ def read_submission(
             if past:
                 field = DATE if day < now.astimezone(tz).date() else TIME
                 errors[field] = (
-                    f"This lies in the past (now {local_text(now, tz)}); choose a later time."
+                    f"This lies in the past (now {zoned_text(now, tz)}); choose a later time."
                 )
     if errors:
         return errors

@@ -80,12 +80,17 @@ class Election(ABC):
         if self.on_elected is not None:
             await self.on_elected()
 
-    async def _demoted(self) -> None:
+    async def _demoted(self, *, stopping: bool = False) -> None:
+        """No longer the leader: a warning when the lead was lost, a note when this
+        instance hands it over because it stops."""
         if not self.is_leader:
             return
         self.is_leader = False
         self.since = None
-        log.warning("instance %s no longer leads", self.instance)
+        if stopping:
+            log.info("instance %s stops leading (shutting down)", self.instance)
+        else:
+            log.warning("instance %s no longer leads", self.instance)
         if self.on_demoted is not None:
             await self.on_demoted()
 
@@ -126,7 +131,7 @@ class SingleInstance(Election):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._demoted()
+        await self._demoted(stopping=True)
         if self._handle is not None:
             fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
             self._handle.close()
@@ -167,7 +172,7 @@ class PostgresElection(Election):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._demoted()
+        await self._demoted(stopping=True)
         await self._close()
 
     async def _close(self) -> None:

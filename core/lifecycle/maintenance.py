@@ -22,7 +22,7 @@ from core import events as ev
 from core.background import background
 from core.errors import DriverError, TgopsError
 from core.lifecycle.engine import Engine
-from core.localtime import local_text, to_utc
+from core.localtime import local_text, to_utc, zoned_text
 from core.model import Actor
 from core.store import MaintenanceRecord
 
@@ -97,8 +97,9 @@ class Maintenance:
         now = engine.clock.now()
         if origin == "manual" and start <= now:
             raise MaintenanceInputError(
-                f"{local_text(start, engine.settings.tz)} is in the past "
-                f"(now {local_text(now, engine.settings.tz)}); give a future date and time"
+                f"{local_text(start, engine.settings.tz)} is in the past (now "
+                f"{zoned_text(now, engine.settings.tz)}, time zone {engine.settings.tz.key}); "
+                "give a future date and time in that zone"
             )
         reason = " ".join(reason.split())
         if not reason:

@@ -28,7 +28,7 @@ from core.durations import format_duration
 from core.lifecycle.calendar import Weekly, days_text, parse_days_text, parse_time_text, time_text
 from core.lifecycle.engine import Engine
 from core.lifecycle.scheduled import SCHEDULER, ScheduledRuns
-from core.localtime import local_text
+from core.localtime import local_text, zone_note
 from core.model import Actor
 from core.store import ScheduleRecord
 
@@ -259,7 +259,9 @@ class Scheduler:
                     f"{record.node}: download on {record.days} {record.start}{end} — "
                     f"next {local_text(nxt.at, tz)}"
                 )
-        return "\n".join(lines) or "No schedules are on."
+        if not lines:
+            return "No schedules are on."
+        return "\n".join([*lines, f"({zone_note(tz)})"])
 
     async def plan(self, target: str | None) -> str:
         """The timeline of the next scheduled runs, with the expected wait for slots."""
@@ -271,13 +273,25 @@ class Scheduler:
         drain = timedelta(seconds=settings.maintenance.lb_drain_lead)
         events: list[tuple[datetime, str]] = []
         updates: list[Occurrence] = []
-        for record in await self.store.schedules():
-            if not record.enabled or record.node not in names:
-                continue
+        schedules = [r for r in await self.store.schedules() if r.enabled and r.node in names]
+        idle = await self._nothing_pending(
+            sorted({r.node for r in schedules if r.kind == "update"})
+        )
+        for record in schedules:
             occ = self.next_occurrence(record, now)
             if record.kind == "download":
                 until = f" until {local_text(occ.until, tz)}" if occ.until else ""
                 events.append((occ.at, f"{occ.node}: scheduled download{until}"))
+                continue
+            if occ.node in idle:
+                # the check finds nothing, logs "no updates" and ends (L4)
+                events.append(
+                    (
+                        occ.fire_at,
+                        f"{occ.node}: checks for updates; nothing is pending now, so nothing "
+                        "else happens unless an update is published before then",
+                    )
+                )
                 continue
             updates.append(occ)
             events.append(
@@ -339,16 +353,27 @@ class Scheduler:
                     (
                         start,
                         f"{occ.node}: expected to get a slot of {cluster} "
-                        f"(waits ~{rounds * duration / 60:.0f} min{late}), leaves load "
+                        f"(waits {about(rounds * duration)}{late}), leaves load "
                         "balancing, sessions ended, install",
                     )
                 )
         lines = [f"{local_text(when, tz)}  {text}" for when, text in sorted(events)]
         if duration is not None:
-            lines.append(
-                f"(estimates use the median update duration here: {duration / 60:.1f} min)"
-            )
+            lines.append(f"(estimates use the median update duration here: {about(duration, '')})")
+        lines.append(f"({zone_note(tz)})")
         return "\n".join(lines)
+
+    async def _nothing_pending(self, names: list[str]) -> frozenset[str]:
+        """Nodes with nothing to install as far as the last manifest tells (none known:
+        nothing is claimed)."""
+        if not names or self.engine.settings.updates.channel not in self.engine.manifests:
+            return frozenset()
+        selected = await self.store.selected_hotfixes()
+        return frozenset(
+            record.name
+            for record in await self.store.nodes(names)
+            if not self.engine.pending(record, selected.get(record.name, []))
+        )
 
     async def _typical_update(self) -> float | None:
         spans = sorted(
@@ -359,3 +384,12 @@ class Scheduler:
             and r.finished_at is not None
         )
         return spans[len(spans) // 2] if spans else None
+
+
+def about(seconds: float, prefix: str = "~") -> str:
+    """A duration as an estimate: ``less than a minute``, ``~40s``, ``~12 min``."""
+    if seconds < 1:
+        return "less than a second"
+    if seconds < 90:
+        return f"{prefix}{round(seconds)}s"
+    return f"{prefix}{round(seconds / 60)} min"

@@ -298,14 +298,12 @@ class UpdateSteps:
 
         async def stop() -> None:
             if rollout is not None and rollout.failed is not None:
-                raise RunCancelledError(
-                    f"rollout stopped: {rollout.failed}; {ctx.node} was not touched"
-                )
+                raise RunCancelledError(f"rollout stopped: {rollout.failed}; {untouched(ctx)}")
             if deadline is not None and self.engine.clock.now() > deadline:
                 holders = ", ".join(s.node for s in await self.store.slots(cluster))
                 raise RunSkippedError(
                     f"no slot of cluster {cluster} became free in time (held by {holders}); "
-                    f"{ctx.node} was not touched"
+                    f"{untouched(ctx)}"
                 )
 
         limit = self.engine.settings.clusters[cluster].max_parallel_updates
@@ -349,7 +347,7 @@ class UpdateSteps:
         await self.store.update_node(ctx.node, **values)
         ctx.message = "installed " + ", ".join(f"{p.name} {p.version}" for p in plan)
         if result.restart_required:
-            ctx.message += "; restart required (core update): `restart T`"
+            ctx.message += f"; restart required (core update): `restart {ctx.node}`"
             await self.engine.events.publish(
                 ev.NodeStateChanged(node=ctx.node, change="restart required")
             )
@@ -382,7 +380,9 @@ class UpdateSteps:
         if mismatches:
             lines = [f"{m.package}: {m.path}: {m.problem}" for m in mismatches[:50]]
             more = f" (and {len(mismatches) - 50} more)" if len(mismatches) > 50 else ""
-            raise TgopsError(f"{len(mismatches)} mismatches{more}:\n" + "\n".join(lines))
+            count = len(mismatches)
+            noun = "mismatch" if count == 1 else "mismatches"
+            raise TgopsError(f"{count} {noun}{more}:\n" + "\n".join(lines))
         ctx.message = "every installed file matches its package"
 
     async def _update_succeeded(self, ctx: RunContext) -> None:
@@ -428,3 +428,15 @@ class UpdateSteps:
             await self.store.update_node(ctx.node, left_drained_by_run=ctx.run_id)
             reason += "; the node stays out of load balancing until `remove-lock`"
         await self.set_lock(ctx.node, reason, Actor(name="tgops", source="system"))
+
+
+def untouched(ctx: RunContext) -> str:
+    """What a run that stopped before anything disruptive left on its node."""
+    staged = ctx.params.get("plan") or []
+    if not staged:
+        return f"{ctx.node} was not touched"
+    names = ", ".join(f"{p['name']} {p['version']}" for p in staged)
+    return (
+        f"{ctx.node} was not touched apart from staging {names} (nothing installed, no "
+        "user disturbed; the staged packages stay for its next update)"
+    )

@@ -256,12 +256,14 @@ class Lifecycle(UpdateSteps):
             if notes:
                 lines.append(f"{record.name}: {'; '.join(notes)}.")
         clustered = [n for n in names if self.engine.cluster_of[n] is not None]
-        in_maint = {m.node for m in await self.store.maintenance()} & set(clustered)
-        if clustered:
-            extra = f" ({', '.join(sorted(in_maint))} still in maintenance)" if in_maint else ""
+        in_maint = sorted({m.node for m in await self.store.maintenance()} & set(clustered))
+        if in_maint:
+            # L6: the lock is gone, the maintenance of a cluster node stays until ended by hand
+            verb = "is" if len(in_maint) == 1 else "are"
             lines.append(
-                "Cluster nodes: maintenance mode is not ended by this; a maint admin ends it "
-                f"with `maintenance cancel T`{extra}."
+                f"{', '.join(in_maint)} {verb} still in maintenance: maintenance mode is not "
+                f"ended by this; a maint admin ends it with `maintenance cancel {in_maint[0]}`"
+                + (" (and likewise for the others)." if len(in_maint) > 1 else ".")
             )
         return "\n".join(lines)
 
