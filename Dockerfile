@@ -1,5 +1,7 @@
 # tgops service image: `docker build -t tgops .`, then
-#   docker run -v tgops-state:/var/lib/tgops -v $PWD/tgops.toml:/etc/tgops/tgops.toml -p 8080:8080 tgops
+#   docker run --ulimit nofile=65536:65536 -v tgops-state:/var/lib/tgops \
+#     -v $PWD/tgops.toml:/etc/tgops/tgops.toml -p 8080:8080 tgops
+# `tgops serve` raises its soft open-files limit to the hard limit (at most 65536) itself.
 FROM python:3.11-slim-bookworm
 
 RUN apt-get update \

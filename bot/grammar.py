@@ -198,8 +198,9 @@ SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 GROUPS = {"maintenance", "schedule", "hotfixes", "logon", "oldstable", "warning-flag"}
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 ALL_FLAGS = frozenset(f for spec in SPECS for f in spec.flags)
-_TIME = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
-_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
+_TIME = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$", re.ASCII)
+_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$", re.ASCII)
+_NUMBER = re.compile(r"^[0-9]+$")
 _TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+~-]{0,127}$")
 
@@ -551,8 +552,8 @@ def _parse_log(rest: list[str], make: Any) -> Command:
     target: str | None = None
     count: int | None = None
     for word in rest[:2]:
-        if word.isdigit() and count is None:
-            count = int(word)
+        if _NUMBER.match(word) and count is None:
+            count = int(word) if len(word) <= 5 else 0
             if not 1 <= count <= 1000:
                 raise _Bad("N must be between 1 and 1000", usage)
         elif target is None and count is None and _TARGET.match(word):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientError, web
+from aiohttp.typedefs import Handler, Middleware
 
 from bot.commands import CommandService
 from core import __version__
@@ -50,6 +52,35 @@ class ApiAuth:
         return found
 
 
+def read_body_first(deadline: float) -> Middleware:
+    """Every request body is read before its handler runs: within ``deadline`` seconds
+    (else 408) and ``MAX_BODY`` bytes (else 413); a client that goes away in the middle
+    of its body is logged in one line and gets no answer. Handlers then read it from
+    memory."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(deadline):
+                    await request.read()
+            except TimeoutError:
+                return _error(408, f"the body did not arrive within {deadline:g}s")
+            except web.HTTPRequestEntityTooLarge:
+                return _error(413, f"body larger than {MAX_BODY} bytes")
+            except (ConnectionError, ClientError) as exc:
+                log.info(
+                    "%s %s: the client went away before its body was complete (%s)",
+                    request.method,
+                    request.path,
+                    exc.__class__.__name__,
+                )
+                return _error(400, "the body was not complete")
+        return await handler(request)
+
+    return middleware
+
+
 def _with_viewer(roles: frozenset[Role]) -> frozenset[Role]:
     return roles | {Role.VIEWER} if roles else roles
 
@@ -59,9 +90,14 @@ def build_app(
     settings: Settings,
     commands: CommandService,
     health: HealthInfo | None = None,
+    middlewares: Sequence[Middleware] = (),
 ) -> web.Application:
+    """The app; ``middlewares`` go first (before the body is read)."""
     auth = ApiAuth(settings)
-    app = web.Application(client_max_size=MAX_BODY)
+    app = web.Application(
+        client_max_size=MAX_BODY,
+        middlewares=[*middlewares, read_body_first(settings.http.body_timeout)],
+    )
 
     async def healthz(_: web.Request) -> web.Response:
         body: dict[str, Any] = {"ok": True, "version": __version__}
@@ -83,14 +119,13 @@ def build_app(
         actor = auth.actor(request)
         if actor is None:
             return _error(401, "missing or unknown bearer token (Authorization: Bearer TOKEN)")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"body larger than {MAX_BODY} bytes")
+        raw = await request.read()  # read (bounded in size and time) by ``read_body_first``
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except ValueError as exc:  # not UTF-8, not JSON, or a number beyond 4300 digits
             return _error(400, f'body is not JSON ({exc.__class__.__name__}); send {{"text": "…"}}')
+        except RecursionError:
+            return _error(400, 'body is nested too deeply; send {"text": "…"}')
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
             return _error(
                 400, 'body must be a JSON object with a string "text", e.g. {"text": "status"}'

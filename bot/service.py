@@ -17,6 +17,7 @@ from aiohttp import web
 
 from bot.calendar_feed import MaintenanceFeed
 from bot.commands import CommandService
+from bot.connections import ConnectionLimits, LimitedSite, quiet_accept_errors, raise_file_limit
 from bot.http import build_app
 from bot.metrics import ServiceMetrics
 from bot.slack.app import slack_bot
@@ -132,7 +133,15 @@ class Service:
             slack_bot(settings, engine=self.engine, commands=self.commands, bus=self.bus)
         )
 
-        app = build_app(settings=settings, commands=self.commands, health=self._health)
+        limits = ConnectionLimits(
+            limit=settings.http.max_connections, header_timeout=settings.http.header_timeout
+        )
+        app = build_app(
+            settings=settings,
+            commands=self.commands,
+            health=self._health,
+            middlewares=[limits.middleware()],
+        )
         # Adapters add their HTTP routes to ``app`` here (Slack events, Twilio webhooks).
         self.metrics.add_routes(app)  # GET /metrics
         MaintenanceFeed(self.engine, self.scheduler).add_routes(app)  # GET /maintenance.ics
@@ -148,14 +157,18 @@ class Service:
         self.election.on_disconnected = self.lifecycle.interrupt_all
         await self.election.start()
 
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            keepalive_timeout=settings.http.idle_timeout,
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, settings.http.host, settings.http.port, backlog=1024)
+        stack.enter_context(quiet_accept_errors())
+        site = LimitedSite(runner, settings.http.host, settings.http.port, limits=limits)
         await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = site.bound_port
         log.info(
             "tgops serving on http://%s:%s (store %s, %d nodes)",
             settings.http.host,
@@ -237,6 +250,7 @@ async def serve(settings: Settings, *, ready: Path | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    raise_file_limit()
     async with Service(settings) as service:
         if ready is not None:
             await asyncio.to_thread(ready.write_text, str(service.port))

@@ -59,6 +59,24 @@ class HttpSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65535)
     public_url: str = "http://127.0.0.1:8080"
     """How Slack and Twilio reach this service (Twilio signatures are checked against it)."""
+    header_timeout: Duration = 10.0
+    """A new connection must send a request's headers within this time (else it is closed)."""
+    body_timeout: Duration = 30.0
+    """A request's body must arrive within this time after its headers (else 408)."""
+    idle_timeout: Duration = 15.0
+    """A kept-alive connection without a new request is closed after this time."""
+    max_connections: int = Field(default=512, ge=8, le=100_000)
+    """Connections served at once; beyond it the longest-idle one is closed for the new one,
+    and when none is idle the new one is answered 503."""
+    status_cache: Duration = 5.0
+    """How long the nodes' state read for one status request serves the next ones."""
+
+    @field_validator("header_timeout", "body_timeout", "idle_timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be longer than 0s")
+        return value
 
 
 class ApiToken(_Section):

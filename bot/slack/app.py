@@ -54,6 +54,8 @@ from core.settings import RolesSettings, Settings
 
 log = logging.getLogger(__name__)
 
+_TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
+
 EVENTS_PATH = "/slack/events"
 KV_CONFIRM = "slack.confirm"
 QUERIES = frozenset(
@@ -303,18 +305,35 @@ class SlackBot:
         return app
 
     async def handle(self, request: web.Request) -> web.Response:
-        """``POST /slack/events``: bolt checks the signature (401 when bad or stale)."""
+        """``POST /slack/events``: bolt checks the signature (401 when bad or stale).
+
+        What bolt cannot judge is answered here first: a timestamp that is not a number of
+        seconds (401), a body that is not UTF-8 or neither a form nor a JSON object (400)."""
+        stamp = request.headers.get("X-Slack-Request-Timestamp", "")
+        if not _TIMESTAMP.match(stamp):
+            return web.Response(
+                status=401, text="X-Slack-Request-Timestamp must be a number of seconds"
+            )
+        try:
+            body = (await request.read()).decode("utf-8")
+        except UnicodeDecodeError:
+            return web.Response(status=400, text="the body is not UTF-8")
+        try:
+            bolt_request = AsyncBoltRequest(
+                body=body,
+                query=request.query_string,
+                headers={k: request.headers.getall(k) for k in request.headers},
+            )
+        except (ValueError, RecursionError, AttributeError, TypeError, KeyError):
+            # bolt reads the payload's fields while it builds the request: a body of the
+            # wrong shape (a JSON list, a "payload" that is no object) fails there
+            bolt_request = None
+        if bolt_request is None or not isinstance(bolt_request.body, dict):
+            return web.Response(status=400, text="the body is neither a form nor a JSON object")
         self._in_flight += 1
         self._last_request = time.monotonic()
         try:
-            body = await request.text()
-            response = await self.app.async_dispatch(
-                AsyncBoltRequest(
-                    body=body,
-                    query=request.query_string,
-                    headers={k: request.headers.getall(k) for k in request.headers},
-                )
-            )
+            response = await self.app.async_dispatch(bolt_request)
         finally:
             self._in_flight -= 1
         content_type = response.headers.get("content-type", ["text/plain"])[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -78,6 +79,50 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+AUDIT_DETAIL_LIMIT = 2000
+"""Characters of an audit record's detail that are kept; a longer one is cut and marked."""
+AUDIT_FIELD_LIMIT = 200
+"""Characters kept of an audit record's actor, source, action and target."""
+
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """``text`` without control characters (newlines and tabs stay) and with lone
+    surrogates (which no database can store) replaced by U+FFFD."""
+    return _UNSAFE.sub(lambda m: "\ufffd" if m.group() >= "\ud800" else "", text)
+
+
+def clipped(text: str, limit: int) -> str:
+    """``text``, cut to ``limit`` characters with a mark saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [cut: {len(text) - limit} more characters]"
+
+
+def audit_values(
+    *,
+    at: datetime,
+    actor: str,
+    source: str,
+    action: str,
+    target: str | None,
+    detail: str,
+    run_id: int | None,
+) -> dict[str, Any]:
+    """One audit record's columns, made safe to store and to show: control characters
+    removed, the detail cut at ``AUDIT_DETAIL_LIMIT`` characters (marked)."""
+    return {
+        "at": at,
+        "actor": clipped(printable(actor), AUDIT_FIELD_LIMIT),
+        "source": clipped(printable(source), AUDIT_FIELD_LIMIT),
+        "action": clipped(printable(action), AUDIT_FIELD_LIMIT),
+        "target": None if target is None else clipped(printable(target), AUDIT_FIELD_LIMIT),
+        "detail": clipped(printable(detail), AUDIT_DETAIL_LIMIT),
+        "run_id": run_id,
+    }
+
+
 def audit_row(
     *,
     at: datetime,
@@ -90,13 +135,15 @@ def audit_row(
 ) -> Any:
     """The INSERT of one audit record (L13)."""
     return insert(t.audit).values(
-        at=at,
-        actor=actor,
-        source=source,
-        action=action,
-        target=target,
-        detail=detail,
-        run_id=run_id,
+        **audit_values(
+            at=at,
+            actor=actor,
+            source=source,
+            action=action,
+            target=target,
+            detail=detail,
+            run_id=run_id,
+        )
     )
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from core.store import tables as t
-from core.store.base import StoreBase, record_of, utcnow
+from core.store.base import StoreBase, audit_values, record_of, utcnow
 from core.store.records import OutboxRecord
 
 
@@ -248,15 +248,15 @@ class OutboxStore(StoreBase):
                 await conn.execute(
                     insert(t.audit),
                     [
-                        {
-                            "at": now,
-                            "actor": a["actor"],
-                            "source": a["source"],
-                            "action": a["action"],
-                            "target": a.get("target"),
-                            "detail": a.get("detail", ""),
-                            "run_id": a.get("run_id"),
-                        }
+                        audit_values(
+                            at=now,
+                            actor=a["actor"],
+                            source=a["source"],
+                            action=a["action"],
+                            target=a.get("target"),
+                            detail=a.get("detail", ""),
+                            run_id=a.get("run_id"),
+                        )
                         for a in audits
                     ],
                 )
