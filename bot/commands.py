@@ -74,7 +74,7 @@ class CommandService:
         """The fleet's status (``GET /api/v1/status``, ``status``) with, when this service
         takes part in an election, ``instance`` (this one) and ``leader`` (the best known
         leading instance; null when none is known)."""
-        status = await self.engine.status(target)
+        status = await self.engine.status(target, max_age=self.engine.settings.http.status_cache)
         if self.election is None:
             return status
         return {

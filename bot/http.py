@@ -13,6 +13,7 @@ from aiohttp import ClientError, web
 from aiohttp.typedefs import Handler, Middleware
 
 from bot.commands import CommandService
+from bot.grammar import allowed
 from core import __version__
 from core.errors import TgopsError
 from core.model import Actor, Role
@@ -109,6 +110,8 @@ def build_app(
         actor = auth.actor(request)
         if actor is None:
             return _error(401, "missing or unknown bearer token (Authorization: Bearer TOKEN)")
+        if not allowed(actor.roles, Role.VIEWER):
+            return _error(403, "the status needs role viewer; this token has no role")
         target = request.query.get("target")
         try:
             return web.json_response(await commands.status(target))

@@ -6,7 +6,9 @@ Each change is persisted first, audited (L13), and then published as a domain ev
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -59,6 +61,10 @@ class Engine:
         self.node_names = [n.name for n in settings.nodes]
         self.cluster_of = {n.name: n.cluster for n in settings.nodes}
         self._refresh_gate = asyncio.Semaphore(REFRESH_PARALLEL)
+        self._asking: dict[str, asyncio.Task[NodeRecord]] = {}
+        """Status refreshes under way per node (``fresh``): later requests join them."""
+        self._asked_at: dict[str, float] = {}
+        """When each node's last status refresh ended (event-loop time)."""
         self.manifests: dict[str, Manifest] = {}
 
     async def remember_manifest(self, manifest: Manifest) -> None:
@@ -114,6 +120,31 @@ class Engine:
         """Ask the drivers for the nodes' state and persist what changed."""
         rows = {r.name: r for r in await self.store.nodes(list(names))} if names else {}
         return list(await asyncio.gather(*(self._refresh_one(n, rows.get(n)) for n in names)))
+
+    async def fresh(self, names: Sequence[str], max_age: float) -> list[NodeRecord]:
+        """The nodes' state no older than ``max_age`` seconds, for status requests: a node
+        asked less than ``max_age`` ago is read from the store, and concurrent requests
+        share one refresh per node (so a burst of requests asks each node once)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = [n for n in names if now - self._asked_at.get(n, -math.inf) >= max_age]
+        for name in due:
+            if name in self._asking:
+                continue
+            # registered before anything is awaited, so that requests meanwhile join it
+            task = loop.create_task(self._refresh_one(name, None))
+            self._asking[name] = task
+            task.add_done_callback(functools.partial(self._asked, name))
+        joined = {n: await asyncio.shield(self._asking[n]) for n in due if n in self._asking}
+        rest = [n for n in names if n not in joined]
+        stored = {r.name: r for r in await self.store.nodes(rest)} if rest else {}
+        return [joined.get(n) or stored[n] for n in names]
+
+    def _asked(self, name: str, task: asyncio.Task[NodeRecord]) -> None:
+        if self._asking.get(name) is task:
+            del self._asking[name]
+        if not task.cancelled() and task.exception() is None:
+            self._asked_at[name] = asyncio.get_running_loop().time()
 
     async def _refresh_one(self, name: str, before: NodeRecord | None) -> NodeRecord:
         if before is None:
@@ -220,14 +251,22 @@ class Engine:
 
     # -- status ----------------------------------------------------------------------------
 
-    async def status(self, target: str | None = None, *, refresh: bool = True) -> dict[str, Any]:
-        """The fleet state as in docs/lifecycle.md "Status JSON" (for a target, or all)."""
+    async def status(
+        self, target: str | None = None, *, refresh: bool = True, max_age: float = 0.0
+    ) -> dict[str, Any]:
+        """The fleet state as in docs/lifecycle.md "Status JSON" (for a target, or all);
+        with ``max_age`` the nodes' state may be that old (``fresh``)."""
         names = self.resolve(target)
         # runs first: a run that ends while the nodes are read shows its outcome, not a gap
         active = {
             r.id: r for r in await self.store.runs(statuses=("queued", "running"), limit=10_000)
         }
-        records = await self.refresh(names) if refresh else await self.store.nodes(names)
+        if not refresh:
+            records = await self.store.nodes(names)
+        elif max_age > 0:
+            records = await self.fresh(names, max_age)
+        else:
+            records = await self.refresh(names)
         by_name = {r.name: r for r in records}
         maintenance = {m.node: m for m in await self.store.maintenance()}
         schedules: dict[str, dict[str, Any]] = {}

@@ -1,0 +1,88 @@
+"""Status under load: concurrent requests ask each node once (a local-driver node that
+counts how often it is asked), results serve later requests for ``http.status_cache``,
+and status needs a role."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+from pathlib import Path
+
+from tests.service import VIEWER_TOKEN, running, settings_for
+from tests.sshd import FakeNode
+
+NOBODY_TOKEN = "token-without-any-role"
+
+
+def fleet(tmp_path: Path, status_cache: str) -> tuple[Path, str]:
+    node = FakeNode.create(tmp_path / "node")
+    asked = tmp_path / "asked"
+    sessions = (
+        f"echo asked >> {shlex.quote(str(asked))}; cat {node.flags}/sessions/* 2>/dev/null || true"
+    )
+    commands = ", ".join(
+        f"{k} = {json.dumps(v)}" for k, v in node.commands(sessions=sessions).items()
+    )
+    extra = (
+        f'[[nodes]]\nname = "tg-local"\ndriver = "local"\ncommands = {{ {commands} }}\n'
+        f'[api.tokens.nobody]\ntoken = "{NOBODY_TOKEN}"\nroles = []\n'
+    )
+    return asked, extra
+
+
+def times_asked(asked: Path) -> int:
+    return len(asked.read_text().splitlines()) if asked.exists() else 0
+
+
+async def test_concurrent_status_requests_ask_each_node_once(tmp_path: Path) -> None:
+    asked, extra = fleet(tmp_path, "60s")
+    settings = settings_for(
+        tmp_path / "svc",
+        cluster_nodes=0,
+        singles=0,
+        extra=extra,
+        environ={"TGOPS_HTTP__STATUS_CACHE": "60s"},
+    )
+    async with running(settings) as (_, api):
+        before = times_asked(asked)  # the service's own look at start
+        replies = await asyncio.gather(
+            *(api.status(VIEWER_TOKEN) for _ in range(20)),
+            *(api.command("status", VIEWER_TOKEN) for _ in range(20)),
+        )
+        assert all(r.get("ok", True) for r in replies)
+        assert all("tg-local" in json.dumps(r) for r in replies)
+        assert times_asked(asked) == before + 1
+        # within status_cache the next request is answered from what was read
+        await api.status(VIEWER_TOKEN)
+        assert times_asked(asked) == before + 1
+
+
+async def test_without_a_cache_every_status_asks_again(tmp_path: Path) -> None:
+    asked, extra = fleet(tmp_path, "0s")
+    settings = settings_for(
+        tmp_path / "svc",
+        cluster_nodes=0,
+        singles=0,
+        extra=extra,
+        environ={"TGOPS_HTTP__STATUS_CACHE": "0s"},
+    )
+    async with running(settings) as (_, api):
+        before = times_asked(asked)
+        await api.status(VIEWER_TOKEN)
+        await api.status(VIEWER_TOKEN)
+        assert times_asked(asked) == before + 2
+
+
+async def test_status_needs_a_role(tmp_path: Path) -> None:
+    asked, extra = fleet(tmp_path, "5s")
+    settings = settings_for(tmp_path / "svc", cluster_nodes=0, singles=0, extra=extra)
+    async with running(settings) as (_, api):
+        before = times_asked(asked)
+        headers = {"Authorization": f"Bearer {NOBODY_TOKEN}"}
+        async with api.session.get(f"{api.base}/api/v1/status", headers=headers) as response:
+            assert response.status == 403
+            assert "needs role viewer" in (await response.json())["text"]
+        reply = await api.command("status", NOBODY_TOKEN)
+        assert reply["ok"] is False and "needs role viewer" in reply["text"]
+        assert times_asked(asked) == before  # nobody's request asked no node
