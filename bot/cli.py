@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from core import __version__
+from core.durations import DurationError, parse_duration
 from core.errors import ConfigError, TgopsError
 from core.model import PackageKind
 from core.repository.publish import keygen, public_key_path, publish
@@ -119,6 +120,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _age(text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except DurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a duration above 0, e.g. 2m or 24h")
+    return value
+
+
 def _add_check_versions(sub: Any) -> None:
     nagios = sub.add_parser(
         "check-versions",
@@ -126,9 +137,12 @@ def _add_check_versions(sub: Any) -> None:
         description="Nagios plugin: the update state of the fleet (or of one node), read "
         "from the store alone; the service may be down, nodes are not contacted.",
         epilog='Exit codes: 0 OK, 1 WARNING (warning flag "Update download failed", '
-        "restart required, -w), 2 CRITICAL (update lock, -c), 3 UNKNOWN (store unreadable, "
-        "timeout, bad arguments). Ranges follow the monitoring-plugins guidelines: N alerts "
-        "above N, N: below N, M:N outside M..N, @M:N inside M..N.",
+        "restart required, unreachable node, urgent hotfix pending, -w), 2 CRITICAL (service "
+        "not running: heartbeat older than --max-age; manifest not fetched for 3 poll "
+        "intervals; update lock; urgent hotfix pending longer than --urgent-max-age; -c), "
+        "3 UNKNOWN (store unreadable, timeout, bad arguments). Ranges follow the "
+        "monitoring-plugins guidelines: N alerts above N, N: below N, M:N outside M..N, "
+        "@M:N inside M..N. Durations: 90s, 2m, 24h, 1h30m.",
     )
     _add_config(nagios)
     nagios.add_argument(
@@ -157,6 +171,28 @@ def _add_check_versions(sub: Any) -> None:
         default=None,
         metavar="PENDING",
         help="CRITICAL when the number of pending updates is outside this range",
+    )
+    nagios.add_argument(
+        "--max-age",
+        type=_age,
+        default=None,
+        metavar="DURATION",
+        help="CRITICAL when the service's last heartbeat is older (default 2m)",
+    )
+    nagios.add_argument(
+        "--urgent-max-age",
+        type=_age,
+        default=None,
+        metavar="DURATION",
+        help="an urgent hotfix pending longer is CRITICAL, before that WARNING (default 24h)",
+    )
+    nagios.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        dest="verbosity",
+        help="more detail: -v what is fine too, -vv the settings used, -vvv pending per node",
     )
     nagios.add_argument(
         "-V", "--version", action="version", version=f"tgops check-versions {__version__}"
@@ -193,8 +229,11 @@ def _check_versions(args: argparse.Namespace) -> int:
     """`tgops check-versions`: print the plugin output, return its state as exit code."""
     # imported here: the check's modules are not needed by the other commands
     from bot.nagios import (  # noqa: PLC0415
+        DEFAULT_MAX_AGE,
         DEFAULT_TIMEOUT,
+        DEFAULT_URGENT_MAX_AGE,
         PREFIX,
+        Limits,
         State,
         check_versions,
         unknown,
@@ -224,6 +263,11 @@ def _check_versions(args: argparse.Namespace) -> int:
                     warning=args.warning,
                     critical=args.critical,
                     limit=limit,
+                    limits=Limits(
+                        max_age=args.max_age or DEFAULT_MAX_AGE,
+                        urgent_max_age=args.urgent_max_age or DEFAULT_URGENT_MAX_AGE,
+                    ),
+                    verbosity=args.verbosity,
                 )
             )
     finally:

@@ -9,7 +9,12 @@ two kinds of metrics:
   policy's ``on_attempt``);
 * read from the store when scraped, by ``FleetCollector`` (the fleet's state, the same
   on every instance of a PostgreSQL store): node states, maintenance, cluster slots, the
-  notification outbox, active runs, pending packages.
+  notification outbox, active runs, pending packages and hotfixes, and the service's signs
+  of life (the leader's heartbeat, the last successful manifest fetch per channel) for
+  the rules in ``config/prometheus-alerts.yml``.
+
+Labels never use ``instance`` or ``job`` (Prometheus sets those on every target); the
+instance that answers is ``tgops_instance``. No ``*_created`` series. gzip when asked.
 
 The store is asynchronous and collectors are not: the handler reads a ``FleetSnapshot``
 first (bounded by ``SCRAPE_TIMEOUT``) and then renders the registry without awaiting in
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -34,6 +39,7 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -44,9 +50,13 @@ from core import __version__
 from core import events as ev
 from core.errors import StoreError
 from core.lifecycle.engine import MANIFESTS_KV, Engine
+from core.lifecycle.heartbeat import Heartbeat, read_heartbeat, read_polls
+from core.lifecycle.pending import hotfixes_missing
 from core.repository.manifest import Manifest
 from core.repository.retry import AttemptOutcome
 from core.store import ACTIVE_RUN_STATES, NodeRecord
+
+URGENCIES = ("normal", "urgent")
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +80,12 @@ class FleetSnapshot:
     active_runs: Mapping[tuple[str, str], int]
     pending: Mapping[str, tuple[int, int]] | None
     """Node → (pending updates, pending hotfixes); None without a verified manifest."""
+    hotfixes_missing: Mapping[tuple[str, str], tuple[int, datetime | None]] | None
+    """(node, urgency) → (hotfixes of the channel not installed, when the oldest of them
+    was first seen); None without a verified manifest."""
+    heartbeat: Heartbeat | None
+    polls: Mapping[str, datetime]
+    """Channel → last successful manifest fetch."""
     at: datetime
 
 
@@ -93,6 +109,7 @@ class FleetCollector:
         selected = await store.selected_hotfixes()
         manifest = await self._manifest()
         pending = None
+        missing = None
         if manifest is not None:
             pending = {}
             for record in nodes:
@@ -103,6 +120,7 @@ class FleetCollector:
                     always_hotfixes=engine.hotfixes_always(record),
                 )
                 pending[record.name] = (len(found.updates), len(found.hotfixes))
+            missing = await self._hotfixes_missing(nodes, manifest)
         return FleetSnapshot(
             nodes=nodes,
             maintenance=maintenance,
@@ -111,8 +129,29 @@ class FleetCollector:
             outbox=await store.outbox_counts(),
             active_runs=await store.run_counts(ACTIVE_RUN_STATES),
             pending=pending,
+            hotfixes_missing=missing,
+            heartbeat=await read_heartbeat(store),
+            polls=await read_polls(store),
             at=engine.clock.now(),
         )
+
+    async def _hotfixes_missing(
+        self, nodes: Sequence[NodeRecord], manifest: Manifest
+    ) -> dict[tuple[str, str], tuple[int, datetime | None]]:
+        """Per node and urgency: hotfixes not installed, and the oldest one's first sight."""
+        ids = [e.id for e in manifest.hotfixes() if e.id]
+        seen = await self.engine.store.announced_at(ids)
+        result: dict[tuple[str, str], tuple[int, datetime | None]] = {}
+        for record in nodes:
+            for urgency in URGENCIES:
+                entries = [
+                    e
+                    for e in hotfixes_missing(manifest, record.installed)
+                    if (e.urgency or "normal") == urgency
+                ]
+                times = [seen[e.id] for e in entries if e.id in seen]
+                result[record.name, urgency] = (len(entries), min(times) if times else None)
+        return result
 
     async def _manifest(self) -> Manifest | None:
         """The newest verified manifest: this instance's, else the one saved in the store."""
@@ -137,6 +176,8 @@ class FleetCollector:
             return
         yield from self._node_metrics(snap)
         yield from self._cluster_metrics(snap)
+        yield from self._liveness_metrics(snap)
+        yield from self._hotfix_metrics(snap)
         outbox = GaugeMetricFamily(
             "tgops_outbox_items",
             "Notifications in the outbox by channel and status (pending and sending: the "
@@ -147,7 +188,9 @@ class FleetCollector:
             outbox.add_metric([channel, status], count)
         yield outbox
         active = GaugeMetricFamily(
-            "tgops_runs_active", "Runs queued or running, by kind", labels=["kind", "status"]
+            "tgops_runs_active",
+            "Runs queued or running, by kind and status",
+            labels=["kind", "status"],
         )
         for (kind, status), count in sorted(snap.active_runs.items()):
             active.add_metric([kind, status], count)
@@ -203,6 +246,58 @@ class FleetCollector:
                 pending.add_metric([*values, "hotfix"], hotfixes)
         yield from (flag, lock, restart, in_maintenance, maintenance_start, reachable, pending)
 
+    def _liveness_metrics(self, snap: FleetSnapshot) -> Iterator[Metric]:
+        if snap.heartbeat is not None:
+            beat = GaugeMetricFamily(
+                "tgops_heartbeat_timestamp_seconds",
+                "When the leading instance last wrote its heartbeat into the store (Unix "
+                "time; every leader.heartbeat while an instance leads)",
+            )
+            beat.add_metric([], snap.heartbeat.at.timestamp())
+            yield beat
+        updates = self.engine.settings.updates
+        polled = GaugeMetricFamily(
+            "tgops_manifest_last_success_timestamp_seconds",
+            "When the channel's signed manifest was last fetched and verified (Unix time; "
+            "0 when never)",
+            labels=["channel"],
+        )
+        # the main channel always (0 until fetched); others once they were fetched
+        channels = {updates.channel, *snap.polls}
+        for channel in sorted(channels):
+            at = snap.polls.get(channel)
+            polled.add_metric([channel], 0.0 if at is None else at.timestamp())
+        yield polled
+        interval = GaugeMetricFamily(
+            "tgops_manifest_poll_interval_seconds",
+            "updates.poll_interval: how often the channels' manifests are fetched (0: never, "
+            "or no repository configured)",
+        )
+        polling = self.engine.settings.updates.resolved_public_key() is not None
+        interval.add_metric([], updates.poll_interval if polling else 0.0)
+        yield interval
+
+    def _hotfix_metrics(self, snap: FleetSnapshot) -> Iterator[Metric]:
+        if snap.hotfixes_missing is None:
+            return
+        pending = GaugeMetricFamily(
+            "tgops_hotfix_pending",
+            "Hotfixes of the channel not installed on the node, selected or not, by urgency "
+            "(absent until a verified manifest was fetched)",
+            labels=["node", "urgency"],
+        )
+        since = GaugeMetricFamily(
+            "tgops_hotfix_pending_since_timestamp_seconds",
+            "When the oldest hotfix of this urgency not installed on the node was first seen "
+            "by tgops (Unix time; absent when none is pending)",
+            labels=["node", "urgency"],
+        )
+        for (node, urgency), (count, first) in sorted(snap.hotfixes_missing.items()):
+            pending.add_metric([node, urgency], count)
+            if count and first is not None:
+                since.add_metric([node, urgency], first.timestamp())
+        yield from (pending, since)
+
     def _cluster_metrics(self, snap: FleetSnapshot) -> Iterator[Metric]:
         in_use = GaugeMetricFamily(
             "tgops_cluster_slots_in_use",
@@ -231,17 +326,20 @@ class ServiceMetrics:
     def __init__(
         self, *, engine: Engine, instance: str, leader: Callable[[], bool] | None = None
     ) -> None:
+        # the *_created series double every counter and histogram for no use
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         registry = self.registry
+        # "instance" would clash with the label Prometheus gives every target
         Info("tgops", "This tgops instance", registry=registry).info(
-            {"version": __version__, "instance": instance}
+            {"version": __version__, "tgops_instance": instance}
         )
         if leader is not None:
             Gauge(
                 "tgops_leader",
                 "1 while this instance leads (runs the timers, reminders, outbox and hotfix "
                 "watch), else 0",
-                ["instance"],
+                ["tgops_instance"],
                 registry=registry,
             ).labels(instance).set_function(lambda: float(leader()))
         self.runs = Counter(
@@ -336,4 +434,9 @@ class ServiceMetrics:
 
     async def handle(self, request: web.Request) -> web.Response:
         body, content_type = await self.exposition(request.headers.get("Accept", ""))
-        return web.Response(body=body, headers={"Content-Type": content_type})
+        response = web.Response(body=body, headers={"Content-Type": content_type})
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            # Prometheus asks for gzip on every scrape; aiohttp compresses off the loop
+            # for large bodies and sets Content-Encoding and Vary
+            response.enable_compression(web.ContentCoding.gzip)
+        return response

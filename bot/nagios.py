@@ -22,7 +22,7 @@ import asyncio
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
 
@@ -30,9 +30,11 @@ from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from core.durations import format_duration
 from core.errors import StoreError, TgopsError
 from core.lifecycle.engine import MANIFESTS_KV
-from core.lifecycle.pending import is_newer, pending_packages
+from core.lifecycle.heartbeat import MANIFEST_POLLS_KV, Heartbeat, parse_poll, read_heartbeat
+from core.lifecycle.pending import hotfixes_missing, is_newer, pending_packages
 from core.localtime import local_text
 from core.model import PackageKind
 from core.repository.manifest import Manifest
@@ -43,6 +45,12 @@ from core.store.readonly import error_cause
 PREFIX = "TGOPS"
 DEFAULT_TIMEOUT = 10.0
 """Seconds (``-t``) before the check gives up with UNKNOWN (the plugins' usual default)."""
+DEFAULT_MAX_AGE = 120.0
+"""Seconds (``--max-age``): an older heartbeat means the service is not running."""
+DEFAULT_URGENT_MAX_AGE = 86400.0
+"""Seconds (``--urgent-max-age``) an urgent hotfix may be pending before CRITICAL."""
+MANIFEST_POLLS_ALLOWED = 3
+"""A manifest fetched longer ago than this many poll intervals is CRITICAL."""
 MAX_TEXT = 300
 """Longest reason quoted from the store in one detail line."""
 
@@ -209,6 +217,7 @@ class _Findings:
     locked: list[str] = field(default_factory=list)
     flagged: list[str] = field(default_factory=list)
     restart: list[str] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)
     details: list[str] = field(default_factory=list)
 
 
@@ -229,21 +238,53 @@ def resolve_nodes(settings: Settings, target: str | None) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """How old the service's signs of life and an urgent hotfix may be."""
+
+    max_age: float = DEFAULT_MAX_AGE
+    """Seconds (``--max-age``) the leader's heartbeat may be old before CRITICAL."""
+    urgent_max_age: float = DEFAULT_URGENT_MAX_AGE
+    """Seconds (``--urgent-max-age``) an urgent hotfix may be pending before CRITICAL."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StoreView:
     """What the check reads from the store."""
 
     records: Mapping[str, NodeRecord]
     selected: Mapping[str, Sequence[str]]
     saved: SavedManifest | None
+    heartbeat: Heartbeat | None = None
+    polled: datetime | None = None
+    """Last successful fetch of ``updates.channel``'s manifest."""
+    first_seen: Mapping[str, datetime] = field(default_factory=dict)
+    """Hotfix id → when the service first saw it (for the urgent ones of the manifest)."""
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 async def read_store(settings: Settings, names: Sequence[str], *, limit: float) -> StoreView:
-    """The nodes, hotfix selections and saved manifest, from the store opened read-only."""
+    """The nodes, hotfix selections, saved manifest and signs of life, read-only."""
+    channel = settings.updates.channel
     async with ReadOnlyStore(settings.database_url, connect_timeout=limit) as store:
         records = {r.name: r for r in await store.nodes(names)}
         selected = await store.selected_hotfixes()
-        saved = saved_manifest(await store.kv_get(MANIFESTS_KV, settings.updates.channel))
-    return StoreView(records=records, selected=selected, saved=saved)
+        saved = saved_manifest(await store.kv_get(MANIFESTS_KV, channel))
+        heartbeat = await read_heartbeat(store)
+        polled = parse_poll(await store.kv_get(MANIFEST_POLLS_KV, channel))
+        urgent = [] if saved is None else _urgent_ids(saved.manifest)
+        first_seen = await store.announced_at(urgent)
+    return StoreView(
+        records=records,
+        selected=selected,
+        saved=saved,
+        heartbeat=heartbeat,
+        polled=polled,
+        first_seen=first_seen,
+    )
+
+
+def _urgent_ids(manifest: Manifest) -> list[str]:
+    return [e.id for e in manifest.hotfixes() if e.id and e.urgency == "urgent"]
 
 
 async def check_versions(
@@ -253,6 +294,8 @@ async def check_versions(
     warning: Range | None = None,
     critical: Range | None = None,
     limit: float = DEFAULT_TIMEOUT,
+    limits: Limits | None = None,
+    verbosity: int = 0,
 ) -> CheckResult:
     """Run the check within ``limit`` seconds; a failure to answer is an UNKNOWN result."""
     try:
@@ -272,7 +315,15 @@ async def check_versions(
             f"node {', '.join(missing)} is configured but not in the store; start "
             "`tgops serve` once with this configuration so that it registers the node"
         )
-    return evaluate(settings, names, view, warning=warning, critical=critical)
+    return evaluate(
+        settings,
+        names,
+        view,
+        warning=warning,
+        critical=critical,
+        limits=limits or Limits(),
+        verbosity=verbosity,
+    )
 
 
 def _node_problems(record: NodeRecord, found: _Findings, settings: Settings) -> None:
@@ -295,6 +346,9 @@ def _node_problems(record: NodeRecord, found: _Findings, settings: Settings) -> 
     if record.restart_required:
         found.restart.append(name)
         problems.append(f"restart required (core update installed; `restart {name}`)")
+    if not record.reachable:
+        found.unreachable.append(name)
+        problems.append(f"unreachable: {_one_line(record.last_error) or 'no answer'}")
     if problems:
         worst = State.CRITICAL if record.update_lock_since is not None else State.WARNING
         found.details.append(f"{name}: {worst.name}: " + "; ".join(problems))
@@ -304,6 +358,125 @@ def _plural(count: int, word: str, plural: str | None = None) -> str:
     return f"{count} {word if count == 1 else plural or word + 's'}"
 
 
+def _age(seconds: float) -> str:
+    return format_duration(max(0, round(seconds)))
+
+
+@dataclass(slots=True)
+class _Verdict:
+    """The state and the status-line parts, worst kinds first."""
+
+    state: State = State.OK
+    critical: list[str] = field(default_factory=list)
+    warning: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+    perfdata: list[str] = field(default_factory=list)
+
+    def raise_to(self, state: State, part: str) -> None:
+        self.state = max(self.state, state)
+        (self.critical if state is State.CRITICAL else self.warning).append(part)
+
+
+def _service(view: StoreView, limits: Limits, verdict: _Verdict, verbosity: int) -> None:
+    """The leader's heartbeat: CRITICAL when missing or older than ``--max-age``."""
+    beat = view.heartbeat
+    if beat is None:
+        verdict.raise_to(
+            State.CRITICAL,
+            "tgops service not running: no heartbeat in the store (has `tgops serve` of "
+            "this version run with this database_url?)",
+        )
+        return
+    age = (view.now - beat.at).total_seconds()
+    if age > limits.max_age:
+        verdict.raise_to(
+            State.CRITICAL,
+            f"tgops service not running: last heartbeat {_age(age)} ago "
+            f"(--max-age {_age(limits.max_age)})",
+        )
+    elif verbosity >= 1:
+        verdict.details.append(
+            f"service: instance {beat.instance} leads, heartbeat {_age(age)} ago"
+        )
+    verdict.perfdata.append(
+        perf("heartbeat_age_seconds", max(0, round(age)), crit=f"{limits.max_age:g}")
+    )
+
+
+def _manifest_polls(settings: Settings, view: StoreView, verdict: _Verdict, verbosity: int) -> None:
+    """CRITICAL when the channel's manifest was last fetched over 3 poll intervals ago."""
+    updates = settings.updates
+    channel = updates.channel
+    if updates.poll_interval <= 0 or (updates.public_key is None and not updates.public_key_file):
+        if verbosity >= 1:
+            verdict.details.append(
+                f"manifest: not polled (updates.poll_interval is 0 or no public key): "
+                f"the age of channel {channel}'s manifest is not checked"
+            )
+        return
+    limit = MANIFEST_POLLS_ALLOWED * updates.poll_interval
+    if view.polled is None:
+        verdict.raise_to(
+            State.CRITICAL,
+            f"manifest of channel {channel} never fetched successfully "
+            f"(the service fetches it every {_age(updates.poll_interval)})",
+        )
+        return
+    age = (view.now - view.polled).total_seconds()
+    if age > limit:
+        verdict.raise_to(
+            State.CRITICAL,
+            f"manifest of channel {channel} not fetched for {_age(age)} "
+            f"(more than {MANIFEST_POLLS_ALLOWED} x updates.poll_interval "
+            f"{_age(updates.poll_interval)}); is the update repository reachable?",
+        )
+    elif verbosity >= 1:
+        verdict.details.append(f"manifest: channel {channel} fetched {_age(age)} ago")
+    verdict.perfdata.append(perf("manifest_age_seconds", max(0, round(age)), crit=f"{limit:g}"))
+
+
+def _urgent(
+    settings: Settings,
+    names: Sequence[str],
+    view: StoreView,
+    limits: Limits,
+    verdict: _Verdict,
+) -> None:
+    """Urgent hotfixes of the manifest not installed: WARNING, CRITICAL once older than
+    ``--urgent-max-age`` (counted from when the service first saw them)."""
+    if view.saved is None:
+        return
+    missing: dict[str, list[str]] = {}
+    for name in names:
+        for entry in hotfixes_missing(view.saved.manifest, view.records[name].installed):
+            if entry.urgency == "urgent" and entry.id:
+                missing.setdefault(entry.id, []).append(name)
+    oldest = 0.0
+    overdue: list[str] = []
+    due: list[str] = []
+    for hotfix_id, nodes in sorted(missing.items()):
+        seen = view.first_seen.get(hotfix_id) or view.saved.saved_at or view.now
+        age = max(0.0, (view.now - seen).total_seconds())
+        oldest = max(oldest, age)
+        text = f"{hotfix_id} on {', '.join(nodes)}"
+        (overdue if age > limits.urgent_max_age else due).append(text)
+        verdict.details.append(
+            f"urgent hotfix {hotfix_id}: not installed on {', '.join(nodes)}; published "
+            f"{_age(age)} ago (first seen {local_text(seen, settings.tz)})"
+        )
+    if overdue:
+        verdict.raise_to(
+            State.CRITICAL,
+            f"urgent hotfix pending over {_age(limits.urgent_max_age)}: {'; '.join(overdue)}",
+        )
+    if due:
+        verdict.raise_to(State.WARNING, f"urgent hotfix pending: {'; '.join(due)}")
+    verdict.perfdata.append(perf("urgent_hotfixes_pending", len(missing), warn="0"))
+    verdict.perfdata.append(
+        perf("urgent_hotfix_age_seconds", round(oldest), crit=f"{limits.urgent_max_age:g}")
+    )
+
+
 def evaluate(
     settings: Settings,
     names: Sequence[str],
@@ -311,11 +484,20 @@ def evaluate(
     *,
     warning: Range | None,
     critical: Range | None,
+    limits: Limits | None = None,
+    verbosity: int = 0,
 ) -> CheckResult:
-    """The plugin result for ``names`` from what was read."""
+    """The plugin result for ``names`` from what was read.
+
+    ``verbosity`` (``-v``, monitoring-plugins guidelines): 0 the status line and a line per
+    problem; 1 also what is fine (service, manifest, each node); 2 also the settings the
+    check used; 3 also the packages pending per node.
+    """
+    limits = limits or Limits()
     found = _Findings()
     pending_updates = pending_hotfixes = 0
     manifest = view.saved.manifest if view.saved else None
+    per_node: list[str] = []
     for name in names:
         record = view.records[name]
         always = record.hotfixes_always
@@ -327,31 +509,40 @@ def evaluate(
         pending_updates += len(pending.updates)
         pending_hotfixes += len(pending.hotfixes)
         _node_problems(record, found, settings)
+        if verbosity >= 3:
+            per_node.append(
+                f"{name}: updates {', '.join(pending.updates) or '-'}; "
+                f"hotfixes {', '.join(pending.hotfixes) or '-'}"
+            )
 
-    state = State.OK
-    parts: list[str] = []
+    verdict = _Verdict()
+    _service(view, limits, verdict, verbosity)
+    _manifest_polls(settings, view, verdict, verbosity)
     if found.locked:
-        state = State.CRITICAL
-        parts.append(f"update lock: {', '.join(found.locked)}")
+        verdict.raise_to(State.CRITICAL, f"update lock: {', '.join(found.locked)}")
+    _urgent(settings, names, view, limits, verdict)
     if found.flagged:
-        state = max(state, State.WARNING)
-        parts.append(f"Update download failed: {', '.join(found.flagged)}")
+        verdict.raise_to(State.WARNING, f"Update download failed: {', '.join(found.flagged)}")
     if found.restart:
-        state = max(state, State.WARNING)
-        parts.append(f"restart required: {', '.join(found.restart)}")
+        verdict.raise_to(State.WARNING, f"restart required: {', '.join(found.restart)}")
+    if found.unreachable:
+        verdict.raise_to(State.WARNING, f"unreachable: {', '.join(found.unreachable)}")
     if critical is not None and critical.alerts(pending_updates):
-        state = State.CRITICAL
-        parts.append(f"pending updates {pending_updates} (critical: {critical.text})")
+        verdict.raise_to(
+            State.CRITICAL, f"pending updates {pending_updates} (critical: {critical.text})"
+        )
     elif warning is not None and warning.alerts(pending_updates):
-        state = max(state, State.WARNING)
-        parts.append(f"pending updates {pending_updates} (warning: {warning.text})")
+        verdict.raise_to(
+            State.WARNING, f"pending updates {pending_updates} (warning: {warning.text})"
+        )
     count = len(names)
+    parts = [*verdict.critical, *verdict.warning]
     parts.append(
         f"{_plural(count, 'node')}, {_plural(pending_updates, 'pending update')}, "
         f"{_plural(pending_hotfixes, 'pending hotfix', 'pending hotfixes')}"
     )
     channel = settings.updates.channel
-    details = list(found.details)
+    details = [*found.details, *verdict.details]
     if view.saved is None:
         details.append(
             f"note: no verified manifest of channel {channel} is in the store yet; pending "
@@ -365,6 +556,15 @@ def evaluate(
             f"pending as of channel {channel}'s manifest generated "
             f"{view.saved.manifest.generated_at}, saved{when}"
         )
+    if verbosity >= 2:
+        shown = make_url(settings.database_url).render_as_string(hide_password=True)
+        details.append(
+            f"settings: store {shown}; --max-age {_age(limits.max_age)}; --urgent-max-age "
+            f"{_age(limits.urgent_max_age)}; -w {warning.text if warning else '-'}; "
+            f"-c {critical.text if critical else '-'}; updates.poll_interval "
+            f"{_age(settings.updates.poll_interval)}"
+        )
+    details.extend(per_node)
     perfdata = (
         perf(
             "pending_updates",
@@ -376,7 +576,9 @@ def evaluate(
         perf("nodes_warning_flag", len(found.flagged), warn="0", high=count),
         perf("nodes_locked", len(found.locked), crit="0", high=count),
         perf("nodes_restart_required", len(found.restart), warn="0", high=count),
+        perf("nodes_unreachable", len(found.unreachable), warn="0", high=count),
+        *verdict.perfdata,
     )
     return CheckResult(
-        state=state, summary="; ".join(parts), details=tuple(details), perfdata=perfdata
+        state=verdict.state, summary="; ".join(parts), details=tuple(details), perfdata=perfdata
     )

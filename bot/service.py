@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 
 from bot.calendar_feed import MaintenanceFeed
 from bot.commands import CommandService
@@ -24,9 +25,11 @@ from bot.slack.app import slack_bot
 from core.background import background
 from core.clock import SystemClock
 from core.drivers import make_driver
+from core.errors import TgopsError
 from core.events import LocalEventBus
 from core.interfaces import Clock, NodeDriver, OutputSink
-from core.lifecycle.engine import Engine
+from core.lifecycle.engine import REFRESH_PARALLEL, REFRESH_TIMEOUT, Engine
+from core.lifecycle.heartbeat import heartbeats
 from core.lifecycle.leader import PostgresElection, election_for
 from core.lifecycle.maintenance import Maintenance
 from core.lifecycle.scheduled import ScheduledRuns
@@ -203,12 +206,31 @@ class Service:
         duties = AsyncExitStack()
         await duties.__aenter__()
         self._duties = duties
+        leader = self.settings.leader
+        await duties.enter_async_context(
+            background("heartbeat", lambda: heartbeats(self.store, self.instance, leader.heartbeat))
+        )
         several = isinstance(self.election, PostgresElection)
         await self.lifecycle.recover(self.election.alive if several else None)
         if several:
             await duties.enter_async_context(background("orphaned-runs", self._adopt_orphans))
         await duties.enter_async_context(self.maintenance.reminders())
         await duties.enter_async_context(self.scheduler)
+        await duties.enter_async_context(background("node-check", self._check_nodes))
+
+    async def _check_nodes(self) -> None:
+        """Read every node's state each ``leader.node_check`` (an unreachable node shows in
+        monitoring and in the audit log without anyone asking for its status)."""
+        interval = self.settings.leader.node_check
+        names = self.engine.node_names
+        limit = REFRESH_TIMEOUT * (len(names) // REFRESH_PARALLEL + 2)  # rounds of the gate
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with asyncio.timeout(limit):
+                    await self.engine.refresh(names)
+            except (TgopsError, SQLAlchemyError, OSError, TimeoutError) as exc:
+                log.warning("node check: %s", exc or type(exc).__name__)
 
     async def _watch_manifests(self) -> None:
         while True:

@@ -315,8 +315,14 @@ class LeaderSettings(_Section):
     takeover: Duration = 10.0
     """With several instances on one PostgreSQL: another instance takes over this long
     after the leader died or lost its database connection (at most)."""
+    heartbeat: Duration = 15.0
+    """The leading instance writes a heartbeat into the store this often (monitoring:
+    ``tgops check-versions --max-age``, ``tgops_heartbeat_timestamp_seconds``)."""
+    node_check: Duration = 60.0
+    """The leading instance reads every node's state this often, so that a node that
+    stops answering shows in monitoring without anyone asking for its status."""
 
-    @field_validator("takeover")
+    @field_validator("takeover", "heartbeat", "node_check")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value < 0.4:

@@ -12,13 +12,17 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from bot.nagios import Range, RangeError
+from core.lifecycle.heartbeat import HEARTBEAT_KEY, HEARTBEAT_KV
 from core.model import PackageKind
+from core.store import Store
 from tests.databases import POSTGRES_URL, reset_postgres
 from tests.fleet import fleet
 from tests.ports import free_port
@@ -79,11 +83,17 @@ async def test_ok_pending_updates_thresholds_and_service_down(tmp_path: Path) ->
         assert await f.outcomes("download tg1") == {"tg1": "succeeded"}
         result = await plugin(config=f.config)
         assert result.code == OK
-        assert result.lines[0] == (
+        assert result.lines[0].startswith(
             "TGOPS OK - 4 nodes, 4 pending updates, 0 pending hotfixes | "
             "pending_updates=4;;;0 pending_hotfixes=0;;;0 nodes_warning_flag=0;0;;0;4 "
-            "nodes_locked=0;;0;0;4 nodes_restart_required=0;0;;0;4"
+            "nodes_locked=0;;0;0;4 nodes_restart_required=0;0;;0;4 "
+            "nodes_unreachable=0;0;;0;4 heartbeat_age_seconds="
         )
+        perfdata = result.perfdata
+        assert perfdata["heartbeat_age_seconds"].endswith(";;120;0")
+        assert perfdata["manifest_age_seconds"].endswith(";;2700;0")  # 3 x 15m
+        assert perfdata["urgent_hotfixes_pending"] == "0;0;;0"
+        assert perfdata["urgent_hotfix_age_seconds"] == "0;;86400;0"
         assert "pending as of channel stable's manifest generated" in result.lines[1]
 
         result = await plugin("-w", "3", config=f.config)
@@ -329,3 +339,178 @@ async def test_postgresql_store(tmp_path: Path) -> None:
         assert result.status.startswith("TGOPS CRITICAL - update lock: solo1; 4 nodes")
     result = await plugin("--node", "tg1", config=tmp_path / "tgops.toml")
     assert result.code == OK, result.stdout
+
+
+# -- the service's signs of life, unreachable nodes, urgent hotfixes ---------------------
+
+QUICK = {"leader": {"heartbeat": "0.5s", "node_check": "0.5s"}}
+
+
+async def plugin_until(
+    check: Callable[[Result], bool], *args: str, config: Path, within: float = 30.0
+) -> Result:
+    """Run the plugin until ``check`` holds (bounded: the service works at its own pace)."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await plugin(*args, config=config)
+        if check(result) or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.3)
+
+
+async def test_a_stopped_service_and_a_stale_heartbeat_are_critical(tmp_path: Path) -> None:
+    async with fleet(tmp_path, sections=QUICK) as f:
+        result = await plugin("--max-age", "1m", config=f.config)
+        assert result.code == OK, result.stdout
+        assert int(result.perfdata["heartbeat_age_seconds"].split(";")[0]) <= 60
+        assert result.perfdata["heartbeat_age_seconds"].endswith(";;60;0")
+        result = await plugin("-v", config=f.config)
+        assert any(
+            line.startswith(f"service: instance {f.service.instance} leads, heartbeat ")
+            for line in result.lines
+        ), result.stdout
+    config = tmp_path / "tgops.toml"
+
+    # the service is stopped: its heartbeat ages and the check turns CRITICAL
+    await asyncio.sleep(1.2)
+    result = await plugin("--max-age", "1s", config=config)
+    assert result.code == CRITICAL, result.stdout
+    assert re.match(
+        r"TGOPS CRITICAL - tgops service not running: last heartbeat \d+s ago "
+        r"\(--max-age 1s\); 4 nodes, 4 pending updates, 0 pending hotfixes$",
+        result.status,
+    ), result.status
+    assert result.perfdata["heartbeat_age_seconds"].endswith(";;1;0")
+
+    # a heartbeat written long ago (a crashed service) against the default --max-age
+    database = f"sqlite+aiosqlite:///{tmp_path}/state.db"
+    written = datetime.now(UTC) - timedelta(minutes=10)
+    async with Store(database) as store:
+        await store.kv_set(
+            HEARTBEAT_KV,
+            HEARTBEAT_KEY,
+            {"instance": "gone", "at": written.isoformat(), "interval": 15},
+        )
+    result = await plugin(config=config)
+    assert result.code == CRITICAL
+    assert result.status.startswith(
+        "TGOPS CRITICAL - tgops service not running: last heartbeat 10m"
+    ), result.status
+    assert result.status.endswith(
+        " ago (--max-age 2m); 4 nodes, 4 pending updates, 0 pending hotfixes"
+    )
+    assert result.perfdata["heartbeat_age_seconds"].startswith("60")
+
+    # no heartbeat at all: a store of a tgops that never wrote one
+    async with Store(database) as store:
+        await store.kv_delete(HEARTBEAT_KV, HEARTBEAT_KEY)
+    result = await plugin(config=config)
+    assert result.code == CRITICAL
+    assert result.status.startswith(
+        "TGOPS CRITICAL - tgops service not running: no heartbeat in the store"
+    )
+    assert "heartbeat_age_seconds" not in result.perfdata
+
+
+async def test_a_manifest_not_fetched_for_three_poll_intervals_is_critical(
+    tmp_path: Path,
+) -> None:
+    async with fleet(tmp_path, sections=QUICK, updates={"poll_interval": "1s"}) as f:
+        result = await plugin(config=f.config)
+        assert result.code == OK, result.stdout
+        assert result.perfdata["manifest_age_seconds"].endswith(";;3;0")
+        # the repository stops answering: every poll fails from now on
+        f.server.fail_next(100_000, status=503)
+        result = await plugin_until(lambda r: r.code == CRITICAL, config=f.config)
+        assert result.code == CRITICAL, result.stdout
+        assert re.match(
+            r"TGOPS CRITICAL - manifest of channel stable not fetched for \d+s \(more than "
+            r"3 x updates.poll_interval 1s\); is the update repository reachable\?; 4 nodes",
+            result.status,
+        ), result.status
+        # it answers again: the next poll clears it
+        f.server.reset()
+        result = await plugin_until(lambda r: r.code == OK, config=f.config)
+        assert result.code == OK, result.stdout
+
+
+async def test_an_unreachable_node_is_a_warning_naming_it(tmp_path: Path) -> None:
+    async with fleet(tmp_path, sections=QUICK) as f:
+        f.fault("tg3", '{"unreachable": "no route to host"}')
+        # nobody asks for its status: the leader's node check finds it
+        result = await plugin_until(lambda r: r.code != OK, config=f.config)
+        assert result.code == WARNING, result.stdout
+        assert result.status.startswith("TGOPS WARNING - unreachable: tg3; 4 nodes")
+        (line,) = [line for line in result.lines if line.startswith("tg3: ")]
+        assert line.startswith("tg3: WARNING: unreachable: ")
+        assert "no route to host" in line
+        assert result.perfdata["nodes_unreachable"] == "1;0;;0;4"
+        assert (await plugin("--node", "tg1", config=f.config)).code == OK
+        f.fault("tg3", "{}")
+        result = await plugin_until(lambda r: r.code == OK, config=f.config)
+        assert result.code == OK, result.stdout
+        assert result.perfdata["nodes_unreachable"] == "0;0;;0;4"
+
+
+async def test_an_urgent_hotfix_not_installed_warns_then_is_critical(tmp_path: Path) -> None:
+    async with fleet(tmp_path, sections=QUICK) as f:
+        f.repo.add("tg-browser", "1.0.1", hotfix="HF-7", summary="normal one")
+        f.repo.add("tg-base", "1.0.1", hotfix="HF-9", urgency="urgent", summary="urgent one")
+        f.service.notifier.watch.wake()  # the hotfix watch sees it (and records when)
+        assert await f.outcomes("download tg1") == {"tg1": "succeeded"}  # manifest saved
+        result = await plugin_until(lambda r: r.code != OK, config=f.config)
+        assert result.code == WARNING, result.stdout
+        assert result.status.startswith(
+            "TGOPS WARNING - urgent hotfix pending: HF-9 on tg1, tg2, tg3, solo1; 4 nodes"
+        ), result.status
+        assert result.perfdata["urgent_hotfixes_pending"] == "1;0;;0"
+        assert any(
+            line.startswith("urgent hotfix HF-9: not installed on tg1, tg2, tg3, solo1; ")
+            for line in result.lines
+        )
+        # pending longer than --urgent-max-age: CRITICAL
+        await asyncio.sleep(1.2)
+        result = await plugin("--urgent-max-age", "1s", config=f.config)
+        assert result.code == CRITICAL, result.stdout
+        assert result.status.startswith(
+            "TGOPS CRITICAL - urgent hotfix pending over 1s: HF-9 on tg1, tg2, tg3, solo1; "
+        )
+        assert result.perfdata["urgent_hotfix_age_seconds"].endswith(";;1;0")
+
+        # installed on three nodes: still pending on the fourth
+        assert (await f.api.command("hotfixes always on"))["ok"]
+        assert await f.outcomes("auto-update c1 --yes") == {
+            "tg1": "succeeded",
+            "tg2": "succeeded",
+            "tg3": "succeeded",
+        }
+        result = await plugin(config=f.config)
+        assert result.code == WARNING
+        assert result.status.startswith("TGOPS WARNING - urgent hotfix pending: HF-9 on solo1;")
+        assert await f.outcomes("auto-update solo1 --yes") == {"solo1": "succeeded"}
+        result = await plugin(config=f.config)
+        assert result.code == OK, result.stdout
+        assert result.perfdata["urgent_hotfixes_pending"] == "0;0;;0"
+
+
+async def test_verbosity_levels(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as f:
+        assert await f.outcomes("download tg1") == {"tg1": "succeeded"}
+        quiet = await plugin(config=f.config)
+        one = await plugin("-v", config=f.config)
+        two = await plugin("-vv", config=f.config)
+        three = await plugin("-v", "-v", "-v", config=f.config)
+    assert not any(line.startswith(("service:", "manifest:")) for line in quiet.lines)
+    assert any(line.startswith("manifest: channel stable fetched ") for line in one.lines)
+    assert not any(line.startswith("settings:") for line in one.lines)
+    (settings,) = [line for line in two.lines if line.startswith("settings:")]
+    assert "--max-age 2m; --urgent-max-age 24h; -w -; -c -; updates.poll_interval 15m" in settings
+    assert "tg1: updates -; hotfixes -" not in two.lines
+    assert "tg2: updates tg-base; hotfixes -" in three.lines
+    assert {r.code for r in (quiet, one, two, three)} == {OK}
+    result = await plugin("--max-age", "0", config=f.config)
+    assert result.code == UNKNOWN
+    assert "argument --max-age: '0': give a duration above 0" in result.status
+    result = await plugin("--urgent-max-age", "soon", config=f.config)
+    assert result.code == UNKNOWN
+    assert "argument --urgent-max-age: 'soon' is not a duration" in result.status

@@ -64,11 +64,11 @@ async def test_metrics_present_and_moving(tmp_path: Path) -> None:
     sections = {"notify": {"admin_emails": ["ops@example.org"]}}
     async with fleet(tmp_path, sections=sections) as f:
         first = await scrape(f)
-        info = value(first, "tgops_info", version="0.1.0", instance=f.service.instance)
+        info = value(first, "tgops_info", version="0.1.0", tgops_instance=f.service.instance)
         assert info == 1.0
         assert value(first, "tgops_store_up") == 1.0
         # one instance on SQLite: it leads
-        assert value(first, "tgops_leader", instance=f.service.instance) == 1.0
+        assert value(first, "tgops_leader", tgops_instance=f.service.instance) == 1.0
         for node, cluster in [("tg1", "c1"), ("tg2", "c1"), ("tg3", "c1"), ("solo1", "")]:
             for name in (
                 "tgops_node_warning_flag",
@@ -183,7 +183,7 @@ async def test_openmetrics_on_request_and_one_registry_per_service(tmp_path: Pat
         )
         other = await scrape(b)
         assert value(other, "tgops_runs_total", kind="download", outcome="succeeded") is None
-        assert value(other, "tgops_info", version="0.1.0", instance=b.service.instance) == 1.0
+        assert value(other, "tgops_info", version="0.1.0", tgops_instance=b.service.instance) == 1.0
 
         accept = "application/openmetrics-text; version=1.0.0; charset=utf-8"
         async with a.api.session.get(

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from core import events as ev
 from core.errors import DriverError, TgopsError
 from core.interfaces import Clock, EventSink, NodeDriver
+from core.lifecycle.heartbeat import record_poll
 from core.lifecycle.pending import omitted_update, pending_packages
 from core.model import SYSTEM, Actor
 from core.repository.manifest import Manifest
@@ -72,8 +73,11 @@ class Engine:
 
         A changed one is also stored (kv ``manifests``, key = channel, value
         ``{"saved_at", "manifest"}``) for readers of the store that cannot fetch it
-        themselves, such as ``tgops check-versions``, and for the next start.
+        themselves, such as ``tgops check-versions``, and for the next start. Every call
+        records the time of this successful fetch (``heartbeat.record_poll``).
         """
+        async with asyncio.timeout(REFRESH_TIMEOUT):
+            await record_poll(self.store, manifest.channel)
         if self.manifests.get(manifest.channel) == manifest:
             return
         self.manifests[manifest.channel] = manifest

@@ -113,3 +113,14 @@ def catch_up(
         for name in sorted(set(names))
         if is_newer(baseline[name].version, installed.get(name))
     ]
+
+
+def hotfixes_missing(manifest: Manifest, installed: Mapping[str, str]) -> list[PackageEntry]:
+    """The channel's hotfixes not installed (at their version or newer) on a node, selected
+    or not: what monitoring reports, since an urgent hotfix nobody selected is still
+    missing."""
+    return [
+        entry
+        for entry in manifest.hotfixes()
+        if entry.id and is_newer(entry.version, installed.get(entry.name))
+    ]

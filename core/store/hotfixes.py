@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -100,6 +101,18 @@ class HotfixesStore(StoreBase):
                 )
             )
             return {r.hotfix_id for r in rows}
+
+    async def announced_at(self, hotfix_ids: Sequence[str]) -> dict[str, datetime]:
+        """When each of these hotfixes was first seen (announced or recorded as known)."""
+        if not hotfix_ids:
+            return {}
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(t.announced_hotfixes.c.hotfix_id, t.announced_hotfixes.c.announced_at).where(
+                    t.announced_hotfixes.c.hotfix_id.in_(list(hotfix_ids))
+                )
+            )
+            return {r.hotfix_id: r.announced_at for r in rows}
 
     async def create_escalation(self, hotfix_id: str) -> bool:
         """Start the escalation of a hotfix (status running); ``False`` when it exists."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from core.store import tables as t
 from core.store.base import StoreBase, utcnow
@@ -34,11 +36,16 @@ class KvStore(StoreBase):
         return {row.key: row.value for row in rows}
 
     async def kv_set(self, namespace: str, key: str, value: Any) -> None:
+        """Store ``value`` (one upsert: writers of the same key at once do not collide)."""
+        insert_ = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        row = {"namespace": namespace, "key": key, "value": value, "updated_at": utcnow()}
+        statement = insert_(t.kv).values(**row)
+        statement = statement.on_conflict_do_update(
+            index_elements=[t.kv.c.namespace, t.kv.c.key],
+            set_={"value": statement.excluded.value, "updated_at": statement.excluded.updated_at},
+        )
         async with self.transaction() as conn:
-            await conn.execute(delete(t.kv).where(t.kv.c.namespace == namespace, t.kv.c.key == key))
-            await conn.execute(
-                insert(t.kv).values(namespace=namespace, key=key, value=value, updated_at=utcnow())
-            )
+            await conn.execute(statement)
 
     async def kv_delete(self, namespace: str, key: str) -> None:
         async with self.transaction() as conn:
