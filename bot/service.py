@@ -9,6 +9,7 @@ import secrets
 import signal
 import socket
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -25,6 +26,7 @@ from bot.slack.app import slack_bot
 from core.background import background
 from core.clock import SystemClock
 from core.drivers import make_driver
+from core.durations import format_duration
 from core.errors import TgopsError
 from core.events import LocalEventBus
 from core.interfaces import Clock, NodeDriver, OutputSink
@@ -46,6 +48,8 @@ from notify.notifier import Notifier
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 4.0
+AUDIT_PRUNE_INTERVAL = 86400.0
+"""How often audit records past ``[audit] retention`` are removed."""
 
 
 class Service:
@@ -217,6 +221,7 @@ class Service:
         await duties.enter_async_context(self.maintenance.reminders())
         await duties.enter_async_context(self.scheduler)
         await duties.enter_async_context(background("node-check", self._check_nodes))
+        await duties.enter_async_context(background("audit-retention", self._prune_audit))
 
     async def _check_nodes(self) -> None:
         """Read every node's state each ``leader.node_check`` (an unreachable node shows in
@@ -237,6 +242,24 @@ class Service:
             for problem in await self.lifecycle.refresh_manifests():
                 log.warning("%s", problem)
             await asyncio.sleep(self.settings.updates.poll_interval)
+
+    async def _prune_audit(self) -> None:
+        """``[audit] retention``: older audit records are removed, at start and daily."""
+        retention = self.settings.audit.retention
+        while True:
+            before = self.clock.now() - timedelta(seconds=retention)
+            try:
+                removed = await self.store.prune_audit(before)
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("audit retention: %s (tried again in a day)", exc)
+                removed = 0
+            if removed:
+                log.info(
+                    "audit: %d record(s) older than %s removed (audit.retention)",
+                    removed,
+                    format_duration(retention),
+                )
+            await asyncio.sleep(AUDIT_PRUNE_INTERVAL)
 
     async def _adopt_orphans(self) -> None:
         """Runs of an instance that died are resumed here (once: only the leader does it)."""

@@ -311,6 +311,18 @@ class NodeSettings(_Section):
         return self
 
 
+class AuditSettings(_Section):
+    retention: Duration = 400 * 86400.0
+    """Audit records older than this are removed (once a day, by the leading instance)."""
+
+    @field_validator("retention")
+    @classmethod
+    def _a_day_at_least(cls, value: float) -> float:
+        if value < 86400:
+            raise ValueError("must be at least 1d")
+        return value
+
+
 class LeaderSettings(_Section):
     takeover: Duration = 10.0
     """With several instances on one PostgreSQL: another instance takes over this long
@@ -353,6 +365,7 @@ class Settings(BaseSettings):
     twilio: TwilioSettings = TwilioSettings()
     escalation: EscalationSettings = EscalationSettings()
     leader: LeaderSettings = LeaderSettings()
+    audit: AuditSettings = AuditSettings()
     notify: NotifySettings = NotifySettings()
     contacts: tuple[Contact, ...] = ()
     clusters: dict[str, ClusterSettings] = Field(default_factory=dict)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from core.store import tables as t
 from core.store.base import StoreBase, audit_row, utcnow
 from core.store.records import AuditRecord
+
+PRUNE_CHUNK = 5000
+"""Audit records removed per transaction by ``prune_audit``."""
 
 
 class AuditStore(StoreBase):
@@ -44,3 +48,23 @@ class AuditStore(StoreBase):
         if targets is not None:
             query = query.where(t.audit.c.target.in_(list(targets)))
         return await self._all(query, AuditRecord)
+
+    async def prune_audit(self, before: datetime, *, chunks: int = 10_000) -> int:
+        """Remove the audit records older than ``before``, ``PRUNE_CHUNK`` per transaction
+        (at most ``chunks`` transactions); how many were removed."""
+        removed = 0
+        for _ in range(chunks):
+            async with self.transaction() as conn:
+                oldest = (
+                    select(t.audit.c.id)
+                    .where(t.audit.c.at < before)
+                    .order_by(t.audit.c.id)
+                    .limit(PRUNE_CHUNK)
+                )
+                ids = [row[0] for row in (await conn.execute(oldest)).all()]
+                if ids:
+                    await conn.execute(delete(t.audit).where(t.audit.c.id.in_(ids)))
+            removed += len(ids)
+            if len(ids) < PRUNE_CHUNK:
+                break
+        return removed
