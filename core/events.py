@@ -68,6 +68,17 @@ class RunProgress(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RunStepDone(Event):
+    """What one step of a run did, in a line (``drained``, ``installed tg-base 2.0``);
+    the same line is in the audit log (L13)."""
+
+    run_id: int
+    node: str
+    step: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RunFinished(Event):
     run_id: int
     kind: str

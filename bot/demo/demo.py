@@ -31,6 +31,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from email import message_from_bytes
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 from aiohttp import web
@@ -44,7 +45,16 @@ from bot.service import Service
 from core.drivers.sandbox import SandboxDriver
 from core.drivers.staging import sha256_file
 from core.errors import PublishConflictError
-from core.events import Event, HotfixAcknowledged, RunFinished
+from core.events import (
+    Event,
+    HotfixAcknowledged,
+    MaintenanceEnded,
+    MaintenanceScheduled,
+    MaintenanceStarted,
+    RunFinished,
+    RunStepDone,
+)
+from core.localtime import zoned_text
 from core.model import Actor, PackageKind, Role, StagedPackage
 from core.repository.publish import keygen, public_key_path, publish
 from core.settings import Settings, load_settings
@@ -384,7 +394,7 @@ async def run_demo(root: Path, *, console: bool, environ: dict[str, str]) -> int
         )
         settings: Settings = load_settings(config, environ)
         service = await stack.enter_async_context(Service(settings))
-        service.bus.subscribe("demo-console", _announcer(say))
+        service.bus.subscribe("demo-console", _announcer(say, settings.tz))
         say(f"service: http://127.0.0.1:{service.port} (config {config})")
         say(f"nodes: {root / 'nodes'} (sessions.json, messages.log, faults.json, state.json)")
         say(f"mail:  {root / 'mail'} (Maildir)")
@@ -418,11 +428,24 @@ def _printer() -> Callable[[str], None]:
     return say
 
 
-def _announcer(say: Callable[[str], None]) -> Callable[[Event], Any]:
+def _announcer(say: Callable[[str], None], tz: ZoneInfo) -> Callable[[Event], Any]:
+    """The lifecycle on the console as it happens: one line per step of a run (the same
+    lines as in `log`), runs ending, maintenance starting and ending, acknowledgements."""
+
     async def announce(event: Event) -> None:
-        if isinstance(event, RunFinished):
+        if isinstance(event, RunStepDone):
+            say(f"[run #{event.run_id}] {event.node}: {event.text}")
+        elif isinstance(event, RunFinished):
             extra = f": {event.message}" if event.message else ""
             say(f"[run #{event.run_id}] {event.kind} on {event.node} {event.outcome}{extra}")
+        elif isinstance(event, MaintenanceScheduled):
+            when = zoned_text(event.start, tz)
+            say(f"[maintenance] {event.node}: scheduled for {when} ({event.reason})")
+        elif isinstance(event, MaintenanceStarted):
+            lock = ", logon locked" if event.logon_disabled else ""
+            say(f"[maintenance] {event.node}: started{lock} ({event.reason})")
+        elif isinstance(event, MaintenanceEnded):
+            say(f"[maintenance] {event.node}: maintenance ended ({event.reason})")
         elif isinstance(event, HotfixAcknowledged):
             say(f"[escalation] hotfix {event.hotfix_id} acknowledged by {event.by}")
 

@@ -47,6 +47,10 @@ first instead of all nodes sharing the machine until all are ready. Transfers ha
 own bound (``updates.max_parallel_downloads``) and are not held back by this."""
 
 
+LIFECYCLE = Actor(name="tgops", source="lifecycle")
+"""Who the lines of a run's steps are from in the audit log."""
+
+
 ROLLOUTS_KV = "rollouts"
 """kv namespace: a stopped rollout (key: the rollout's key) and why, for recovery."""
 
@@ -205,6 +209,16 @@ class UpdateSteps:
     def _driver(self, ctx: RunContext) -> NodeDriver:
         return self.engine.drivers[ctx.node]
 
+    async def note(self, ctx: RunContext, text: str) -> None:
+        """One line of what the run did on its node, as it happens: in the audit log (L13)
+        and published (the demo's console and Slack show it)."""
+        await self.engine.record(
+            LIFECYCLE, ctx.step or "step", target=ctx.node, run_id=ctx.run_id, detail=text
+        )
+        await self.engine.events.publish(
+            ev.RunStepDone(run_id=ctx.run_id, node=ctx.node, step=ctx.step or "", text=text)
+        )
+
     async def _node(self, ctx: RunContext) -> NodeRecord:
         record = await self.store.node(ctx.node)
         assert record is not None
@@ -283,6 +297,7 @@ class UpdateSteps:
             ]
         )
         ctx.message = "staged " + ", ".join(f"{f.name} {f.version}" for f in files)
+        await self.note(ctx, "downloaded and " + ctx.message)
         return files
 
     def _cluster(self, ctx: RunContext) -> str | None:
@@ -307,9 +322,21 @@ class UpdateSteps:
                 )
 
         limit = self.engine.settings.clusters[cluster].max_parallel_updates
-        await self.slots.acquire(
+        holders = [s.node for s in await self.store.slots(cluster) if s.node != ctx.node]
+        queue = await self.store.slot_queue(cluster)
+        ahead = queue[: queue.index(ctx.node)] if ctx.node in queue else []
+        behind = [*holders, *(n for n in ahead if n not in holders)]
+        if ctx.node not in holders and (len(holders) >= limit or ahead):
+            count = len(behind)
+            await self.note(
+                ctx,
+                f"waiting for a slot of {cluster} behind {count} node{'s' if count != 1 else ''}"
+                f" ({', '.join(behind)})",
+            )
+        slot = await self.slots.acquire(
             cluster=cluster, node=ctx.node, limit=limit, run_id=ctx.run_id, stop=stop
         )
+        await self.note(ctx, f"slot taken ({slot + 1} of {limit} of cluster {cluster})")
 
     async def step_drain(self, ctx: RunContext) -> None:
         if self._cluster(ctx) is None:
@@ -317,6 +344,7 @@ class UpdateSteps:
         await self._driver(ctx).drain()
         await self.store.update_node(ctx.node, lb="drained")
         await self.engine.events.publish(ev.NodeStateChanged(node=ctx.node, change="drained"))
+        await self.note(ctx, "drained (out of load balancing)")
 
     async def step_notice(self, ctx: RunContext) -> None:
         what = "restart" if ctx.kind == "restart" else "update"
@@ -324,11 +352,16 @@ class UpdateSteps:
             f"The {what} of {ctx.node} starts now; your session will be ended. "
             "Please save your work."
         )
+        users = (await self._node(ctx)).sessions
+        await self.note(
+            ctx, f"notice sent to the logged-in users ({users} session{'s' if users != 1 else ''})"
+        )
 
     async def step_disconnect(self, ctx: RunContext) -> None:
         ended = await self._driver(ctx).disconnect_sessions()
         await self.store.update_node(ctx.node, sessions=0)
         await self.store.step_detail(ctx.run_id, "disconnect", f"{ended} sessions ended")
+        await self.note(ctx, f"sessions ended ({ended})")
 
     async def step_install(self, ctx: RunContext) -> None:
         plan = [_plan_entry(i) for i in ctx.params.get("plan") or []]
@@ -346,6 +379,7 @@ class UpdateSteps:
             )
         await self.store.update_node(ctx.node, **values)
         ctx.message = "installed " + ", ".join(f"{p.name} {p.version}" for p in plan)
+        await self.note(ctx, ctx.message)
         if result.restart_required:
             ctx.message += f"; restart required (core update): `restart {ctx.node}`"
             await self.engine.events.publish(
@@ -354,14 +388,22 @@ class UpdateSteps:
 
     async def step_restart_services(self, ctx: RunContext) -> None:
         await self._driver(ctx).restart_services()
+        await self.note(ctx, "services restarted")
 
     async def step_reboot(self, ctx: RunContext) -> None:
         await self._driver(ctx).reboot()
         await self.store.update_node(ctx.node, restart_required=False)
-        ctx.message = f"{ctx.node} restarted"
+        if ctx.message.startswith("installed "):
+            # an update that reboots (scheduled, core update): its outcome keeps what it
+            # installed, and no restart is required any more
+            ctx.message = ctx.message.split("; restart required")[0] + "; rebooted"
+        else:
+            ctx.message = f"{ctx.node} restarted"
+        await self.note(ctx, "rebooted")
 
     async def step_verify(self, ctx: RunContext) -> None:
         await self._driver(ctx).post_check()
+        await self.note(ctx, "verified (the post-update check passed)")
 
     async def step_undrain(self, ctx: RunContext) -> None:
         if self._cluster(ctx) is None:
@@ -369,11 +411,12 @@ class UpdateSteps:
         await self._driver(ctx).undrain()
         await self.store.update_node(ctx.node, lb="in", left_drained_by_run=None)
         await self.engine.events.publish(ev.NodeStateChanged(node=ctx.node, change="undrained"))
+        await self.note(ctx, "undrained (back in load balancing)")
 
     async def step_release(self, ctx: RunContext) -> None:
         cluster = self._cluster(ctx)
-        if cluster is not None:
-            await self.slots.release(cluster=cluster, node=ctx.node)
+        if cluster is not None and await self.slots.release(cluster=cluster, node=ctx.node):
+            await self.note(ctx, f"slot of cluster {cluster} freed")
 
     async def step_integrity(self, ctx: RunContext) -> None:
         mismatches = await self._driver(ctx).verify_integrity()
