@@ -23,7 +23,7 @@ from core.durations import DurationError, parse_duration
 from core.errors import ConfigError, TgopsError
 from core.model import PackageKind
 from core.repository.publish import keygen, public_key_path, publish
-from core.settings import Settings, load_settings, masked
+from core.settings import Settings, exposed_secrets, load_settings, masked
 
 if TYPE_CHECKING:
     from bot.nagios import Range
@@ -317,6 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = _settings(args.config)
             settings.updates.verification_key()  # what `serve` would refuse, refused here
             print(json.dumps(masked(settings), indent=2, sort_keys=True))
+            path = args.config or (
+                Path(os.environ["TGOPS_CONFIG"]) if os.environ.get("TGOPS_CONFIG") else None
+            )
+            if path is not None:
+                for warning in exposed_secrets(path):
+                    print(f"tgops: config: warning: {warning}", file=sys.stderr)
             print("configuration OK", file=sys.stderr)
             return EXIT_OK
     except ConfigError as exc:

@@ -11,11 +11,12 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -34,6 +35,7 @@ from pydantic_settings import (
 from core.durations import Duration
 from core.errors import ConfigError
 from core.model import Role
+from core.private import others_may_read
 from core.repository.manifest import load_public_key
 from core.templates import resolve_templates
 
@@ -48,6 +50,16 @@ class _GivenEnvironment(EnvSettingsSource):
     def _load_env_vars(self) -> Mapping[str, str | None]:
         environ = _ENVIRON.get() or {}
         return {k.lower(): v for k, v in environ.items()}
+
+
+def _not_blank(value: SecretStr) -> SecretStr:
+    if not value.get_secret_value().strip():
+        raise ValueError("must not be empty (leave the key out to switch the feature off)")
+    return value
+
+
+Secret = Annotated[SecretStr, AfterValidator(_not_blank)]
+"""A secret (token, password): never printed, never empty."""
 
 
 class _Section(BaseModel):
@@ -80,7 +92,7 @@ class HttpSettings(_Section):
 
 
 class ApiToken(_Section):
-    token: SecretStr
+    token: Secret
     roles: tuple[Role, ...] = (Role.VIEWER,)
 
 
@@ -162,9 +174,9 @@ class MaintenanceSettings(_Section):
 
 
 class SlackSettings(_Section):
-    bot_token: SecretStr | None = None
-    signing_secret: SecretStr | None = None
-    app_token: SecretStr | None = None
+    bot_token: Secret | None = None
+    signing_secret: Secret | None = None
+    app_token: Secret | None = None
     api_url: str = "https://slack.com/api/"
     channel: str | None = None
 
@@ -179,7 +191,7 @@ class SmtpSettings(_Section):
     host: str | None = None
     port: int = Field(default=25, ge=1, le=65535)
     username: str | None = None
-    password: SecretStr | None = None
+    password: Secret | None = None
     starttls: bool = False
     use_tls: bool = False
     sender: str = "tgops@localhost"
@@ -198,7 +210,7 @@ class SmtpSettings(_Section):
 
 class TwilioSettings(_Section):
     account_sid: str | None = None
-    auth_token: SecretStr | None = None
+    auth_token: Secret | None = None
     from_number: str | None = None
     api_url: str = "https://api.twilio.com"
     timeout: Duration = 15.0
@@ -464,7 +476,10 @@ def _describe(error: Mapping[str, Any]) -> str:
         message = "required key is missing"
     if "input" in error and error["type"] not in {"missing", "extra_forbidden"}:
         value = error["input"]
-        if not isinstance(value, dict | list) and key.split(".")[-1] not in SECRET_KEYS:
+        name = key.split(".")[-1]
+        if name == "database_url" and isinstance(value, str):
+            message += f" (got {masked_url(value)!r})"
+        elif not isinstance(value, dict | list) and name not in SECRET_KEYS:
             message += f" (got {value!r})"
     return f"{key}: {message}" if key else message
 
@@ -523,7 +538,52 @@ def masked(settings: Settings) -> dict[str, Any]:
             return [walk(v, key) for v in value]
         if key in SECRET_KEYS and value is not None:
             return "********"
+        if key == "database_url" and isinstance(value, str):
+            return masked_url(value)
         return value
 
     masked_data: dict[str, Any] = walk(data)
     return masked_data
+
+
+def masked_url(url: str) -> str:
+    """A database URL with its password shown as ``********``."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:********@{host}"
+
+
+def exposed_secrets(path: Path) -> list[str]:
+    """A warning when the configuration file holds secrets and its group or others may
+    read it (nothing when it is private or holds none)."""
+    mode = others_may_read(path)
+    if mode is None:
+        return []
+    found: list[str] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{where}.{key}" if where else str(key)
+                if key in SECRET_KEYS and item:
+                    found.append(name)
+                elif key == "database_url" and isinstance(item, str):
+                    if masked_url(item) != item:
+                        found.append(name)
+                else:
+                    walk(item, name)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+
+    walk(_read_toml(path), "")
+    if not found:
+        return []
+    return [
+        f"{path} holds secrets ({', '.join(found)}) and is readable by its group or others "
+        f"(mode {mode:04o}); run `chmod 600 {path}` (or keep the secrets in TGOPS_* "
+        "environment variables)"
+    ]

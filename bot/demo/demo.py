@@ -56,6 +56,7 @@ from core.events import (
 )
 from core.localtime import zoned_text
 from core.model import Actor, PackageKind, Role, StagedPackage
+from core.private import make_private, write_private
 from core.repository.publish import keygen, public_key_path, publish
 from core.settings import Settings, load_settings
 
@@ -172,12 +173,18 @@ class _Mailbox:
 
     def __init__(self, path: Path, say: Callable[[str], None]) -> None:
         self.maildir = mailbox.Maildir(path, create=True)
+        self.path = path
         self.say = say
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.content if isinstance(envelope.content, bytes) else b""
         message = message_from_bytes(content)
         self.maildir.add(message)
+        # the messages hold the contacts' addresses: only the owner may read them (the
+        # Maildir's directories are created 0700 by the mailbox module)
+        for folder in ("new", "cur", "tmp"):
+            for item in (self.path / folder).iterdir():
+                make_private(item)
         subject = " ".join(str(message["Subject"]).split())
         self.say(f"[mail] to {', '.join(envelope.rcpt_tos)}: {subject}")
         return "250 Message accepted for delivery"
@@ -355,7 +362,7 @@ driver = "sandbox"
 root = "{root}/nodes/{SINGLE}"
 """
     path = root / "tgops.toml"
-    path.write_text(text)
+    write_private(path, text)  # it holds the API token and the Twilio auth token
     return path
 
 

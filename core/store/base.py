@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from core.errors import StoreError
+from core.private import create_private, make_private
 from core.store import tables as t
 from core.store.records import NodeRecord
 
@@ -173,7 +174,13 @@ class StoreBase:
         kwargs: dict[str, Any] = {}
         if url.get_backend_name() == "sqlite":
             if url.database and url.database != ":memory:":
-                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+                database = Path(url.database)
+                database.parent.mkdir(parents=True, exist_ok=True)
+                # SQLite gives its -wal and -shm files the database file's mode: 0600, as
+                # the store holds contacts and the outbox's messages
+                create_private(database)
+                for side in ("-wal", "-shm"):
+                    make_private(database.with_name(database.name + side))
             # SQLite has one writer: one connection, so that no statement of this process
             # ever waits in SQLite's busy handler for another of its own connections (that
             # wait can block the event loop when a cursor is freed there)
