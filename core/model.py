@@ -56,6 +56,8 @@ class StagedPackage:
     kind: PackageKind
     sha256: str
     path: Path
+    size: int | None = None
+    """The file's size from the manifest, when known (a staged copy is checked by it)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
+import shutil
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +18,7 @@ from core.drivers import SandboxDriver, make_driver
 from core.drivers.sandbox import OPERATIONS
 from core.errors import DriverError, NodeUnreachableError
 from core.interfaces import NodeDriver
-from core.model import PackageKind, Session
+from core.model import PackageKind, Session, StagedPackage
 from core.settings import ClusterSettings, NodeSettings
 from tests.sandbox_files import OutputLog, names, staged_package, write_file
 
@@ -203,6 +205,53 @@ async def test_stage_refuses_a_file_that_does_not_match_its_checksum(
     assert "download it again" in str(caught.value)
     assert list((root / "staged").iterdir()) == []
     assert dict((await driver.status()).staged) == {}
+
+
+def in_cache(package: StagedPackage, cache: Path, *, size: int | None = None) -> StagedPackage:
+    """The package as the controller hands it over: its file in the content cache, named
+    by its SHA-256, with the manifest's size."""
+    cache.mkdir(parents=True, exist_ok=True)
+    cached = cache / f"{package.sha256}.deb"
+    shutil.copyfile(package.path, cached)
+    return dataclasses.replace(
+        package, path=cached, size=cached.stat().st_size if size is None else size
+    )
+
+
+async def test_a_package_from_the_cache_is_staged_by_a_link_not_copied(
+    driver: SandboxDriver, debs: Path, root: Path, tmp_path: Path
+) -> None:
+    package = in_cache(staged_package(debs, "tg-x", "1.0"), tmp_path / "cache")
+    await driver.stage([package])
+    staged = root / "staged" / "tg-x_1.0.deb"
+    assert staged.stat().st_ino == package.path.stat().st_ino  # the same file, no copy
+    assert staged.stat().st_nlink == 2
+    assert staged.stat().st_mode & 0o222 == 0  # read-only: it is the cache's copy too
+    assert dict((await driver.status()).staged) == {"tg-x": "1.0"}
+    assert [p.name for p in (root / "staged").iterdir()] == ["tg-x_1.0.deb"]
+    await driver.install([package])
+    assert dict((await driver.status()).installed) == {"tg-x": "1.0"}
+    assert not staged.exists()
+    assert package.path.read_bytes()  # the cache keeps its file
+
+
+async def test_a_cached_file_of_another_size_is_copied_and_hashed(
+    driver: SandboxDriver, debs: Path, root: Path, tmp_path: Path
+) -> None:
+    package = staged_package(debs, "tg-x", "1.0")
+    cached = in_cache(package, tmp_path / "cache")
+    with cached.path.open("ab") as handle:  # no longer the verified file
+        handle.write(b"garbage")
+    odd = dataclasses.replace(cached, size=package.path.stat().st_size)
+    with pytest.raises(DriverError, match="SHA-256") as caught:
+        await driver.stage([odd])
+    assert "download it again" in str(caught.value)
+    assert list((root / "staged").iterdir()) == []
+    # right size and name, but no cache name: copied and hashed as before
+    await driver.stage([package])
+    staged = root / "staged" / "tg-x_1.0.deb"
+    assert staged.stat().st_ino != package.path.stat().st_ino
+    assert staged.read_bytes() == package.path.read_bytes()
 
 
 async def test_install_of_something_not_staged(driver: SandboxDriver, debs: Path) -> None:

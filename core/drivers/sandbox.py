@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -191,6 +192,41 @@ def _copy_verified(source: Path, target: Path, sha256: str) -> str | None:
             os.unlink(tmp)
         raise
     return None
+
+
+def _from_cache(source: Path, sha256: str, size: int | None) -> bool:
+    """Whether ``source`` is a verified file of the content cache: named by its SHA-256
+    (the cache gives a file that name only once its hash was checked) and of the size the
+    manifest says."""
+    if size is None or source.name != f"{sha256}.deb":
+        return False
+    try:
+        return source.stat().st_size == size
+    except OSError:
+        return False
+
+
+def _link_verified(source: Path, target: Path) -> bool:
+    """Stage the cache's verified ``source`` as ``target`` without copying its bytes: a
+    hard link (read-only: it shares the cache's copy) on the same file system. False when
+    the file systems differ or links are refused (then it is copied)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            return False
+        raise
+    try:
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return True
 
 
 class SandboxDriver:
@@ -462,9 +498,14 @@ class SandboxDriver:
         for package in packages:
             target = self.staged_dir / staged_file_name(package.name, package.version)
             try:
-                actual = await asyncio.to_thread(
-                    _copy_verified, package.path, target, package.sha256
-                )
+                if _from_cache(package.path, package.sha256, package.size) and _link_verified(
+                    package.path, target
+                ):
+                    actual = None  # the cache's verified file itself: size and hash checked
+                else:
+                    actual = await asyncio.to_thread(
+                        _copy_verified, package.path, target, package.sha256
+                    )
             except OSError as exc:
                 raise DriverError(
                     self.name, "stage", f"copying {package.path} to {target}: {exc}"

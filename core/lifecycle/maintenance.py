@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -168,6 +169,30 @@ class Maintenance:
         log.info("maintenance %d scheduled on %s", record.id, name)
         self.changed()
         return record
+
+    async def open_many(
+        self, names: Sequence[str], start: datetime, reason: str, *, origin: str, actor: Actor
+    ) -> None:
+        """``open_for`` for several nodes at once (one transaction; no logon lock), as a
+        scheduled occurrence opens the maintenance of all its nodes."""
+        if not names:
+            return
+        engine = self.engine
+        await engine.store.open_maintenance_many(
+            names,
+            start=start,
+            reason=reason,
+            origin=origin,
+            created_by=actor.name,
+            audit_source=actor.source,
+            audit_detail=f"{local_text(start, engine.settings.tz)}: {reason}",
+        )
+        for name in names:
+            await engine.events.publish(
+                ev.MaintenanceScheduled(node=name, start=start, reason=reason, origin=origin)
+            )
+        log.info("maintenance scheduled on %d nodes for %s", len(names), start.isoformat())
+        self.changed()
 
     async def end_for(
         self, name: str, *, actor: Actor, reason: str, problems: list[str] | None = None

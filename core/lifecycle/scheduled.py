@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
-from core.errors import DownloadFailedError
+from core.errors import DownloadFailedError, TgopsError
+from core.lifecycle.look import Look
 from core.lifecycle.runs import Flow, RunCancelledError, RunContext, RunSkippedError
 from core.lifecycle.steps import DISRUPTIVE_STEPS
 from core.localtime import local_text
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SCHEDULER = Actor(name="scheduler", source="scheduler")
 SCHEDULED_REASON = "Scheduled update"
+MANIFEST_TIMEOUT = 30.0
+"""Longest an occurrence waits for its one look at the channel's manifest."""
 
 
 class ScheduledRuns:
@@ -58,42 +61,170 @@ class ScheduledRuns:
         self.engine = life.engine
         self.store = life.store
         self.schedules_changed: Callable[[], Awaitable[None]] | None = None
+        self._opened: set[int] = set()
+        """Runs whose maintenance was opened with their occurrence's other nodes."""
 
     async def start(
         self, kind: str, node: str, *, at: datetime, until: datetime | None = None
     ) -> int | None:
         """Start a scheduled run for the occurrence ``at`` (S, or the download start)."""
+        return (await self.start_many(kind, [node], at=at, until=until)).get(node)
+
+    async def start_many(
+        self, kind: str, nodes: Sequence[str], *, at: datetime, until: datetime | None = None
+    ) -> dict[str, int]:
+        """Start the runs of one occurrence (every node scheduled for ``at``) together:
+        one look at the nodes and the channel's manifest, the runs created in one
+        transaction, and for a scheduled update the maintenance of every node with pending
+        updates opened at once (its users are told from ``notice_lead`` before S on,
+        whatever the preparation of the other nodes is doing). Returns the runs started."""
         params: dict[str, object] = {"at": at.isoformat(), "packages": []}
         if until is not None:
             params["until"] = until.isoformat()
-        try:
-            (run_id,) = await self.store.create_runs(
-                [
-                    NewRun(
-                        kind=kind,
-                        node=node,
-                        target=node,
-                        actor=SCHEDULER.name,
-                        params=params,
-                        owner=self.life.owner,
-                        audit=f"run #{{run}} started for {self._local(at)}",
-                        audit_source=SCHEDULER.source,
-                    )
-                ]
+        records = {r.name: r for r in await self.engine.refresh(list(nodes))}
+        look = Look(records=dict(records))
+        opens: set[str] = set()
+        if kind == "scheduled-update":
+            opens = await self._pending_maintenance(look, nodes)
+        for name in nodes:
+            busy = records[name].active_run_id
+            if busy is not None:
+                await self._busy(kind, NodeBusyError(name, busy))
+        free = self._first_rounds_first([n for n in nodes if records[n].active_run_id is None])
+        specs = [
+            NewRun(
+                kind=kind,
+                node=name,
+                target=name,
+                actor=SCHEDULER.name,
+                params={**params, "maintenance": True} if name in opens else dict(params),
+                owner=self.life.owner,
+                audit=f"run #{{run}} started for {self._local(at)}",
+                audit_source=SCHEDULER.source,
             )
+            for name in free
+        ]
+        try:
+            ids: list[int | None] = list(await self.store.create_runs(specs))
+        except NodeBusyError:
+            # a command claimed a node meanwhile: the others start one by one
+            ids = [await self._create_one(kind, spec) for spec in specs]
+        started = {spec.node: run_id for spec, run_id in zip(specs, ids, strict=True) if run_id}
+        opened = [n for n in free if n in opens and n in started]
+        if opened:
+            await self.maintenance.open_many(
+                opened, at, SCHEDULED_REASON, origin="scheduled-update", actor=SCHEDULER
+            )
+            self._opened.update(started[n] for n in opened)
+        self.life.share_look(list(started.values()), look)
+        for spec in specs:
+            run_id = started.get(spec.node)
+            if run_id is not None:
+                self.life.spawn(
+                    run_id=run_id,
+                    kind=kind,
+                    node=spec.node,
+                    actor=SCHEDULER.name,
+                    params=dict(spec.params),
+                    completed=set(),
+                )
+        return started
+
+    async def _create_one(self, kind: str, spec: NewRun) -> int | None:
+        try:
+            (run_id,) = await self.store.create_runs([spec])
         except NodeBusyError as exc:
-            await self.engine.record(SCHEDULER, f"{kind} skipped", target=node, detail=str(exc))
-            log.warning("%s on %s skipped: %s", kind, node, exc)
+            await self._busy(kind, exc)
             return None
-        self.life.spawn(
-            run_id=run_id,
-            kind=kind,
-            node=node,
-            actor=SCHEDULER.name,
-            params=params,
-            completed=set(),
-        )
         return run_id
+
+    async def _busy(self, kind: str, exc: NodeBusyError) -> None:
+        await self.engine.record(SCHEDULER, f"{kind} skipped", target=exc.node, detail=str(exc))
+        log.warning("%s on %s skipped: %s", kind, exc.node, exc)
+
+    def _first_rounds_first(self, nodes: Sequence[str]) -> list[str]:
+        """The nodes in the order they prepare: the first round of every cluster (those
+        that leave load balancing at S - ``lb_drain_lead``) before the later rounds."""
+        seen: dict[str | None, int] = {}
+        keyed = []
+        for index, name in enumerate(nodes):
+            cluster = self.engine.cluster_of.get(name)
+            place = seen.get(cluster, 0)
+            seen[cluster] = place + 1
+            limit = (
+                self.engine.settings.clusters[cluster].max_parallel_updates
+                if cluster is not None
+                else 1
+            )
+            keyed.append((place // limit if cluster is not None else 0, index, name))
+        return [name for *_, name in sorted(keyed)]
+
+    async def _pending_maintenance(self, look: Look, nodes: Sequence[str]) -> set[str]:
+        """The nodes whose scheduled update will open maintenance: updates pending, no
+        update lock, no maintenance set by hand. One fetch of the channel's manifest for
+        all (when it fails, each run checks on its own with the retry policy)."""
+        channel = self.engine.settings.updates.channel
+        try:
+            async with asyncio.timeout(MANIFEST_TIMEOUT):
+                manifest = await look.manifest(channel, self.life.repository_manifest)
+        except (TgopsError, TimeoutError) as exc:
+            log.warning(
+                "scheduled update: the manifest of channel %s could not be fetched (%s); "
+                "each node checks on its own",
+                channel,
+                exc,
+            )
+            return set()
+        look.selected = await self.store.selected_hotfixes()
+        manual = {m.node for m in await self.store.maintenance() if m.origin == "manual"}
+        opens = set()
+        for name in nodes:
+            record = look.records[name]
+            if (
+                record.update_lock_since is not None
+                or record.active_run_id is not None
+                or name in manual
+            ):
+                continue
+            selected = look.selected.get(name, [])
+            if self.life.plan_with("auto-update", manifest, record, [], selected):
+                opens.add(name)
+        return opens
+
+    async def watch_preparation(self, at: datetime, runs: Mapping[str, int]) -> list[str]:
+        """The nodes of the occurrence whose download and staging are not done when they
+        should be: at S - ``lb_drain_lead`` (when the first nodes of a cluster leave load
+        balancing; at S when downloads start no earlier than that). They are logged as a
+        warning and audited ("preparation late"); ``plan`` shows them. Returns them."""
+        due = self.ready_by(at)
+        await self._sleep_until(due)
+        late = self.life.preparing(runs.values())
+        names = sorted(late)
+        if not names:
+            return []
+        shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        log.warning(
+            "scheduled update at %s: preparation late on %d node(s): %s",
+            self._local(at),
+            len(names),
+            shown,
+        )
+        for name in names:
+            await self.engine.record(
+                SCHEDULER,
+                "preparation late",
+                target=name,
+                run_id=runs[name],
+                detail=f"still at step {late[name]} at {self._local(due)} (update at "
+                f"{self._local(at)}); it leaves load balancing and installs once it is staged",
+            )
+        return names
+
+    def ready_by(self, at: datetime) -> datetime:
+        """When the nodes of the update at ``at`` should be downloaded and staged."""
+        settings = self.engine.settings
+        drain = settings.maintenance.lb_drain_lead
+        return at - timedelta(seconds=drain if settings.updates.download_lead > drain else 0)
 
     def _local(self, when: datetime) -> str:
         return local_text(when, self.engine.settings.tz)
@@ -157,12 +288,17 @@ class ScheduledRuns:
     # -- steps -------------------------------------------------------------------------
 
     async def _check(self, ctx: RunContext) -> None:
-        record = (await self.engine.refresh([ctx.node]))[0]
+        look = self.life.look_of(ctx.run_id)
+        record = look.record(ctx.node) if look is not None else None
+        if record is None:
+            record = (await self.engine.refresh([ctx.node]))[0]
         if record.update_lock_since is not None:
             raise RunSkippedError(
                 f"skipped: the update lock is in place ({record.update_lock_reason})"
             )
-        entries = await self._twice(ctx, lambda: self.life.plan_for(ctx.node))
+        entries = await self._twice(
+            ctx, lambda: self.life.plan_for(ctx.node, self.life.look_of(ctx.run_id))
+        )
         if not entries:
             await self.engine.record(
                 SCHEDULER,
@@ -175,6 +311,10 @@ class ScheduledRuns:
         ctx.message = f"{len(entries)} package(s) pending"
 
     async def _maintenance(self, ctx: RunContext) -> None:
+        if ctx.run_id in self._opened:
+            self._opened.discard(ctx.run_id)
+            ctx.message = "opened with the other nodes of this update time"
+            return
         manual = [m for m in await self.store.maintenance(ctx.node) if m.origin == "manual"]
         if manual:
             # a window an admin set stays as it is (and is not ended by this run)
@@ -214,6 +354,7 @@ class ScheduledRuns:
         try:
             return await attempt()
         except DownloadFailedError as first:
+            self.life.drop_look(ctx.run_id)  # the second round looks afresh
             await self.life.set_warning_flag(ctx.node, str(first))
             policy = self.life.retry
             second_round = self._at(ctx) - timedelta(seconds=policy.attempts * policy.delay)
@@ -327,6 +468,7 @@ class ScheduledRuns:
     # -- outcomes ----------------------------------------------------------------------
 
     async def _succeeded(self, ctx: RunContext) -> None:
+        self._opened.discard(ctx.run_id)
         if ctx.params.get("maintenance"):
             await self.maintenance.end_for(
                 ctx.node, actor=SCHEDULER, reason="scheduled update done"
@@ -336,6 +478,7 @@ class ScheduledRuns:
         await self.engine.refresh([ctx.node])
 
     async def _skipped(self, ctx: RunContext) -> None:
+        self._opened.discard(ctx.run_id)
         await self.life.undo_slot(ctx)
         if ctx.params.get("maintenance"):
             await self.maintenance.end_for(
@@ -345,6 +488,7 @@ class ScheduledRuns:
             await self.engine.set_logon(ctx.node, True, SCHEDULER)
 
     async def _failed(self, ctx: RunContext, step: str, exc: BaseException) -> None:
+        self._opened.discard(ctx.run_id)
         if ctx.params.get("download_gave_up"):
             await self.life.undo_slot(ctx)
             return

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
@@ -28,12 +29,15 @@ from core.durations import format_duration
 from core.lifecycle.calendar import Weekly, days_text, parse_days_text, parse_time_text, time_text
 from core.lifecycle.engine import Engine
 from core.lifecycle.scheduled import SCHEDULER, ScheduledRuns
+from core.lifecycle.updates import PREPARING_STEPS
 from core.localtime import local_text, zone_note
 from core.model import Actor
 from core.store import ScheduleRecord
 
 log = logging.getLogger(__name__)
 
+FIRE_SETTLE = 0.05
+"""Seconds the first timer of an occurrence waits for the others due at the same time."""
 FIRED = "schedule-fired"
 """kv namespace: the last occurrence each schedule fired for (``KIND:NODE`` → ISO time)."""
 
@@ -63,6 +67,9 @@ class Scheduler:
         self._lock = asyncio.Lock()
         runs.schedules_changed = self.rebuild
         self.fired_late: list[float] = []
+        self._due: dict[tuple[str, datetime, datetime | None], list[Occurrence]] = {}
+        """Occurrences whose timers fired, by (kind, time, end): started together."""
+        self._tasks: set[asyncio.Task[None]] = set()
         """Seconds each timer fired after its planned time (for the benchmark)."""
 
     async def __aenter__(self) -> Self:
@@ -82,6 +89,9 @@ class Scheduler:
     ) -> None:
         await self._stack.aclose()
         self._timers.shutdown(wait=False)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _resync(self) -> None:
         while True:
@@ -145,24 +155,54 @@ class Scheduler:
         )
 
     async def _fire(self, occurrence: Occurrence, planned: datetime) -> None:
+        """A schedule's timer: its occurrence joins the others due at the same time, and
+        they start together shortly after (one look, one transaction for all)."""
         self.fired_late.append((self.engine.clock.now() - planned).total_seconds())
-        try:
-            await self._start(occurrence)
-        except Exception:
-            log.exception("scheduled %s on %s did not start", occurrence.kind, occurrence.node)
-        async with self._lock:
-            for record in await self.store.schedules(occurrence.node):
-                if record.kind == occurrence.kind and record.enabled:
-                    self._plan(self.next_occurrence(record, occurrence.at))
+        key = (occurrence.kind, occurrence.at, occurrence.until)
+        due = self._due.get(key)
+        if due is None:
+            due = self._due[key] = []
+            self._spawn(self._start_due(key), f"scheduled-{occurrence.kind}-{occurrence.at}")
+        due.append(occurrence)
 
-    async def _start(self, occurrence: Occurrence) -> int | None:
-        key = f"{occurrence.kind}:{occurrence.node}"
-        if await self.store.kv_get(FIRED, key) == occurrence.at.isoformat():
-            return None  # this occurrence already ran (another instance, or before a restart)
-        await self.store.kv_set(FIRED, key, occurrence.at.isoformat())
-        kind = "scheduled-update" if occurrence.kind == "update" else "scheduled-download"
-        return await self.runs.start(
-            kind, occurrence.node, at=occurrence.at, until=occurrence.until
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_due(self, key: tuple[str, datetime, datetime | None]) -> None:
+        await asyncio.sleep(FIRE_SETTLE)  # the other timers of this occurrence fire meanwhile
+        occurrences = self._due.pop(key)
+        kind, at, _ = key
+        runs: dict[str, int] = {}
+        try:
+            runs = await self._start(occurrences)
+        except Exception:
+            log.exception(
+                "scheduled %s at %s did not start on %s",
+                kind,
+                at,
+                ", ".join(o.node for o in occurrences[:20]),
+            )
+        nodes = {o.node for o in occurrences}
+        async with self._lock:
+            for record in await self.store.schedules():
+                if record.node in nodes and record.kind == kind and record.enabled:
+                    self._plan(self.next_occurrence(record, at))
+        if kind == "update" and runs:
+            await self.runs.watch_preparation(at, runs)
+
+    async def _start(self, occurrences: Sequence[Occurrence]) -> dict[str, int]:
+        """Start the runs of occurrences of one kind and time; an occurrence that already
+        ran (another instance, or before a restart) is left out."""
+        if not occurrences:
+            return {}
+        first = occurrences[0]
+        by_key = {f"{o.kind}:{o.node}": o for o in occurrences}
+        fresh = await self.store.kv_claim(FIRED, list(by_key), first.at.isoformat())
+        kind = "scheduled-update" if first.kind == "update" else "scheduled-download"
+        return await self.runs.start_many(
+            kind, [by_key[k].node for k in fresh], at=first.at, until=first.until
         )
 
     async def catch_up(self) -> None:
@@ -170,6 +210,7 @@ class Scheduler:
         now = self.engine.clock.now()
         lead = timedelta(seconds=self.engine.settings.updates.download_lead)
         grace = timedelta(seconds=self.engine.settings.updates.update_grace)
+        late: dict[datetime, list[Occurrence]] = {}
         for record in await self.store.schedules():
             if not record.enabled or record.kind != "update":
                 continue
@@ -185,7 +226,7 @@ class Scheduler:
                 log.warning(
                     "scheduled update of %s at %s is late; starting it now", record.node, at
                 )
-                await self._start(
+                late.setdefault(at, []).append(
                     Occurrence(node=record.node, kind="update", at=at, fire_at=at - lead)
                 )
             else:
@@ -197,6 +238,8 @@ class Scheduler:
                     detail=f"the update at {local_text(at, self.engine.settings.tz)} passed "
                     "while tgops was down; skipped, the next one is planned",
                 )
+        for occurrences in late.values():
+            await self._start(occurrences)
 
     # -- commands ----------------------------------------------------------------------
 
@@ -311,6 +354,7 @@ class Scheduler:
         if not events:
             return "Nothing is scheduled for " + (target or "the fleet") + "."
         duration = await self._typical_update()
+        events += await self._late(updates, now)
         for occ in updates:
             cluster = self.engine.cluster_of[occ.node]
             if cluster is None:
@@ -374,6 +418,33 @@ class Scheduler:
             for record in await self.store.nodes(names)
             if not self.engine.pending(record, selected.get(record.name, []))
         )
+
+    async def _late(
+        self, updates: Sequence[Occurrence], now: datetime
+    ) -> list[tuple[datetime, str]]:
+        """Lines for the nodes whose scheduled update is under way but not yet downloaded
+        and staged although it should be by now."""
+        if not updates:
+            return []
+        active = {
+            r.node: r
+            for r in await self.store.runs(statuses=("queued", "running"), limit=100_000)
+            if r.kind == "scheduled-update"
+        }
+        lines = []
+        for occ in updates:
+            run = active.get(occ.node)
+            ready_by = self.runs.ready_by(occ.at)
+            if run is None or run.params.get("at") != occ.at.isoformat() or now < ready_by:
+                continue
+            if (run.step or "check") in PREPARING_STEPS:
+                due = local_text(ready_by, self.engine.settings.tz)
+                text = (
+                    f"{occ.node}: preparation late: run #{run.id} still at step "
+                    f"{run.step or 'check'} (due by {due})"
+                )
+                lines.append((now, text))
+        return lines
 
     async def _typical_update(self) -> float | None:
         spans = sorted(

@@ -19,6 +19,7 @@ from core import events as ev
 from core.errors import DownloadFailedError, DriverError, TgopsError
 from core.interfaces import NodeDriver, RepositoryClient
 from core.lifecycle.engine import Engine
+from core.lifecycle.look import Look
 from core.lifecycle.pending import catch_up, pending_packages
 from core.lifecycle.runs import (
     RunCancelledError,
@@ -109,6 +110,9 @@ class UpdateSteps:
         self._rollouts: dict[str, Rollout] = {}
         self._preparing = asyncio.Semaphore(PREPARE_AT_ONCE)
         self._staging = asyncio.Semaphore(PREPARE_AT_ONCE)
+        self._looks: dict[int, Look] = {}
+        """The look a run shares with the other runs of its command or occurrence (until
+        its plan is made)."""
 
     def _repo(self) -> RepositoryClient:
         if self.repository is None:
@@ -118,13 +122,37 @@ class UpdateSteps:
             )
         return self.repository
 
-    async def manifest(self, channel: str | None = None) -> Manifest:
+    async def manifest(self, channel: str | None = None, *, look: Look | None = None) -> Manifest:
+        """The channel's verified manifest (retry policy); with ``look``, the one fetched
+        for the runs of that look (fetched by the first run that asks)."""
         channel = channel or self.engine.settings.updates.channel
+        if look is not None:
+            return await look.manifest(channel, self.repository_manifest, self._fetch_manifest)
+        return await self._fetch_manifest(channel)
+
+    async def _fetch_manifest(self, channel: str) -> Manifest:
         manifest = await self.retry.run(
             lambda: self._repo().manifest(channel), describe=f"channel {channel}"
         )
         await self.engine.remember_manifest(manifest)
         return manifest
+
+    async def repository_manifest(self, channel: str) -> Manifest:
+        """One fetch of the channel's verified manifest (no retries), remembered."""
+        manifest = await self._repo().manifest(channel)
+        await self.engine.remember_manifest(manifest)
+        return manifest
+
+    def look_of(self, run_id: int) -> Look | None:
+        return self._looks.get(run_id)
+
+    def share_look(self, run_ids: Sequence[int], look: Look) -> None:
+        """The runs ``run_ids`` plan against ``look`` (one command or occurrence)."""
+        for run_id in run_ids:
+            self._looks[run_id] = look
+
+    def drop_look(self, run_id: int) -> None:
+        self._looks.pop(run_id, None)
 
     async def refresh_manifests(self) -> list[str]:
         """Fetch both channels' manifests (status shows pending and omitted updates from
@@ -139,16 +167,30 @@ class UpdateSteps:
         return problems
 
     async def _plan(
-        self, kind: str, record: NodeRecord, packages: Sequence[str]
+        self, kind: str, record: NodeRecord, packages: Sequence[str], look: Look | None = None
     ) -> list[PackageEntry]:
         settings = self.engine.settings.updates
         if kind in {"oldstable-partial", "oldstable-full"}:
-            oldstable = await self.manifest(settings.oldstable_channel)
+            oldstable = await self.manifest(settings.oldstable_channel, look=look)
             return catch_up(
                 record.installed, oldstable, packages if kind == "oldstable-partial" else None
             )
-        manifest = await self.manifest()
-        selected = (await self.store.selected_hotfixes()).get(record.name, [])
+        manifest = await self.manifest(look=look)
+        if look is not None and look.selected is None:
+            look.selected = await self.store.selected_hotfixes()
+        chosen = look.selected if look is not None else await self.store.selected_hotfixes()
+        assert chosen is not None
+        return self.plan_with(kind, manifest, record, packages, chosen.get(record.name, []))
+
+    def plan_with(
+        self,
+        kind: str,
+        manifest: Manifest,
+        record: NodeRecord,
+        packages: Sequence[str],
+        selected: Sequence[str],
+    ) -> list[PackageEntry]:
+        """What ``kind`` installs on the node against ``manifest`` (not oldstable)."""
         requested = set(record.optional_packages)
         if kind == "install":
             only_optional(manifest, packages)
@@ -168,15 +210,14 @@ class UpdateSteps:
             requested_optional=requested,
         )
 
-    async def _check_names(self, kind: str, packages: Sequence[str]) -> None:
+    async def _check_names(self, kind: str, packages: Sequence[str], look: Look) -> None:
         """Refuse a command naming packages its channel does not have, before any run
-        starts (the runs plan again per node, against the manifest of their time)."""
+        starts (the runs plan per node against the same manifest)."""
         if kind == "oldstable-partial":
-            catch_up(
-                {}, await self.manifest(self.engine.settings.updates.oldstable_channel), packages
-            )
+            channel = self.engine.settings.updates.oldstable_channel
+            catch_up({}, await self.manifest(channel, look=look), packages)
             return
-        only_optional(await self.manifest(), packages, "; nothing was started")
+        only_optional(await self.manifest(look=look), packages, "; nothing was started")
 
     async def set_lock(self, name: str, reason: str, actor: Actor) -> None:
         now = self.engine.clock.now()
@@ -235,10 +276,13 @@ class UpdateSteps:
         if not files and ctx.kind != "download":
             raise RunCancelledError(f"nothing to install on {ctx.node}; nothing was changed")
 
-    async def plan_for(self, node: str) -> list[PackageEntry]:
-        """What an update of ``node`` would install now (channel, hotfixes, optional)."""
-        record = (await self.engine.refresh([node]))[0]
-        return await self._plan("auto-update", record, [])
+    async def plan_for(self, node: str, look: Look | None = None) -> list[PackageEntry]:
+        """What an update of ``node`` would install now (channel, hotfixes, optional);
+        with ``look``, against the state and manifest read for its command or occurrence."""
+        record = look.record(node) if look is not None else None
+        if record is None:
+            record = (await self.engine.refresh([node]))[0]
+        return await self._plan("auto-update", record, [], look)
 
     async def fetch_and_stage(self, ctx: RunContext) -> list[StagedPackage]:
         """Plan what the node needs, download it (retry policy), stage it on the node.
@@ -247,9 +291,16 @@ class UpdateSteps:
         when the retry policy gives up; the caller decides about the warning flag.
         """
         plan_kind = ctx.kind if ctx.kind in UPDATE_KINDS else "auto-update"
-        async with self._preparing:
-            record = (await self.engine.refresh([ctx.node]))[0]
-            entries = await self._plan(plan_kind, record, ctx.params.get("packages") or [])
+        look = self._looks.pop(ctx.run_id, None)
+        record = look.record(ctx.node) if look is not None else None
+        packages = ctx.params.get("packages") or []
+        if record is not None:
+            # the state read when the command or occurrence started, and its manifest
+            entries = await self._plan(plan_kind, record, packages, look)
+        else:
+            async with self._preparing:
+                record = (await self.engine.refresh([ctx.node]))[0]
+                entries = await self._plan(plan_kind, record, packages)
         if not entries:
             await ctx.save_params(plan=[])
             ctx.message = "nothing pending"
@@ -276,6 +327,7 @@ class UpdateSteps:
                     kind=entry.kind,
                     sha256=entry.sha256,
                     path=path,
+                    size=entry.size,
                 )
             )
         await ctx.progress(total, total)

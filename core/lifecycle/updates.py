@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -21,6 +21,7 @@ from core import events as ev
 from core.errors import DriverError, TgopsError
 from core.interfaces import RepositoryClient
 from core.lifecycle.engine import Engine
+from core.lifecycle.look import Look
 from core.lifecycle.runs import (
     Flow,
     FlowSource,
@@ -40,6 +41,9 @@ from core.repository.retry import RetryPolicy
 from core.store import NewRun, NodeBusyError, RunEnd, RunRecord
 
 log = logging.getLogger(__name__)
+
+PREPARING_STEPS = frozenset({"check", "maintenance", "download"})
+"""Steps of a scheduled update before its node is ready (planned, downloaded, staged)."""
 
 DISRUPTIVE_KINDS = UPDATE_KINDS | {"restart"}
 STOP_GRACE = 3.0
@@ -141,10 +145,12 @@ class Lifecycle(UpdateSteps):
         engine = self.engine
         names = engine.resolve(target)
         records = await engine.refresh(names)
+        # the runs of this command share this look at the nodes and the repository
+        look = Look(records={r.name: r for r in records})
         if kind in {"download", "auto-update", "oldstable-partial", "oldstable-full", "install"}:
             self._repo()
         if kind in {"install", "oldstable-partial"}:
-            await self._check_names(kind, packages)
+            await self._check_names(kind, packages, look)
         if kind in UPDATE_KINDS:
             locked = [r for r in records if r.update_lock_since is not None]
             if locked:
@@ -199,6 +205,7 @@ class Lifecycle(UpdateSteps):
             ids = await self.store.create_runs(specs)
         except NodeBusyError as exc:
             raise RefusedError(f"{exc}; nothing was started") from exc
+        self.share_look(ids, look)
         runs: list[tuple[str, int]] = []
         for spec, run_id in zip(specs, ids, strict=True):
             runs.append((spec.node, run_id))
@@ -328,8 +335,22 @@ class Lifecycle(UpdateSteps):
     def _done(self, run_id: int, task: asyncio.Task[str]) -> None:
         self._tasks.pop(run_id, None)
         self._running.pop(run_id, None)
+        self.drop_look(run_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("run #%d crashed", run_id, exc_info=task.exception())
+
+    def preparing(self, run_ids: Iterable[int]) -> dict[str, str]:
+        """Of these runs (of this instance), the nodes still planning, downloading or
+        staging, with the step they are at."""
+        found = {}
+        for run_id in run_ids:
+            running = self._running.get(run_id)
+            if running is None:
+                continue
+            ctx, _ = running
+            if "download" not in ctx.completed and (ctx.step or "check") in PREPARING_STEPS:
+                found[ctx.node] = ctx.step or "check"
+        return found
 
     def _flow(self, kind: str) -> Flow:
         if kind.startswith("scheduled-"):

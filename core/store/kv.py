@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -46,6 +47,33 @@ class KvStore(StoreBase):
         )
         async with self.transaction() as conn:
             await conn.execute(statement)
+
+    async def kv_claim(self, namespace: str, keys: Sequence[str], value: Any) -> list[str]:
+        """Set each key to ``value`` in one transaction; returns the keys that did not
+        have that value before (the ones this caller claimed), in the given order."""
+        if not keys:
+            return []
+        async with self.transaction() as conn:
+            rows = await conn.execute(
+                select(t.kv.c.key, t.kv.c.value).where(
+                    t.kv.c.namespace == namespace, t.kv.c.key.in_(list(keys))
+                )
+            )
+            have = {row.key: row.value for row in rows}
+            fresh = [key for key in keys if key not in have or have[key] != value]
+            if fresh:
+                await conn.execute(
+                    delete(t.kv).where(t.kv.c.namespace == namespace, t.kv.c.key.in_(fresh))
+                )
+                now = utcnow()
+                await conn.execute(
+                    insert(t.kv),
+                    [
+                        {"namespace": namespace, "key": key, "value": value, "updated_at": now}
+                        for key in fresh
+                    ],
+                )
+        return fresh
 
     async def kv_delete(self, namespace: str, key: str) -> None:
         async with self.transaction() as conn:

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 
 from core.store import tables as t
-from core.store.base import StoreBase, record_of, utcnow
+from core.store.base import StoreBase, audit_row, record_of, utcnow
 from core.store.records import MaintenanceRecord
 
 
@@ -52,6 +52,57 @@ class MaintenanceStore(StoreBase):
                 await conn.execute(select(t.maintenance).where(t.maintenance.c.id == new_id))
             ).one()
         return record_of(MaintenanceRecord, row)
+
+    async def open_maintenance_many(
+        self,
+        nodes: Sequence[str],
+        *,
+        start: datetime,
+        reason: str,
+        origin: str,
+        created_by: str,
+        audit_source: str,
+        audit_detail: str,
+    ) -> None:
+        """Open the same maintenance window on several nodes in one transaction (open
+        ones are replaced), each with its audit record ("maintenance scheduled")."""
+        if not nodes:
+            return
+        now = utcnow()
+        names = list(nodes)
+        async with self.transaction() as conn:
+            await conn.execute(
+                update(t.maintenance)
+                .where(t.maintenance.c.node.in_(names), t.maintenance.c.ended_at.is_(None))
+                .values(ended_at=now, ended_by=created_by, end_reason="replaced")
+            )
+            await conn.execute(
+                insert(t.maintenance),
+                [
+                    {
+                        "node": name,
+                        "start": start,
+                        "reason": reason,
+                        "origin": origin,
+                        "disable_logon": False,
+                        "created_by": created_by,
+                        "created_at": now,
+                    }
+                    for name in names
+                ],
+            )
+            for name in names:
+                await conn.execute(
+                    audit_row(
+                        at=now,
+                        actor=created_by,
+                        source=audit_source,
+                        action="maintenance scheduled",
+                        target=name,
+                        detail=audit_detail,
+                        run_id=None,
+                    )
+                )
 
     async def maintenance(self, node: str | None = None) -> list[MaintenanceRecord]:
         """Open (not ended) maintenance windows, by start time."""

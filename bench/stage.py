@@ -1,0 +1,314 @@
+"""Staging benchmark (issue 15): a 512 MiB package downloaded and staged, against curl and scp.
+
+Run as ``.venv/bin/python bench/stage.py``. In a temporary directory under /tmp (deleted
+afterwards) it builds a real .deb holding 512 MiB of random data (``dpkg-deb -Znone``),
+publishes it into a signed repository served by ``tests/repo_server.py`` (a separate
+process), and measures in a child process of its own:
+
+* **sandbox, through the API**: the real ``Service`` (in-process, INFO logging into a
+  file) with one sandbox node; ``download n1`` goes to ``POST /api/v1/command`` over
+  127.0.0.1 and the time runs until the run's ``RunFinished`` event (the package is then
+  downloaded, verified and staged on the node). Before each run the cache and the staged
+  file are removed. Against ``curl -o FILE`` of the same URL (its ``time_total``); the
+  two take turns, median of ``--runs``.
+* **ssh**: ``SshDriver.stage`` (a fresh connection, SFTP upload, ``sha256sum`` on the node,
+  rename) to a real sshd on 127.0.0.1 (``tests/sshd.py``), against ``scp`` of the same file
+  to the same directory, taking turns, median of ``--runs``.
+
+The figures go to bench/RESULTS.md under "## Staging (issue 15)" (other sections are kept).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# `python bench/stage.py` puts bench/ first on sys.path, where a sibling script could
+# shadow the standard library; use the project root.
+sys.path[:] = [str(ROOT), *(p for p in sys.path if p and Path(p).resolve() != ROOT / "bench")]
+
+import argparse  # noqa: E402 - after the path is fixed
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import aiohttp  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    FinishedCounter,
+    fleet_toml,
+    log_to,
+    machine_line,
+    now_text,
+    repo_server,
+    run_child,
+    verdict,
+    write_section,
+)
+from bot.service import Service  # noqa: E402
+from core.drivers.ssh import SshDriver  # noqa: E402
+from core.drivers.staging import sha256_file  # noqa: E402
+from core.model import PackageKind, StagedPackage  # noqa: E402
+from core.repository.publish import keygen, public_key_path, publish  # noqa: E402
+from core.settings import NodeSettings, load_settings  # noqa: E402
+from tests.service import ADMIN_TOKEN  # noqa: E402
+from tests.sshd import FakeNode, start_sshd  # noqa: E402
+
+HEADING = "## Staging (issue 15)"
+SIZE = int(os.environ.get("TGOPS_BENCH_MIB", "512")) << 20
+"""512 MiB; smaller with ``TGOPS_BENCH_MIB`` while iterating."""
+BLOCK = 16 << 20
+TARGET = 0.8
+RUN_LIMIT = 120.0
+
+
+def build_big_deb(work: Path, size: int) -> Path:
+    """A real .deb whose one file is ``size`` bytes of random data, not compressed."""
+    tree = work / "tree"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text(
+        "Package: tg-big\nVersion: 1.0\nArchitecture: all\nMaintainer: bench <b@example.org>\n"
+        "Description: a large package for the staging benchmark\n"
+    )
+    data = tree / "usr" / "share" / "tg-big"
+    data.mkdir(parents=True)
+    with (data / "blob").open("wb") as handle:
+        left = size
+        while left > 0:
+            handle.write(os.urandom(min(BLOCK, left)))
+            left -= BLOCK
+    out = work / "tg-big_1.0_all.deb"
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-Znone", "--build", str(tree), str(out)],  # noqa: S607
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    shutil.rmtree(tree)
+    return out
+
+
+def sync() -> None:
+    """Flush written data first, so that one side does not pay for the other's writes."""
+    os.sync()
+
+
+def curl_seconds(url: str, out: Path) -> float:
+    result = subprocess.run(
+        ["curl", "-sS", "-f", "-o", str(out), "-w", "%{time_total}", url],  # noqa: S607
+        capture_output=True,
+        text=True,
+        timeout=RUN_LIMIT,
+        check=True,
+    )
+    out.unlink()
+    return float(result.stdout)
+
+
+async def _command(session: aiohttp.ClientSession, base: str, text: str) -> dict[str, Any]:
+    async with session.post(
+        f"{base}/api/v1/command",
+        json={"text": text},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ) as response:
+        reply: dict[str, Any] = json.loads(await response.text())
+        if response.status != 200 or not reply.get("ok"):
+            raise SystemExit(f"{text!r}: HTTP {response.status}: {reply}")
+        return reply
+
+
+async def sandbox(work: Path, runs: int) -> dict[str, Any]:
+    """``download n1`` through the API until staged, against ``curl -o``."""
+    repo = work / "repo"
+    keys = work / "keys"
+    keys.mkdir()
+    keygen(keys / "repo")
+    deb = build_big_deb(work, SIZE)
+    publish(repo, "stable", keys / "repo", [deb], kind=PackageKind.REGULAR)
+    public = public_key_path(keys / "repo").read_text().strip()
+    deb.unlink()
+    (work / "nodes" / "n1").mkdir(parents=True)
+    log_to(work / "service.log")
+    ours: list[float] = []
+    curls: list[float] = []
+    linked = False
+    with repo_server(repo) as (url, _server):
+        pool = next((repo / "pool").iterdir()).name
+        package_url = f"{url.rstrip('/')}/pool/{pool}"
+        config = work / "tgops.toml"
+        config.write_text(
+            fleet_toml(
+                work,
+                clusters={"c1": (["n1"], 1)},
+                database_url=f"sqlite+aiosqlite:///{work}/state.db",
+                repository_url=url,
+                public_key=public,
+            )
+        )
+        settings = load_settings(config, {})
+        cache = settings.updates.cache_dir
+        staged = work / "nodes" / "n1" / "staged"
+        async with Service(settings) as service, aiohttp.ClientSession() as session:
+            counter = FinishedCounter(service.bus, frozenset({"download"}))
+            base = f"http://127.0.0.1:{service.port}"
+            for index in range(runs + 1):  # the first of each is a warm-up, not counted
+                for path in [*cache.glob("*"), *staged.glob("*")]:
+                    path.unlink()
+                sync()
+                turns = ["curl", "ours"] if index % 2 else ["ours", "curl"]
+                for turn in turns:
+                    if turn == "curl":
+                        seconds = curl_seconds(package_url, work / "curl.out")
+                    else:
+                        started = time.perf_counter()
+                        await _command(session, base, "download n1")
+                        await counter.wait(index + 1, RUN_LIMIT)
+                        seconds = time.perf_counter() - started
+                        if counter.outcomes != {"succeeded": index + 1}:
+                            raise SystemExit(f"download failed: {counter.outcomes}")
+                        [file] = list(staged.iterdir())
+                        linked = file.stat().st_nlink == 2
+                    if index:
+                        (curls if turn == "curl" else ours).append(seconds)
+    return {"ours": ours, "curl": curls, "linked": linked}
+
+
+async def ssh(work: Path, runs: int) -> dict[str, Any]:
+    """``SshDriver.stage`` to a real sshd on 127.0.0.1, against ``scp``."""
+    deb = build_big_deb(work, SIZE)
+    digest = sha256_file(deb)
+    package = StagedPackage(
+        name="tg-big", version="1.0", kind=PackageKind.REGULAR, sha256=digest, path=deb
+    )
+    ours: list[float] = []
+    scps: list[float] = []
+    with start_sshd(work / "sshd") as server:
+        node = FakeNode.create(work / "node")
+        known = server.known_hosts(work / "known_hosts")
+        settings = NodeSettings(
+            name="n-ssh",
+            driver="ssh",
+            host=server.host,
+            port=server.port,
+            user=server.user,
+            key_file=server.key_file,
+            known_hosts=known,
+            command_timeout=RUN_LIMIT,
+            commands=node.commands(),
+        )
+        node.staging.mkdir(parents=True, exist_ok=True)
+        scp = [
+            "scp",
+            "-q",
+            "-i",
+            str(server.key_file),
+            "-o",
+            f"UserKnownHostsFile={known}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-P",
+            str(server.port),
+            str(deb),
+            f"{server.user}@{server.host}:{node.staging}/scp.deb",
+        ]
+        for index in range(runs + 1):
+            for path in node.staging.glob("*"):
+                path.unlink()
+            sync()
+            turns = ["scp", "ours"] if index % 2 else ["ours", "scp"]
+            for turn in turns:
+                started = time.perf_counter()
+                if turn == "scp":
+                    # nothing else runs meanwhile: blocking the loop is what we want
+                    subprocess.run(scp, check=True, timeout=RUN_LIMIT)  # noqa: ASYNC221
+                else:
+                    driver = SshDriver(settings, staging_dir=str(node.staging))
+                    try:
+                        await driver.stage([package])
+                    finally:
+                        await driver.aclose()
+                seconds = time.perf_counter() - started
+                if index:
+                    (scps if turn == "scp" else ours).append(seconds)
+    return {"ours": ours, "scp": scps}
+
+
+def child(part: str, runs: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="tgops-bench-stage-", dir="/tmp"))
+    try:
+        load = os.getloadavg()[0]
+        result = asyncio.run(sandbox(work, runs) if part == "sandbox" else ssh(work, runs))
+        result["load"] = [load, os.getloadavg()[0]]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+
+
+def render(runs: int, box: dict[str, Any], remote: dict[str, Any]) -> str:
+    def row(label: str, values: list[float]) -> str:
+        median = statistics.median(values)
+        shown = ", ".join(f"{v:.2f}" for v in values)
+        return f"| {label} | {median:.2f} | {SIZE / median / 1e6:.0f} | {shown} |"
+
+    box_ratio = statistics.median(box["curl"]) / statistics.median(box["ours"])
+    ssh_ratio = statistics.median(remote["scp"]) / statistics.median(remote["ours"])
+    return "\n".join(
+        [
+            HEADING,
+            "",
+            f"`.venv/bin/python bench/stage.py` on {now_text()} ({runs} runs each, medians)",
+            "",
+            f"- machine: {machine_line()}",
+            f"- one .deb of {SIZE >> 20} MiB (random data, not compressed) served over 127.0.0.1",
+            "  by `tests/repo_server.py` (a separate process); every measurement in a child",
+            "  process of its own; the two sides of a comparison take turns, `sync` before each",
+            "",
+            "| what | seconds (median) | MB/s | runs |",
+            "|---|---|---|---|",
+            row("`curl -o FILE` of the package", box["curl"]),
+            row("`download n1` through the API until staged on a sandbox node", box["ours"]),
+            row("`scp` to a real sshd on 127.0.0.1", remote["scp"]),
+            row("ssh driver `stage` (connect, SFTP, `sha256sum` on the node)", remote["ours"]),
+            "",
+            f"- sandbox: **{box_ratio:.2f} x** `curl -o` (target >= {TARGET}): "
+            f"{verdict(box_ratio >= TARGET)}; the staged file is "
+            + ("a hard link to the cache's verified copy" if box["linked"] else "a copy")
+            + f"; load average {box['load'][0]:.2f} at the start, {box['load'][1]:.2f} at the end",
+            f"- ssh: **{ssh_ratio:.2f} x** `scp` (target >= {TARGET}): "
+            f"{verdict(ssh_ratio >= TARGET)}; load average {remote['load'][0]:.2f} at the "
+            f"start, {remote['load'][1]:.2f} at the end",
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    parser.add_argument("--child", choices=["sandbox", "ssh"])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.runs)
+        return
+    limit = RUN_LIMIT * 4 * (args.runs + 1) + 300
+    argv = [str(Path(__file__)), "--runs", str(args.runs), "--child"]
+    box = run_child([*argv, "sandbox"], timeout=limit).data
+    print(f"sandbox: ours {box['ours']}, curl {box['curl']}", flush=True)
+    remote = run_child([*argv, "ssh"], timeout=limit).data
+    print(f"ssh: ours {remote['ours']}, scp {remote['scp']}", flush=True)
+    text = render(args.runs, box, remote)
+    print(text)
+    if not args.no_write:
+        print(f"written to {write_section(HEADING, text)}")
+
+
+if __name__ == "__main__":
+    main()
