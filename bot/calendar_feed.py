@@ -38,8 +38,9 @@ from core.errors import StoreError
 from core.lifecycle.engine import Engine, UnknownTargetError
 from core.lifecycle.scheduled import SCHEDULED_REASON
 from core.lifecycle.scheduler import Occurrence, Scheduler
-from core.localtime import local_text
+from core.settings import LANGUAGES
 from core.store import MaintenanceRecord, NodeRecord, ScheduleRecord
+from notify.i18n import Translator, message_time, translator
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,16 @@ REFRESH = "PT15M"
 CONTENT_TYPE = "text/calendar; charset=utf-8"
 FEED_TIMEOUT = 10.0
 """Longest wait for the store while the feed is built."""
-ORIGINS = {
-    "manual": "scheduled by a maintenance admin",
-    "scheduled-update": "opened by a scheduled update",
-    "download-failure": "opened because a scheduled update could not be downloaded",
-}
+
+
+def _origin(origin: str, t: Translator) -> str:
+    if origin == "manual":
+        return t._("scheduled by a maintenance admin")
+    if origin == "scheduled-update":
+        return t._("opened by a scheduled update")
+    if origin == "download-failure":
+        return t._("opened because a scheduled update could not be downloaded")
+    return origin
 
 
 def occurrences(
@@ -84,15 +90,21 @@ class MaintenanceFeed:
         self.settings = engine.settings
         self.domain = urlsplit(self.settings.http.public_url).hostname or "tgops"
 
-    def _local(self, when: datetime) -> str:
-        return f"{local_text(when, self.settings.tz)} ({self.settings.timezone})"
+    def _local(self, when: datetime, t: Translator) -> str:
+        return f"{message_time(t, when, self.settings.tz)} ({self.settings.timezone})"
 
-    def _where(self, node: str) -> str:
+    def _where(self, node: str, t: Translator) -> str:
         cluster = self.engine.cluster_of.get(node)
-        return f"{node} (cluster {cluster})" if cluster else f"{node} (single system)"
+        if cluster:
+            return t._("%(node)s (cluster %(cluster)s)", node=node, cluster=cluster)
+        return t._("%(node)s (single system)", node=node)
 
-    async def calendar(self, target: str | None = None, days: int = FEED_DAYS) -> Calendar:
-        """The feed for ``target`` (node, cluster, ``all``; None = all)."""
+    async def calendar(
+        self, target: str | None = None, days: int = FEED_DAYS, language: str | None = None
+    ) -> Calendar:
+        """The feed for ``target`` (node, cluster, ``all``; None = all), in ``language``
+        (default ``notify.language``)."""
+        t = translator(language or self.settings.notify.language)
         engine = self.engine
         names = set(engine.resolve(target))
         now = engine.clock.now()
@@ -104,22 +116,24 @@ class MaintenanceFeed:
             if s.enabled and s.kind == "update" and s.node in names
         ]
         locks = {r.name: r for r in await engine.store.nodes(sorted(names))}
-        events = [self._window(w) for w in windows]
+        events = [self._window(w, t) for w in windows]
         # a scheduled update that has started opened its window: that one is listed
         opened = {(w.node, w.start) for w in windows if w.origin == "scheduled-update"}
         for schedule in schedules:
             for occurrence in occurrences(self.scheduler, schedule, now, horizon):
                 if (schedule.node, occurrence.at) not in opened:
-                    events.append(self._update(schedule, occurrence, locks.get(schedule.node)))
+                    events.append(self._update(schedule, occurrence, locks.get(schedule.node), t))
         cal = Calendar()
         cal.add("prodid", "-//tgops//maintenance feed//EN")
         cal.add("version", "2.0")
         cal.add("calscale", "GREGORIAN")
         cal.add("method", "PUBLISH")
-        cal.add("x-wr-calname", "tgops maintenance")
+        cal.add("x-wr-calname", t._("tgops maintenance"))
         cal.add(
             "x-wr-caldesc",
-            f"Maintenance windows and the scheduled updates of the next {days} days",
+            t._(
+                "Maintenance windows and the scheduled updates of the next %(days)s days", days=days
+            ),
         )
         cal.add("x-wr-timezone", self.settings.timezone)
         cal.add("refresh-interval", REFRESH, parameters={"VALUE": "DURATION"})
@@ -128,37 +142,49 @@ class MaintenanceFeed:
             cal.add_component(item)
         return cal
 
-    def _window(self, window: MaintenanceRecord) -> Event:
+    def _window(self, window: MaintenanceRecord, t: Translator) -> Event:
         maint = self.settings.maintenance
         notices_from = window.start - timedelta(seconds=maint.notice_lead)
+        reason = t._(SCHEDULED_REASON) if window.reason == SCHEDULED_REASON else window.reason
         lines = [
-            f"Node: {self._where(window.node)}",
-            f"Reason: {window.reason}",
-            f"Start: {self._local(window.start)}",
-            f"Logged-in users get notices every {_span(maint.reminder_interval)} from "
-            f"{self._local(notices_from)} until the start.",
+            t._("Node: %(where)s", where=self._where(window.node, t)),
+            t._("Reason: %(reason)s", reason=reason),
+            t._("Start: %(start)s", start=self._local(window.start, t)),
+            t._(
+                "Logged-in users get notices every %(interval)s from %(start)s until the start.",
+                interval=_span(maint.reminder_interval, t),
+                start=self._local(notices_from, t),
+            ),
         ]
         if window.disable_logon:
-            lines.append("Logon is disabled at the start.")
-        lines.append(f"Origin: {ORIGINS.get(window.origin, window.origin)}.")
+            lines.append(t._("Logon is disabled at the start."))
+        lines.append(t._("Origin: %(origin)s.", origin=_origin(window.origin, t)))
         lines.append(
-            "It lasts until a maintenance admin ends it; the calendar shows a nominal "
-            f"{_span(MAINTENANCE_DURATION.total_seconds())}."
+            t._(
+                "It lasts until a maintenance admin ends it; the calendar shows a nominal "
+                "%(span)s.",
+                span=_span(MAINTENANCE_DURATION.total_seconds(), t),
+            )
         )
         event = self._event(
             uid=f"maintenance-{window.id}@{self.domain}",
             stamp=window.created_at,
             start=window.start,
-            summary=f"Maintenance of {window.node}: {window.reason}",
+            summary=t._("Maintenance of %(node)s: %(reason)s", node=window.node, reason=reason),
             lines=lines,
             node=window.node,
+            t=t,
         )
         event.add("status", "CONFIRMED")
         event.add("categories", ["tgops", "maintenance"])
         return event
 
     def _update(
-        self, schedule: ScheduleRecord, occurrence: Occurrence, record: NodeRecord | None
+        self,
+        schedule: ScheduleRecord,
+        occurrence: Occurrence,
+        record: NodeRecord | None,
+        t: Translator,
     ) -> Event:
         settings = self.settings
         at = occurrence.at
@@ -166,34 +192,55 @@ class MaintenanceFeed:
             at - timedelta(seconds=settings.maintenance.notice_lead), occurrence.fire_at
         )
         lines = [
-            f"Node: {self._where(schedule.node)}",
-            f"Reason: {SCHEDULED_REASON}",
-            f"Update time: {self._local(at)}",
-            f"At {self._local(occurrence.fire_at)} the node checks for updates; it runs "
-            "only if updates are pending, and then downloads them.",
-            f"Logged-in users get maintenance notices from {self._local(notices_from)}; "
-            "their sessions end at the update time.",
+            t._("Node: %(where)s", where=self._where(schedule.node, t)),
+            t._("Reason: %(reason)s", reason=t._(SCHEDULED_REASON)),
+            t._("Update time: %(time)s", time=self._local(at, t)),
+            t._(
+                "At %(time)s the node checks for updates; it runs only if updates are "
+                "pending, and then downloads them.",
+                time=self._local(occurrence.fire_at, t),
+            ),
+            t._(
+                "Logged-in users get maintenance notices from %(time)s; their sessions end "
+                "at the update time.",
+                time=self._local(notices_from, t),
+            ),
         ]
         cluster = self.engine.cluster_of.get(schedule.node)
         if cluster is not None:
             drain = at - timedelta(seconds=settings.maintenance.lb_drain_lead)
             limit = settings.clusters[cluster].max_parallel_updates
             lines.append(
-                f"It leaves load balancing from {self._local(drain)}; at most {limit} "
-                f"node(s) of {cluster} update at once, the others wait their turn."
+                t._(
+                    "It leaves load balancing from %(time)s; at most %(limit)s node(s) of "
+                    "%(cluster)s update at once, the others wait their turn.",
+                    time=self._local(drain, t),
+                    limit=limit,
+                    cluster=cluster,
+                )
             )
         else:
-            lines.append("Logon is disabled immediately before the update time.")
-        lines.append(f"Schedule: update on {schedule.days} {schedule.start} ({settings.timezone}).")
+            lines.append(t._("Logon is disabled immediately before the update time."))
+        lines.append(
+            t._(
+                "Schedule: update on %(days)s %(start)s (%(timezone)s).",
+                days=schedule.days,
+                start=schedule.start,
+                timezone=settings.timezone,
+            )
+        )
         if record is not None and record.update_lock_since is not None:
-            lines.append("The update lock is set: this update is skipped unless it is removed.")
+            lines.append(
+                t._("The update lock is set: this update is skipped unless it is removed.")
+            )
         event = self._event(
             uid=f"update-{schedule.node}-{at:%Y%m%dT%H%M%SZ}@{self.domain}",
             stamp=schedule.updated_at,
             start=at,
-            summary=f"Scheduled update of {schedule.node}",
+            summary=t._("Scheduled update of %(node)s", node=schedule.node),
             lines=lines,
             node=schedule.node,
+            t=t,
         )
         event.add("status", "TENTATIVE")
         event.add("categories", ["tgops", "scheduled-update"])
@@ -208,6 +255,7 @@ class MaintenanceFeed:
         summary: str,
         lines: Sequence[str],
         node: str,
+        t: Translator,
     ) -> Event:
         event = Event()
         event.add("uid", uid)
@@ -216,7 +264,7 @@ class MaintenanceFeed:
         event.add("duration", MAINTENANCE_DURATION)
         event.add("summary", summary)
         event.add("description", "\n".join(lines))
-        event.add("location", self._where(node))
+        event.add("location", self._where(node, t))
         event.add("transp", "OPAQUE")
         return event
 
@@ -227,6 +275,11 @@ class MaintenanceFeed:
 
     async def handle(self, request: web.Request) -> web.Response:
         target = request.query.get("target") or None
+        language = request.query.get("lang") or None
+        if language is not None and language not in LANGUAGES:
+            raise web.HTTPBadRequest(
+                text=f"lang={language!r}: the feed speaks {', '.join(LANGUAGES)}"
+            )
         raw_days = request.query.get("days", str(FEED_DAYS))
         try:
             days = int(raw_days)
@@ -238,7 +291,7 @@ class MaintenanceFeed:
             )
         try:
             async with asyncio.timeout(FEED_TIMEOUT):
-                cal = await self.calendar(target, days)
+                cal = await self.calendar(target, days, language)
         except UnknownTargetError as exc:
             raise web.HTTPNotFound(text=str(exc)) from exc
         except (StoreError, SQLAlchemyError, OSError, TimeoutError) as exc:
@@ -255,10 +308,10 @@ class MaintenanceFeed:
         )
 
 
-def _span(seconds: float) -> str:
+def _span(seconds: float, t: Translator) -> str:
     """``15 min``, ``1 h``, ``90 s``: a duration for people."""
     if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{seconds / 3600:g} h"
+        return t._("%(count)s h", count=format(seconds / 3600, "g"))
     if seconds >= 60 and seconds % 60 == 0:
-        return f"{seconds / 60:g} min"
-    return f"{seconds:g} s"
+        return t._("%(count)s min", count=format(seconds / 60, "g"))
+    return t._("%(count)s s", count=format(seconds, "g"))

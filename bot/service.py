@@ -43,7 +43,9 @@ from core.repository.client import HttpRepository
 from core.repository.retry import RetryPolicy
 from core.settings import Settings
 from core.store import Store
+from notify.notices import NodeNotices
 from notify.notifier import Notifier
+from notify.render import Renderer
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +93,14 @@ class Service:
             driver = make_driver(node, cluster, output=self._output_sink(node.name))
             drivers[node.name] = driver
             stack.push_async_callback(driver.aclose)
+        self.renderer = Renderer(overrides=settings.notify.templates_dir)
         self.engine = Engine(
             settings=settings,
             store=self.store,
             events=self.bus,
             drivers=drivers,
             clock=self.clock,
+            notices=NodeNotices(settings, self.renderer),
         )
         await self.engine.start()
         self.metrics = ServiceMetrics(

@@ -94,3 +94,17 @@ class Clock(Protocol):
         """The current time, timezone-aware (UTC)."""
 
     async def sleep_until(self, when: datetime) -> None: ...
+
+
+class NoticeTexts(Protocol):
+    """The notices users logged in to a node read (``NodeDriver.announce``), in the
+    node's language. ``core.notices.EnglishNotices`` is the default; the service hands
+    the engine the translated templates of ``notify``."""
+
+    def maintenance(self, node: str, start: datetime, reason: str) -> str:
+        """A reminder of a maintenance window (sent until it starts)."""
+
+    def maintenance_ended(self, node: str) -> str: ...
+
+    def work_starts(self, node: str, kind: str) -> str:
+        """An update (or ``kind`` ``restart``) ends the sessions now."""

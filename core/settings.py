@@ -41,6 +41,10 @@ from core.templates import resolve_templates
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///var/lib/tgops/state.db"
 
+Language = Literal["en", "de"]
+"""Languages of what users and contacts read (notices, e-mails, calls, the status page)."""
+LANGUAGES: tuple[Language, ...] = ("en", "de")
+
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("tgops_settings_environ", default=None)
 
 
@@ -239,6 +243,12 @@ class NotifySettings(_Section):
     """Delivery attempts before a notification counts as failed for good."""
     batch_size: int = Field(default=100, ge=1, le=10_000)
     """E-mails sent over one SMTP connection at most."""
+    language: Language = "en"
+    """Language of what users and contacts read, unless a contact, node or cluster says
+    otherwise; the status page follows the browser's language and falls back to it."""
+    templates_dir: Path | None = None
+    """Operator's templates: ``DIR/LANG/NAME`` (one language) or ``DIR/NAME`` (all)
+    replace the packaged template of that name."""
 
     @field_validator("admin_emails")
     @classmethod
@@ -266,6 +276,8 @@ class Contact(_Section):
     phone: str | None = None
     clusters: tuple[str, ...] = ("*",)
     urgent_calls: bool = True
+    language: Language | None = None
+    """Language of this contact's e-mails, calls and SMS (default: ``notify.language``)."""
 
     def covers(self, cluster: str | None) -> bool:
         return "*" in self.clusters or (cluster is not None and cluster in self.clusters)
@@ -279,6 +291,8 @@ class ClusterSettings(_Section):
     haproxy_socket: str | None = None
     """HAProxy runtime API socket (a path, or ``tcp:HOST:PORT``); used when set."""
     haproxy_backend: str | None = None
+    language: Language | None = None
+    """Language of the notices on the cluster's nodes (default: ``notify.language``)."""
 
 
 class NodeSettings(_Section):
@@ -297,6 +311,9 @@ class NodeSettings(_Section):
     commands: dict[str, str] = Field(default_factory=dict)
     check_url: str | None = None
     """Post-update check: a URL that must answer 2xx (besides ``commands.post_check``)."""
+    language: Language | None = None
+    """Language of the notices on this node (default: its cluster's, then
+    ``notify.language``)."""
 
     @field_validator("name")
     @classmethod
@@ -429,6 +446,20 @@ class Settings(BaseSettings):
         if "all" in self.clusters:
             raise ValueError("clusters.all: 'all' is reserved for the whole fleet; rename it")
         return self
+
+    def notice_language(self, node: str) -> Language:
+        """The language of the notices on ``node``: its own, its cluster's, the default."""
+        for entry in self.nodes:
+            if entry.name == node:
+                if entry.language is not None:
+                    return entry.language
+                cluster = self.clusters.get(entry.cluster) if entry.cluster else None
+                if cluster is not None and cluster.language is not None:
+                    return cluster.language
+        return self.notify.language
+
+    def contact_language(self, contact: Contact) -> Language:
+        return contact.language or self.notify.language
 
     @property
     def tz(self) -> ZoneInfo:

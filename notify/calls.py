@@ -35,6 +35,7 @@ class CallRecord:
     position: int
     status: str
     placed_at: str
+    language: str = "en"
 
     @classmethod
     def from_value(cls, value: Any) -> CallRecord | None:
@@ -50,6 +51,7 @@ class CallRecord:
             position=int(value.get("position", 0)),
             status=str(value.get("status", "queued")),
             placed_at=str(value.get("placed_at", "")),
+            language=str(value.get("language", "en")),
         )
 
     def value(self) -> dict[str, Any]:
@@ -63,6 +65,7 @@ class CallRecord:
             "position": self.position,
             "status": self.status,
             "placed_at": self.placed_at,
+            "language": self.language,
         }
 
 
@@ -83,6 +86,7 @@ class CallRegistry:
             position=int(payload.get("position", 0)),
             status=status or "queued",
             placed_at=utcnow().isoformat(),
+            language=str(payload.get("language") or "en"),
         )
         await self.store.kv_set(CALLS, sid, record.value())
         await self.store.kv_set(CALL_KEYS, item.key, sid)

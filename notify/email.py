@@ -82,7 +82,11 @@ class EmailChannel:
         """The message of an outbox item, as sent."""
         payload = item.payload
         try:
-            rendered = self.renderer.email(str(payload["template"]), payload.get("vars", {}))
+            rendered = self.renderer.email(
+                str(payload["template"]),
+                payload.get("vars", {}),
+                str(payload.get("language") or "en"),
+            )
             name = payload.get("name")
             return mime.compose(
                 key=item.key,

@@ -49,6 +49,7 @@ CallResult = Literal["stopped", "answered", "unreached"]
 class Callee:
     name: str
     phone: str
+    language: str = "en"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,7 +142,9 @@ class Escalations:
         snapshot = {
             "event": event.id,
             "hotfix": hotfix_vars(event),
-            "callees": [{"name": c.name, "phone": c.phone} for c in unique.values()],
+            "callees": [
+                {"name": c.name, "phone": c.phone, "language": c.language} for c in unique.values()
+            ],
         }
         await self.store.kv_set(SNAPSHOTS, event.hotfix_id, snapshot)
         if not await self.store.create_escalation(event.hotfix_id):
@@ -226,7 +229,7 @@ class Escalations:
         if not isinstance(snapshot, dict):
             return None
         return self.renderer.text(
-            "hotfix_call", {"name": call.name, "hotfix": snapshot["hotfix"]}
+            "hotfix_call", {"name": call.name, "hotfix": snapshot["hotfix"]}, call.language
         ).strip()
 
     # -- the runner --------------------------------------------------------------------
@@ -250,7 +253,10 @@ class Escalations:
             log.error("escalation of hotfix %s has no record of whom to call", hotfix_id)
             await self._exhausted(hotfix_id, [], "no record of whom to call")
             return
-        callees = [Callee(name=c["name"], phone=c["phone"]) for c in snapshot["callees"]]
+        callees = [
+            Callee(name=c["name"], phone=c["phone"], language=c.get("language", "en"))
+            for c in snapshot["callees"]
+        ]
         event_id = str(snapshot["event"])
         key = ""
         while True:
@@ -283,6 +289,7 @@ class Escalations:
                         "escalation": hotfix_id,
                         "round": round_,
                         "position": position,
+                        "language": callee.language,
                     },
                 )
             )
@@ -302,6 +309,7 @@ class Escalations:
                             "name": callee.name,
                             "target": hotfix_id,
                             "escalation": hotfix_id,
+                            "language": callee.language,
                         },
                     )
                 )

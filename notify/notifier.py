@@ -32,6 +32,7 @@ from aiohttp import web
 
 from core import events as ev
 from core.interfaces import RepositoryClient
+from core.lifecycle.scheduled import SCHEDULED_REASON
 from core.localtime import local_text
 from core.repository.manifest import PackageEntry
 from core.settings import Contact, Settings
@@ -39,6 +40,7 @@ from core.store import Store, utcnow
 from notify.calls import CallRegistry
 from notify.email import EmailChannel
 from notify.escalation import Callee, Escalations, hotfix_vars
+from notify.i18n import Translator, message_time, translator
 from notify.outbox import Backoff, Notification, Outbox
 from notify.phone import CallChannel, SmsChannel, Twilio
 from notify.render import Renderer
@@ -94,7 +96,7 @@ class Notifier:
         self.leader = leader
         self.store = store
         self.bus = bus
-        self.renderer = Renderer()
+        self.renderer = Renderer(overrides=settings.notify.templates_dir)
         self.twilio = Twilio(settings.twilio)
         self.registry = CallRegistry(store)
         public_url = settings.http.public_url
@@ -241,6 +243,7 @@ class Notifier:
         problems = []
         for who in audience:
             contact = who.contact
+            language = self.settings.contact_language(contact)
             variables = {
                 "name": contact.name,
                 "hotfix": hotfix_vars(event),
@@ -254,12 +257,13 @@ class Notifier:
                         key=f"{event.id}:email:{contact.email}",
                         channel="email",
                         recipient=contact.email,
-                        subject=_hotfix_subject(event),
+                        subject=_hotfix_subject(event, translator(language)),
                         payload={
                             "template": "hotfix",
                             "vars": variables,
                             "name": contact.name,
                             "target": entry.id,
+                            "language": language,
                         },
                     )
                 )
@@ -267,7 +271,9 @@ class Notifier:
                 problems.append(f"contact {contact.name} has no e-mail address: not e-mailed")
             if urgent and contact.urgent_calls:
                 if contact.phone:
-                    callees.append(Callee(name=contact.name, phone=contact.phone))
+                    callees.append(
+                        Callee(name=contact.name, phone=contact.phone, language=language)
+                    )
                 else:
                     problems.append(
                         f"contact {contact.name} has urgent_calls but no phone number: not called"
@@ -314,6 +320,8 @@ class Notifier:
         if address is None:
             return
         tz = self.settings.tz
+        language = self.settings.notify.language
+        t = translator(language)
         cluster = next((n.cluster for n in self.settings.nodes if n.name == event.node), None)
         variables: dict[str, Any] = {
             "node": event.node,
@@ -321,24 +329,40 @@ class Notifier:
             "timezone": self.settings.timezone,
             "reason": event.reason,
         }
+        reason = _reason(event.reason, t)
+        variables["reason"] = reason
         if isinstance(event, ev.MaintenanceScheduled):
-            start = local_text(event.start, tz)
+            start = message_time(t, event.start, tz)
             variables |= {"event": "scheduled", "start": start, "origin": event.origin}
-            subject = f"[tgops] Maintenance of {event.node} on {start}: {event.reason}"
+            subject = t._(
+                "[tgops] Maintenance of %(node)s on %(start)s: %(reason)s",
+                node=event.node,
+                start=start,
+                reason=reason,
+            )
         elif isinstance(event, ev.MaintenanceStarted):
-            start = local_text(event.start, tz)
+            start = message_time(t, event.start, tz)
             variables |= {"event": "started", "start": start, "origin": event.origin}
-            subject = f"[tgops] Maintenance of {event.node} has started: {event.reason}"
+            subject = t._(
+                "[tgops] Maintenance of %(node)s has started: %(reason)s",
+                node=event.node,
+                reason=reason,
+            )
         else:
             variables |= {"event": "ended", "by": event.by}
-            subject = f"[tgops] Maintenance of {event.node} has ended"
+            subject = t._("[tgops] Maintenance of %(node)s has ended", node=event.node)
         await self.outbox.put(
             Notification(
                 key=f"{event.id}:email:{address}",
                 channel="email",
                 recipient=address,
                 subject=subject,
-                payload={"template": "maintenance", "vars": variables, "target": event.node},
+                payload={
+                    "template": "maintenance",
+                    "vars": variables,
+                    "target": event.node,
+                    "language": language,
+                },
             )
         )
 
@@ -416,10 +440,18 @@ class Notifier:
             await self._admin_event(event)
 
 
-def _hotfix_subject(event: ev.HotfixPublished) -> str:
-    kind = "URGENT hotfix" if event.urgency == "urgent" else "Hotfix"
-    summary = f": {event.summary}" if event.summary else ""
-    return f"[tgops] {kind} {event.hotfix_id} for {event.package} {event.version}{summary}"
+def _hotfix_subject(event: ev.HotfixPublished, t: Translator) -> str:
+    values = {"id": event.hotfix_id, "package": event.package, "version": event.version}
+    if event.urgency == "urgent":
+        subject = t._("[tgops] URGENT hotfix %(id)s for %(package)s %(version)s", **values)
+    else:
+        subject = t._("[tgops] Hotfix %(id)s for %(package)s %(version)s", **values)
+    return f"{subject}: {event.summary}" if event.summary else subject
+
+
+def _reason(reason: str, t: Translator) -> str:
+    """A reason users read: the one tgops gives itself translated, an admin's as written."""
+    return t._("Scheduled update") if reason == SCHEDULED_REASON else reason
 
 
 def _report_end(task: asyncio.Task[None]) -> None:

@@ -35,6 +35,7 @@ from notify.errors import (
     TwilioNotConfiguredError,
     TwilioUnreachableError,
 )
+from notify.i18n import translator
 from notify.outbox import Outcome, Report
 from notify.render import Renderer
 
@@ -49,20 +50,33 @@ _NO_ENVIRONMENT = {"TGOPS_TWILIO": "settings are passed explicitly"}
 """A non-empty mapping: the twilio client reads ``os.environ`` when given an empty one."""
 
 
-def prompt_twiml(speech: str, action: str, *, prefix: str = "") -> str:
+VOICES = {"de": "de-DE"}
+"""Twilio's ``<Say language>`` per language (English: Twilio's default voice, as before)."""
+
+
+def _say(parent: Any, text: str, language: str) -> None:
+    voice = VOICES.get(language)
+    if voice is None:
+        parent.say(text)
+    else:
+        parent.say(text, language=voice)
+
+
+def prompt_twiml(speech: str, action: str, *, prefix: str = "", language: str = "en") -> str:
     """Say ``speech`` and wait for one key (twice), posting it to ``action``."""
+    t = translator(language)
     response = VoiceResponse()
     for attempt in range(2):
         gather = response.gather(num_digits=1, action=action, method="POST", timeout=GATHER_SECONDS)
-        gather.say(f"{prefix}{speech}" if attempt == 0 else speech)
-    response.say("No key was pressed. Goodbye.")
+        _say(gather, f"{prefix}{speech}" if attempt == 0 else speech, language)
+    _say(response, t._("No key was pressed. Goodbye."), language)
     response.hangup()
     return str(response)
 
 
-def say_twiml(text: str) -> str:
+def say_twiml(text: str, language: str = "en") -> str:
     response = VoiceResponse()
-    response.say(text)
+    _say(response, text, language)
     response.hangup()
     return str(response)
 
@@ -220,7 +234,9 @@ class CallChannel:
     def speech(self, item: OutboxRecord) -> str:
         try:
             return self.renderer.text(
-                str(item.payload["template"]), item.payload.get("vars", {})
+                str(item.payload["template"]),
+                item.payload.get("vars", {}),
+                str(item.payload.get("language") or "en"),
             ).strip()
         except Exception as exc:
             raise MessageComposeError(self.describe(item), f"{type(exc).__name__}: {exc}") from exc
@@ -228,7 +244,11 @@ class CallChannel:
     async def deliver(self, items: Sequence[OutboxRecord], report: Report) -> None:
         for item in items:
             try:
-                twiml = prompt_twiml(self.speech(item), self.base + GATHER_PATH)
+                twiml = prompt_twiml(
+                    self.speech(item),
+                    self.base + GATHER_PATH,
+                    language=str(item.payload.get("language") or "en"),
+                )
                 sid, status = await self.twilio.call(
                     to=item.recipient,
                     twiml=twiml,
@@ -267,7 +287,9 @@ class SmsChannel:
             try:
                 try:
                     body = self.renderer.text(
-                        str(item.payload["template"]), item.payload.get("vars", {})
+                        str(item.payload["template"]),
+                        item.payload.get("vars", {}),
+                        str(item.payload.get("language") or "en"),
                     ).strip()
                 except Exception as exc:
                     raise MessageComposeError(

@@ -21,6 +21,7 @@ from core.settings import Settings
 from core.store import Store
 from notify.calls import CallRegistry
 from notify.escalation import Escalations
+from notify.i18n import translator
 from notify.phone import GATHER_PATH, STATUS_PATH, prompt_twiml, say_twiml
 
 log = logging.getLogger(__name__)
@@ -100,24 +101,38 @@ class TwilioWebhooks:
                 ),
             )
             return _twiml(say_twiml("This call is not known to tgops. Goodbye."))
+        language = call.language
+        t = translator(language)
         if digits != "1":
             speech = await self.escalations.speech(call)
             if speech is None:
-                return _twiml(say_twiml("This call is no longer known to tgops. Goodbye."))
+                gone = t._("This call is no longer known to tgops. Goodbye.")
+                return _twiml(say_twiml(gone, language))
             pressed = (
-                f"You pressed {' '.join(digits)}. "
+                t._("You pressed %(keys)s.", keys=" ".join(digits)) + " "
                 if _KEYS.match(digits)
-                else "No valid key was pressed. "
+                else t._("No valid key was pressed.") + " "
             )
-            return _twiml(prompt_twiml(speech, self._base + GATHER_PATH, prefix=pressed))
+            return _twiml(
+                prompt_twiml(speech, self._base + GATHER_PATH, prefix=pressed, language=language)
+            )
         ack = await self.escalations.acknowledge(call)
         if ack is None:
-            return _twiml(say_twiml("This call is no longer known to tgops. Goodbye."))
+            gone = t._("This call is no longer known to tgops. Goodbye.")
+            return _twiml(say_twiml(gone, language))
         if ack.new:
-            text = f"Thank you, {call.name}. Hotfix {ack.hotfix} is acknowledged. Goodbye."
+            text = t._(
+                "Thank you, %(name)s. Hotfix %(id)s is acknowledged. Goodbye.",
+                name=call.name,
+                id=ack.hotfix,
+            )
         else:
-            text = f"Thank you. Hotfix {ack.hotfix} was already acknowledged by {ack.by}. Goodbye."
-        return _twiml(say_twiml(text))
+            text = t._(
+                "Thank you. Hotfix %(id)s was already acknowledged by %(name)s. Goodbye.",
+                id=ack.hotfix,
+                name=ack.by,
+            )
+        return _twiml(say_twiml(text, language))
 
     async def status(self, request: web.Request) -> web.Response:
         params = await self._verified(request)

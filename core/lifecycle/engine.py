@@ -17,10 +17,11 @@ from pydantic import ValidationError
 
 from core import events as ev
 from core.errors import DriverError, TgopsError
-from core.interfaces import Clock, EventSink, NodeDriver
+from core.interfaces import Clock, EventSink, NodeDriver, NoticeTexts
 from core.lifecycle.heartbeat import record_poll
 from core.lifecycle.pending import omitted_update, pending_packages
 from core.model import SYSTEM, Actor
+from core.notices import EnglishNotices
 from core.repository.manifest import Manifest
 from core.settings import Settings
 from core.store import NodeRecord, Store
@@ -53,8 +54,11 @@ class Engine:
         events: EventSink,
         drivers: Mapping[str, NodeDriver],
         clock: Clock,
+        notices: NoticeTexts | None = None,
     ) -> None:
         self.settings = settings
+        self.notices: NoticeTexts = notices or EnglishNotices(settings.tz)
+        """The texts of the notices users on a node read."""
         self.store = store
         self.events = events
         self.drivers = dict(drivers)

@@ -58,11 +58,7 @@ class Cancelled:
 
 
 def notice_text(record: MaintenanceRecord, engine: Engine) -> str:
-    when = local_text(record.start, engine.settings.tz)
-    return (
-        f"Maintenance of {record.node} at {when}: {record.reason}. "
-        "Please save your work; your session will be ended."
-    )
+    return engine.notices.maintenance(record.node, record.start, record.reason)
 
 
 class Maintenance:
@@ -199,14 +195,14 @@ class Maintenance:
     ) -> bool:
         """End the open maintenance of one node and tell its users; False if none was open."""
         engine = self.engine
-        record = await engine.store.end_maintenance(name, by=actor.name, reason=reason)
+        record = await engine.store.end_maintenance(
+            name, by=actor.name, reason=reason, at=engine.clock.now()
+        )
         if record is None:
             return False
         problems = problems if problems is not None else []
         try:
-            await engine.drivers[name].announce(
-                f"The maintenance of {name} has ended; {name} is available again."
-            )
+            await engine.drivers[name].announce(engine.notices.maintenance_ended(name))
         except DriverError as exc:
             problems.append(str(exc))
         if record.logon_disabled_at is not None:

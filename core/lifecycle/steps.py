@@ -399,11 +399,7 @@ class UpdateSteps:
         await self.note(ctx, "drained (out of load balancing)")
 
     async def step_notice(self, ctx: RunContext) -> None:
-        what = "restart" if ctx.kind == "restart" else "update"
-        await self._driver(ctx).announce(
-            f"The {what} of {ctx.node} starts now; your session will be ended. "
-            "Please save your work."
-        )
+        await self._driver(ctx).announce(self.engine.notices.work_starts(ctx.node, ctx.kind))
         users = (await self._node(ctx)).sessions
         await self.note(
             ctx, f"notice sent to the logged-in users ({users} session{'s' if users != 1 else ''})"

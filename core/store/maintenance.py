@@ -115,7 +115,10 @@ class MaintenanceStore(StoreBase):
             query = query.where(t.maintenance.c.node == node)
         return await self._all(query, MaintenanceRecord)
 
-    async def end_maintenance(self, node: str, *, by: str, reason: str) -> MaintenanceRecord | None:
+    async def end_maintenance(
+        self, node: str, *, by: str, reason: str, at: datetime | None = None
+    ) -> MaintenanceRecord | None:
+        """End the open window of ``node`` at ``at`` (default: now); None if none is open."""
         async with self.transaction() as conn:
             row = (
                 await conn.execute(
@@ -129,7 +132,7 @@ class MaintenanceStore(StoreBase):
             await conn.execute(
                 update(t.maintenance)
                 .where(t.maintenance.c.id == row.id)
-                .values(ended_at=utcnow(), ended_by=by, end_reason=reason)
+                .values(ended_at=at or utcnow(), ended_by=by, end_reason=reason)
             )
         return record_of(MaintenanceRecord, row)
 

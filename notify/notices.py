@@ -1,0 +1,36 @@
+"""The notices users on a node read, from the templates ``notice_*.txt`` in the node's
+language (``[[nodes]] language``, then ``[clusters.NAME] language``, then
+``notify.language``): the engine's ``NoticeTexts`` in the service."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from core.lifecycle.scheduled import SCHEDULED_REASON
+from core.settings import Settings
+from notify.i18n import message_time, translator
+from notify.render import Renderer
+
+
+class NodeNotices:
+    def __init__(self, settings: Settings, renderer: Renderer) -> None:
+        self.settings = settings
+        self.renderer = renderer
+
+    def _render(self, name: str, node: str, **variables: object) -> str:
+        language = self.settings.notice_language(node)
+        text = self.renderer.text(name, {"node": node, **variables}, language)
+        return " ".join(text.split())
+
+    def maintenance(self, node: str, start: datetime, reason: str) -> str:
+        language = self.settings.notice_language(node)
+        when = message_time(translator(language), start, self.settings.tz)
+        if reason == SCHEDULED_REASON:
+            reason = translator(language)._("Scheduled update")
+        return self._render("notice_maintenance", node, start=when, reason=reason)
+
+    def maintenance_ended(self, node: str) -> str:
+        return self._render("notice_ended", node)
+
+    def work_starts(self, node: str, kind: str) -> str:
+        return self._render("notice_starts", node, kind=kind)
