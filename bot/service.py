@@ -23,6 +23,7 @@ from bot.connections import ConnectionLimits, LimitedSite, quiet_accept_errors, 
 from bot.http import build_app
 from bot.metrics import ServiceMetrics
 from bot.slack.app import slack_bot
+from bot.statuspage import StatusPage
 from core.background import background
 from core.clock import SystemClock
 from core.drivers import make_driver
@@ -131,6 +132,10 @@ class Service:
         # Adapters subscribe to the event bus here, before any run resumes, so that they see
         # everything (notify: e-mail, phone, outbox; bot: Slack).
         self.metrics.subscribe(self.bus)
+        self.statuspage = StatusPage(
+            engine=self.engine, scheduler=self.scheduler, renderer=self.renderer
+        )
+        self.statuspage.subscribe(self.bus)
         self.notifier = await stack.enter_async_context(
             Notifier(
                 settings=settings,
@@ -156,6 +161,7 @@ class Service:
         # Adapters add their HTTP routes to ``app`` here (Slack events, Twilio webhooks).
         self.metrics.add_routes(app)  # GET /metrics
         MaintenanceFeed(self.engine, self.scheduler).add_routes(app)  # GET /maintenance.ics
+        self.statuspage.add_routes(app)  # GET /status, /status/events, /status/feed.atom
         self.notifier.add_routes(app)
         if self.slack is not None:
             self.slack.routes(app)  # POST /slack/events
@@ -176,6 +182,7 @@ class Service:
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
+        stack.callback(self.statuspage.close)  # before the server waits for handlers
         stack.enter_context(quiet_accept_errors())
         site = LimitedSite(runner, settings.http.host, settings.http.port, limits=limits)
         await site.start()

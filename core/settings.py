@@ -371,6 +371,29 @@ class LeaderSettings(_Section):
         return value
 
 
+class StatusPageSettings(_Section):
+    enabled: bool = True
+    """Serve the users' status page at ``/status`` (and its feed and live updates)."""
+    title: str | None = None
+    """The page's heading (default: "Maintenance status" in the reader's language)."""
+    token: SecretStr | None = None
+    """When set, the page needs it: ``?token=TOKEN`` or ``Authorization: Bearer TOKEN``."""
+    systems: tuple[str, ...] = ("*",)
+    """Clusters and nodes the page shows (``"*"``: every cluster and single system)."""
+    show_versions: bool = False
+    """Also show the installed package versions of each node."""
+    refresh: Duration = 60.0
+    """Seconds between the page's own refreshes (without JavaScript, or when an
+    instance's live updates cannot reach the browser)."""
+
+    @field_validator("refresh")
+    @classmethod
+    def _refresh(cls, value: float) -> float:
+        if not 5 <= value <= 3600:
+            raise ValueError("must be from 5s to 1h")
+        return value
+
+
 class Settings(BaseSettings):
     """The whole configuration (every key is documented in config/tgops.example.toml)."""
 
@@ -396,6 +419,7 @@ class Settings(BaseSettings):
     leader: LeaderSettings = LeaderSettings()
     audit: AuditSettings = AuditSettings()
     notify: NotifySettings = NotifySettings()
+    statuspage: StatusPageSettings = StatusPageSettings()
     contacts: tuple[Contact, ...] = ()
     clusters: dict[str, ClusterSettings] = Field(default_factory=dict)
     nodes: tuple[NodeSettings, ...] = ()
@@ -445,6 +469,12 @@ class Settings(BaseSettings):
                 )
         if "all" in self.clusters:
             raise ValueError("clusters.all: 'all' is reserved for the whole fleet; rename it")
+        for name in self.statuspage.systems:
+            if name != "*" and name not in names and name not in self.clusters:
+                raise ValueError(
+                    f"statuspage.systems: {name!r} is neither a cluster nor a node; give "
+                    'cluster or node names, or "*" for all'
+                )
         return self
 
     def notice_language(self, node: str) -> Language:

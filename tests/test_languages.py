@@ -2,7 +2,7 @@
 
 The catalogue is complete (every text marked in the templates and modules has a German
 translation, none fuzzy); every text is rendered in both languages, through the templates
-and through the running service's calendar; no English is
+and through the running service's status page, Atom feed and calendar; no English is
 left in the German output. The phrases of a call (notify/webhooks.py, notify/phone.py)
 and the e-mail subjects (notify/notifier.py) are rendered by the end-to-end tests of
 tests/test_notify_phone.py and test_notify_email.py in English and by
@@ -75,9 +75,9 @@ def template_outputs(language: str) -> list[str]:
 
 
 async def service_outputs(tmp_path: Path, language: str) -> list[str]:
-    """The calendar (every kind of event), from a service."""
+    """The status page (every state), its Atom feed and the calendar, from a service."""
     out: list[str] = []
-    settings = settings_for(tmp_path)
+    settings = settings_for(tmp_path, sections={"statuspage": {"show_versions": True}})
     clock = ManualClock(NOW)
 
     def at(delta: timedelta) -> str:
@@ -90,6 +90,8 @@ async def service_outputs(tmp_path: Path, language: str) -> list[str]:
 
     async with running(settings, clock=clock) as (service, api):
         query = f"?lang={language}"
+        out.append(await fetch(api, f"/status{query}"))  # nothing planned
+        out.append(await fetch(api, f"/status/feed.atom{query}"))  # no entries
         for node, hours in (("tg2", 1), ("tg3", 1), ("solo1", 1)):
             await api.command(f"maintenance schedule {node} {at(timedelta(hours=hours))} Swap")
         await clock.set(NOW + timedelta(hours=1, minutes=30))
@@ -102,6 +104,8 @@ async def service_outputs(tmp_path: Path, language: str) -> list[str]:
         await api.command(
             f"maintenance schedule tg1 {at(timedelta(hours=2))} Kernel --disable-logon"
         )
+        out.append(await fetch(api, f"/status{query}"))  # planned
+        out.append(await fetch(api, f"/status/feed.atom{query}"))
         # windows opened by scheduled updates, and a locked node (the calendar says so)
         system = Actor(name="test", source="system")
         for origin in ("scheduled-update", "download-failure"):
@@ -118,11 +122,18 @@ async def service_outputs(tmp_path: Path, language: str) -> list[str]:
         await clock.set(NOW + timedelta(hours=2, minutes=1))
         service.maintenance.changed()
         await service.maintenance.tick()
+        out.append(await fetch(api, f"/status{query}"))  # one node of c1 down
+        out.append(await fetch(api, f"/status/tg1{query}"))  # tg1 down
+        out.append(await fetch(api, f"/status/feed.atom{query}"))
         await api.command(f"maintenance schedule solo1 {at(timedelta(hours=2, minutes=3))} Disk")
         await clock.set(NOW + timedelta(hours=2, minutes=4))
         service.maintenance.changed()
         await service.maintenance.tick()
+        out.append(await fetch(api, f"/status/solo1{query}"))  # expected end: history
         out.append(await fetch(api, f"/maintenance.ics{query}"))
+    settings = settings_for(tmp_path / "none", sections={"statuspage": {"systems": []}})
+    async with running(settings, clock=ManualClock(NOW)) as (_, api):
+        out.append(await fetch(api, f"/status?lang={language}"))  # nothing to show
     return out
 
 
@@ -160,7 +171,7 @@ async def test_every_text_in_both_languages(tmp_path: Path) -> None:
     assert not_rendered == [], not_rendered
     assert left_in_german == [], left_in_german
     assert "Hallo Alice," in german and "Geplantes Update" in german
-    assert "25.03.2030, 15:00 Uhr" in german
+    assert "25.03.2030, 15:00 Uhr" in german and "25 Mar 2030, 15:00" in english
 
 
 def test_catalogue_is_complete() -> None:
@@ -254,6 +265,11 @@ def test_bad_language_settings_are_named(tmp_path: Path) -> None:
     for kwargs, expected in (
         ({"sections": {"notify": {"language": "fr"}}}, "notify.language: Input should be"),
         ({"extra": '[[contacts]]\nname = "x"\nlanguage = "fr"\n'}, "contacts[0].language: "),
+        (
+            {"sections": {"statuspage": {"systems": ["c9"]}}},
+            "statuspage.systems: 'c9' is neither a cluster nor a node",
+        ),
+        ({"sections": {"statuspage": {"refresh": "1s"}}}, "statuspage.refresh: must be from 5s"),
     ):
         with pytest.raises(ConfigError) as caught:
             settings_for(tmp_path, **kwargs)

@@ -115,6 +115,25 @@ class MaintenanceStore(StoreBase):
             query = query.where(t.maintenance.c.node == node)
         return await self._all(query, MaintenanceRecord)
 
+    async def maintenance_history(
+        self, nodes: Sequence[str], *, limit: int = 10
+    ) -> list[MaintenanceRecord]:
+        """The last ``limit`` windows of ``nodes`` that ended after their start (those
+        that took place, not those replaced or cancelled before), newest end first."""
+        if not nodes:
+            return []
+        query = (
+            select(t.maintenance)
+            .where(
+                t.maintenance.c.node.in_(list(nodes)),
+                t.maintenance.c.ended_at.is_not(None),
+                t.maintenance.c.ended_at > t.maintenance.c.start,
+            )
+            .order_by(t.maintenance.c.ended_at.desc(), t.maintenance.c.id.desc())
+            .limit(limit)
+        )
+        return await self._all(query, MaintenanceRecord)
+
     async def end_maintenance(
         self, node: str, *, by: str, reason: str, at: datetime | None = None
     ) -> MaintenanceRecord | None:
