@@ -9,6 +9,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from bot.grammar import Command, ParseError, allowed, format_days, help_text, parse
+from bot.redact import ContactMask
 from core.durations import format_duration
 from core.errors import TgopsError
 from core.lifecycle.calendar import time_text
@@ -23,7 +24,7 @@ from core.lifecycle.updates import (
     describe_start,
 )
 from core.localtime import local_text, zone_note, zoned_text
-from core.model import Actor, PackageKind
+from core.model import Actor, PackageKind, Role
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,13 @@ class CommandService:
         )
 
     async def _log(self, cmd: Command, actor: Actor) -> Reply:
+        full = Role.UPDATE in actor.roles  # the contacts' addresses are need-to-know
+        if "--full" in cmd.flags and not full:
+            return refused(
+                "`log --full` (the contacts' addresses and numbers) needs role update; "
+                "`log` shows the records with the contacts' names only.",
+                cmd.name,
+            )
         targets = None
         if cmd.target is not None:
             names = self.engine.resolve(cmd.target)
@@ -149,13 +157,15 @@ class CommandService:
         if not records:
             return Reply(ok=True, text="No records yet.", command=cmd.name)
         tz = self.engine.settings.tz
+        mask = ContactMask(self.engine.settings.contacts)
         lines = []
         for rec in reversed(records):
             # with the zone: the reader's own zone may be another one (L13)
             when = rec.at.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
             target = f" {rec.target}" if rec.target else ""
             run = f" run #{rec.run_id}" if rec.run_id else ""
-            detail = rec.detail.replace("\n", "\n    ")  # a command's output, indented
+            detail = rec.detail if full else mask.hide(rec.detail)
+            detail = detail.replace("\n", "\n    ")  # a command's output, indented
             lines.append(f"{when} {rec.actor} ({rec.source}) {rec.action}{target}{run}: {detail}")
         return Reply(ok=True, text="\n".join(lines), command=cmd.name)
 

@@ -53,9 +53,11 @@ SPECS: tuple[Spec, ...] = (
     ),
     Spec(
         name="log",
-        usage="log [T] [N]",
-        summary="The last N (default 20) audit and lifecycle records.",
+        usage="log [T] [N] [--full]",
+        summary="The last N (default 20) audit and lifecycle records; the contacts' "
+        "addresses and numbers only for role update (--full insists on them).",
         role=Role.VIEWER,
+        flags=frozenset({"--full"}),
     ),
     Spec(
         name="download",

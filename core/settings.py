@@ -183,12 +183,15 @@ class SlackSettings(_Section):
     app_token: Secret | None = None
     api_url: str = "https://slack.com/api/"
     channel: str | None = None
+    team_id: str | None = None
+    """The workspace's team ID (T…): requests of any other workspace are refused (403)."""
 
 
 class RolesSettings(_Section):
     maint: tuple[str, ...] = ()
     update: tuple[str, ...] = ()
-    viewer: tuple[str, ...] = ("*",)
+    viewer: tuple[str, ...] = ()
+    """Nobody by default: ``["*"]`` lets everyone in the workspace look."""
 
 
 class SmtpSettings(_Section):

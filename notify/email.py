@@ -74,7 +74,9 @@ class EmailChannel:
         self._local_hostname: str | None = None
 
     def describe(self, item: OutboxRecord) -> str:
-        return f"e-mail “{item.subject}” to {item.recipient}"
+        name = item.payload.get("name")
+        to = f"{name} ({item.recipient})" if name else item.recipient
+        return f"e-mail “{item.subject}” to {to}"
 
     # -- composing -----------------------------------------------------------------------
 

@@ -314,6 +314,10 @@ public_url = "http://127.0.0.1:{http_port}"
 token = "{token}"
 roles = ["update", "maint"]
 
+# with Slack tokens in the environment: everyone in the workspace may look
+[roles]
+viewer = ["*"]
+
 [updates]
 repository_url = "http://127.0.0.1:{repo_port}/"
 public_key = "{public_key}"
