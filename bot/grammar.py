@@ -15,6 +15,7 @@ from datetime import date, datetime, time
 from typing import Any
 
 from core.model import Role
+from core.printable import printable
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -509,7 +510,7 @@ def _parse_maintenance(w: _Words, make: Any) -> Command:
     if day is None:
         raise _Bad(f"{day_word!r} is not a date; write YYYY-MM-DD", usage)
     at = w.time("time HH:MM[:SS]")
-    reason = " ".join(w.words).strip()
+    reason = " ".join(printable(" ".join(w.words)).split())  # for terminals: no escapes
     if not reason:
         raise _Bad("missing REASON (shown to the users)", usage)
     if len(reason) > 500:

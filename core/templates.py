@@ -31,6 +31,31 @@ def unknown_placeholders(template: str, accepted: Collection[str]) -> list[str]:
     return sorted(placeholders(template) - set(accepted))
 
 
+def quoted_placeholders(template: str) -> list[str]:
+    """Placeholders written inside shell quotes (``"{message}"``, ``'{id}'``): their values
+    are quoted already, and quotes around them undo that quoting."""
+    inside: list[str | None] = []
+    quote: str | None = None
+    escaped = False
+    for char in template:
+        inside.append(quote)
+        if escaped:
+            escaped = False
+        elif char == "\\" and quote != "'":
+            escaped = True
+        elif quote is None and char in "'\"":
+            quote = char
+        elif char == quote:
+            quote = None
+    return sorted(
+        {
+            m.group(2)
+            for m in _PLACEHOLDER.finditer(template)
+            if m.group(2) and m.group(2) not in VERBATIM and inside[m.start()] is not None
+        }
+    )
+
+
 def fill(template: str, values: Mapping[str, Value], *, verbatim: Collection[str] = ()) -> str:
     """The command line of ``template`` with every placeholder replaced.
 
@@ -127,6 +152,14 @@ def resolve_templates(node: str, overrides: Mapping[str, str]) -> dict[str, str]
                 + "; accepted here: "
                 + ", ".join("{" + a + "}" for a in sorted(allowed))
                 + " (write {{name}} for a literal {name})"
+            )
+        quoted = quoted_placeholders(template)
+        if quoted:
+            problems.append(
+                f"nodes.{node}.commands.{key}: placeholder "
+                + ", ".join("{" + q + "}" for q in quoted)
+                + " is inside quotes; tgops quotes every value itself, and quotes around a "
+                "placeholder defeat that: write it without quotes"
             )
     if problems:
         raise ConfigError(problems)

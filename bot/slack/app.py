@@ -330,6 +330,18 @@ class SlackBot:
             bolt_request = None
         if bolt_request is None or not isinstance(bolt_request.body, dict):
             return web.Response(status=400, text="the body is neither a form nor a JSON object")
+        team = self.settings.slack.team_id
+        if (
+            team is not None
+            and bolt_request.context.team_id != team
+            and bolt_request.body.get("type") != "url_verification"
+        ):
+            log.warning(
+                "Slack request of team %r refused: slack.team_id is %s",
+                str(bolt_request.context.team_id)[:32],
+                team,
+            )
+            return web.Response(status=403, text="this Slack workspace is not served here")
         self._in_flight += 1
         self._last_request = time.monotonic()
         try:

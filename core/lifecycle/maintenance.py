@@ -25,6 +25,7 @@ from core.errors import DriverError, TgopsError
 from core.lifecycle.engine import Engine
 from core.localtime import local_text, to_utc, zoned_text
 from core.model import Actor
+from core.printable import printable
 from core.store import MaintenanceRecord
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class Maintenance:
                 f"{zoned_text(now, engine.settings.tz)}, time zone {engine.settings.tz.key}); "
                 "give a future date and time in that zone"
             )
-        reason = " ".join(reason.split())
+        reason = " ".join(printable(reason).split())  # shown on terminals: no escapes
         if not reason:
             raise MaintenanceInputError("the reason is empty; users are shown it, so say why")
         warnings = []

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.errors import ManifestError, ManifestSignatureError
 from core.model import PackageKind
+from core.printable import printable
 
 # Debian policy 5.6.12: [epoch:]upstream[-revision]
 _DEB_VERSION = re.compile(
@@ -22,6 +23,12 @@ _DEB_VERSION = re.compile(
 )
 _PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9.+-]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Debian policy 5.6.8: an architecture name (amd64, arm64, all, linux-any, …)
+_ARCHITECTURE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+def is_debian_architecture(text: str) -> bool:
+    return _ARCHITECTURE.match(text) is not None
 
 
 def is_debian_version(text: str) -> bool:
@@ -61,6 +68,21 @@ class PackageEntry(BaseModel):
         if not is_debian_version(value):
             raise ValueError(f"{value!r} is not a Debian version")
         return value
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, value: str) -> str:
+        if not is_debian_architecture(value):
+            raise ValueError(
+                f"{value!r} is not a Debian architecture (lower-case letters, digits and "
+                "'-', e.g. amd64, arm64, all)"
+            )
+        return value
+
+    @field_validator("summary")
+    @classmethod
+    def _summary(cls, value: str) -> str:
+        return printable(value)  # shown on terminals and in mails: no escape sequences
 
     @field_validator("sha256")
     @classmethod

@@ -49,7 +49,12 @@ from core.errors import (
 )
 from core.model import PackageKind
 from core.repository.client import check_channel, manifest_path, pool_path
-from core.repository.manifest import Manifest, PackageEntry, verify_manifest
+from core.repository.manifest import (
+    Manifest,
+    PackageEntry,
+    is_debian_architecture,
+    verify_manifest,
+)
 
 PublishProgress = Callable[[str, int, int], None]
 """``progress(file name, bytes done, bytes total)`` while a package file is copied."""
@@ -172,6 +177,13 @@ def read_control(path: Path) -> DebControl:
     missing = [key for key, value in fields.items() if not value]
     if missing:
         raise NotADebError(str(path), f"its control file lacks {', '.join(missing)}")
+    arch = str(fields["Architecture"])
+    if not is_debian_architecture(arch):
+        raise NotADebError(
+            str(path),
+            f"its Architecture {arch!r} is not a Debian architecture (lower-case letters, "
+            "digits and '-', e.g. amd64, arm64, all)",
+        )
     return DebControl(
         name=str(fields["Package"]),
         version=str(fields["Version"]),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from core.errors import StoreError
+from core.printable import printable
 from core.private import create_private, make_private
 from core.store import tables as t
 from core.store.records import NodeRecord
@@ -84,14 +84,6 @@ AUDIT_DETAIL_LIMIT = 2000
 """Characters of an audit record's detail that are kept; a longer one is cut and marked."""
 AUDIT_FIELD_LIMIT = 200
 """Characters kept of an audit record's actor, source, action and target."""
-
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
-def printable(text: str) -> str:
-    """``text`` without control characters (newlines and tabs stay) and with lone
-    surrogates (which no database can store) replaced by U+FFFD."""
-    return _UNSAFE.sub(lambda m: "\ufffd" if m.group() >= "\ud800" else "", text)
 
 
 def clipped(text: str, limit: int) -> str:
