@@ -43,7 +43,7 @@ from core.repository.cache import Downloader
 from core.repository.client import HttpRepository
 from core.repository.retry import RetryPolicy
 from core.settings import Settings
-from core.store import Store
+from core.store import Store, utcnow
 from notify.notices import NodeNotices
 from notify.notifier import Notifier
 from notify.render import Renderer
@@ -258,7 +258,8 @@ class Service:
         """``[audit] retention``: older audit records are removed, at start and daily."""
         retention = self.settings.audit.retention
         while True:
-            before = self.clock.now() - timedelta(seconds=retention)
+            # audit records carry the time of the store (utcnow), not of the service clock
+            before = utcnow() - timedelta(seconds=retention)
             try:
                 removed = await self.store.prune_audit(before)
             except (SQLAlchemyError, OSError) as exc:
