@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from bot.logs import configure as configure_logs
 from core import __version__
 from core.durations import DurationError, parse_duration
 from core.errors import ConfigError, TgopsError
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+"""`tgops tg`: the service did not answer (not running, wrong URL, not tgops)."""
+QUIET_COMMANDS = frozenset({"demo", "tg", "keygen", "publish", "config", "completion"})
+"""Commands whose output is their answer: their log starts at warning."""
 
 
 def _settings(path: Path | None) -> Settings:
@@ -46,14 +51,49 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_log_flags(parser: argparse.ArgumentParser, *, after: bool) -> None:
+    """``-v``/``-q``: before the subcommand (``after`` False) or after it; both count."""
+    suffix = "_after" if after else ""
+    default: Any = argparse.SUPPRESS if after else 0
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default,
+        dest=f"verbose{suffix}",
+        help="log more: one level per -v ([log] level, info by default)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=default,
+        dest=f"quiet{suffix}",
+        help="log less: one level per -q",
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """Subcommand parsers: ``-v``/``-q`` are accepted after the subcommand too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if kwargs.get("prog", "").endswith("check-versions"):
+            return  # there -v is the plugin's verbosity (monitoring-plugins guidelines)
+        if kwargs.get("add_help", True):
+            _add_log_flags(self, after=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tgops",
         description="Update lifecycle of a TightGate-Pro style fleet, operated from Slack.",
     )
     parser.add_argument("--version", action="version", version=f"tgops {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_log_flags(parser, after=False)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
 
     serve = sub.add_parser("serve", help="run the service (engine, scheduler, notifier, HTTP)")
     _add_config(serve)
@@ -71,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(tg)
     tg.add_argument("--token-name", default=None, help="which [api.tokens.NAME] to use")
     tg.add_argument("--url", default=None, help="service base URL (default from [http])")
+    tg.add_argument(
+        "--json", action="store_true", help="print the API's JSON answer instead of the text"
+    )
     tg.add_argument("words", nargs=argparse.REMAINDER, help="the command, e.g. status")
 
     keygen = sub.add_parser("keygen", help="write an ed25519 signing key pair (K and K.pub)")
@@ -94,11 +137,29 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("files", nargs="+", type=Path, metavar="FILE.deb")
 
     config = sub.add_parser("config", help="configuration tools")
-    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    config_sub = config.add_subparsers(
+        dest="config_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
     check = config_sub.add_parser("check", help="validate and print the resolved configuration")
     _add_config(check)
     _add_check_versions(sub)
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Print a completion script for bash or zsh, e.g. "
+        "`tgops completion bash > /etc/bash_completion.d/tgops` or, in ~/.bashrc, "
+        '`source <(tgops completion bash)`; zsh: `tgops completion zsh > "${fpath[1]}/_tgops"`.',
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"], help="the shell")
     return parser
+
+
+def _log_level(args: argparse.Namespace, base: str) -> int:
+    from bot.logs import shifted  # noqa: PLC0415  (light, but only needed here)
+
+    louder = args.verbose + getattr(args, "verbose_after", 0)
+    quieter = args.quiet + getattr(args, "quiet_after", 0)
+    return shifted(base, quieter - louder)
 
 
 def _range(text: str) -> Range:
@@ -285,18 +346,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-versions":
         logging.basicConfig(level=logging.WARNING, format="tgops: %(message)s")
         return _check_versions(args)
-    quiet = args.command in {"demo", "tg", "keygen", "publish", "config"}
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("alembic", "twilio", "mail.log", "apscheduler"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet = args.command in QUIET_COMMANDS
+    configure_logs(level=_log_level(args, "warning" if quiet else "info"))
     try:
         if args.command == "serve":
             from bot.service import serve  # noqa: PLC0415  (keeps `tgops tg` start-up light)
 
-            asyncio.run(serve(_settings(args.config), ready=args.ready_file))
+            settings = _settings(args.config)
+            configure_logs(level=_log_level(args, settings.log.level), fmt=settings.log.format)
+            asyncio.run(serve(settings, ready=args.ready_file))
+            return EXIT_OK
+        if args.command == "completion":
+            from bot.completion import script  # noqa: PLC0415  (only this command needs it)
+
+            sys.stdout.write(script(args.shell, parser))
             return EXIT_OK
         if args.command == "demo":
             from bot.demo.demo import run_demo  # noqa: PLC0415  (pulls in the whole service)
@@ -432,20 +495,31 @@ async def _tg(args: argparse.Namespace) -> int:
             session.post(url, json={"text": text}, headers=headers) as response,
         ):
             body = await response.json(content_type=None)
+        status = response.status
     except (aiohttp.ClientError, TimeoutError) as exc:
         print(
             f"tgops tg: cannot reach the service at {url}: {exc or type(exc).__name__}; "
             "is `tgops serve` running?",
             file=sys.stderr,
         )
-        return EXIT_USAGE
+        return EXIT_UNREACHABLE
     except json.JSONDecodeError:
         print(f"tgops tg: {url} did not answer JSON; is that the tgops service?", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_UNREACHABLE
     if not isinstance(body, dict) or "text" not in body:
         print(f"tgops tg: unexpected answer from {url}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if status == 401:
+        print(
+            f"tgops tg: the service does not accept token {name!r}: {body['text']}; check "
+            f"[api.tokens.{name}] against the service's configuration",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
-    print(body["text"])
+    if args.json:
+        print(json.dumps(body, indent=2, ensure_ascii=False))
+    else:
+        print(body["text"])
     return EXIT_OK if body.get("ok") else EXIT_REFUSED
 
 

@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 
 from bot.grammar import Command, ParseError, allowed, format_days, help_text, parse
 from bot.redact import ContactMask
+from core import logfields
 from core.durations import format_duration
 from core.errors import TgopsError
 from core.lifecycle.calendar import time_text
@@ -86,6 +87,10 @@ class CommandService:
 
     async def execute(self, text: str, actor: Actor) -> Reply:
         """Parse, check the role (L11), audit (L13) and carry out one command."""
+        with logfields.bound(actor=actor.name):
+            return await self._execute(text, actor)
+
+    async def _execute(self, text: str, actor: Actor) -> Reply:
         parsed = parse(text)
         if isinstance(parsed, ParseError):
             # L13: every command is recorded, also one that could not be understood

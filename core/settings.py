@@ -397,6 +397,14 @@ class StatusPageSettings(_Section):
         return value
 
 
+class LogSettings(_Section):
+    format: Literal["text", "json"] = "text"
+    """``text``: one line per record for people; ``json``: one JSON object per line (time,
+    level, logger, message, and run, node, actor where the record has them)."""
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """The least severe records written; ``-v``/``-q`` move it one step per flag."""
+
+
 class Settings(BaseSettings):
     """The whole configuration (every key is documented in config/tgops.example.toml)."""
 
@@ -421,6 +429,7 @@ class Settings(BaseSettings):
     escalation: EscalationSettings = EscalationSettings()
     leader: LeaderSettings = LeaderSettings()
     audit: AuditSettings = AuditSettings()
+    log: LogSettings = LogSettings()
     notify: NotifySettings = NotifySettings()
     statuspage: StatusPageSettings = StatusPageSettings()
     contacts: tuple[Contact, ...] = ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.ports import free_port
-from tests.service import fleet_toml
+from tests.service import ADMIN_TOKEN, fleet_toml
 
 TGOPS = [sys.executable, "-m", "bot.cli"]
 ROOT = Path(__file__).parent.parent
@@ -129,6 +130,17 @@ def test_serve_answers_tg_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert result.returncode == 2 and "no token named 'nobody'" in result.stderr
         result = run("tg", "--config", str(config), "frobnicate")
         assert result.returncode == 1 and "Usage: help [COMMAND]" in result.stdout
+        result = run("tg", "--config", str(config), "--json", "nodes")
+        assert result.returncode == 0, result.stderr
+        answer = json.loads(result.stdout)
+        assert answer["ok"] is True and "tg1" in answer["text"]
+        result = run("tg", "--config", str(config), "--json", "frobnicate")
+        assert result.returncode == 1
+        assert json.loads(result.stdout)["ok"] is False
+        config.write_text(config.read_text().replace(ADMIN_TOKEN, "not-the-token"))
+        result = run("tg", "--config", str(config), "status")
+        assert result.returncode == 2
+        assert "the service does not accept token 'admin'" in result.stderr
     finally:
         server.send_signal(signal.SIGTERM)
         output = server.communicate(timeout=10)[0]
@@ -141,8 +153,11 @@ def test_tg_without_a_service_says_so(tmp_path: Path) -> None:
     config = tmp_path / "tgops.toml"
     config.write_text(fleet_toml(tmp_path).replace("port = 0", f"port = {free_port()}"))
     result = run("tg", "--config", str(config), "status")
-    assert result.returncode == 2
+    assert result.returncode == 3  # 2 is kept for usage errors
     assert "cannot reach the service" in result.stderr and "tgops serve" in result.stderr
+    result = run("tg", "--config", str(config), "--json", "status")
+    assert result.returncode == 3
+    assert result.stdout == ""
 
 
 def test_keygen_and_publish(tmp_path: Path) -> None:
@@ -187,3 +202,44 @@ def test_keygen_and_publish(tmp_path: Path) -> None:
     percents = [int(line.removeprefix(f"{large.name}: ").removesuffix("%")) for line in lines]
     assert percents == sorted(percents) and len(percents) >= 3, lines
     assert percents[-1] == 100
+
+
+def complete(line: str) -> list[str]:
+    """What bash offers for the word being typed at the end of ``line``."""
+    script = run("completion", "bash")
+    assert script.returncode == 0, script.stderr
+    words = line.split(" ")
+    program = (
+        script.stdout
+        + f"COMP_WORDS=({' '.join(repr(w) for w in words)})\n"
+        + f"COMP_CWORD={len(words) - 1}\n"
+        + "_tgops\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n"
+    )
+    result = subprocess.run(
+        ["/bin/bash", "--norc", "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return sorted(w for w in result.stdout.splitlines() if w)
+
+
+def test_completion_scripts() -> None:
+    assert "serve" in complete("tgops ")
+    assert complete("tgops check-v") == ["check-versions"]
+    assert complete("tgops check-versions --max") == ["--max-age"]
+    assert complete("tgops tg --js") == ["--json"]
+    assert complete("tgops tg main") == ["maintenance"]
+    assert complete("tgops tg maintenance ") == ["cancel", "new", "schedule"]
+    assert complete("tgops config ") == ["check"]
+    assert complete("tgops config check --c") == ["--config"]
+    assert complete("tgops serve --") == ["--config", "--help", "--quiet", "--verbose"]
+    zsh = run("completion", "zsh")
+    assert zsh.returncode == 0
+    assert zsh.stdout.startswith("#compdef tgops\n")
+    assert "bashcompinit" in zsh.stdout and "complete -F _tgops tgops" in zsh.stdout
+    bad = run("completion", "fish")
+    assert bad.returncode == 2
+    assert "invalid choice: 'fish' (choose from" in bad.stderr

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from core import events as ev
+from core import logfields
 from core.errors import TgopsError
 from core.interfaces import EventSink
 from core.store import RunEnd, Store
@@ -95,7 +96,13 @@ class FlowSource(Protocol):
 
 
 async def execute(flow: Flow, ctx: RunContext) -> str:
-    """Carry out the steps not completed yet; returns the run's final status."""
+    """Carry out the steps not completed yet; returns the run's final status. What is
+    logged meanwhile names the run, its node and who started it (``core.logfields``)."""
+    with logfields.bound(run=ctx.run_id, node=ctx.node, actor=ctx.actor):
+        return await _execute(flow, ctx)
+
+
+async def _execute(flow: Flow, ctx: RunContext) -> str:
     await ctx.events.publish(
         ev.RunStarted(run_id=ctx.run_id, kind=flow.kind, node=ctx.node, actor=ctx.actor)
     )
@@ -155,6 +162,15 @@ async def execute(flow: Flow, ctx: RunContext) -> str:
         ),
         ctx,
         "finish",
+    )
+    log.log(
+        logging.WARNING if status == "failed" else logging.INFO,
+        "run #%d %s on %s %s%s",
+        ctx.run_id,
+        flow.kind,
+        ctx.node,
+        status,
+        f": {ctx.message}" if ctx.message else "",
     )
     await ctx.events.publish(
         ev.RunFinished(
