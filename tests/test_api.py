@@ -80,7 +80,7 @@ async def test_a_follower_names_itself_and_the_leader(tmp_path: Path) -> None:
                 for service, leads in ((a, 1.0), (b, 0.0)):
                     async with session.get(f"http://127.0.0.1:{service.port}/metrics") as resp:
                         metrics = await resp.text()
-                    assert f'tgops_leader{{instance="{service.instance}"}} {leads}' in metrics
+                    assert f'tgops_leader{{tgops_instance="{service.instance}"}} {leads}' in metrics
 
 
 async def test_maintenance_reply_and_status_header_in_local_time(tmp_path: Path) -> None:
