@@ -7,7 +7,9 @@ FROM python:3.11-slim-bookworm
 RUN apt-get update \
  && apt-get install -y --no-install-recommends dpkg openssh-client \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --create-home --home-dir /var/lib/tgops --shell /usr/sbin/nologin tgops
+ && groupadd --system --gid 10001 tgops \
+ && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /var/lib/tgops \
+      --shell /usr/sbin/nologin tgops
 
 WORKDIR /opt/tgops
 COPY requirements.lock ./
@@ -24,7 +26,8 @@ ENV TGOPS_CONFIG=/etc/tgops/tgops.toml \
     TGOPS_UPDATES__CACHE_DIR=/var/lib/tgops/cache \
     TGOPS_HTTP__HOST=0.0.0.0 \
     TGOPS_HTTP__PORT=8080
-USER tgops
+# numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd
+USER 10001:10001
 VOLUME ["/var/lib/tgops"]
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \

@@ -557,6 +557,69 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{key}: {message}" if key else message
 
 
+SECRETS_DIR = "TGOPS_SECRETS_DIR"
+"""A directory of secret files named like their variables (``tgops_slack__bot_token``)."""
+FILE_SUFFIX = "_FILE"
+
+
+def _secret_variable(name: str) -> bool:
+    """Whether ``TGOPS_…`` names a secret (its last part is a secret key, or the URL)."""
+    last = name.upper().removeprefix("TGOPS_").split("__")[-1].lower()
+    return last in SECRET_KEYS or last == "database_url"
+
+
+def _read_secret(path: Path) -> str:
+    """A secret file's content without the line end editors and ``echo`` add."""
+    return path.read_text(encoding="utf-8").rstrip("\r\n")
+
+
+def secrets_from_files(environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The environment with secrets read from files, as Docker and Kubernetes mount them:
+    ``TGOPS_<SECTION>__<KEY>_FILE=/path`` for one secret, and every file of the directory
+    ``TGOPS_SECRETS_DIR`` whose name is a secret's variable (any case, e.g.
+    ``tgops_smtp__password``; other files are ignored). A variable given directly wins
+    over its ``_FILE``, which wins over the directory. Returns the environment and the
+    problems found (one line each, naming the variable)."""
+    result = {k: v for k, v in environ.items() if k.upper() != SECRETS_DIR}
+    problems: list[str] = []
+    given = {k.upper() for k in environ}
+    directory = environ.get(SECRETS_DIR)
+    if directory:
+        folder = Path(directory)
+        try:
+            entries = sorted(p for p in folder.iterdir() if p.is_file())
+        except OSError as exc:
+            problems.append(f"environment {SECRETS_DIR}: cannot read {folder} ({exc.strerror})")
+            entries = []
+        for entry in entries:
+            name = entry.name.upper()
+            if not name.startswith("TGOPS_") or not _secret_variable(name):
+                continue
+            if name in given or f"{name}{FILE_SUFFIX}" in given:
+                continue
+            try:
+                result[name] = _read_secret(entry)
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append(f"{SECRETS_DIR} {entry}: cannot read it ({exc})")
+    for key, value in sorted(environ.items()):
+        upper = key.upper()
+        if not upper.startswith("TGOPS_") or not upper.endswith(FILE_SUFFIX):
+            continue
+        target = upper.removesuffix(FILE_SUFFIX)
+        if not _secret_variable(target):
+            continue  # not a secret's file variable (e.g. updates.public_key_file)
+        del result[key]
+        if target in given:
+            problems.append(f"environment {key}: give {target} or {key}, not both")
+            continue
+        try:
+            result[target] = _read_secret(Path(value))
+        except (OSError, UnicodeDecodeError) as exc:
+            cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            problems.append(f"environment {key}: cannot read {value} ({cause})")
+    return result, problems
+
+
 def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
     """Build the settings from ``path`` (or ``TGOPS_CONFIG``) and the environment.
 
@@ -565,6 +628,7 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
     if path is None and environ.get("TGOPS_CONFIG"):
         path = Path(environ["TGOPS_CONFIG"])
     data = _read_toml(path) if path is not None else {}
+    environ, problems = secrets_from_files(environ)
     unknown = [
         key
         for key in environ
@@ -573,7 +637,7 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
         and not key.upper().startswith("TGOPS_TEST_")
         and key.upper().removeprefix("TGOPS_").split("__")[0].lower() not in Settings.model_fields
     ]
-    problems = [f"environment {key}: unknown key" for key in sorted(unknown)]
+    problems += [f"environment {key}: unknown key" for key in sorted(unknown)]
     try:
         settings = _build(data, environ)
     except ValidationError as exc:

@@ -180,3 +180,65 @@ def test_secrets_are_masked_and_never_echoed(tmp_path: Path) -> None:
     assert data["smtp"]["password"] == "********"
     for secret in ("xoxb-secret", "tok-secret", "pw-secret"):
         assert secret not in repr(data)
+
+
+def test_secrets_from_files_and_a_secrets_directory(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        '[api.tokens.admin]\ntoken = "from-the-file"\nroles = ["update"]\n'
+        '[smtp]\nhost = "mail.example.org"\n',
+    )
+    secrets = tmp_path / "run-secrets"
+    secrets.mkdir()
+    (secrets / "tgops_smtp__password").write_text("smtp-pass\n")
+    (secrets / "TGOPS_TWILIO__AUTH_TOKEN").write_text("twilio-token")
+    (secrets / "tgops_slack__bot_token").write_text("from-the-directory")
+    (secrets / "other-service-password").write_text("not ours")  # ignored
+    bot_token = tmp_path / "bot_token"
+    bot_token.write_text("xoxb-from-a-file\r\n")
+    admin = tmp_path / "admin"
+    admin.write_text("admin-from-a-file\n")
+    database = tmp_path / "database_url"
+    database.write_text(f"sqlite+aiosqlite:///{tmp_path}/state.db\n")
+    env = {
+        "TGOPS_SECRETS_DIR": str(secrets),
+        "TGOPS_SLACK__BOT_TOKEN_FILE": str(bot_token),  # wins over the directory
+        "TGOPS_API__TOKENS__ADMIN__TOKEN_FILE": str(admin),
+        "TGOPS_DATABASE_URL_FILE": str(database),
+    }
+    settings = load_settings(config, env)
+    assert settings.slack.bot_token is not None
+    assert settings.slack.bot_token.get_secret_value() == "xoxb-from-a-file"
+    assert settings.smtp.password is not None
+    assert settings.smtp.password.get_secret_value() == "smtp-pass"
+    assert settings.twilio.auth_token is not None
+    assert settings.twilio.auth_token.get_secret_value() == "twilio-token"
+    assert settings.api.tokens["admin"].token.get_secret_value() == "admin-from-a-file"
+    assert settings.database_url == f"sqlite+aiosqlite:///{tmp_path}/state.db"
+    # the variable itself wins over the directory
+    direct = load_settings(config, {**env, "TGOPS_SMTP__PASSWORD": "direct"})
+    assert direct.smtp.password is not None
+    assert direct.smtp.password.get_secret_value() == "direct"
+    # a non-secret key keeps its own meaning of _FILE (updates.public_key_file)
+    keyed = load_settings(config, {"TGOPS_UPDATES__PUBLIC_KEY_FILE": str(tmp_path / "k.pub")})
+    assert keyed.updates.public_key_file == tmp_path / "k.pub"
+
+
+def test_secret_file_problems_are_named(tmp_path: Path) -> None:
+    config = write(tmp_path, "")
+    found = problems(
+        config,
+        {
+            "TGOPS_SMTP__PASSWORD_FILE": str(tmp_path / "nowhere"),
+            "TGOPS_SLACK__APP_TOKEN": "xapp-1",
+            "TGOPS_SLACK__APP_TOKEN_FILE": str(config),
+            "TGOPS_SECRETS_DIR": str(tmp_path / "no-dir"),
+        },
+    )
+    assert found == [
+        f"environment TGOPS_SECRETS_DIR: cannot read {tmp_path}/no-dir (No such file or directory)",
+        "environment TGOPS_SLACK__APP_TOKEN_FILE: give TGOPS_SLACK__APP_TOKEN or "
+        "TGOPS_SLACK__APP_TOKEN_FILE, not both",
+        f"environment TGOPS_SMTP__PASSWORD_FILE: cannot read {tmp_path}/nowhere "
+        "(No such file or directory)",
+    ]
