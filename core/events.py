@@ -123,6 +123,8 @@ class MaintenanceEnded(Event):
     node: str
     reason: str
     by: str
+    start: datetime | None = None
+    """The start of the window that ended (None where it is not known)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -100,6 +100,7 @@ class EmailChannel:
                 date=item.created_at,
                 text=rendered.text,
                 html=rendered.html,
+                thread=None if payload.get("thread") is None else str(payload["thread"]),
             )
         except (KeyError, TemplateError, TypeError, ValueError) as exc:
             raise MessageComposeError(self.describe(item), str(exc)) from exc

@@ -57,6 +57,11 @@ def _message_id(digest: str, sender: str) -> str:
     return f"<{digest[:40]}@{domain}>"
 
 
+def thread_id(thread: str, sender: str) -> str:
+    """The Message-ID the messages of one thread refer to (the same for every recipient)."""
+    return _message_id(hashlib.sha256(f"thread:{thread}".encode()).hexdigest(), sender)
+
+
 def check_address(address: str) -> str:
     if not _ADDRESS.fullmatch(address):
         raise AddressError(address)
@@ -163,8 +168,15 @@ def compose(
     date: datetime,
     text: str,
     html: str,
+    thread: str | None = None,
 ) -> bytes:
-    """The message as sent (CRLF line ends); ``AddressError`` for a bad recipient."""
+    """The message as sent (CRLF line ends); ``AddressError`` for a bad recipient.
+
+    ``thread`` names what the message belongs to (a maintenance window): every message of
+    one thread has ``In-Reply-To`` and ``References`` set to the same Message-ID made from
+    the thread's name (``thread_id``), so mail clients show them as one conversation while
+    each message keeps a Message-ID of its own.
+    """
     check_address(recipient)
     digest = hashlib.sha256(key.encode()).hexdigest()
     boundary = BOUNDARY_MARK + digest[:24]
@@ -176,6 +188,14 @@ def compose(
         _header("Date", _date(date)),
         _header("Message-ID", _message_id(digest, sender)),
         _header("Auto-Submitted", "auto-generated"),
+        # Exchange and Outlook ignore Auto-Submitted: no out-of-office replies, read or
+        # delivery receipts to an address nobody reads
+        _header("X-Auto-Response-Suppress", "All"),
+        *(
+            (_header("In-Reply-To", ref), _header("References", ref))
+            if (ref := thread_id(thread, sender) if thread else None)
+            else ()
+        ),
         _header("MIME-Version", "1.0"),
         _header("Content-Type", f'multipart/alternative; boundary="{boundary}"'),
     ]

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -351,6 +351,12 @@ class Notifier:
         else:
             variables |= {"event": "ended", "by": event.by}
             subject = t._("[tgops] Maintenance of %(node)s has ended", node=event.node)
+        # the mails of one window (scheduled, started, ended or cancelled) are one thread
+        thread = (
+            f"maintenance:{event.node}:{event.start.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+            if event.start is not None
+            else None
+        )
         await self.outbox.put(
             Notification(
                 key=f"{event.id}:email:{address}",
@@ -362,6 +368,7 @@ class Notifier:
                     "vars": variables,
                     "target": event.node,
                     "language": language,
+                    **({"thread": thread} if thread else {}),
                 },
             )
         )

@@ -7,6 +7,7 @@ commands, failing runs) and checked as received by the SMTP server and in `/tg l
 from __future__ import annotations
 
 import email
+import email.message
 import email.policy
 import email.utils
 import re
@@ -20,6 +21,7 @@ import pytest
 import trustme
 from jinja2 import UndefinedError
 
+from bot.demo.demo import mail_subject
 from core.clock import ManualClock
 from core.errors import ConfigError
 from core.events import UpdateLockSet, WarningFlagSet
@@ -475,3 +477,56 @@ def test_templates_read_keys_of_dicts_and_refuse_missing_ones(tmp_path: Path) ->
     assert text == "HF-1 tg-vnc 3"  # a key named like a dict method gives the value
     with pytest.raises(UndefinedError, match="has no attribute 'missing'"):
         renderer.text("gap", {"hotfix": {"id": "HF-1"}})
+
+
+def _all_defects(msg: email.message.EmailMessage) -> list[object]:
+    return [d for part in msg.walk() for d in part.defects]
+
+
+async def test_the_mails_of_one_window_are_one_thread_and_suppress_auto_replies(
+    tmp_path: Path,
+) -> None:
+    async with smtp_server() as server:
+        settings = notify_settings(tmp_path, smtp=smtp(server.port), notify={"users_list": USERS})
+        async with running(settings) as (service, api):
+            when = future()
+            reply = await api.command(f"maintenance schedule tg1 {when} Kernel update", MAINT_TOKEN)
+            assert reply["ok"], reply["text"]
+            await server.wait_messages(1)
+            reply = await api.command("maintenance cancel tg1", MAINT_TOKEN)
+            assert reply["ok"], reply["text"]
+            # another window later: a thread of its own
+            later = future(days=31)
+            reply = await api.command(f"maintenance schedule tg1 {later} Disk swap", MAINT_TOKEN)
+            assert reply["ok"], reply["text"]
+            received = await server.wait_messages(3)
+            await wait_until(lambda: settled(service.store), what="settled")
+    scheduled, ended, other = (
+        email.message_from_bytes(r.data, policy=email.policy.default) for r in received
+    )
+    for msg in (scheduled, ended, other):
+        assert isinstance(msg, email.message.EmailMessage)
+        assert _all_defects(msg) == []
+        assert msg["Auto-Submitted"] == "auto-generated"
+        assert msg["X-Auto-Response-Suppress"] == "All"
+        html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+        assert '<html lang="en">' in html and '<meta charset="utf-8">' in html
+    assert "has ended" in ended["Subject"]
+    thread = scheduled["In-Reply-To"]
+    assert re.fullmatch(r"<[0-9a-f]{40}@ops\.example\.org>", thread)
+    assert scheduled["References"] == ended["In-Reply-To"] == ended["References"] == thread
+    assert len({scheduled["Message-ID"], ended["Message-ID"], thread}) == 3
+    assert other["In-Reply-To"] == other["References"] != thread
+
+
+def test_a_subject_in_rfc_2047_words_is_shown_decoded() -> None:
+    channel = EmailChannel(
+        SmtpSettings(host="127.0.0.1", sender=SENDER), renderer=Renderer(), batch_size=10
+    )
+    item = record()
+    raw = channel.compose(item)
+    assert b"Subject: =?utf-8?" in raw
+    assert mail_subject(raw) == item.subject
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, email.message.EmailMessage)
+    assert _all_defects(msg) == []

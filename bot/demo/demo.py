@@ -19,6 +19,7 @@ Slack tokens in the environment (``TGOPS_SLACK__BOT_TOKEN``, ``TGOPS_SLACK__SIGN
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import json
 import logging
 import mailbox
@@ -29,6 +30,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from email import message_from_bytes
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -168,6 +170,12 @@ async def prepare(root: Path, say: Callable[[str], None] | None = None) -> str:
     return public_key
 
 
+def mail_subject(content: bytes) -> str:
+    """A message's subject as people read it: RFC 2047 words decoded, on one line."""
+    parsed = BytesParser(policy=email.policy.default).parsebytes(content, headersonly=True)
+    return " ".join(str(parsed["Subject"] or "").split())
+
+
 class _Mailbox:
     """aiosmtpd handler: every message into a Maildir, one line on the console."""
 
@@ -185,7 +193,7 @@ class _Mailbox:
         for folder in ("new", "cur", "tmp"):
             for item in (self.path / folder).iterdir():
                 make_private(item)
-        subject = " ".join(str(message["Subject"]).split())
+        subject = mail_subject(content)
         self.say(f"[mail] to {', '.join(envelope.rcpt_tos)}: {subject}")
         return "250 Message accepted for delivery"
 

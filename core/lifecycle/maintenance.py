@@ -212,7 +212,9 @@ class Maintenance:
             except DriverError as exc:
                 problems.append(str(exc))
         await engine.record(actor, "maintenance ended", target=name, detail=reason)
-        await engine.events.publish(ev.MaintenanceEnded(node=name, reason=reason, by=actor.name))
+        await engine.events.publish(
+            ev.MaintenanceEnded(node=name, reason=reason, by=actor.name, start=record.start)
+        )
         self.changed()
         return True
 
