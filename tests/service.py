@@ -51,6 +51,8 @@ def fleet_toml(
         "[http]",
         'host = "127.0.0.1"',
         "port = 0",
+        # every status request looks at the nodes (tests of the cache set it themselves)
+        'status_cache = "0s"',
         "[api.tokens.admin]",
         f'token = "{ADMIN_TOKEN}"',
         'roles = ["update", "maint"]',

@@ -31,6 +31,10 @@ class Look:
     """Hotfixes selected per node, read once (None: not read yet)."""
     fetches: int = 0
     """Manifest fetches made for this look (one per channel at most)."""
+    retry_alone: bool = False
+    """When the shared fetch fails, each run fetches again on its own with the retry policy
+    (a scheduled occurrence: its shared fetch is one early attempt); otherwise the shared
+    fetch is the retry policy itself and its failure is every run's (one command)."""
     _manifests: dict[str, asyncio.Future[Manifest]] = field(default_factory=dict)
 
     async def manifest(

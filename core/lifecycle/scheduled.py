@@ -82,7 +82,7 @@ class ScheduledRuns:
         if until is not None:
             params["until"] = until.isoformat()
         records = {r.name: r for r in await self.engine.refresh(list(nodes))}
-        look = Look(records=dict(records))
+        look = Look(records=dict(records), retry_alone=True)
         opens: set[str] = set()
         if kind == "scheduled-update":
             opens = await self._pending_maintenance(look, nodes)

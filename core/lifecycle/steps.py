@@ -127,7 +127,9 @@ class UpdateSteps:
         for the runs of that look (fetched by the first run that asks)."""
         channel = channel or self.engine.settings.updates.channel
         if look is not None:
-            return await look.manifest(channel, self.repository_manifest, self._fetch_manifest)
+            if look.retry_alone:
+                return await look.manifest(channel, self.repository_manifest, self._fetch_manifest)
+            return await look.manifest(channel, self._fetch_manifest)
         return await self._fetch_manifest(channel)
 
     async def _fetch_manifest(self, channel: str) -> Manifest:
@@ -138,8 +140,12 @@ class UpdateSteps:
         return manifest
 
     async def repository_manifest(self, channel: str) -> Manifest:
-        """One fetch of the channel's verified manifest (no retries), remembered."""
-        manifest = await self._repo().manifest(channel)
+        """One attempt at the channel's verified manifest (no retries), counted as an
+        attempt (metrics) and remembered."""
+        repo = self._repo()
+        manifest = await self.retry.once(
+            lambda: repo.manifest(channel), describe=f"channel {channel}"
+        )
         await self.engine.remember_manifest(manifest)
         return manifest
 

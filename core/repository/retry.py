@@ -70,6 +70,18 @@ class RetryPolicy:
         if self.on_attempt is not None:
             self.on_attempt(outcome)
 
+    async def once(self, operation: Callable[[], Awaitable[_T]], *, describe: str) -> _T:
+        """One attempt of ``operation``, counted and logged like each attempt of ``run``;
+        its error is raised as it is (the caller decides what comes next)."""
+        try:
+            result = await operation()
+        except Exception as exc:
+            self._count("transient" if is_transient(exc) else "fatal")
+            log.warning("%s: attempt failed: %s", describe, exc)
+            raise
+        self._count("ok")
+        return result
+
     async def run(
         self,
         operation: Callable[[], Awaitable[_T]],
