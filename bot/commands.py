@@ -15,6 +15,7 @@ from core.durations import format_duration
 from core.errors import TgopsError
 from core.lifecycle.calendar import time_text
 from core.lifecycle.engine import Engine
+from core.lifecycle.hold import held_text
 from core.lifecycle.leader import Election
 from core.lifecycle.maintenance import Maintenance
 from core.lifecycle.scheduler import Scheduler
@@ -209,7 +210,14 @@ class CommandService:
     async def _run(self, cmd: Command, actor: Actor) -> Reply:
         assert cmd.target is not None
         kind = RUN_KINDS[cmd.name]
-        result = await self._life().start(kind, cmd.target, actor, yes=cmd.yes, packages=cmd.ids)
+        result = await self._life().start(
+            kind,
+            cmd.target,
+            actor,
+            yes=cmd.yes,
+            packages=cmd.ids,
+            ignore_alerts=cmd.ignore_alerts,
+        )
         if isinstance(result, NeedsConfirmation):
             return Reply(
                 ok=False,
@@ -450,6 +458,12 @@ def alert_header(status: dict[str, Any], tz: ZoneInfo) -> list[str]:
         lines.append(f"!! Update lock set: {', '.join(locked)}")
     if restart:
         lines.append(f"!! Restart required: {', '.join(restart)}")
+    for node in status["nodes"]:
+        held = node.get("held")
+        if held:
+            since = local_text(datetime.fromisoformat(held["since"]), tz)
+            reason = f"{held['reason']}; waiting since {since}"
+            lines.append(f"!! Update held: {node['name']} ({reason})")
     for node in maint:
         m = node["maintenance"]
         start = local_text(datetime.fromisoformat(m["start"]), tz)
@@ -500,6 +514,8 @@ def render_status(status: dict[str, Any], tz: ZoneInfo) -> str:
         if node["run"]:
             run = node["run"]
             lines.append(f"  run #{run['id']} {run['kind']}: {run['step']}")
+        if node.get("held"):
+            lines.append(f"  {held_text(node['held'], tz)}")
     for cluster in status["clusters"]:
         lines.append(
             f"cluster {cluster['name']}: {len(cluster['updating'])}/"

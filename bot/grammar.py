@@ -27,6 +27,9 @@ class Spec:
     flags: frozenset[str] = frozenset()
 
 
+IGNORE_ALERTS = "--ignore-alerts"
+"""Runs pass the gate (``core.lifecycle.hold``): listed apart in messages, as an override."""
+
 SPECS: tuple[Spec, ...] = (
     Spec(
         name="help",
@@ -74,17 +77,18 @@ SPECS: tuple[Spec, ...] = (
     ),
     Spec(
         name="auto-update",
-        usage="auto-update T [--yes]",
-        summary="Download if needed, end sessions, install, restart services, verify (L2).",
+        usage="auto-update T [--yes] [--ignore-alerts]",
+        summary="Download if needed, end sessions, install, restart services, verify (L2); "
+        "--ignore-alerts passes the gate (Prometheus alerts).",
         role=Role.UPDATE,
-        flags=frozenset({"--yes"}),
+        flags=frozenset({"--yes", IGNORE_ALERTS}),
     ),
     Spec(
         name="restart",
-        usage="restart T [--yes]",
-        summary="Reboot the node (clears 'restart required').",
+        usage="restart T [--yes] [--ignore-alerts]",
+        summary="Reboot the node (clears 'restart required'); --ignore-alerts passes the gate.",
         role=Role.UPDATE,
-        flags=frozenset({"--yes"}),
+        flags=frozenset({"--yes", IGNORE_ALERTS}),
     ),
     Spec(
         name="maintenance",
@@ -237,6 +241,10 @@ class Command:
     @property
     def yes(self) -> bool:
         return "--yes" in self.flags
+
+    @property
+    def ignore_alerts(self) -> bool:
+        return IGNORE_ALERTS in self.flags
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -404,8 +412,13 @@ def _split(text: str) -> tuple[str, list[str], set[str]]:
     for word in words:
         if word.startswith("--"):
             if word not in spec.flags:
-                accepted = ", ".join(sorted(spec.flags)) or "none"
-                raise _Bad(f"unknown option {word!r} (accepted: {accepted})", spec.usage)
+                accepted = ", ".join(sorted(spec.flags - {IGNORE_ALERTS})) or "none"
+                gate = (
+                    f"; {IGNORE_ALERTS} passes the gate (Prometheus alerts)"
+                    if IGNORE_ALERTS in spec.flags
+                    else ""
+                )
+                raise _Bad(f"unknown option {word!r} (accepted: {accepted}){gate}", spec.usage)
             if word in flags:
                 raise _Bad(f"option {word} given twice", spec.usage)
             flags.add(word)

@@ -319,6 +319,9 @@ class FleetCollector:
         yield from (in_use, limit, waiting)
 
 
+GATE_RESULTS = ("clear", "blocked", "unreachable", "ignored")
+
+
 class ServiceMetrics:
     """The metrics of one service: ``subscribe`` to its bus, ``add_routes`` to its app,
     and ``download_attempt`` as the retry policy's ``on_attempt``."""
@@ -371,6 +374,24 @@ class ServiceMetrics:
         )
         for outcome in ATTEMPT_OUTCOMES:
             self.attempts.labels(outcome)
+        self.gate_blocked = Gauge(
+            "tgops_gate_blocked",
+            "1 while the gate holds a run of this node (alerts firing, or the gate unreachable)",
+            ["target"],
+            registry=registry,
+        )
+        self.gate_checks = Counter(
+            "tgops_gate_checks",
+            "Questions to the gate before disruptive steps, by result: clear, blocked, "
+            "unreachable, ignored (--ignore-alerts)",
+            ["result"],
+            registry=registry,
+        )
+        if engine.settings.gate.prometheus_url is not None:
+            for result in GATE_RESULTS:
+                self.gate_checks.labels(result)
+            for node in engine.node_names:
+                self.gate_blocked.labels(node).set(0)
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         self.fleet = FleetCollector(engine)
@@ -389,6 +410,10 @@ class ServiceMetrics:
     async def on_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.RunProgress):
             self._count_bytes(event)
+        elif isinstance(event, ev.GateChecked):
+            self.gate_checks.labels(event.result).inc()
+        elif isinstance(event, ev.RunHeld):
+            self.gate_blocked.labels(event.node).set(1 if event.state == "held" else 0)
         elif isinstance(event, ev.RunFinished):
             self._progress.pop(event.run_id, None)
             self.runs.labels(event.kind, event.outcome).inc()

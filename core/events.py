@@ -65,6 +65,8 @@ class RunProgress(Event):
     step: str
     done: int = 0
     total: int = 0
+    note: str = ""
+    """What the step waits for, when it waits (e.g. why the gate holds the run)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,6 +87,29 @@ class RunFinished(Event):
     node: str
     outcome: str
     message: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GateChecked(Event):
+    """The gate was asked for a run on ``node``: ``result`` is clear, blocked, unreachable
+    or ignored (``--ignore-alerts``)."""
+
+    node: str
+    result: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunHeld(Event):
+    """A run waits at the gate (``state`` held; again when the reason changes), goes on
+    (released), ends skipped after ``gate.max_wait`` (given up) or is stopped while it
+    waits (cancelled)."""
+
+    run_id: int
+    kind: str
+    node: str
+    state: str
+    since: datetime
+    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -7,6 +7,7 @@ Unknown keys are errors. Problems are reported one line per key by ``ConfigError
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -22,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -355,6 +357,78 @@ class AuditSettings(_Section):
         return value
 
 
+class GateSettings(_Section):
+    """Holding updates while the site's Prometheus (or Alertmanager) reports alerts."""
+
+    prometheus_url: str | None = None
+    """Prometheus or Alertmanager base URL; unset: no gate."""
+    username: str | None = None
+    password_file: Path | None = None
+    bearer_token_file: Path | None = None
+    alert_filter: str | None = None
+    """Regular expression searched in alert names: matching alerts are ignored."""
+    alert_match_only: bool = False
+    """Invert ``alert_filter``: only matching alerts hold updates."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """label = template ({node}, {cluster}): only alerts carrying these values count."""
+    check_interval: Duration = 60.0
+    max_wait: Duration = 7200.0
+    gate_fail_open: bool = False
+    health_query: str | None = None
+    health_wait: Duration = 300.0
+    timeout: Duration = 10.0
+    """Longest wait for one answer of Prometheus or Alertmanager."""
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (e.g. http://prometheus:9090/)")
+        return value
+
+    @field_validator("alert_filter")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _templates(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, template in value.items():
+            rest = template.replace("{node}", "").replace("{cluster}", "")
+            if "{" in rest or "}" in rest:
+                raise ValueError(
+                    f"{key} = {template!r}: a template may use only {{node}} and {{cluster}}"
+                )
+        return value
+
+    @field_validator("check_interval", "timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be longer than 0s")
+        return value
+
+    @field_validator("health_query")
+    @classmethod
+    def _needs_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("prometheus_url") is None:
+            raise ValueError("needs gate.prometheus_url (the Prometheus to ask)")
+        return value
+
+    @field_validator("bearer_token_file")
+    @classmethod
+    def _one_kind_of_auth(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("username") is not None:
+            raise ValueError("set either username (basic auth) or bearer_token_file, not both")
+        return value
+
+
 class LeaderSettings(_Section):
     takeover: Duration = 10.0
     """With several instances on one PostgreSQL: another instance takes over this long
@@ -432,6 +506,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     notify: NotifySettings = NotifySettings()
     statuspage: StatusPageSettings = StatusPageSettings()
+    gate: GateSettings = GateSettings()
     contacts: tuple[Contact, ...] = ()
     clusters: dict[str, ClusterSettings] = Field(default_factory=dict)
     nodes: tuple[NodeSettings, ...] = ()

@@ -5,7 +5,8 @@
 * users' mailing list (``notify.users_list``, L3): maintenance scheduled, started and
   ended (one e-mail per event: the outbox key is the event id, and a window's start has a
   fixed id, so a start is never mailed twice);
-* admin alerts (``notify.admin_emails``): warning flag, update lock, failed run;
+* admin alerts (``notify.admin_emails``): warning flag, update lock, failed run, a run the
+  gate held too long;
 * the durable outbox and its workers (e-mail, call, SMS);
 * Twilio's webhooks (``add_routes``).
 
@@ -428,6 +429,15 @@ class Notifier:
                 "off too). A cluster node stays in maintenance until a maint admin ends it."
             )
             node, detail = event.node, event.reason
+        elif isinstance(event, ev.RunHeld) and event.state == "given up":
+            title = f"Run #{event.run_id} ({event.kind}) on {event.node} held too long by the gate"
+            hint = (
+                f"The run was skipped: nothing on {event.node} was changed, no lock is in "
+                "place, and a schedule's next run is planned as usual. When the alerts are "
+                f"understood, run it by hand (/tg auto-update {event.node}; --ignore-alerts "
+                "passes the gate)."
+            )
+            node, detail = event.node, event.reason
         elif isinstance(event, ev.RunFinished) and event.outcome == "failed":
             title = f"Run #{event.run_id} ({event.kind}) on {event.node} failed"
             hint = f"The steps of the run are in /tg log {event.node}."
@@ -443,7 +453,7 @@ class Notifier:
     async def _on_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.MaintenanceScheduled | ev.MaintenanceStarted | ev.MaintenanceEnded):
             await self._maintenance(event)
-        elif isinstance(event, ev.WarningFlagSet | ev.UpdateLockSet | ev.RunFinished):
+        elif isinstance(event, ev.WarningFlagSet | ev.UpdateLockSet | ev.RunFinished | ev.RunHeld):
             await self._admin_event(event)
 
 

@@ -64,6 +64,7 @@ def alert_line(line: str) -> str:
             "Restart required": ":red_circle:",  # the red of the status header (no red text)
             "Update lock set": ":lock:",
             "Update download error": ":warning:",
+            "Update held": ":pause_button:",
         }.get(title, ":rotating_light:")
         return f"{emoji} *{escape(title)}:* {escape(rest)}"
     match = _MAINT.match(line)
@@ -213,15 +214,18 @@ def confirm_message(
 # -- run progress ------------------------------------------------------------------------------
 
 _UPDATE_STEPS = (
-    "download", "slot", "drain", "notice", "disconnect", "install",
+    "download", "slot", "gate", "drain", "notice", "disconnect", "install",
     "restart-services", "verify", "undrain", "release",
+)  # fmt: skip
+_RESTART_STEPS = (
+    "slot", "gate", "drain", "notice", "disconnect", "reboot", "verify", "undrain", "release",
 )  # fmt: skip
 RUN_STEPS: dict[str, tuple[str, ...]] = {
     # The steps of each run kind, in order, as core.lifecycle.updates runs them; only the progress
     # bar uses them (an unknown step shows the step's own progress).
     "download": ("download",),
     "integrity": ("integrity",),
-    "restart": ("slot", "drain", "notice", "disconnect", "reboot", "verify", "undrain", "release"),
+    "restart": _RESTART_STEPS,
     "auto-update": _UPDATE_STEPS,
     "oldstable-partial": _UPDATE_STEPS,
     "oldstable-full": _UPDATE_STEPS,
@@ -256,12 +260,15 @@ class RunView:
     total: int = 0
     outcome: str | None = None
     message: str = ""
+    note: str = ""
+    """What the current step waits for (e.g. why the gate holds the run)."""
 
 
 _OUTCOME = {
     "succeeded": ":white_check_mark:",
     "failed": ":x:",
     "cancelled": ":no_entry_sign:",
+    "skipped": ":fast_forward:",
 }
 
 
@@ -285,7 +292,11 @@ def run_message(run: RunView) -> dict[str, Any]:
         mrkdwn_section(f"{step}{amount}\n`{bar}`"),
         context(by),
     ]
-    return {"text": f"{title}: {escape(run.step or 'starting')}", "blocks": blocks}
+    text = f"{title}: {escape(run.step or 'starting')}"
+    if run.note:
+        blocks.insert(2, mrkdwn_section(f":pause_button: {escape(run.note)}"))
+        text += f" ({escape(run.note)})"
+    return {"text": text, "blocks": blocks}
 
 
 def notice_message(emoji: str, title: str, detail: str, *, by: str = "") -> dict[str, Any]:

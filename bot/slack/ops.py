@@ -7,7 +7,8 @@ state); RunFinished writes the outcome. The message's channel and ts are kept in
 message; when the outcome cannot be written into it (Slack still failing after the
 retries), the record keeps the outcome, a warning is logged, and the next start tries
 again (``FINAL_ATTEMPTS`` in all). Failures, WarningFlagSet, UpdateLockSet,
-HotfixAcknowledged, MaintenanceStarted and MaintenanceEnded get messages too.
+HotfixAcknowledged, MaintenanceStarted, MaintenanceEnded and a run the gate held too long
+(RunHeld "given up") get messages too.
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ class OpsChannel:
             await self._post(
                 notice_message(":lock:", title, event.reason),
                 f"update lock of {event.node}",
+            )
+        elif isinstance(event, ev.RunHeld) and event.state == "given up":
+            await self._post(
+                notice_message(
+                    ":fast_forward:",
+                    f"Run #{event.run_id} {event.kind} on {event.node} skipped: held too long",
+                    event.reason,
+                ),
+                f"held run #{event.run_id}",
             )
         elif isinstance(event, ev.HotfixAcknowledged):
             by = who(event.by) + (f" ({event.phone})" if event.phone else "")
@@ -163,7 +173,9 @@ class OpsChannel:
         live = await self._known(event.run_id, event.node)
         if live is None:
             return
-        live.view = replace(live.view, step=event.step, done=event.done, total=event.total)
+        live.view = replace(
+            live.view, step=event.step, done=event.done, total=event.total, note=event.note
+        )
         wait = live.last + self.interval - time.monotonic()
         if wait <= 0 and live.flush is None:
             await self._update(live)

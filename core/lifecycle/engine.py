@@ -24,7 +24,7 @@ from core.model import SYSTEM, Actor
 from core.notices import EnglishNotices
 from core.repository.manifest import Manifest
 from core.settings import Settings
-from core.store import NodeRecord, Store
+from core.store import NodeRecord, RunRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,7 @@ class Engine:
                     entry["end"] = sched.end
                 schedules.setdefault(sched.node, {})[sched.kind] = entry
         selected = await self.store.selected_hotfixes()
+        gated = self.settings.gate.prometheus_url is not None
         nodes = []
         for name in names:
             rec = by_name[name]
@@ -340,6 +341,8 @@ class Engine:
                     "error": rec.last_error,
                 }
             )
+            if gated:  # with a gate configured: what holds the node's run, if anything
+                nodes[-1]["held"] = held_by_gate(run)
         clusters = []
         wanted = {self.cluster_of[n] for n in names if self.cluster_of[n]}
         slots = await self.store.slots()
@@ -381,6 +384,15 @@ class Engine:
         """Packages older than the oldstable channel's: an update was omitted (L9)."""
         manifest = self.manifests.get(self.settings.updates.oldstable_channel)
         return [] if manifest is None else omitted_update(record.installed, manifest)
+
+
+def held_by_gate(run: RunRecord | None) -> dict[str, Any] | None:
+    """What holds a run at the gate (``core.lifecycle.hold``): ``{"since", "reason",
+    "until", "run", "kind"}``, or None."""
+    held = run.params.get("held") if run is not None else None
+    if run is None or not isinstance(held, dict):
+        return None
+    return {**held, "run": run.id, "kind": run.kind}
 
 
 def _diff(before: Mapping[str, str], after: Mapping[str, str]) -> str:

@@ -9,9 +9,12 @@ A scheduled update for update time S is one run, started at ``S - download_lead`
    same number of attempts is made again immediately before S; when those fail too both
    schedules are switched off and the update lock is set; a cluster node stays in
    maintenance (only a maint admin ends it), a single system's maintenance ends.
-4. ``slot`` and ``drain`` (cluster nodes, ``lb_drain_lead`` before S): the node takes a
-   cluster slot first (L12: the slot covers the whole time out of load balancing), then
-   leaves load balancing.
+4. ``slot``, ``gate`` and ``drain`` (cluster nodes, ``lb_drain_lead`` before S): the node
+   takes a cluster slot first (L12: the slot covers the whole time out of load balancing),
+   asks the gate (``core.lifecycle.hold``: held while alerts fire), then leaves load
+   balancing. A single system asks the gate at S. While held, maintenance and its notices
+   stay; the users are told that the update is held back, and its new time once it goes
+   on (a late start after a hold is no missed update).
 5. ``logon``: immediately before S a single system disables logon.
 6. ``wait``: until S; a lock set by now → skipped; S passed by more than
    ``updates.update_grace`` (the service was down) → skipped.
@@ -33,7 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
-from core.errors import DownloadFailedError, TgopsError
+from core.errors import DownloadFailedError, DriverError, TgopsError
 from core.lifecycle.look import Look
 from core.lifecycle.runs import Flow, RunCancelledError, RunContext, RunSkippedError
 from core.lifecycle.steps import DISRUPTIVE_STEPS
@@ -52,6 +55,8 @@ SCHEDULER = Actor(name="scheduler", source="scheduler")
 SCHEDULED_REASON = "Scheduled update"
 MANIFEST_TIMEOUT = 30.0
 """Longest an occurrence waits for its one look at the channel's manifest."""
+NOTICE_TIMEOUT = 30.0
+"""Longest wait for a notice to the users about a held update."""
 
 
 class ScheduledRuns:
@@ -246,6 +251,7 @@ class ScheduledRuns:
                 ("maintenance", self._maintenance),
                 ("download", self._download),
                 ("slot", self._slot),
+                *life.gate_steps(self._gate),
                 ("drain", life.step_drain),
                 ("logon", self._logon),
                 ("wait", self._wait),
@@ -263,6 +269,7 @@ class ScheduledRuns:
                     "maintenance",
                     "download",
                     "slot",
+                    "gate",
                     "drain",
                     "logon",
                     "wait",
@@ -412,6 +419,36 @@ class ScheduledRuns:
         # failure keeps its slot, so the others wait no longer than slot_wait after S
         await self.life.step_slot(ctx, deadline=self._at(ctx) + wait)
 
+    async def _gate(self, ctx: RunContext) -> None:
+        at = self._at(ctx)
+        if self.engine.cluster_of[ctx.node] is None:
+            await self._sleep_until(at)  # a single system's users keep working until S
+        await self.life.step_gate(ctx, on_hold=self._held, on_release=self._released)
+
+    async def _held(self, ctx: RunContext, since: datetime) -> None:
+        await self._tell_users(
+            ctx,
+            f"The update of {ctx.node} planned for {self._local(self._at(ctx))} is held back: "
+            "the monitoring reports a problem. You will be told when it starts.",
+        )
+
+    async def _released(self, ctx: RunContext, now: datetime) -> None:
+        at = self._at(ctx)
+        if now <= at:
+            return  # released before the update time: it starts as announced
+        await self._tell_users(
+            ctx,
+            f"The update of {ctx.node} was held back by the monitoring; it now starts at "
+            f"{self._local(now)}. Please save your work.",
+        )
+
+    async def _tell_users(self, ctx: RunContext, text: str) -> None:
+        try:
+            async with asyncio.timeout(NOTICE_TIMEOUT):
+                await self.engine.drivers[ctx.node].announce(text)
+        except (DriverError, TimeoutError) as exc:
+            log.warning("notice on %s failed: %s", ctx.node, exc)
+
     async def _logon(self, ctx: RunContext) -> None:
         await self._sleep_until(self._at(ctx))
         if self.engine.cluster_of[ctx.node] is None:
@@ -423,7 +460,10 @@ class ScheduledRuns:
         await self._sleep_until(at)
         grace = timedelta(seconds=self.engine.settings.updates.update_grace)
         now = self.engine.clock.now()
-        if now > at + grace:
+        released = ctx.params.get("gate_released")
+        # a run the gate held is late on purpose: the grace counts from its release
+        late_from = max(at, datetime.fromisoformat(str(released))) if released else at
+        if now > late_from + grace:
             raise RunSkippedError(
                 f"the update time {self._local(at)} passed while tgops was down "
                 f"(more than {grace} ago); skipped, the next one is planned"

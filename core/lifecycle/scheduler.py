@@ -27,7 +27,8 @@ from apscheduler.triggers.date import DateTrigger
 from core.background import background
 from core.durations import format_duration
 from core.lifecycle.calendar import Weekly, days_text, parse_days_text, parse_time_text, time_text
-from core.lifecycle.engine import Engine
+from core.lifecycle.engine import Engine, held_by_gate
+from core.lifecycle.hold import held_text
 from core.lifecycle.scheduled import SCHEDULER, ScheduledRuns
 from core.lifecycle.updates import PREPARING_STEPS
 from core.localtime import local_text, zone_note
@@ -351,8 +352,9 @@ class Scheduler:
                     f"{format_duration(settings.maintenance.reminder_interval)} until the update",
                 )
             )
+        held = await self._held(names)
         if not events:
-            return "Nothing is scheduled for " + (target or "the fleet") + "."
+            return "\n".join([*held, "Nothing is scheduled for " + (target or "the fleet") + "."])
         duration = await self._typical_update()
         events += await self._late(updates, now)
         for occ in updates:
@@ -401,11 +403,10 @@ class Scheduler:
                         "balancing, sessions ended, install",
                     )
                 )
-        lines = [f"{local_text(when, tz)}  {text}" for when, text in sorted(events)]
+        lines = [*held, *(f"{local_text(when, tz)}  {text}" for when, text in sorted(events))]
         if duration is not None:
             lines.append(f"(estimates use the median update duration here: {about(duration, '')})")
-        lines.append(f"({zone_note(tz)})")
-        return "\n".join(lines)
+        return "\n".join([*lines, *await self._gate_now(updates), f"({zone_note(tz)})"])
 
     async def _nothing_pending(self, names: list[str]) -> frozenset[str]:
         """Nodes with nothing to install as far as the last manifest tells (none known:
@@ -445,6 +446,31 @@ class Scheduler:
                 )
                 lines.append((now, text))
         return lines
+
+    async def _held(self, names: list[str]) -> list[str]:
+        """Runs the gate holds now (``core.lifecycle.hold``), one line each."""
+        tz = self.engine.settings.tz
+        lines = []
+        for run in await self.store.runs(statuses=("queued", "running"), limit=10_000):
+            held = held_by_gate(run)
+            if held is not None and run.node in names:
+                lines.append(
+                    f"{local_text(self.engine.clock.now(), tz)}  {run.node}: run #{run.id} "
+                    f"{run.kind} {held_text(held, tz)}"
+                )
+        return sorted(lines)
+
+    async def _gate_now(self, updates: list[Occurrence]) -> list[str]:
+        """What the gate would say now for the nodes with an update planned."""
+        gate = self.runs.life.hold.gate
+        if gate is None or not updates:
+            return []
+        verdicts = await gate.check_many({o.node: self.engine.cluster_of[o.node] for o in updates})
+        return [
+            f"(the gate would hold {node} if it were asked now: {verdict.text})"
+            for node, verdict in sorted(verdicts.items())
+            if not verdict.passes
+        ]
 
     async def _typical_update(self) -> float | None:
         spans = sorted(

@@ -17,14 +17,17 @@ from typing import Any
 
 from core import events as ev
 from core.errors import DownloadFailedError, DriverError, TgopsError
+from core.gate import Gate
 from core.interfaces import NodeDriver, RepositoryClient
 from core.lifecycle.engine import Engine
+from core.lifecycle.hold import Hold, Hook
 from core.lifecycle.look import Look
 from core.lifecycle.pending import catch_up, pending_packages
 from core.lifecycle.runs import (
     RunCancelledError,
     RunContext,
     RunSkippedError,
+    Step,
 )
 from core.lifecycle.slots import SlotGate
 from core.model import Actor, PackageKind, StagedPackage
@@ -113,6 +116,7 @@ class UpdateSteps:
         self._looks: dict[int, Look] = {}
         """The look a run shares with the other runs of its command or occurrence (until
         its plan is made)."""
+        self.hold = Hold(engine, Gate.from_settings(engine.settings.gate))
 
     def _repo(self) -> RepositoryClient:
         if self.repository is None:
@@ -396,6 +400,44 @@ class UpdateSteps:
         )
         await self.note(ctx, f"slot taken ({slot + 1} of {limit} of cluster {cluster})")
 
+    def gate_steps(self, step: Step | None = None) -> list[tuple[str, Step]]:
+        """The ``gate`` step (``step``, default ``step_gate``) when a gate is configured;
+        without one a run's steps are what they always were."""
+        return [] if self.hold.gate is None else [("gate", step or self.step_gate)]
+
+    async def step_gate(
+        self,
+        ctx: RunContext,
+        *,
+        on_hold: Hook | None = None,
+        on_release: Hook | None = None,
+    ) -> None:
+        """Ask the gate before the first disruptive step (``core.lifecycle.hold``); a
+        stopped rollout ends the wait, and a node held too long stops its rollout."""
+        rollout = self._rollouts.get(ctx.params.get("rollout", ""))
+
+        def stopped() -> str | None:
+            if rollout is not None and rollout.failed is not None:
+                return f"rollout stopped: {rollout.failed}; {ctx.node} was not touched"
+            return None
+
+        async def give_up(ctx: RunContext, why: str) -> None:
+            if rollout is not None:
+                held = f"{ctx.node} was held too long by the gate (run #{ctx.run_id})"
+                await self._stop_rollout(rollout, held)
+
+        await self.hold.wait(
+            ctx, stopped=stopped, on_hold=on_hold, on_release=on_release, on_give_up=give_up
+        )
+
+    async def _stop_rollout(self, rollout: Rollout, why: str) -> None:
+        if rollout.failed is not None:
+            return
+        rollout.failed = why
+        # kept in the store: the rollout stays stopped across a restart
+        await self.store.kv_set(ROLLOUTS_KV, rollout.key, {"failed": rollout.failed})
+        await self.slots.wake()
+
     async def step_drain(self, ctx: RunContext) -> None:
         if self._cluster(ctx) is None:
             return
@@ -457,6 +499,7 @@ class UpdateSteps:
 
     async def step_verify(self, ctx: RunContext) -> None:
         await self._driver(ctx).post_check()
+        await self.hold.health(ctx)
         await self.note(ctx, "verified (the post-update check passed)")
 
     async def step_undrain(self, ctx: RunContext) -> None:
@@ -499,11 +542,8 @@ class UpdateSteps:
     async def update_failed(self, ctx: RunContext, step: str, exc: BaseException) -> None:
         cluster = self._cluster(ctx)
         rollout = self._rollouts.get(ctx.params.get("rollout", ""))
-        if rollout is not None and rollout.failed is None:
-            rollout.failed = f"{ctx.node} failed (run #{ctx.run_id})"
-            # kept in the store: the rollout stays stopped across a restart
-            await self.store.kv_set(ROLLOUTS_KV, rollout.key, {"failed": rollout.failed})
-            await self.slots.wake()
+        if rollout is not None:
+            await self._stop_rollout(rollout, f"{ctx.node} failed (run #{ctx.run_id})")
         disruptive = step in DISRUPTIVE_STEPS or bool(ctx.completed & DISRUPTIVE_STEPS)
         if not disruptive:
             # nothing on the node changed: put it back as it was

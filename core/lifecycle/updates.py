@@ -139,7 +139,10 @@ class Lifecycle(UpdateSteps):
         *,
         yes: bool = False,
         packages: Sequence[str] = (),
+        ignore_alerts: bool = False,
     ) -> Started | NeedsConfirmation:
+        """Create and start one run per node of ``target``; ``ignore_alerts``: the runs
+        pass the gate (``core.lifecycle.hold``), audited as such."""
         if not self._accepting:
             raise RefusedError("tgops is stopping; try again when it is back")
         engine = self.engine
@@ -180,6 +183,8 @@ class Lifecycle(UpdateSteps):
         specs: list[NewRun] = []
         for record in records:
             params: dict[str, Any] = {"packages": list(packages)}
+            if ignore_alerts:
+                params["ignore_alerts"] = True
             queue = None
             if record.cluster is not None and kind in DISRUPTIVE_KINDS:
                 key = rollouts.setdefault(
@@ -374,6 +379,7 @@ class Lifecycle(UpdateSteps):
                 kind=kind,
                 steps=[
                     ("slot", self.step_slot),
+                    *self.gate_steps(),
                     ("drain", self.step_drain),
                     ("notice", self.step_notice),
                     ("disconnect", self.step_disconnect),
@@ -383,7 +389,16 @@ class Lifecycle(UpdateSteps):
                     ("release", self.step_release),
                 ],
                 resumable=frozenset(
-                    {"slot", "drain", "notice", "disconnect", "verify", "undrain", "release"}
+                    {
+                        "slot",
+                        "gate",
+                        "drain",
+                        "notice",
+                        "disconnect",
+                        "verify",
+                        "undrain",
+                        "release",
+                    }
                 ),
                 on_failure=self.update_failed,
                 on_cancel=self.undo_slot,
@@ -393,6 +408,7 @@ class Lifecycle(UpdateSteps):
             steps=[
                 ("download", self.step_download),
                 ("slot", self.step_slot),
+                *self.gate_steps(),
                 ("drain", self.step_drain),
                 ("notice", self.step_notice),
                 ("disconnect", self.step_disconnect),
@@ -406,6 +422,7 @@ class Lifecycle(UpdateSteps):
                 {
                     "download",
                     "slot",
+                    "gate",
                     "drain",
                     "notice",
                     "disconnect",
