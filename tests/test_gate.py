@@ -20,11 +20,14 @@ from core.errors import ConfigError
 from core.gate import Alert
 from core.gate.decision import AlertRules
 from core.settings import load_settings
+from tests.events import until
 from tests.fake_slack import fake_slack
 from tests.fleet import Fleet, fleet, run_ids
 from tests.ports import free_port
 from tests.prometheus import GATE_USER, Prometheus, alert_rule, prometheus
-from tests.service import fleet_toml
+from tests.repo_server import serve_repo
+from tests.repository import Repo
+from tests.service import fleet_toml, running, settings_for
 
 RULES = [
     alert_rule("DiskFull", "tg_disk_full > 0", severity="critical"),
@@ -140,6 +143,54 @@ async def test_a_firing_alert_holds_a_manual_auto_update_until_it_clears(tmp_pat
         assert f"run released solo1 run #{run_id}: alerts cleared after" in log
         assert (await f.node_status("solo1"))["held"] is None
         assert 'tgops_gate_blocked{target="solo1"} 0.0' in await metrics(f)
+
+
+async def test_a_held_run_is_still_held_after_a_restart_counting_from_its_first_hold(
+    tmp_path: Path,
+) -> None:
+    async with prometheus(tmp_path / "prometheus", RULES) as p:
+        await fire(p, "DiskFull", "tg_disk_full", "solo1")
+        repo = Repo(tmp_path)
+        repo.add("tg-base", "1.0")
+        async with serve_repo(repo.root) as server:
+            gate = {"prometheus_url": p.url, "check_interval": "0.3s", "timeout": "2s"}
+            settings = settings_for(
+                tmp_path,
+                repository_url=server.url,
+                public_key=repo.public_key,
+                sections={"gate": gate},
+            )
+            async with running(settings) as (service, api):
+                reply = await api.command("auto-update solo1 --yes")
+                [run_id] = run_ids(reply["text"])
+
+                async def held_in_store() -> bool:
+                    run = await service.store.run(run_id)
+                    return run is not None and isinstance(run.params.get("held"), dict)
+
+                await until(held_in_store)
+                stopped = await service.store.run(run_id)
+                assert stopped is not None
+                first = stopped.params["held"]
+            async with running(settings) as (service, api):
+
+                async def held_again() -> bool:
+                    records = await service.store.audit_log(targets=["solo1"], limit=100)
+                    return sum(r.action == "run held" for r in records) >= 2
+
+                await until(held_again)  # resumed at its gate step, and asked again
+                node = next(n for n in (await api.status())["nodes"] if n["name"] == "solo1")
+                assert node["held"]["since"] == first["since"]
+                assert node["held"]["until"] == first["until"]  # max_wait from the first hold
+                p.exporter.set("tg_disk_full", 0, node="solo1")
+
+                async def ended() -> bool:
+                    run = await service.store.run(run_id)
+                    return run is not None and run.status not in {"queued", "running"}
+
+                await until(ended)
+                run = await service.store.run(run_id)
+                assert run is not None and run.status == "succeeded", run
 
 
 async def test_filtered_alerts_and_other_nodes_alerts_do_not_hold(tmp_path: Path) -> None:
@@ -288,7 +339,8 @@ async def test_basic_auth_from_a_file(tmp_path: Path) -> None:
         event = await f.events.wait_for(
             lambda e: held("solo1")(e) and "DiskFull" in getattr(e, "reason", "")
         )
-        assert "alerts firing: DiskFull" in event.reason  # type: ignore[attr-defined]
+        assert isinstance(event, ev.RunHeld)
+        assert "alerts firing: DiskFull" in event.reason
 
 
 async def test_the_slack_run_message_says_why_the_run_is_held(tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ class Hold:
         clock = self.engine.clock
         held = ctx.params.get("held")
         since = datetime.fromisoformat(str(held["since"])) if isinstance(held, dict) else None
-        reason = str(held["reason"]) if isinstance(held, dict) else ""
+        reason = ""  # a resumed run says again why it waits (audit, Slack, metrics)
         interval = max(gate.check_interval, 0.05)
         checks = int(gate.max_wait / interval) + 2
         for _ in range(checks):
