@@ -108,3 +108,9 @@ class NoticeTexts(Protocol):
 
     def work_starts(self, node: str, kind: str) -> str:
         """An update (or ``kind`` ``restart``) ends the sessions now."""
+
+    def update_held(self, node: str, start: datetime) -> str:
+        """The scheduled update planned for ``start`` waits: the gate holds it."""
+
+    def update_resumes(self, node: str, start: datetime) -> str:
+        """A held scheduled update goes on; it starts at ``start``."""

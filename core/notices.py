@@ -31,3 +31,15 @@ class EnglishNotices:
         return (
             f"The {what} of {node} starts now; your session will be ended. Please save your work."
         )
+
+    def update_held(self, node: str, start: datetime) -> str:
+        return (
+            f"The update of {node} planned for {local_text(start, self.tz)} is held back: the "
+            "monitoring reports a problem. You will be told when it starts."
+        )
+
+    def update_resumes(self, node: str, start: datetime) -> str:
+        return (
+            f"The update of {node} was held back by the monitoring; it now starts at "
+            f"{local_text(start, self.tz)}. Please save your work."
+        )

@@ -34,3 +34,14 @@ class NodeNotices:
 
     def work_starts(self, node: str, kind: str) -> str:
         return self._render("notice_starts", node, kind=kind)
+
+    def _at(self, node: str, start: datetime) -> str:
+        return message_time(
+            translator(self.settings.notice_language(node)), start, self.settings.tz
+        )
+
+    def update_held(self, node: str, start: datetime) -> str:
+        return self._render("notice_held", node, start=self._at(node, start))
+
+    def update_resumes(self, node: str, start: datetime) -> str:
+        return self._render("notice_resumes", node, start=self._at(node, start))

@@ -68,6 +68,8 @@ def template_outputs(language: str) -> list[str]:
     out.append(renderer.text("notice_ended", {"node": "tg1"}, language))
     for kind in ("update", "restart"):
         out.append(renderer.text("notice_starts", {"node": "tg1", "kind": kind}, language))
+    for name in ("notice_held", "notice_resumes"):
+        out.append(renderer.text(name, {"node": "tg1", "start": "x"}, language))
     t = Translator(language)  # type: ignore[arg-type]
     out += [t.duration(timedelta(days=2, hours=1, minutes=5)), t.duration(timedelta(seconds=5))]
     out.append(t.duration(timedelta(days=1)))

@@ -426,21 +426,13 @@ class ScheduledRuns:
         await self.life.step_gate(ctx, on_hold=self._held, on_release=self._released)
 
     async def _held(self, ctx: RunContext, since: datetime) -> None:
-        await self._tell_users(
-            ctx,
-            f"The update of {ctx.node} planned for {self._local(self._at(ctx))} is held back: "
-            "the monitoring reports a problem. You will be told when it starts.",
-        )
+        await self._tell_users(ctx, self.engine.notices.update_held(ctx.node, self._at(ctx)))
 
     async def _released(self, ctx: RunContext, now: datetime) -> None:
         at = self._at(ctx)
         if now <= at:
             return  # released before the update time: it starts as announced
-        await self._tell_users(
-            ctx,
-            f"The update of {ctx.node} was held back by the monitoring; it now starts at "
-            f"{self._local(now)}. Please save your work.",
-        )
+        await self._tell_users(ctx, self.engine.notices.update_resumes(ctx.node, now))
 
     async def _tell_users(self, ctx: RunContext, text: str) -> None:
         try:
