@@ -27,7 +27,7 @@ from core.interfaces import Clock
 from core.model import SYSTEM, PackageKind
 from core.settings import Settings
 from core.store import Store
-from tests.fake_slack import Call, FakeSlack, SlackUser, fake_slack
+from tests.fake_slack import Call, FakeSlack, SlackUser, fake_slack, signature
 from tests.fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, fake_twilio
 from tests.notify_env import PUBLIC_URL
 from tests.repo_server import RepoServer, serve_repo
@@ -688,3 +688,20 @@ async def test_without_slack_settings_the_service_runs_without_slack(
     lines = [r.getMessage() for r in caplog.records if r.name == "bot.slack.app"]
     assert lines == ["Slack is disabled: slack.signing_secret not set"]
     assert TOKEN not in caplog.text
+
+
+async def test_bolts_answer_goes_out_with_its_own_headers(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        body = json.dumps({"type": "url_verification", "challenge": "c-123", "token": "x"})
+        ts = str(int(time.time()))
+        headers = {
+            "Content-Type": "application/json",
+            "X-Slack-Request-Timestamp": ts,
+            "X-Slack-Signature": signature(SECRET, ts, body),
+        }
+        async with b.api.session.post(b.viewer.url, data=body, headers=headers) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "application/json"
+            assert json.loads(await response.text()) == {"challenge": "c-123"}
+        answer = await b.viewer.slash("status")
+        assert (answer.status, answer.text) == (200, "")

@@ -31,6 +31,7 @@ from typing import Any, Self
 
 import aiohttp
 from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
@@ -348,12 +349,8 @@ class SlackBot:
             response = await self.app.async_dispatch(bolt_request)
         finally:
             self._in_flight -= 1
-        content_type = response.headers.get("content-type", ["text/plain"])[0]
-        return web.Response(
-            status=response.status,
-            body=response.body.encode(),
-            content_type=content_type.split(";")[0],
-        )
+        # bolt's own adapter: its status, body and every header it set (not only the type)
+        return await to_aiohttp_response(response)
 
     def roles_for(self, user: str) -> frozenset[Role]:
         return slack_roles(user, self.settings.roles)

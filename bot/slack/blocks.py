@@ -93,27 +93,58 @@ def header_text(alerts: Sequence[str] | None) -> str:
 # -- replies ---------------------------------------------------------------------------------
 
 
-def chunks(text: str, limit: int = SECTION_LIMIT) -> list[str]:
-    """Split at line ends into pieces of at most ``limit`` characters."""
+_ESCAPED_SIZE = {"&": 5, "<": 4, ">": 4}
+"""Characters ``escape`` lengthens, and their length once escaped."""
+
+
+def _size(text: str, escaped: bool) -> int:
+    if not escaped:
+        return len(text)
+    return len(text) + sum(text.count(c) * (n - 1) for c, n in _ESCAPED_SIZE.items())
+
+
+def _fitting(line: str, limit: int, escaped: bool) -> int:
+    """How many characters of ``line`` fit into ``limit`` (measured escaped if asked)."""
+    if not escaped:
+        return min(len(line), limit)
+    used = 0
+    for index, char in enumerate(line):
+        used += _ESCAPED_SIZE.get(char, 1)
+        if used > limit:
+            return index
+    return len(line)
+
+
+def chunks(text: str, limit: int = SECTION_LIMIT, *, escaped: bool = False) -> list[str]:
+    """Split at line ends into pieces of at most ``limit`` characters; with ``escaped``
+    the pieces are plain text measured as they will be once escaped, so that each piece
+    is escaped after the split and no escape (``&amp;``) is ever cut in two."""
     pieces: list[str] = []
     current: list[str] = []
     size = 0
     for whole in text.splitlines() or [""]:
         line = whole
-        while len(line) > limit:
+        while _size(line, escaped) > limit:
             if current:
                 pieces.append("\n".join(current))
                 current, size = [], 0
-            pieces.append(line[:limit])
-            line = line[limit:]
-        if size + len(line) + 1 > limit and current:
+            cut = max(1, _fitting(line, limit, escaped))
+            pieces.append(line[:cut])
+            line = line[cut:]
+        length = _size(line, escaped)
+        if size + length + 1 > limit and current:
             pieces.append("\n".join(current))
             current, size = [], 0
         current.append(line)
-        size += len(line) + 1
+        size += length + 1
     if current:
         pieces.append("\n".join(current))
     return pieces
+
+
+def escaped_within(text: str, limit: int) -> str:
+    """``escape`` of the longest start of ``text`` that fits into ``limit`` once escaped."""
+    return escape(text[: _fitting(text, limit, escaped=True)])
 
 
 def body_blocks(
@@ -123,9 +154,12 @@ def body_blocks(
 
     ``mrkdwn``: the text is Slack markup already (mentions, escaped parts), not plain text.
     """
-    text = text if mrkdwn else escape(text.replace("```", "'''"))
     limit = SECTION_LIMIT - len(prefix) - 8
-    pieces = chunks(text, limit)
+    if mrkdwn:
+        pieces = chunks(text, limit)
+    else:  # split first, then escape each piece
+        plain_text = text.replace("```", "'''")
+        pieces = [escape(p) for p in chunks(plain_text, limit, escaped=True)]
     blocks = []
     for i, piece in enumerate(pieces[:MAX_BODY_SECTIONS]):
         shown = f"```{piece}```" if preformatted else piece
@@ -168,8 +202,10 @@ def reply_message(
     if not header:
         alerts = None
     first = shown.text.splitlines()[0] if shown.text else ""
-    first = first if shown.mrkdwn else escape(first)
-    return {"text": (header_text(alerts) + first)[:3000], "blocks": blocks}
+    head_text = header_text(alerts)
+    room = max(0, 3000 - len(head_text))
+    first = first[:room] if shown.mrkdwn else escaped_within(first, room)
+    return {"text": head_text + first, "blocks": blocks}
 
 
 def confirm_message(
@@ -208,7 +244,9 @@ def confirm_message(
         {"type": "actions", "block_id": "tg_confirm", "elements": [button]},
         context(f"Or type `/tg {escape(command)} --yes`."),
     ]
-    return {"text": (header_text(alerts) + escape(text))[:3000], "blocks": blocks}
+    head_text = header_text(alerts)
+    room = max(0, 3000 - len(head_text))
+    return {"text": head_text + escaped_within(text, room), "blocks": blocks}
 
 
 # -- run progress ------------------------------------------------------------------------------
@@ -305,4 +343,4 @@ def notice_message(emoji: str, title: str, detail: str, *, by: str = "") -> dict
     line = escape(detail) + (f" (by {who(by)})" if by else "")
     text = f"{emoji} *{escape(title)}*" + (f"\n{line}" if line else "")
     fallback = f"{title}: {detail}" + (f" (by {by})" if by else "")
-    return {"text": escape(fallback)[:3000], "blocks": [mrkdwn_section(text)]}
+    return {"text": escaped_within(fallback, 3000), "blocks": [mrkdwn_section(text)]}
