@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
 
@@ -102,9 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="the embedded default: repository, sandbox fleet, mail, phone, console"
     )
+    demo.add_argument(
+        "action",
+        nargs="?",
+        choices=["publish-update"],
+        help="publish-update: publish a new tg-base in the running demo's repository",
+    )
     demo.add_argument("--dir", type=Path, default=Path("tgops-demo"), help="where it lives")
     demo.add_argument(
         "--no-console", action="store_true", help="no console: run until SIGTERM (scripts)"
+    )
+    demo.add_argument(
+        "--timezone",
+        type=_zone,
+        default=None,
+        metavar="ZONE",
+        help="IANA time zone of the demo, e.g. Europe/Berlin (default: this machine's: TZ, "
+        "/etc/localtime)",
     )
 
     tg = sub.add_parser("tg", help="send one /tg command to the running service")
@@ -160,6 +175,16 @@ def _log_level(args: argparse.Namespace, base: str) -> int:
     louder = args.verbose + getattr(args, "verbose_after", 0)
     quieter = args.quiet + getattr(args, "quiet_after", 0)
     return shifted(base, quieter - louder)
+
+
+def _zone(text: str) -> str:
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time zone; give an IANA name such as Europe/Berlin or UTC"
+        ) from exc
+    return text
 
 
 def _range(text: str) -> Range:
@@ -362,10 +387,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(script(args.shell, parser))
             return EXIT_OK
         if args.command == "demo":
-            from bot.demo.demo import run_demo  # noqa: PLC0415  (pulls in the whole service)
+            from bot.demo.demo import publish_update, run_demo  # noqa: PLC0415  (pulls in the whole service)
 
+            if args.action == "publish-update":
+                print(publish_update(args.dir.resolve()))
+                return EXIT_OK
             return asyncio.run(
-                run_demo(args.dir, console=not args.no_console, environ=dict(os.environ))
+                run_demo(
+                    args.dir,
+                    console=not args.no_console,
+                    environ=dict(os.environ),
+                    timezone=args.timezone,
+                )
             )
         if args.command == "tg":
             return asyncio.run(_tg(args))

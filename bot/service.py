@@ -91,7 +91,7 @@ class Service:
         drivers: dict[str, NodeDriver] = {}
         for node in settings.nodes:
             cluster = settings.clusters.get(node.cluster) if node.cluster else None
-            driver = make_driver(node, cluster, output=self._output_sink(node.name))
+            driver = make_driver(node, cluster, output=self._output_sink(node.name), tz=settings.tz)
             drivers[node.name] = driver
             stack.push_async_callback(driver.aclose)
         self.renderer = Renderer(overrides=settings.notify.templates_dir)
@@ -211,7 +211,11 @@ class Service:
         updates = self.settings.updates
         key = updates.verification_key()
         if key is None:
-            log.warning("updates.public_key is not set: downloads and updates are unavailable")
+            log.warning(
+                "updates.public_key is not set: downloads and updates are unavailable "
+                "(`tgops keygen`/`tgops publish` make a signed repository; `tgops demo` runs "
+                "a complete one)"
+            )
             return None
         downloader = await stack.enter_async_context(Downloader.from_settings(updates))
         return HttpRepository(updates.repository_url, key, downloader)

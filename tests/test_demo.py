@@ -13,12 +13,22 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
 
-from bot.demo.demo import prepare
+from bot.demo.demo import (
+    build_repository,
+    machine_zone,
+    next_version,
+    prepare,
+    publish_update,
+    spoken,
+)
+from core.errors import PublishError
 from core.repository.publish import keygen, publish
+from notify.phone import prompt_twiml, say_twiml
 from tests.debs import build_deb
 from tests.events import until
 
@@ -127,3 +137,80 @@ async def test_demo_starts_serves_and_stops(tmp_path: Path) -> None:
     assert proc.returncode == 0, out.read_text()
     assert "Traceback" not in out.read_text()
     assert "stopping" in out.read_text()
+
+
+def test_the_demo_runs_in_the_machines_time_zone(tmp_path: Path) -> None:
+
+    assert machine_zone({"TZ": "America/St_Johns"}) == ("America/St_Johns", "TZ")
+    assert machine_zone({"TZ": ":Asia/Kolkata"}) == ("Asia/Kolkata", "TZ")
+    assert machine_zone({"TZ": "/usr/share/zoneinfo/Europe/Paris"}) == ("Europe/Paris", "TZ")
+    # no usable TZ: the system's setting (/etc/localtime, /etc/timezone) or UTC
+    zone, origin = machine_zone({"TZ": "Not/AZone"})
+    assert origin in {"/etc/localtime", "/etc/timezone", "no zone configured on this machine"}
+    ZoneInfo(zone)
+
+
+def test_publish_update_puts_a_new_update_into_the_demo_repository(tmp_path: Path) -> None:
+
+    assert next_version(["2.0"]) == "2.1"
+    assert next_version(["2.0", "2.10", "2.9"]) == "2.11"
+    root = tmp_path / "demo"
+    with pytest.raises(PublishError, match="start `tgops demo --dir"):
+        publish_update(root)
+    build_repository(root)
+    assert publish_update(root).startswith("published tg-base 2.1 in channel stable")
+    assert publish_update(root).startswith("published tg-base 2.2 in channel stable")
+    manifest = json.loads((root / "repo" / "channels" / "stable.json").read_text())
+    versions = sorted(p["version"] for p in manifest["packages"] if p["name"] == "tg-base")
+    assert versions == ["2.0", "2.1", "2.2"]
+
+
+def test_the_phone_stand_in_says_what_the_callee_hears() -> None:
+
+    twiml = prompt_twiml("Hotfix HF-102 is out. Press 1.", "http://127.0.0.1/g", prefix="Hi. ")
+    assert spoken(twiml) == 'says "Hi. Hotfix HF-102 is out. Press 1." and waits for a key'
+    assert spoken(say_twiml("Thank you.")) == 'says "Thank you."'
+    assert spoken("no xml") == "(not TwiML: 'no xml')"
+
+
+@pytest.mark.slow
+async def test_a_demo_restart_keeps_its_port_and_token(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+
+    async def run_once(name: str) -> dict[str, object]:
+        out = tmp_path / f"{name}.out"
+        with out.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bot.cli",
+                "demo",
+                "--dir",
+                str(demo),
+                "--no-console",
+                "--timezone",
+                "Pacific/Chatham",
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+        async def running() -> bool:
+            assert proc.returncode is None, out.read_text()
+            return "running until SIGTERM" in out.read_text()
+
+        try:
+            await until(running, within=60)
+            config = tomllib.loads((demo / "tgops.toml").read_text())
+            assert "time zone: Pacific/Chatham (from --timezone)" in out.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                await proc.wait()
+        return config
+
+    first = await run_once("first")
+    second = await run_once("second")
+    assert second["http"] == first["http"]
+    assert second["api"] == first["api"]
+    assert second["timezone"] == "Pacific/Chatham"

@@ -138,3 +138,18 @@ async def test_a_clean_shutdown_is_no_warning(
         logging.INFO,
         f"instance {service.election.instance} stops leading (shutting down)",
     ) in (messages)
+
+
+async def test_without_a_repository_download_says_what_is_missing_and_how_to_get_it(
+    tmp_path: Path,
+) -> None:
+    example = (Path(__file__).parent.parent / "config" / "tgops.example.toml").read_text()
+    # the example configuration says plainly what it lacks and where a full setup is
+    assert "What it lacks: an update repository." in example
+    assert "run `tgops demo`" in example
+    async with running(settings_for(tmp_path)) as (_, api):
+        reply = await api.command("download tg1")
+        assert reply["ok"] is False
+        assert "no update repository is usable: set updates.public_key" in reply["text"]
+        assert "`tgops keygen` and `tgops publish` make a signed repository" in reply["text"]
+        assert "`tgops demo` runs a complete one" in reply["text"]

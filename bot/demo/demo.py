@@ -27,18 +27,22 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+import tomllib
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from email import message_from_bytes
 from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
+from xml.etree import ElementTree
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
 from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from debian.debian_support import Version
 from twilio.request_validator import RequestValidator
 
 from bot.demo.console import Console
@@ -46,7 +50,7 @@ from bot.demo.debbuild import build_deb
 from bot.service import Service
 from core.drivers.sandbox import SandboxDriver
 from core.drivers.staging import sha256_file
-from core.errors import PublishConflictError
+from core.errors import PublishConflictError, PublishError
 from core.events import (
     Event,
     HotfixAcknowledged,
@@ -218,7 +222,7 @@ class PhoneGateway:
     async def call(self, request: web.Request) -> web.Response:
         form = {k: str(v) for k, v in (await request.post()).items()}
         sid = "CA" + secrets.token_hex(16)
-        self.say(f"[phone] calling {form.get('To')}: {form.get('Twiml', '')[:160]}")
+        self.say(f"[phone] calling {form.get('To')}: {spoken(form.get('Twiml', ''))}")
         if not self.answered:
             self.answered = True
             task = asyncio.create_task(self._press_one(sid, form.get("To", "")))
@@ -253,13 +257,16 @@ class PhoneGateway:
         url = f"{self.public_url}/twilio/voice/gather"
         params = {"CallSid": call_sid, "Digits": "1", "To": to, "From": to}
         signature = self.validator.compute_signature(url, params)
-        self.say(f"[phone] {to} presses 1")
+        self.say(f"[phone] {to} presses key 1")
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-                session.post(url, data=params, headers={"X-Twilio-Signature": signature}),
+                session.post(
+                    url, data=params, headers={"X-Twilio-Signature": signature}
+                ) as response,
             ):
-                pass
+                answer = await response.text()
+            self.say(f"[phone] {to} hears: {spoken(answer)}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.say(f"[phone] the webhook did not answer: {exc}")
 
@@ -267,6 +274,22 @@ class PhoneGateway:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def spoken(twiml: str) -> str:
+    """What a callee hears from a TwiML document: the first prompt's words (a prompt
+    repeated when no key comes is said once), and whether a key is awaited."""
+    try:
+        # the service's own TwiML, received on loopback
+        root = ElementTree.fromstring(twiml)  # noqa: S314
+    except ElementTree.ParseError:
+        return f"(not TwiML: {twiml[:80]!r})"
+    gather = root.find("Gather")
+    if gather is not None:
+        words = " ".join(" ".join((e.text or "").split()) for e in gather.iter("Say"))
+        return f'says "{words}" and waits for a key'
+    words = " ".join(" ".join((e.text or "").split()) for e in root.iter("Say"))
+    return f'says "{words}"' if words else "(silence)"
 
 
 @asynccontextmanager
@@ -281,6 +304,17 @@ async def _site(app: web.Application, host: str = "127.0.0.1") -> AsyncIterator[
         yield int(server.sockets[0].getsockname()[1])
     finally:
         await runner.cleanup()
+
+
+def _port_free(port: int) -> bool:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _free_port() -> int:
@@ -302,6 +336,7 @@ def write_config(
     public_key: str,
     token: str,
     twilio_token: str,
+    timezone: str,
 ) -> Path:
     """The demo's configuration, written where a person can read and change it."""
     nodes = "\n".join(
@@ -310,7 +345,7 @@ def write_config(
         for n in CLUSTER
     )
     text = f"""# Written by `tgops demo`; every key is explained in config/tgops.example.toml.
-timezone = "Europe/Berlin"
+timezone = "{timezone}"
 database_url = "sqlite+aiosqlite:///{root}/state.db"
 
 [http]
@@ -378,7 +413,9 @@ root = "{root}/nodes/{SINGLE}"
     return path
 
 
-async def run_demo(root: Path, *, console: bool, environ: dict[str, str]) -> int:
+async def run_demo(
+    root: Path, *, console: bool, environ: dict[str, str], timezone: str | None = None
+) -> int:
     root = await asyncio.to_thread(_make_dir, root)
     say = _printer()
     say(f"tgops demo in {root}")
@@ -390,8 +427,13 @@ async def run_demo(root: Path, *, console: bool, environ: dict[str, str]) -> int
 
     repo_app = web.Application()
     repo_app.router.add_static("/", root / "repo", show_index=True)
-    twilio_token = secrets.token_hex(16)
-    http_port = _free_port()
+    kept = await asyncio.to_thread(Kept.read, root / "tgops.toml")
+    twilio_token = kept.twilio_token or secrets.token_hex(16)
+    http_port = kept.port if kept.port and _port_free(kept.port) else _free_port()
+    if kept.port and http_port != kept.port:
+        say(f"port {kept.port} of the last run is taken by another program; using {http_port}")
+    zone, origin = (timezone, "--timezone") if timezone else machine_zone(environ)
+    say(f"time zone: {zone} (from {origin}); every time you type or read is in it")
     gateway = PhoneGateway(say, twilio_token, f"http://127.0.0.1:{http_port}")
     async with AsyncExitStack() as stack:
         repo_port = await stack.enter_async_context(_site(repo_app))
@@ -408,8 +450,9 @@ async def run_demo(root: Path, *, console: bool, environ: dict[str, str]) -> int
             phone_port=phone_port,
             http_port=http_port,
             public_key=public_key,
-            token=secrets.token_hex(16),
+            token=kept.token or secrets.token_hex(16),
             twilio_token=twilio_token,
+            timezone=zone,
         )
         settings: Settings = load_settings(config, environ)
         service = await stack.enter_async_context(Service(settings))
@@ -425,6 +468,9 @@ async def run_demo(root: Path, *, console: bool, environ: dict[str, str]) -> int
                 names=[*CLUSTER, SINGLE, "demo", "all"],
                 history=root / ".history",
                 say=say,
+                hotfixes=lambda: _names(service, settings.updates.channel, PackageKind.HOTFIX),
+                optional=lambda: _names(service, settings.updates.channel, PackageKind.OPTIONAL),
+                oldstable=lambda: _names(service, settings.updates.oldstable_channel, None),
             )
             await shell.run(stop)
         else:
@@ -469,3 +515,102 @@ def _announcer(say: Callable[[str], None], tz: ZoneInfo) -> Callable[[Event], An
             say(f"[escalation] hotfix {event.hotfix_id} acknowledged by {event.by}")
 
     return announce
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Kept:
+    """What a restart of the demo keeps from the last run's ``D/tgops.toml``: the HTTP
+    port and the API token (scripts and a second shell keep working), the phone token."""
+
+    port: int | None = None
+    token: str | None = None
+    twilio_token: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> Kept:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            return cls()
+        port = data.get("http", {}).get("port")
+        token = data.get("api", {}).get("tokens", {}).get("demo", {}).get("token")
+        twilio = data.get("twilio", {}).get("auth_token")
+        return cls(
+            port=port if isinstance(port, int) and 0 < port < 65536 else None,
+            token=token if isinstance(token, str) and token else None,
+            twilio_token=twilio if isinstance(twilio, str) and twilio else None,
+        )
+
+
+def machine_zone(environ: Mapping[str, str]) -> tuple[str, str]:
+    """This machine's time zone as an IANA name, and where it was found: ``TZ``, then
+    ``/etc/localtime`` (a link into the zoneinfo tree), then ``/etc/timezone``; UTC when
+    none names a zone."""
+    tz = environ.get("TZ", "").removeprefix(":")
+    if tz:
+        name = tz.split("zoneinfo/", 1)[1] if "zoneinfo/" in tz else tz
+        if _known_zone(name):
+            return name, "TZ"
+    try:
+        target = str(Path("/etc/localtime").resolve())
+    except OSError:
+        target = ""
+    if "zoneinfo/" in target and _known_zone(name := target.split("zoneinfo/", 1)[1]):
+        return name, "/etc/localtime"
+    try:
+        name = Path("/etc/timezone").read_text().strip()
+    except OSError:
+        name = ""
+    if name and _known_zone(name):
+        return name, "/etc/timezone"
+    return "UTC", "no zone configured on this machine"
+
+
+def _known_zone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def next_version(versions: list[str]) -> str:
+    """The version after the newest of ``versions`` (``2.0`` -> ``2.1``)."""
+    newest = max(versions, key=Version) if versions else "2.0"
+    head, _, last = newest.rpartition(".")
+    if last.isdigit():
+        return f"{head}.{int(last) + 1}" if head else str(int(last) + 1)
+    return f"{newest}.1"
+
+
+def publish_update(root: Path) -> str:
+    """``tgops demo publish-update``: a new ``tg-base`` in the demo's ``stable`` channel,
+    so that every node has an update pending again (e.g. for step 10 of the walkthrough)."""
+    key = root / "keys" / "repo.key"
+    repo = root / "repo"
+    manifest = repo / "channels" / "stable.json"
+    if not key.exists() or not manifest.exists():
+        raise PublishError(
+            f"no demo repository in {root}: start `tgops demo --dir {root}` once first"
+        )
+    data = json.loads(manifest.read_text())
+    versions = [p["version"] for p in data.get("packages", []) if p.get("name") == "tg-base"]
+    version = next_version([str(v) for v in versions])
+    deb = build_deb(
+        root / "debs", "tg-base", version, _files("tg-base", version), description="tg-base"
+    )
+    publish(repo, "stable", key, [deb])
+    return (
+        f"published tg-base {version} in channel stable of {repo}; every node has it "
+        "pending now (`status`), `auto-update T` installs it"
+    )
+
+
+def _names(service: Service, channel: str, kind: PackageKind | None) -> list[str]:
+    """For Tab: hotfix IDs (kind HOTFIX) or package names of a channel's last manifest."""
+    manifest = service.engine.manifests.get(channel)
+    if manifest is None:
+        return []
+    if kind is PackageKind.HOTFIX:
+        return [p.key for p in manifest.packages if p.kind is kind]
+    return [p.name for p in manifest.packages if kind is None or p.kind is kind]

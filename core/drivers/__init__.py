@@ -10,6 +10,7 @@ May import: the vocabulary at the top of ``core`` only (no other room of ``core`
 
 from __future__ import annotations
 
+from datetime import UTC, tzinfo
 from pathlib import Path
 
 from core.drivers.commands import DEFAULT_STAGING_DIR, CommandDriver
@@ -38,6 +39,7 @@ def make_driver(
     *,
     output: OutputSink | None = None,
     staging_dir: Path | None = None,
+    tz: tzinfo = UTC,
 ) -> NodeDriver:
     """The driver of ``node``; ``cluster`` is the settings of its cluster (None: single system).
 
@@ -63,6 +65,7 @@ def make_driver(
             output=output,
             command_timeout=node.command_timeout,
             check_url=node.check_url,
+            tz=tz,
         )
     lb = None
     if node.cluster is not None and cluster is not None:

@@ -49,7 +49,7 @@ import os
 import shlex
 import tempfile
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -246,8 +246,11 @@ class SandboxDriver:
         output: OutputSink | None = None,
         command_timeout: float = 600.0,
         check_url: str | None = None,
+        tz: tzinfo = UTC,
     ) -> None:
         self.name = name
+        self.tz = tz
+        """The zone of the stamps in ``messages.log`` (the service's time zone)."""
         self.root = Path(root)
         self.clustered = clustered
         self._output = output
@@ -423,7 +426,7 @@ class SandboxDriver:
     async def announce(self, message: str) -> None:
         await self._begin("announce")
         line = " ".join(message.splitlines()).strip()
-        entry = f"{datetime.now(UTC).isoformat(timespec='seconds')} {line}\n".encode()
+        entry = f"{datetime.now(self.tz).isoformat(timespec='seconds')} {line}\n".encode()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.messages_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -52,8 +52,11 @@ class SlotGate:
         limit: int,
         run_id: int | None,
         stop: Callable[[], Awaitable[None]] | None = None,
+        waiting: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> int:
-        """Wait for a slot, in queue order; ``stop`` may raise to give up while waiting."""
+        """Wait for a slot, in queue order; ``stop`` may raise to give up while waiting;
+        ``waiting(ahead)`` is called once when the node has to wait, with the nodes that
+        hold a slot or queue before it."""
         await self.store.wait_for_slot(cluster=cluster, node=node, run_id=run_id)
         self._forget(cluster)
         try:
@@ -63,6 +66,12 @@ class SlotGate:
                 slot = await self._try(cluster=cluster, node=node, limit=limit, run_id=run_id)
                 if slot is not None:
                     return slot
+                if waiting is not None:
+                    view = await self._view(cluster)
+                    held = [s.node for s in view.held]
+                    queue = view.queue[: view.queue.index(node)] if node in view.queue else []
+                    await waiting([*held, *(n for n in queue if n not in held)])
+                    waiting = None
                 condition = self._condition(cluster)
                 async with condition:
                     try:

@@ -122,7 +122,8 @@ class UpdateSteps:
         if self.repository is None:
             raise RefusedError(
                 "no update repository is usable: set updates.public_key (or public_key_file) "
-                "and updates.repository_url"
+                "and updates.repository_url (`tgops keygen` and `tgops publish` make a signed "
+                "repository; `tgops demo` runs a complete one with its own configuration)"
             )
         return self.repository
 
@@ -384,19 +385,22 @@ class UpdateSteps:
                 )
 
         limit = self.engine.settings.clusters[cluster].max_parallel_updates
-        holders = [s.node for s in await self.store.slots(cluster) if s.node != ctx.node]
-        queue = await self.store.slot_queue(cluster)
-        ahead = queue[: queue.index(ctx.node)] if ctx.node in queue else []
-        behind = [*holders, *(n for n in ahead if n not in holders)]
-        if ctx.node not in holders and (len(holders) >= limit or ahead):
-            count = len(behind)
+
+        async def waiting(ahead: list[str]) -> None:
+            count = len(ahead)
             await self.note(
                 ctx,
                 f"waiting for a slot of {cluster} behind {count} node{'s' if count != 1 else ''}"
-                f" ({', '.join(behind)})",
+                f" ({', '.join(ahead)})",
             )
+
         slot = await self.slots.acquire(
-            cluster=cluster, node=ctx.node, limit=limit, run_id=ctx.run_id, stop=stop
+            cluster=cluster,
+            node=ctx.node,
+            limit=limit,
+            run_id=ctx.run_id,
+            stop=stop,
+            waiting=waiting,
         )
         await self.note(ctx, f"slot taken ({slot + 1} of {limit} of cluster {cluster})")
 
