@@ -5,8 +5,9 @@ a metric.
 ``async with prometheus(tmp_path, rules) as prom``: ``prom.exporter.set(...)`` sets a
 series, ``await prom.until_firing("Name")`` / ``until_clear`` wait (bounded) until
 Prometheus agrees, ``await prom.stop()`` stops it (for "unreachable" tests). Scrapes and
-rule evaluations run every ``INTERVAL``. Tests skip, saying why, only where the binary is
-missing.
+rule evaluations run every ``INTERVAL``. ``alertmanager(tmp_path)`` starts Debian's
+Alertmanager for Prometheus to send its alerts to (``prometheus(…, alertmanager=am)``).
+Tests skip, saying why, only where a binary is missing.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ SETTLE_WITHIN = 20.0
 """Seconds an alert may take to fire or clear after its metric changed."""
 
 
-def binary() -> str:
-    """The path of ``prometheus``; skips the test, saying why, where it is missing."""
-    path = shutil.which(BINARY)
+def binary(name: str = BINARY) -> str:
+    """The path of ``name``; skips the test, saying why, where it is missing."""
+    path = shutil.which(name)
     if path is None:
         pytest.skip(
-            "Debian's prometheus package is not installed (`scripts/setup --dev` installs "
-            "it): the gate tests need a real Prometheus"
+            f"Debian's {name} package is not installed (`scripts/setup --dev` installs "
+            f"it): the gate tests need a real {name}"
         )
     return path
 
@@ -124,15 +125,7 @@ class Prometheus:
         await until(found, within=SETTLE_WITHIN, step=0.1)
 
     async def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(10):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.proc.kill()
-                async with asyncio.timeout(10):
-                    await self.proc.wait()
+        await _stop(self.proc)
 
 
 @dataclass(frozen=True)
@@ -153,7 +146,11 @@ GATE_USER = BasicAuth(
 
 
 def _write_config(
-    workdir: Path, rules: list[Mapping[str, Any]], target: int, auth: BasicAuth | None
+    workdir: Path,
+    rules: list[Mapping[str, Any]],
+    target: int,
+    auth: BasicAuth | None,
+    alertmanager: str | None,
 ) -> list[str]:
     """The configuration, rules and web files; returns the flags that name them."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +162,11 @@ def _write_config(
             {
                 "global": {"scrape_interval": INTERVAL, "evaluation_interval": INTERVAL},
                 "rule_files": [str(workdir / "rules.yml")],
+                "alerting": {
+                    "alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]
+                    if alertmanager
+                    else []
+                },
                 "scrape_configs": [
                     {
                         "job_name": "tests",
@@ -183,9 +185,83 @@ def _write_config(
     return flags
 
 
+@dataclass
+class Alertmanager:
+    url: str
+    session: aiohttp.ClientSession
+
+    @property
+    def target(self) -> str:
+        """``host:port``, as Prometheus names it."""
+        return self.url.removeprefix("http://").rstrip("/")
+
+    async def _active(self, name: str) -> bool:
+        async with self.session.get(f"{self.url}api/v2/alerts", params={"active": "true"}) as r:
+            alerts: list[dict[str, Any]] = await r.json()
+        return any(a["labels"].get("alertname") == name for a in alerts)
+
+    async def until_active(self, name: str) -> None:
+        await until(lambda: self._active(name), within=SETTLE_WITHIN, step=0.1)
+
+
+@asynccontextmanager
+async def alertmanager(workdir: Path) -> AsyncIterator[Alertmanager]:
+    """Debian's Alertmanager on loopback (no cluster, one receiver that sends nothing)."""
+    path = binary("prometheus-alertmanager")
+    route = {"receiver": "none", "group_wait": "0s", "group_interval": "1s"}
+    config = {"route": route, "receivers": [{"name": "none"}]}
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread((workdir / "alertmanager.yml").write_text, _yaml(config))
+    port = free_port()
+    log = workdir / "alertmanager.log"
+    with log.open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            path,
+            f"--config.file={workdir / 'alertmanager.yml'}",
+            f"--storage.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+            cwd=workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+
+        async def ready() -> bool:
+            assert proc.returncode is None, log.read_text()[-2000:]
+            try:
+                async with session.get(f"{url}-/ready") as response:
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        try:
+            await until(ready, within=START_WITHIN, step=0.1)
+            yield Alertmanager(url=url, session=session)
+        finally:
+            await _stop(proc)
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(10):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            async with asyncio.timeout(10):
+                await proc.wait()
+
+
 @asynccontextmanager
 async def prometheus(
-    workdir: Path, rules: list[Mapping[str, Any]], *, auth: BasicAuth | None = None
+    workdir: Path,
+    rules: list[Mapping[str, Any]],
+    *,
+    auth: BasicAuth | None = None,
+    alertmanager: Alertmanager | None = None,
 ) -> AsyncIterator[Prometheus]:
     """Prometheus with ``rules`` (see ``alert_rule``) scraping a fresh ``Exporter``; with
     ``auth`` every request needs that user's basic auth."""
@@ -198,7 +274,14 @@ async def prometheus(
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     exporter.port = runner.addresses[0][1]
-    flags = await asyncio.to_thread(_write_config, workdir, rules, exporter.port, auth)
+    flags = await asyncio.to_thread(
+        _write_config,
+        workdir,
+        rules,
+        exporter.port,
+        auth,
+        alertmanager.target if alertmanager is not None else None,
+    )
     port = free_port()
     log = workdir / "prometheus.log"
     with log.open("ab") as out:

@@ -24,7 +24,7 @@ from tests.events import until
 from tests.fake_slack import fake_slack
 from tests.fleet import Fleet, fleet, run_ids
 from tests.ports import free_port
-from tests.prometheus import GATE_USER, Prometheus, alert_rule, prometheus
+from tests.prometheus import GATE_USER, Prometheus, alert_rule, alertmanager, prometheus
 from tests.repo_server import serve_repo
 from tests.repository import Repo
 from tests.service import fleet_toml, running, settings_for
@@ -192,6 +192,34 @@ async def test_a_held_run_is_still_held_after_a_restart_counting_from_its_first_
                 await until(ended)
                 run = await service.store.run(run_id)
                 assert run is not None and run.status == "succeeded", run
+
+
+async def test_an_alertmanager_as_the_gate_holds_while_the_alert_is_active(
+    tmp_path: Path,
+) -> None:
+    async with (
+        alertmanager(tmp_path / "alertmanager") as am,
+        prometheus(tmp_path / "prometheus", RULES, alertmanager=am) as p,
+    ):
+        p.exporter.set("tg_disk_full", 0, node="tg1")  # another node's series, never firing
+        await fire(p, "DiskFull", "tg_disk_full", "solo1")
+        await am.until_active("DiskFull")
+        gate = {"prometheus_url": am.url, "check_interval": "0.3s", "timeout": "2s"}
+        sections = {"gate": gate, "gate.labels": {"node": "{node}"}}
+        async with fleet(tmp_path, sections=sections) as f:
+            reply = await f.api.command("auto-update solo1 --yes")
+            [run_id] = run_ids(reply["text"])
+            event = await f.events.wait_for(held("solo1"))
+            assert isinstance(event, ev.RunHeld)
+            assert event.reason.startswith("alerts firing: DiskFull (")
+            assert "node=solo1" in event.reason
+            gate_client = f.service.lifecycle.hold.gate
+            assert gate_client is not None
+            assert gate_client.client.kind in {"alertmanager-v1", "alertmanager-v2"}
+            p.exporter.set("tg_disk_full", 0, node="solo1")  # resolved, sent on to Alertmanager
+            [run] = await f.service.lifecycle.wait([run_id])
+            assert run.status == "succeeded", run.error
+            assert await f.outcomes("auto-update tg1 --yes") == {"tg1": "succeeded"}
 
 
 async def test_filtered_alerts_and_other_nodes_alerts_do_not_hold(tmp_path: Path) -> None:
