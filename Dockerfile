@@ -19,7 +19,9 @@ COPY core ./core
 COPY bot ./bot
 COPY notify ./notify
 COPY config ./config
-RUN pip install --no-cache-dir --disable-pip-version-check --no-deps .
+# the language catalogues (notify/locale/LANG/LC_MESSAGES/tgops.po -> .mo), then tgops
+RUN python -m notify.i18n compile \
+ && pip install --no-cache-dir --disable-pip-version-check --no-deps .
 
 ENV TGOPS_CONFIG=/etc/tgops/tgops.toml \
     TGOPS_DATABASE_URL=sqlite+aiosqlite:////var/lib/tgops/state.db \

@@ -276,3 +276,61 @@ def test_bad_language_settings_are_named(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as caught:
             settings_for(tmp_path, **kwargs)
         assert any(p.startswith(expected) for p in caught.value.problems), caught.value.problems
+
+
+async def test_german_fleet_gets_german_notices_and_maintenance_mails(tmp_path: Path) -> None:
+    from tests.notify_env import notify_settings  # noqa: PLC0415
+    from tests.smtp_server import smtp_server  # noqa: PLC0415
+
+    clock = ManualClock(NOW)
+    users = "nutzer@example.org"
+    async with smtp_server() as server:
+        settings = notify_settings(
+            tmp_path,
+            smtp={"host": "127.0.0.1", "port": server.port},
+            notify={"users_list": users, "language": "de"},
+        )
+        start = NOW + timedelta(hours=1)
+        when = start.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M")
+        async with running(settings, clock=clock) as (service, api):
+            reply = await api.command(f"maintenance schedule tg1 {when} Neuer Kernel")
+            assert reply["ok"], reply["text"]
+            assert "scheduled" in reply["text"]  # the operator's reply stays English
+            (scheduled,) = await server.wait_messages(1)
+            assert scheduled.message["Subject"] == (
+                "[tgops] Wartung von tg1 am 25.03.2030, 14:00 Uhr: Neuer Kernel"
+            )
+            text = scheduled.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+            assert "für tg1 (Cluster c1) ist eine Wartung geplant:" in text
+            assert "Beginn:  25.03.2030, 14:00 Uhr (Europe/Berlin)" in text
+            await clock.set(start - timedelta(minutes=30))
+            service.maintenance.changed()
+            await service.maintenance.tick()
+            reply = await api.command("maintenance cancel tg1")
+            assert reply["ok"], reply["text"]
+            _, ended = await server.wait_messages(2)
+            assert ended.message["Subject"] == "[tgops] Wartung von tg1 beendet"
+        notices = (tmp_path / "nodes" / "tg1" / "messages.log").read_text()
+        assert (
+            "Wartung von tg1 am 25.03.2030, 14:00 Uhr: Neuer Kernel. Bitte sichern Sie Ihre "
+            "Arbeit; Ihre Sitzung wird beendet." in notices
+        )
+        assert "Die Wartung von tg1 ist beendet; tg1 ist wieder verfügbar." in notices
+
+
+def test_notice_language_per_node_and_cluster(tmp_path: Path) -> None:
+    from core.settings import load_settings  # noqa: PLC0415
+
+    path = tmp_path / "tgops.toml"
+    path.write_text(
+        '[notify]\nlanguage = "en"\n'
+        '[clusters.c1]\nlanguage = "de"\n'
+        '[[nodes]]\nname = "a"\ncluster = "c1"\nroot = "a"\n'
+        '[[nodes]]\nname = "b"\ncluster = "c1"\nroot = "b"\nlanguage = "en"\n'
+        '[[nodes]]\nname = "c"\nroot = "c"\n'
+        '[[contacts]]\nname = "x"\nlanguage = "de"\n'
+        '[[contacts]]\nname = "y"\n'
+    )
+    settings = load_settings(path, {})
+    assert [settings.notice_language(n) for n in ("a", "b", "c")] == ["de", "en", "en"]
+    assert [settings.contact_language(c) for c in settings.contacts] == ["de", "en"]

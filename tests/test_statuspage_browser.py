@@ -134,6 +134,18 @@ async def test_status_page_in_chromium(tmp_path: Path) -> None:
             assert driver.execute_script("return window.tgopsMarker") == 42
             assert await off(console_errors, driver) == []
 
+            # printed: no navigation, subscribe links or live region; black on white
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+            shown = driver.execute_script(
+                "return ['nav', '.subscribe', '#live'].map("
+                "s => getComputedStyle(document.querySelector(s)).display)"
+            )
+            assert shown == ["none", "none", "none"]
+            colour = driver.execute_script(
+                "return getComputedStyle(document.querySelector('h2 a')).color"
+            )
+            assert colour == "rgb(0, 0, 0)"
+
         with start_browser(tmp_path / "chromium-de", language="de-DE", width=390) as driver:
             await off(driver.get, page)
             assert driver.find_element(By.TAG_NAME, "html").get_attribute("lang") == "de"
