@@ -1,33 +1,34 @@
 """``GET /maintenance.ics``: scheduled maintenance as an iCalendar feed (icalendar).
 
-One VEVENT per open maintenance window (L3, and the windows scheduled updates open) and
-per occurrence of a scheduled update (L4) in the next ``FEED_DAYS`` days, computed with
-``Scheduler.next_occurrence`` exactly as the timers are. Scheduled downloads are left out:
-they do not touch users.
-
-Choices (documented in the feed's events too):
-
-* ``UID``: ``maintenance-<window id>@<host>`` for a window (a window scheduled again is a
-  new window with a new UID) and ``update-<node>-<update time, UTC>@<host>`` for a
-  scheduled update; ``<host>`` is the host of ``http.public_url``. Both stay the same
-  from one fetch to the next, so calendar clients update events instead of duplicating.
-* ``DTSTART`` in UTC; ``DURATION`` ``MAINTENANCE_DURATION`` (1 h) for both kinds: the
-  manual gives maintenance no end (an admin ends it) and an update's length depends on
-  what is installed. A constant, not a config key: it only sizes the calendar block.
-* ``STATUS``: ``CONFIRMED`` for a window, ``TENTATIVE`` for a scheduled update (it only
-  runs when updates are pending at its download start).
+* One VEVENT per open maintenance window (L3, and the windows scheduled updates open),
+  ``STATUS:CONFIRMED``, ``SEQUENCE:0``.
+* One VEVENT per window called off (cancelled, or replaced by another, before its start)
+  in the last ``KEEP_CANCELLED`` (30 days): ``STATUS:CANCELLED``, ``SEQUENCE:1``, so that
+  calendars that copied the event remove it.
+* One VEVENT per update schedule (L4) and node: ``DTSTART`` the first update time after
+  the schedule was set, as wall time with ``TZID`` (and its ``VTIMEZONE``), ``RRULE`` the
+  week days, so DST is followed as ``Scheduler`` follows it; ``EXDATE`` for an occurrence
+  that opened a window (listed as that window). ``SEQUENCE`` grows with every change of
+  the schedule; a schedule switched off stays ``KEEP_CANCELLED`` as ``CANCELLED``.
+  Scheduled downloads are left out: they do not touch users.
+* ``UID``: a random UUID stored with the window or schedule (column ``uid``), so UIDs never
+  repeat, also after a store reset; a schedule keeps its UID when it changes.
+* ``DURATION`` ``MAINTENANCE_DURATION`` (1 h): the manual gives maintenance no end.
+* ``ETag`` (a hash of the body) and ``304`` for a matching ``If-None-Match``.
 * No authentication (calendar apps subscribe without credentials), so the feed holds only
   node and cluster names, times and reasons: no actors, tokens or addresses.
 
-``?target=NODE|CLUSTER`` narrows the feed; ``?days=N`` (1 to ``MAX_DAYS``) sets the horizon.
+``?target=NODE|CLUSTER`` narrows the feed; ``?days=N`` (1 to ``MAX_DAYS``) is the horizon in
+which occurrences that opened windows are looked up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -40,6 +41,7 @@ from core.lifecycle.scheduled import SCHEDULED_REASON
 from core.lifecycle.scheduler import Occurrence, Scheduler
 from core.settings import LANGUAGES
 from core.store import MaintenanceRecord, NodeRecord, ScheduleRecord
+from core.store.base import utcnow
 from notify.i18n import Translator, message_time, translator
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,10 @@ MAINTENANCE_DURATION = timedelta(hours=1)
 REFRESH = "PT15M"
 """How often calendar clients are asked to fetch the feed again."""
 CONTENT_TYPE = "text/calendar; charset=utf-8"
+KEEP_CANCELLED = timedelta(days=30)
+"""Cancelled and replaced windows, and schedules switched off, stay in the feed this long."""
+SEQUENCE_EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
+WEEKDAYS = ("MO", "TU", "WE", "TH", "FR", "SA", "SU")
 FEED_TIMEOUT = 10.0
 """Longest wait for the store while the feed is built."""
 
@@ -109,20 +115,29 @@ class MaintenanceFeed:
         names = set(engine.resolve(target))
         now = engine.clock.now()
         horizon = now + timedelta(days=days)
+        # the store stamps some ends with its own time: whichever clock is behind
+        kept_since = min(now, utcnow()) - KEEP_CANCELLED
         windows = [m for m in await engine.store.maintenance() if m.node in names]
+        called_off = [
+            m for m in await engine.store.maintenance_called_off(kept_since) if m.node in names
+        ]
         schedules = [
             s
             for s in await engine.store.schedules()
-            if s.enabled and s.kind == "update" and s.node in names
+            if s.kind == "update" and s.node in names and (s.enabled or s.updated_at >= kept_since)
         ]
         locks = {r.name: r for r in await engine.store.nodes(sorted(names))}
         events = [self._window(w, t) for w in windows]
-        # a scheduled update that has started opened its window: that one is listed
+        events += [self._window(w, t, cancelled=True) for w in called_off]
+        # an occurrence that has opened its window is listed as that window
         opened = {(w.node, w.start) for w in windows if w.origin == "scheduled-update"}
         for schedule in schedules:
-            for occurrence in occurrences(self.scheduler, schedule, now, horizon):
-                if (schedule.node, occurrence.at) not in opened:
-                    events.append(self._update(schedule, occurrence, locks.get(schedule.node), t))
+            skipped = [
+                o.at
+                for o in occurrences(self.scheduler, schedule, now, horizon)
+                if (schedule.node, o.at) in opened
+            ]
+            events.append(self._update(schedule, skipped, locks.get(schedule.node), t))
         cal = Calendar()
         cal.add("prodid", "-//tgops//maintenance feed//EN")
         cal.add("version", "2.0")
@@ -140,9 +155,12 @@ class MaintenanceFeed:
         cal.add("x-published-ttl", REFRESH)
         for item in sorted(events, key=lambda e: (e.decoded("dtstart"), str(e["uid"]))):
             cal.add_component(item)
+        cal.add_missing_timezones()  # VTIMEZONE for the schedules' local DTSTART
         return cal
 
-    def _window(self, window: MaintenanceRecord, t: Translator) -> Event:
+    def _window(
+        self, window: MaintenanceRecord, t: Translator, *, cancelled: bool = False
+    ) -> Event:
         maint = self.settings.maintenance
         notices_from = window.start - timedelta(seconds=maint.notice_lead)
         reason = t._(SCHEDULED_REASON) if window.reason == SCHEDULED_REASON else window.reason
@@ -167,82 +185,92 @@ class MaintenanceFeed:
             )
         )
         event = self._event(
-            uid=f"maintenance-{window.id}@{self.domain}",
-            stamp=window.created_at,
+            uid=window.uid or f"maintenance-{window.id}@{self.domain}",
+            stamp=window.ended_at if cancelled and window.ended_at else window.created_at,
             start=window.start,
             summary=t._("Maintenance of %(node)s: %(reason)s", node=window.node, reason=reason),
             lines=lines,
             node=window.node,
             t=t,
         )
-        event.add("status", "CONFIRMED")
+        # called off: kept KEEP_CANCELLED as CANCELLED with a higher SEQUENCE, so that
+        # calendars that copied the event remove it instead of keeping it
+        event.add("status", "CANCELLED" if cancelled else "CONFIRMED")
+        event.add("sequence", 1 if cancelled else 0)
         event.add("categories", ["tgops", "maintenance"])
         return event
 
     def _update(
         self,
         schedule: ScheduleRecord,
-        occurrence: Occurrence,
+        skipped: Sequence[datetime],
         record: NodeRecord | None,
         t: Translator,
     ) -> Event:
+        """One event for a schedule: its first update time as DTSTART (local time with
+        TZID, so DST is followed as the timers follow it), an RRULE for the week days, an
+        EXDATE for each occurrence listed as the window it opened."""
         settings = self.settings
-        at = occurrence.at
-        notices_from = max(
-            at - timedelta(seconds=settings.maintenance.notice_lead), occurrence.fire_at
-        )
+        weekly = self.scheduler.weekly(schedule)
+        first = self.scheduler.next_occurrence(schedule, schedule.updated_at)
+        lead = timedelta(seconds=settings.updates.download_lead)
         lines = [
             t._("Node: %(where)s", where=self._where(schedule.node, t)),
             t._("Reason: %(reason)s", reason=t._(SCHEDULED_REASON)),
-            t._("Update time: %(time)s", time=self._local(at, t)),
             t._(
-                "At %(time)s the node checks for updates; it runs only if updates are "
-                "pending, and then downloads them.",
-                time=self._local(occurrence.fire_at, t),
+                "Schedule: update on %(days)s %(start)s (%(timezone)s).",
+                days=schedule.days,
+                start=schedule.start,
+                timezone=settings.timezone,
             ),
             t._(
-                "Logged-in users get maintenance notices from %(time)s; their sessions end "
-                "at the update time.",
-                time=self._local(notices_from, t),
+                "%(lead)s before each update time the node checks for updates; it runs only "
+                "if updates are pending, and then downloads them.",
+                lead=_span(lead.total_seconds(), t),
+            ),
+            t._(
+                "Logged-in users get maintenance notices from %(lead)s before; their "
+                "sessions end at the update time.",
+                lead=_span(min(lead.total_seconds(), settings.maintenance.notice_lead), t),
             ),
         ]
         cluster = self.engine.cluster_of.get(schedule.node)
         if cluster is not None:
-            drain = at - timedelta(seconds=settings.maintenance.lb_drain_lead)
             limit = settings.clusters[cluster].max_parallel_updates
             lines.append(
                 t._(
-                    "It leaves load balancing from %(time)s; at most %(limit)s node(s) of "
+                    "It leaves load balancing %(lead)s before; at most %(limit)s node(s) of "
                     "%(cluster)s update at once, the others wait their turn.",
-                    time=self._local(drain, t),
+                    lead=_span(settings.maintenance.lb_drain_lead, t),
                     limit=limit,
                     cluster=cluster,
                 )
             )
         else:
             lines.append(t._("Logon is disabled immediately before the update time."))
-        lines.append(
-            t._(
-                "Schedule: update on %(days)s %(start)s (%(timezone)s).",
-                days=schedule.days,
-                start=schedule.start,
-                timezone=settings.timezone,
-            )
-        )
         if record is not None and record.update_lock_since is not None:
             lines.append(
                 t._("The update lock is set: this update is skipped unless it is removed.")
             )
         event = self._event(
-            uid=f"update-{schedule.node}-{at:%Y%m%dT%H%M%SZ}@{self.domain}",
+            uid=schedule.uid or f"update-{schedule.node}@{self.domain}",
             stamp=schedule.updated_at,
-            start=at,
+            start=first.at.astimezone(settings.tz),
             summary=t._("Scheduled update of %(node)s", node=schedule.node),
             lines=lines,
             node=schedule.node,
             t=t,
         )
-        event.add("status", "TENTATIVE")
+        days = sorted(weekly.days)
+        if len(days) == len(WEEKDAYS):
+            event.add("rrule", {"FREQ": "DAILY"})
+        else:
+            event.add("rrule", {"FREQ": "WEEKLY", "BYDAY": [WEEKDAYS[d] for d in days]})
+        for at in skipped:
+            event.add("exdate", at.astimezone(settings.tz))
+        event.add("status", "TENTATIVE" if schedule.enabled else "CANCELLED")
+        # switched off within the second it was set: still a higher SEQUENCE
+        event.add("sequence", _sequence(schedule.updated_at) + (0 if schedule.enabled else 1))
         event.add("categories", ["tgops", "scheduled-update"])
         return event
 
@@ -299,13 +327,30 @@ class MaintenanceFeed:
             raise web.HTTPServiceUnavailable(
                 text="the store cannot be read just now; try again later"
             ) from exc
+        body = cal.to_ical()
+        etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}
+        if _matches(request.headers.get("If-None-Match", ""), etag):
+            return web.Response(status=304, headers=headers)
         return web.Response(
-            body=cal.to_ical(),
+            body=body,
             headers={
+                **headers,
                 "Content-Type": CONTENT_TYPE,
                 "Content-Disposition": 'inline; filename="maintenance.ics"',
             },
         )
+
+
+def _matches(if_none_match: str, etag: str) -> bool:
+    """Whether ``If-None-Match`` names this ETag (or ``*``); weak ETags compare too."""
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+def _sequence(changed: datetime) -> int:
+    """A SEQUENCE that grows with every change of a schedule: seconds since 2024."""
+    return max(0, int((changed - SEQUENCE_EPOCH).total_seconds()))
 
 
 def _span(seconds: float, t: Translator) -> str:

@@ -3,6 +3,7 @@ would: what was scheduled (``maintenance schedule …``, ``schedule update …``
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
+import vobject
+from dateutil.rrule import rruleset, rrulestr
 from icalendar import Calendar
 
 from bot.service import Service
@@ -53,9 +56,33 @@ async def service_at(tmp_path: Path, now: datetime) -> AsyncIterator[tuple[Servi
         yield service, Api(base=f"http://127.0.0.1:{service.port}", session=session)
 
 
+def expand(body: str, uid: str, begin: datetime, end: datetime) -> list[datetime]:
+    """An event's occurrences between ``begin`` and ``end`` (UTC): its DTSTART (a wall
+    time with TZID, decoded by icalendar), RRULE and EXDATE expanded with dateutil, as
+    calendar apps that know the IANA zones do. The second parser (vobject) must read the
+    same RRULE and DTSTART."""
+    (event,) = [e for e in Calendar.from_ical(body).walk("VEVENT") if str(e["uid"]) == uid]
+    start = event.decoded("dtstart")
+    rules = rruleset()
+    rules.rrule(rrulestr(event["rrule"].to_ical().decode(), dtstart=start))
+    exdates = event.get("exdate") or []
+    for exdate in exdates if isinstance(exdates, list) else [exdates]:
+        for item in exdate.dts:
+            rules.exdate(item.dt)
+    (other,) = [e for e in vobject.readOne(body).vevent_list if e.uid.value == uid]
+    assert other.rrule.value == event["rrule"].to_ical().decode()
+    assert other.dtstart.value.replace(tzinfo=None) == start.replace(tzinfo=None)
+    return [at.astimezone(UTC) for at in rules.between(begin, end, inc=True)]
+
+
+def is_uuid(text: str) -> bool:
+    return str(uuid.UUID(text)) == text
+
+
 async def test_feed_lists_maintenance_and_scheduled_updates(tmp_path: Path) -> None:
     # Monday 25 March 2030; Berlin changes to summer time on Sunday 31 March
-    async with service_at(tmp_path, datetime(2030, 3, 25, 12, 0, tzinfo=UTC)) as (_, api):
+    now = datetime(2030, 3, 25, 12, 0, tzinfo=UTC)
+    async with service_at(tmp_path, now) as (_, api):
         for command in (
             "maintenance schedule tg1 2030-03-27 10:00 Kernel upgrade; reboot --disable-logon",
             "maintenance schedule solo1 2030-04-02 22:30 Disk swap",
@@ -71,7 +98,8 @@ async def test_feed_lists_maintenance_and_scheduled_updates(tmp_path: Path) -> N
         )
         assert tg1.decoded("dtstart") == datetime(2030, 3, 27, 9, 0, tzinfo=UTC)
         assert tg1.decoded("duration") == HOUR
-        assert str(tg1["status"]) == "CONFIRMED"
+        assert (str(tg1["status"]), tg1["sequence"]) == ("CONFIRMED", 0)
+        assert is_uuid(str(tg1["uid"]))
         description = str(tg1["description"])
         assert "Node: tg1 (cluster c1)" in description
         assert "Start: 2030-03-27 10:00 (Europe/Berlin)" in description
@@ -81,19 +109,30 @@ async def test_feed_lists_maintenance_and_scheduled_updates(tmp_path: Path) -> N
             datetime(2030, 4, 2, 20, 30, tzinfo=UTC)  # summer time: UTC+2
         ]
 
-        # 03:00 Berlin on weekdays of the next 14 days, across the change to summer time
+        # one event per node and schedule: 03:00 Berlin on weekdays, an RRULE that follows
+        # the change to summer time as the timers do
         expected = [datetime(2030, 3, d, 2, 0, tzinfo=UTC) for d in (26, 27, 28, 29)] + [
             datetime(2030, 4, d, 1, 0, tzinfo=UTC) for d in (1, 2, 3, 4, 5, 8)
         ]
         for node in ("tg1", "tg2", "tg3"):
-            assert starts(events, f"Scheduled update of {node}") == expected, node
+            (update,) = [e for e in events if str(e["summary"]) == f"Scheduled update of {node}"]
+            assert update["rrule"]["FREQ"] == ["WEEKLY"]
+            assert update["rrule"]["BYDAY"] == ["MO", "TU", "WE", "TH", "FR"]
+            start = update.decoded("dtstart")
+            assert (start.tzinfo.key, start.hour, start.minute) == ("Europe/Berlin", 3, 0)
+            assert "TZID=Europe/Berlin" in update["dtstart"].to_ical().decode() or (
+                update["dtstart"].params["TZID"] == "Europe/Berlin"
+            )
+            uid = str(update["uid"])
+            assert is_uuid(uid)
+            assert expand(body, uid, now, now + timedelta(days=14)) == expected, node
+        assert "BEGIN:VTIMEZONE" in body and "TZID:Europe/Berlin" in body
         update = next(e for e in events if str(e["summary"]) == "Scheduled update of tg2")
         assert str(update["status"]) == "TENTATIVE"
         assert update.decoded("duration") == HOUR
         assert "it runs only if updates are pending" in str(update["description"])
-        assert "leaves load balancing from 2030-03-26 02:00" in str(update["description"])
-        assert str(update["uid"]) == "update-tg2-20300326T020000Z@127.0.0.1"
-        assert len(events) == 2 + 3 * len(expected)
+        assert "It leaves load balancing 1 h before" in str(update["description"])
+        assert len(events) == 2 + 3
         assert not [
             e for e in events if "solo1" in str(e["summary"]) and "update" in str(e["summary"])
         ]
@@ -107,24 +146,83 @@ async def test_feed_lists_maintenance_and_scheduled_updates(tmp_path: Path) -> N
         narrowed, _ = await feed(api, "?target=tg1&days=3")
         assert [str(e["summary"]) for e in narrowed] == [
             "Scheduled update of tg1",
-            "Scheduled update of tg1",
             "Maintenance of tg1: Kernel upgrade; reboot",
-            "Scheduled update of tg1",
         ]
         _, text = await feed(api, "?target=nosuch", status=404)
         assert "'nosuch' is neither a node nor a cluster" in text
         _, text = await feed(api, "?days=0", status=400)
         assert "from 1 to 62" in text
 
+        tg3_before = next(e for e in events if str(e["summary"]) == "Scheduled update of tg3")
+
+    # cancelled: kept (30 days) as CANCELLED with a higher SEQUENCE, under the same UID
+    async with service_at(tmp_path, now + timedelta(minutes=5)) as (_, api):
         assert (await api.command("maintenance cancel tg1"))["ok"]
         assert (await api.command("schedule update tg3 off"))["ok"]
-        events, _ = await feed(api)
-        summaries = {str(e["summary"]) for e in events}
-        assert summaries == {
-            "Maintenance of solo1: Disk swap",
-            "Scheduled update of tg1",
-            "Scheduled update of tg2",
+        events, body = await feed(api)
+        by_uid = {str(e["uid"]): e for e in events}
+        assert set(by_uid) == set(uids)
+        cancelled = by_uid[str(tg1["uid"])]
+        assert (str(cancelled["status"]), cancelled["sequence"]) == ("CANCELLED", 1)
+        off = by_uid[str(tg3_before["uid"])]
+        assert str(off["status"]) == "CANCELLED"
+        assert off["sequence"] > tg3_before["sequence"]
+        assert {str(e["status"]) for e in events if e not in (cancelled, off)} == {
+            "CONFIRMED",
+            "TENTATIVE",
         }
+        # and a window moved to another time: the old one cancelled, the new one listed
+        reply = await api.command("maintenance schedule solo1 2030-04-03 22:30 Disk swap")
+        assert reply["ok"], reply["text"]
+        events, _ = await feed(api)
+        solo1 = [e for e in events if str(e["summary"]) == "Maintenance of solo1: Disk swap"]
+        assert sorted((str(e["status"]), e["sequence"]) for e in solo1) == [
+            ("CANCELLED", 1),
+            ("CONFIRMED", 0),
+        ]
+    # how long they stay: the store hands the feed the windows called off since a time
+    async with service_at(tmp_path, now + timedelta(days=31)) as (service, _):
+        ended = await service.store.maintenance_called_off(now - timedelta(days=1))
+        assert str(tg1["uid"]) in {w.uid for w in ended}
+        assert await service.store.maintenance_called_off(now + timedelta(days=1)) == []
+
+
+async def test_two_parsers_etag_and_uids_that_survive_a_store_reset(tmp_path: Path) -> None:
+    now = datetime(2030, 3, 25, 12, 0, tzinfo=UTC)
+    uids = []
+    for attempt in ("first", "after-reset"):  # a fresh store each time: ids start at 1 again
+        async with service_at(tmp_path / attempt, now) as (_, api):
+            reply = await api.command("maintenance schedule tg1 2030-03-27 10:00 Kernel upgrade")
+            assert reply["ok"], reply["text"]
+            assert (await api.command("schedule update solo1 on daily 02:30"))["ok"]
+            async with api.session.get(f"{api.base}/maintenance.ics") as response:
+                assert response.status == 200
+                etag = response.headers["ETag"]
+                body = await response.text()
+            # both parsers read the feed the same way
+            parsed = Calendar.from_ical(body)
+            second = vobject.readOne(body)
+            first_events = sorted(str(e["uid"]) for e in parsed.walk("VEVENT"))
+            assert first_events == sorted(e.uid.value for e in second.vevent_list)
+            for event in second.vevent_list:
+                assert event.dtstamp.value.tzinfo is not None
+                assert event.summary.value
+            uids.extend(first_events)
+            # unchanged: 304 without a body; weak and listed tags match too
+            for tag in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+                headers = {"If-None-Match": tag}
+                url = f"{api.base}/maintenance.ics"
+                async with api.session.get(url, headers=headers) as response:
+                    assert response.status == 304, tag
+                    assert response.headers["ETag"] == etag
+                    assert await response.read() == b""
+            assert (await api.command("maintenance cancel tg1"))["ok"]
+            async with api.session.get(
+                f"{api.base}/maintenance.ics", headers={"If-None-Match": etag}
+            ) as response:
+                assert response.status == 200
+                assert response.headers["ETag"] != etag
+    assert len(set(uids)) == len(uids) == 4  # nothing repeats after the reset
 
 
 async def test_a_started_scheduled_update_is_listed_once(tmp_path: Path) -> None:
@@ -144,27 +242,33 @@ async def test_a_started_scheduled_update_is_listed_once(tmp_path: Path) -> None
             reply = await api.command(f"schedule update solo1 on daily {at:%H:%M:%S}")
             assert reply["ok"], reply["text"]
             events, _ = await feed(api, "?target=solo1&days=2")
-            assert [str(e["status"]) for e in events] == ["TENTATIVE", "TENTATIVE"]
-            assert events[0].decoded("dtstart") == at.astimezone(UTC)
+            (schedule,) = events
+            assert str(schedule["status"]) == "TENTATIVE"
+            assert schedule.decoded("dtstart") == at
+            assert schedule["rrule"]["FREQ"] == ["DAILY"]
+            assert "exdate" not in schedule
 
-            # the run started: the node is in maintenance for that update, listed once
+            # the run started: the node is in maintenance for that update, listed once (the
+            # schedule's event leaves that occurrence out)
             await recorder.wait_for(
                 lambda e: isinstance(e, ev.MaintenanceScheduled) and e.node == "solo1"
             )
-            events, _ = await feed(api, "?target=solo1&days=2")
-            first, *rest = events
+            events, body = await feed(api, "?target=solo1&days=2")
+            (first,) = [e for e in events if "Maintenance" in str(e["summary"])]
             assert str(first["summary"]) == "Maintenance of solo1: Scheduled update"
             assert str(first["status"]) == "CONFIRMED"
-            assert str(first["uid"]).startswith("maintenance-")
+            assert is_uuid(str(first["uid"]))
             assert first.decoded("dtstart") == at.astimezone(UTC)
             assert "opened by a scheduled update" in str(first["description"])
-            assert rest and all(e.decoded("dtstart") > at for e in rest)
-            assert all(str(e["status"]) == "TENTATIVE" for e in rest)
+            (schedule,) = [e for e in events if e is not first]
+            uid = str(schedule["uid"])
+            day = timedelta(days=1)
+            assert expand(body, uid, at - day, at + day) == [(at + day).astimezone(UTC)]
 
             done = await recorder.wait_for(
                 lambda e: isinstance(e, ev.RunFinished) and e.node == "solo1", within=40
             )
             assert isinstance(done, ev.RunFinished) and done.outcome == "succeeded"
             events, _ = await feed(api, "?target=solo1&days=2")
-            assert events and all(str(e["status"]) == "TENTATIVE" for e in events)
-            assert all(e.decoded("dtstart") > at for e in events)
+            assert [str(e["status"]) for e in events] == ["TENTATIVE"]
+            assert str(events[0]["uid"]) == uid

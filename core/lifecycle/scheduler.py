@@ -108,6 +108,10 @@ class Scheduler:
 
     # -- occurrences -------------------------------------------------------------------
 
+    def weekly(self, record: ScheduleRecord) -> Weekly:
+        """The schedule's days and wall time."""
+        return self._weekly(record)
+
     def _weekly(self, record: ScheduleRecord) -> Weekly:
         return Weekly(
             days=parse_days_text(record.days),

@@ -115,6 +115,20 @@ class MaintenanceStore(StoreBase):
             query = query.where(t.maintenance.c.node == node)
         return await self._all(query, MaintenanceRecord)
 
+    async def maintenance_called_off(self, since: datetime) -> list[MaintenanceRecord]:
+        """Windows ended since ``since`` before their start came (cancelled, or replaced by
+        a new one), by start time: the calendar feed keeps them as cancelled events."""
+        query = (
+            select(t.maintenance)
+            .where(
+                t.maintenance.c.ended_at.is_not(None),
+                t.maintenance.c.ended_at >= since,
+                t.maintenance.c.ended_at < t.maintenance.c.start,
+            )
+            .order_by(t.maintenance.c.start, t.maintenance.c.id)
+        )
+        return await self._all(query, MaintenanceRecord)
+
     async def maintenance_history(
         self, nodes: Sequence[str], *, limit: int = 10
     ) -> list[MaintenanceRecord]:

@@ -120,6 +120,8 @@ class MaintenanceRecord:
     ended_at: datetime | None
     ended_by: str | None
     end_reason: str | None
+    uid: str | None = None
+    """The window's calendar UID (a UUID)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,6 +134,8 @@ class ScheduleRecord:
     enabled: bool
     updated_by: str
     updated_at: datetime
+    uid: str | None = None
+    """The schedule's calendar UID (a UUID; kept when the schedule changes)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

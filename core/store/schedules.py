@@ -16,11 +16,20 @@ class SchedulesStore(StoreBase):
         self, *, node: str, kind: str, days: str, start: str, end: str | None, by: str
     ) -> None:
         async with self.transaction() as conn:
+            # the calendar UID stays: calendars see the same event, changed
+            uid = (
+                await conn.execute(
+                    select(t.schedules.c.uid).where(
+                        t.schedules.c.node == node, t.schedules.c.kind == kind
+                    )
+                )
+            ).scalar()
             await conn.execute(
                 delete(t.schedules).where(t.schedules.c.node == node, t.schedules.c.kind == kind)
             )
             await conn.execute(
                 insert(t.schedules).values(
+                    uid=uid or t.new_uid(),
                     node=node,
                     kind=kind,
                     days=days,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +44,12 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         assert isinstance(value, datetime)
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def new_uid() -> str:
+    """A calendar UID (RFC 5545, a UUID as RFC 7986 recommends): random, so it stays
+    unique when a store is reset and ids start again."""
+    return str(uuid.uuid4())
 
 
 metadata = MetaData(
@@ -142,6 +149,7 @@ schedules = Table(
     Column("enabled", Boolean, nullable=False, default=True),
     Column("updated_by", String(256), nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("uid", String(36), nullable=True, default=new_uid),  # the calendar event's UID
 )
 
 maintenance = Table(
@@ -161,6 +169,7 @@ maintenance = Table(
     Column("ended_at", UTCDateTime, nullable=True),
     Column("ended_by", String(256), nullable=True),
     Column("end_reason", Text, nullable=True),
+    Column("uid", String(36), nullable=True, default=new_uid),  # the calendar event's UID
     Index("ix_maintenance_node_open", "node", "ended_at"),
 )
 
