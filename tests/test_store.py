@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, inspect
 
 from core.store import NodeBusyError, Store, StoreUnavailableError
 from tests.databases import POSTGRES_URL, backends, reset_postgres
+
+MIGRATIONS = Path(__file__).parent.parent / "core" / "store" / "migrations"
 
 
 @pytest.fixture(params=backends())
@@ -249,3 +254,44 @@ async def test_maintenance_audit_schedules_hotfixes(store: Store) -> None:
 
     assert await store.mark_announced("HF-2", channel="stable", urgency="urgent")
     assert not await store.mark_announced("HF-2", channel="stable", urgency="urgent")
+
+
+async def test_migration_0003_gives_existing_windows_and_schedules_a_calendar_uid(
+    url: str,
+) -> None:
+    start = datetime(2030, 1, 2, 3, 0, tzinfo=UTC)
+    async with Store(url) as store:
+        for node in ("n1", "n2"):
+            await store.open_maintenance(
+                node=node,
+                start=start,
+                reason="r",
+                origin="manual",
+                disable_logon=False,
+                created_by="t",
+            )
+            await store.set_schedule(
+                node=node, kind="update", days="daily", start="03:00", end=None, by="t"
+            )
+
+        def back_to_0002(connection: Connection) -> None:
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS))
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0002")
+
+        async with store.engine.begin() as conn:
+            await conn.run_sync(back_to_0002)
+    async with Store(url) as store:  # migrated to the head again at opening
+        uids = [w.uid for w in await store.maintenance()]
+        uids += [s.uid for s in await store.schedules()]
+        assert len(uids) == 4
+        assert all(uid is not None and str(uuid.UUID(uid)) == uid for uid in uids)
+        assert len(set(uids)) == 4
+        # a schedule set again keeps its UID
+        before = {s.node: s.uid for s in await store.schedules()}
+        await store.set_schedule(
+            node="n1", kind="update", days="mon-fri", start="04:00", end=None, by="t"
+        )
+        after = {s.node: s.uid for s in await store.schedules()}
+        assert after == before
