@@ -24,7 +24,7 @@ from core import __version__
 from core.durations import DurationError, parse_duration
 from core.errors import ConfigError, TgopsError
 from core.model import PackageKind
-from core.repository.publish import keygen, public_key_path, publish
+from core.repository.publish import DEFAULT_VALIDITY, keygen, public_key_path, publish
 from core.settings import Settings, exposed_secrets, load_settings, masked
 
 if TYPE_CHECKING:
@@ -149,7 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--hotfix", metavar="ID", default=None, help="mark as hotfix ID")
     publish.add_argument("--urgency", choices=["normal", "urgent"], default=None)
     publish.add_argument("--summary", default="", help="one line shown to admins and contacts")
-    publish.add_argument("files", nargs="+", type=Path, metavar="FILE.deb")
+    publish.add_argument(
+        "--valid-for",
+        type=_duration,
+        default=DEFAULT_VALIDITY,
+        metavar="DURATION",
+        help="how long the signed manifest is valid, e.g. 30d (default), 90d; clients "
+        "refuse it after that",
+    )
+    publish.add_argument(
+        "files",
+        nargs="*",
+        type=Path,
+        metavar="FILE.deb",
+        help="packages to add; none: re-sign the channel as it is (new expiry)",
+    )
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(
@@ -185,6 +199,13 @@ def _zone(text: str) -> str:
             f"{text!r} is not a time zone; give an IANA name such as Europe/Berlin or UTC"
         ) from exc
     return text
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except DurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _range(text: str) -> Range:
@@ -474,6 +495,7 @@ def _publish(args: argparse.Namespace) -> int:
         urgency=args.urgency or ("normal" if args.hotfix else None),
         summary=args.summary,
         progress=_Bar(),
+        valid_for=args.valid_for,
     )
     for entry in result.added:
         extra = f" hotfix {entry.id} ({entry.urgency})" if entry.id else f" {entry.kind}"
@@ -481,7 +503,7 @@ def _publish(args: argparse.Namespace) -> int:
     for entry in result.unchanged:
         print(f"unchanged {entry.name} {entry.version} (already published)")
     print(
-        f"channel {result.channel}: re-signed {result.manifest}"
+        f"channel {result.channel}: re-signed {result.manifest}, valid until {result.expires}"
         if result.changed
         else f"channel {result.channel}: nothing changed"
     )

@@ -73,11 +73,12 @@ class CommandService:
         self.scheduler = scheduler
         self.election = election
 
-    async def status(self, target: str | None = None) -> dict[str, Any]:
+    async def status(self, target: str | None = None, *, max_age: float = 0.0) -> dict[str, Any]:
         """The fleet's status (``GET /api/v1/status``, ``status``) with, when this service
         takes part in an election, ``instance`` (this one) and ``leader`` (the best known
-        leading instance; null when none is known)."""
-        status = await self.engine.status(target, max_age=self.engine.settings.http.status_cache)
+        leading instance; null when none is known). Concurrent requests share one look at
+        each node; with ``max_age`` a look that recent serves too (``http.status_cache``)."""
+        status = await self.engine.status(target, max_age=max_age)
         if self.election is None:
             return status
         return {
@@ -464,6 +465,8 @@ def alert_header(status: dict[str, Any], tz: ZoneInfo) -> list[str]:
             since = local_text(datetime.fromisoformat(held["since"]), tz)
             reason = f"{held['reason']}; waiting since {since}"
             lines.append(f"!! Update held: {node['name']} ({reason})")
+    for channel, reason in sorted(status.get("manifest_problems", {}).items()):
+        lines.append(f"!! Manifest refused: channel {channel}: {reason}")
     for node in maint:
         m = node["maintenance"]
         start = local_text(datetime.fromisoformat(m["start"]), tz)

@@ -114,7 +114,8 @@ def build_app(
             return _error(403, "the status needs role viewer; this token has no role")
         target = request.query.get("target")
         try:
-            return web.json_response(await commands.status(target))
+            cache = settings.http.status_cache  # the endpoint dashboards and scripts poll
+            return web.json_response(await commands.status(target, max_age=cache))
         except TgopsError as exc:
             return _error(400, str(exc))
 

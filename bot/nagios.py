@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from core.durations import format_duration
 from core.errors import StoreError, TgopsError
-from core.lifecycle.engine import MANIFESTS_KV
+from core.lifecycle.engine import MANIFEST_PROBLEMS_KV, MANIFESTS_KV
 from core.lifecycle.heartbeat import MANIFEST_POLLS_KV, Heartbeat, parse_poll, read_heartbeat
 from core.lifecycle.pending import hotfixes_missing, is_newer, pending_packages
 from core.localtime import local_text
@@ -259,6 +259,8 @@ class StoreView:
     """Last successful fetch of ``updates.channel``'s manifest."""
     first_seen: Mapping[str, datetime] = field(default_factory=dict)
     """Hotfix id → when the service first saw it (for the urgent ones of the manifest)."""
+    manifest_problems: Mapping[str, str] = field(default_factory=dict)
+    """Channel → why its manifest is refused (rollback, expired), while it is."""
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -273,7 +275,13 @@ async def read_store(settings: Settings, names: Sequence[str], *, limit: float) 
         polled = parse_poll(await store.kv_get(MANIFEST_POLLS_KV, channel))
         urgent = [] if saved is None else _urgent_ids(saved.manifest)
         first_seen = await store.announced_at(urgent)
+        problems = {
+            str(channel): str(problem.get("reason", ""))
+            for channel, problem in (await store.kv_items(MANIFEST_PROBLEMS_KV)).items()
+            if isinstance(problem, dict)
+        }
     return StoreView(
+        manifest_problems=problems,
         records=records,
         selected=selected,
         saved=saved,
@@ -518,6 +526,10 @@ def evaluate(
     verdict = _Verdict()
     _service(view, limits, verdict, verbosity)
     _manifest_polls(settings, view, verdict, verbosity)
+    for channel, reason in sorted(view.manifest_problems.items()):
+        verdict.raise_to(
+            State.WARNING, _one_line(f"manifest of channel {channel} refused: {reason}")
+        )
     if found.locked:
         verdict.raise_to(State.CRITICAL, f"update lock: {', '.join(found.locked)}")
     _urgent(settings, names, view, limits, verdict)

@@ -41,6 +41,7 @@ from core.lifecycle.updates import Lifecycle
 from core.model import CommandOutput
 from core.repository.cache import Downloader
 from core.repository.client import HttpRepository
+from core.repository.freshness import Freshness
 from core.repository.retry import RetryPolicy
 from core.settings import Settings
 from core.store import Store, utcnow
@@ -218,7 +219,13 @@ class Service:
             )
             return None
         downloader = await stack.enter_async_context(Downloader.from_settings(updates))
-        return HttpRepository(updates.repository_url, key, downloader)
+        freshness = Freshness(
+            accepted=self.engine.manifests,
+            refused={c: p["key"] for c, p in self.engine.manifest_problems.items()},
+            on_refused=self.engine.manifest_refused,
+            on_accepted=self.engine.manifest_accepted,
+        )
+        return HttpRepository(updates.repository_url, key, downloader, freshness=freshness)
 
     async def _lead(self) -> None:
         """This instance became the leader: recover orphaned runs, start the timers."""

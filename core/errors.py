@@ -275,3 +275,8 @@ class NodeAuthenticationError(NodeUnreachableError):
             f"authentication as {user} at {host}:{port} failed with {key}; add its public key "
             f"to ~{user}/.ssh/authorized_keys on the node, or set key_file for this node",
         )
+
+
+class ManifestRefusedError(ManifestError):
+    """A correctly signed manifest that is older than the one accepted before for its
+    channel (a rollback or a frozen mirror) or past its ``expires``, with no good one left."""

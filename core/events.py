@@ -153,6 +153,16 @@ class MaintenanceEnded(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ManifestRefused(Event):
+    """A channel's signed manifest was refused (rollback, expired); ``key`` is the same for
+    the same manifest and cause."""
+
+    channel: str
+    reason: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HotfixPublished(Event):
     hotfix_id: str
     package: str

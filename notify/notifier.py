@@ -438,6 +438,24 @@ class Notifier:
                 "passes the gate)."
             )
             node, detail = event.node, event.reason
+        elif isinstance(event, ev.ManifestRefused):
+            title = f"Manifest of channel {event.channel} refused"
+            hint = (
+                "tgops keeps using the last good manifest of the channel. A rollback means "
+                "the repository or a mirror serves an old copy; an expired manifest must be "
+                f"re-signed by the vendor (tgops publish --channel {event.channel} without "
+                "files re-signs it)."
+            )
+            await self.alert_admins(
+                key=f"manifest-refused:{event.key}",
+                title=title,
+                node=f"channel {event.channel}",
+                target=event.channel,
+                detail=event.reason,
+                hint=hint,
+                at=event.at,
+            )
+            return
         elif isinstance(event, ev.RunFinished) and event.outcome == "failed":
             title = f"Run #{event.run_id} ({event.kind}) on {event.node} failed"
             hint = f"The steps of the run are in /tg log {event.node}."
@@ -453,7 +471,10 @@ class Notifier:
     async def _on_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.MaintenanceScheduled | ev.MaintenanceStarted | ev.MaintenanceEnded):
             await self._maintenance(event)
-        elif isinstance(event, ev.WarningFlagSet | ev.UpdateLockSet | ev.RunFinished | ev.RunHeld):
+        elif isinstance(
+            event,
+            ev.WarningFlagSet | ev.UpdateLockSet | ev.RunFinished | ev.RunHeld | ev.ManifestRefused,
+        ):
             await self._admin_event(event)
 
 

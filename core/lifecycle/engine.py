@@ -22,6 +22,7 @@ from core.lifecycle.heartbeat import record_poll
 from core.lifecycle.pending import omitted_update, pending_packages
 from core.model import SYSTEM, Actor
 from core.notices import EnglishNotices
+from core.repository.freshness import Refusal
 from core.repository.manifest import Manifest
 from core.settings import Settings
 from core.store import NodeRecord, RunRecord, Store
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 REFRESH_TIMEOUT = 10.0
 REFRESH_PARALLEL = 32
 MANIFESTS_KV = "manifests"
+MANIFEST_PROBLEMS_KV = "manifest-problems"
+"""kv namespace: channel → why its manifest is refused (rollback, expired), while it is."""
 """kv namespace: channel → the last verified manifest (``Engine.remember_manifest``)."""
 
 
@@ -71,6 +74,8 @@ class Engine:
         self._asked_at: dict[str, float] = {}
         """When each node's last status refresh ended (event-loop time)."""
         self.manifests: dict[str, Manifest] = {}
+        self.manifest_problems: dict[str, dict[str, str]] = {}
+        """Channel → the refusal of its manifest in force (``reason``, ``key``, ``since``)."""
 
     async def remember_manifest(self, manifest: Manifest) -> None:
         """The newest verified manifest of a channel, for status and hotfix listings.
@@ -105,7 +110,45 @@ class Engine:
                     self.manifests[channel] = Manifest.model_validate(saved["manifest"])
                 except (KeyError, ValidationError):
                     log.warning("the stored manifest of channel %s is unreadable; ignored", channel)
+            problem = await self.store.kv_get(MANIFEST_PROBLEMS_KV, channel)
+            if isinstance(problem, dict) and isinstance(problem.get("reason"), str):
+                self.manifest_problems[channel] = problem
         await self.refresh(self.node_names)
+
+    async def manifest_refused(self, refusal: Refusal) -> None:
+        """A channel's manifest was refused (rollback, expired): kept for status and
+        check-versions (kv ``manifest-problems``), audited and published once."""
+        problem = {
+            "reason": refusal.reason,
+            "key": refusal.key,
+            "since": self.clock.now().isoformat(),
+        }
+        self.manifest_problems[refusal.channel] = problem
+        async with asyncio.timeout(REFRESH_TIMEOUT):
+            await self.store.kv_set(MANIFEST_PROBLEMS_KV, refusal.channel, problem)
+        kept = self.manifests.get(refusal.channel)
+        using = (
+            f"; the manifest generated {kept.generated_at} stays in use" if kept is not None else ""
+        )
+        log.warning("channel %s: %s%s", refusal.channel, refusal.reason, using)
+        await self.record(
+            SYSTEM,
+            "manifest refused",
+            detail=f"channel {refusal.channel}: {refusal.reason}{using}",
+        )
+        await self.events.publish(
+            ev.ManifestRefused(channel=refusal.channel, reason=refusal.reason, key=refusal.key)
+        )
+
+    async def manifest_accepted(self, channel: str) -> None:
+        """A channel whose manifest was refused serves a fresh one again."""
+        if self.manifest_problems.pop(channel, None) is None:
+            return
+        async with asyncio.timeout(REFRESH_TIMEOUT):
+            await self.store.kv_delete(MANIFEST_PROBLEMS_KV, channel)
+        await self.record(
+            SYSTEM, "manifest accepted", detail=f"channel {channel}: a fresh manifest again"
+        )
 
     # -- targets ---------------------------------------------------------------------------
 
@@ -260,7 +303,7 @@ class Engine:
     # -- status ----------------------------------------------------------------------------
 
     async def status(
-        self, target: str | None = None, *, refresh: bool = True, max_age: float = 0.0
+        self, target: str | None = None, *, refresh: bool = True, max_age: float | None = None
     ) -> dict[str, Any]:
         """The fleet state as in docs/lifecycle.md "Status JSON" (for a target, or all);
         with ``max_age`` the nodes' state may be that old (``fresh``)."""
@@ -271,7 +314,7 @@ class Engine:
         }
         if not refresh:
             records = await self.store.nodes(names)
-        elif max_age > 0:
+        elif max_age is not None:
             records = await self.fresh(names, max_age)
         else:
             records = await self.refresh(names)
@@ -357,7 +400,12 @@ class Engine:
                     "waiting": await self.store.slot_queue(cname),
                 }
             )
-        return {"nodes": nodes, "clusters": clusters}
+        status: dict[str, Any] = {"nodes": nodes, "clusters": clusters}
+        if self.manifest_problems:  # only while a channel's manifest is refused
+            status["manifest_problems"] = {
+                channel: problem["reason"] for channel, problem in self.manifest_problems.items()
+            }
+        return status
 
     def hotfixes_always(self, record: NodeRecord) -> bool:
         if record.hotfixes_always is not None:

@@ -25,6 +25,7 @@ from core.errors import (
     UnsafePathError,
 )
 from core.repository.cache import MANIFEST_LIMIT, Downloader, Progress
+from core.repository.freshness import Freshness
 from core.repository.manifest import Manifest, PackageEntry, is_confined_path, verify_manifest
 
 CHANNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -60,6 +61,7 @@ class HttpRepository:
         downloader: Downloader,
         *,
         manifest_limit: int = MANIFEST_LIMIT,
+        freshness: Freshness | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://", "file://")):
             raise ValueError(f"{base_url!r}: the repository URL must be http(s):// or file://")
@@ -67,6 +69,8 @@ class HttpRepository:
         self._key = public_key
         self._downloader = downloader
         self._limit = manifest_limit
+        self.freshness = freshness
+        """Refuses rolled-back and expired manifests (``None``: the signature only)."""
 
     def url_of(self, path: str) -> str:
         """The URL of a repository-relative file path; ``ValueError`` if it leaves the root."""
@@ -97,7 +101,10 @@ class HttpRepository:
             ) from exc
         except DownloadError as exc:
             raise ManifestFetchError(channel, exc.cause, transient=exc.transient) from exc
-        return verify_manifest(channel, body, signature, self._key)
+        manifest = verify_manifest(channel, body, signature, self._key)
+        if self.freshness is None:
+            return manifest
+        return await self.freshness.check(manifest)
 
     async def download(self, entry: PackageEntry, progress: Progress | None = None) -> Path:
         """A verified local copy of the entry's file (from the cache when present)."""

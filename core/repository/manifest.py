@@ -125,6 +125,8 @@ class Manifest(BaseModel):
 
     channel: str
     generated_at: str
+    expires: str | None = None
+    """When the manifest stops being valid (ISO 8601); clients refuse it after that."""
     packages: tuple[PackageEntry, ...] = ()
 
     def hotfixes(self) -> list[PackageEntry]:

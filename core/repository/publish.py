@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -65,6 +65,11 @@ _CHUNK = 1 << 20
 _HOTFIX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+DEFAULT_VALIDITY = 30 * 86400.0
+"""How long a published manifest is valid by default (``--valid-for``)."""
+MIN_VALIDITY = 3600.0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PublishResult:
     """What a publish did: entries added to the channel and entries that were there already."""
@@ -73,11 +78,15 @@ class PublishResult:
     manifest: Path
     added: tuple[PackageEntry, ...]
     unchanged: tuple[PackageEntry, ...]
+    resigned: bool = False
+    """Re-signed without new packages (a new ``generated_at`` and ``expires``)."""
+    expires: str | None = None
+    """The manifest's ``expires`` when it was written."""
 
     @property
     def changed(self) -> bool:
         """Whether the manifest was rewritten and re-signed."""
-        return bool(self.added)
+        return bool(self.added) or self.resigned
 
 
 def public_key_path(key: Path) -> Path:
@@ -255,19 +264,30 @@ class _Plan:
         self.entries[(entry.name, entry.version)] = entry
         self.added.append(entry)
 
-    def commit(self, signing: Ed25519PrivateKey, manifest_file: Path) -> None:
+    def commit(
+        self,
+        signing: Ed25519PrivateKey,
+        manifest_file: Path,
+        valid_for: float,
+        *,
+        resign: bool = False,
+    ) -> str | None:
+        """Move the staged files into the pool and, when packages were added (or
+        ``resign``), write and sign the manifest; its ``expires`` (else ``None``)."""
         if any(item.temp is not None for item in self.staged.values()):
             for item in self.staged.values():
                 if item.temp is not None:
                     os.replace(item.temp, item.final)
                     item.temp = None
             _fsync_dir(self.repo / "pool")
-        if self.added:
-            packages = sorted(self.entries.values(), key=lambda e: (e.name, Version(e.version)))
-            body = _render(self.channel, packages)
-            signature = base64.b64encode(signing.sign(body)) + b"\n"
-            _write_atomic(manifest_file, body)
-            _write_atomic(manifest_file.with_name(manifest_file.name + ".sig"), signature)
+        if not (self.added or resign):
+            return None
+        packages = sorted(self.entries.values(), key=lambda e: (e.name, Version(e.version)))
+        body, expires = _render(self.channel, packages, valid_for)
+        signature = base64.b64encode(signing.sign(body)) + b"\n"
+        _write_atomic(manifest_file, body)
+        _write_atomic(manifest_file.with_name(manifest_file.name + ".sig"), signature)
+        return expires
 
     def discard(self) -> None:
         for item in self.staged.values():
@@ -286,18 +306,29 @@ def publish(
     urgency: Urgency | None = None,
     summary: str = "",
     progress: PublishProgress | None = None,
+    valid_for: float = DEFAULT_VALIDITY,
 ) -> PublishResult:
     """Add ``files`` to ``channel`` of the repository at ``repo`` and re-sign the channel.
 
     A file already published (same name, version and SHA-256) is left as it is; a different
     file under a published name and version is refused (``PublishConflictError``). Nothing
-    is changed unless every file is accepted.
+    is changed unless every file is accepted. Without ``files`` the channel's manifest is
+    re-signed as it is, with a new ``generated_at`` and ``expires`` (``valid_for`` seconds
+    later): clients refuse a manifest after it expired.
     """
     check_channel(channel)
     fields = _kind_fields(kind, hotfix_id, urgency, summary)
-    if not files:
-        raise PublishError("name at least one .deb file to publish")
+    if valid_for < MIN_VALIDITY:
+        raise PublishError(
+            f"--valid-for must be at least {MIN_VALIDITY / 3600:g}h (clients refuse a manifest "
+            "once it expired)"
+        )
     signing = load_signing_key(key)
+    if not files and not (repo / manifest_path(channel)).exists():
+        raise PublishError(
+            f"channel {channel} has no manifest in {repo} yet: name at least one .deb file "
+            "(without files, publish re-signs an existing channel)"
+        )
     controls = [(path, read_control(path)) for path in files]
     manifest_file = repo / manifest_path(channel)
     for directory in (repo / "pool", manifest_file.parent):
@@ -310,7 +341,7 @@ def publish(
         try:
             for path, control in controls:
                 plan.take(path, control, fields, progress)
-            plan.commit(signing, manifest_file)
+            expires = plan.commit(signing, manifest_file, valid_for, resign=not files)
         finally:
             plan.discard()
     return PublishResult(
@@ -318,6 +349,8 @@ def publish(
         manifest=manifest_file,
         added=tuple(plan.added),
         unchanged=tuple(plan.unchanged),
+        resigned=not files,
+        expires=expires,
     )
 
 
@@ -453,13 +486,16 @@ def _load_manifest(path: Path, channel: str, signing: Ed25519PrivateKey) -> Mani
         ) from exc
 
 
-def _render(channel: str, packages: Sequence[PackageEntry]) -> bytes:
+def _render(channel: str, packages: Sequence[PackageEntry], valid_for: float) -> tuple[bytes, str]:
+    now = datetime.now(UTC)  # to the microsecond: manifests are ordered by it
+    expires = (now + timedelta(seconds=valid_for)).isoformat()
     document = {
         "channel": channel,
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "generated_at": now.isoformat(),
+        "expires": expires,
         "packages": [entry.model_dump(mode="json") for entry in packages],
     }
-    return json.dumps(document, indent=2, ensure_ascii=False).encode() + b"\n"
+    return json.dumps(document, indent=2, ensure_ascii=False).encode() + b"\n", expires
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
