@@ -14,9 +14,14 @@ CAP = 16
 
 
 async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
-    """What the server sent before it closed the connection (bounded wait)."""
+    """What the server sent before it closed the connection (bounded wait). A reset counts
+    as a close: the kernel resets a connection closed with unread bytes (a slow client's
+    partial headers)."""
     async with asyncio.timeout(20):
-        return await reader.read()
+        try:
+            return await reader.read()
+        except ConnectionResetError:
+            return b""
 
 
 async def test_more_idle_connections_than_the_cap_and_status_still_answers(
@@ -44,9 +49,12 @@ async def test_more_idle_connections_than_the_cap_and_status_still_answers(
         assert [n["name"] for n in status["nodes"]] == ["tg1", "tg2", "tg3", "solo1"]
 
         # every idle or slow connection is closed by the server, without an answer
-        for reader, writer in idle:
-            assert await closed_by_server(reader) == b""
-            writer.close()
+        try:
+            for reader, _ in idle:
+                assert await closed_by_server(reader) == b""
+        finally:
+            for _, writer in idle:
+                writer.close()
 
         # a kept-alive connection that goes quiet after a request is closed too
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
