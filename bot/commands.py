@@ -358,7 +358,7 @@ class CommandService:
 
     async def _hotfixes(self, cmd: Command, actor: Actor) -> Reply:
         names = self.engine.resolve(cmd.target)
-        manifest = await self._life().manifest()
+        manifest = await self._life().interactive_manifest()
         hotfixes = [p for p in manifest.packages if p.kind is PackageKind.HOTFIX]
         if not hotfixes:
             return Reply(
@@ -387,7 +387,7 @@ class CommandService:
         return Reply(ok=True, text="\n".join(lines), command=cmd.name)
 
     async def _known_hotfixes(self, ids: tuple[str, ...]) -> None:
-        manifest = await self._life().manifest()
+        manifest = await self._life().interactive_manifest()
         known = {p.key for p in manifest.packages if p.kind is PackageKind.HOTFIX}
         unknown = [i for i in ids if i not in known]
         if unknown:

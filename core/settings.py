@@ -121,6 +121,11 @@ class UpdatesSettings(_Section):
     max_parallel_downloads: int = Field(default=4, ge=1, le=64)
     connect_timeout: Duration = 10.0
     read_timeout: Duration = 60.0
+    manifest_timeout: Duration = 60.0
+    """Overall deadline of fetching one manifest (or its signature)."""
+    min_transfer_rate: int = Field(default=65536, ge=1024, le=10**10)
+    """Bytes per second a package transfer must average at least: a file of SIZE bytes may
+    take connect_timeout + read_timeout + SIZE / min_transfer_rate seconds in all."""
     update_grace: Duration = 900.0
     """How late a scheduled update may still start after the service was down."""
     slot_wait: Duration = 14400.0

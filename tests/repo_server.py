@@ -8,6 +8,7 @@ Use it as an async context manager::
         server.cut_after(1000)            # the next body is cut off after 1000 bytes
         server.ignore_range = True        # answer 200 with the whole file to Range requests
         server.stall(5.0, after=0)        # the next body stalls 5 s (or until the server stops)
+        server.trickle(0.5)               # the next body comes one byte every 0.5 s
         server.hold()                     # requests wait before answering until release()
         server.requests["pool/x.deb"]     # requests per path (paths relative to root)
         server.bytes_sent["pool/x.deb"]   # body bytes sent per path (a well-behaved answer is
@@ -72,6 +73,7 @@ class RepoServer:
         self._failures: list[_Rule] = []
         self._cuts: list[_Rule] = []
         self._stalls: list[_Rule] = []
+        self._trickles: list[_Rule] = []
         self._gate: asyncio.Event | None = None
         self._closing = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -91,6 +93,10 @@ class RepoServer:
     ) -> None:
         """Send ``after`` body bytes, then go silent for ``seconds`` (ended early by close)."""
         self._stalls.append(_Rule(count=count, path=path, after=after, seconds=seconds))
+
+    def trickle(self, seconds: float, *, count: int = 1, path: str | None = None) -> None:
+        """Send the next ``count`` bodies one byte every ``seconds`` (ended early by close)."""
+        self._trickles.append(_Rule(count=count, path=path, seconds=seconds))
 
     def hold(self) -> None:
         """Make every request wait (counted as active) until ``release()``."""
@@ -112,6 +118,7 @@ class RepoServer:
         self._failures.clear()
         self._cuts.clear()
         self._stalls.clear()
+        self._trickles.clear()
         self.release()
 
     async def wait_requests(self, path: str, count: int, within: float = 10.0) -> None:
@@ -205,9 +212,10 @@ class RepoServer:
             return response
         cut = self._take(self._cuts, rel)
         stall = self._take(self._stalls, rel)
+        trickle = self._take(self._trickles, rel)
         sent = 0
         try:
-            if cut is None and stall is None and end > start:
+            if cut is None and stall is None and trickle is None and end > start:
                 # well-behaved: zero-copy like a production web server (counted when complete)
                 assert request.transport is not None
                 with target.open("rb") as handle:
@@ -235,6 +243,15 @@ class RepoServer:
                     for rule in (cut, stall):
                         if rule is not None:
                             limit = min(limit, rule.after - sent)
+                    if trickle is not None:
+                        limit = 1
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(trickle.seconds):
+                                await self._closing.wait()
+                        if self._closing.is_set():
+                            assert request.transport is not None
+                            request.transport.close()
+                            return response
                     data = handle.read(min(_CHUNK, limit))
                     if not data:  # the file shrank while being served
                         assert request.transport is not None

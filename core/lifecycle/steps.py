@@ -144,6 +144,19 @@ class UpdateSteps:
         await self.engine.remember_manifest(manifest)
         return manifest
 
+    async def interactive_manifest(self, channel: str | None = None) -> Manifest:
+        """For a command someone waits for: one fetch, and when the repository does not
+        answer, the last verified manifest (never the scheduled retry policy)."""
+        channel = channel or self.engine.settings.updates.channel
+        try:
+            return await self.repository_manifest(channel)
+        except TgopsError as exc:
+            known = self.engine.manifests.get(channel)
+            if known is None:
+                raise
+            log.warning("channel %s: %s; the last verified manifest is used", channel, exc)
+            return known
+
     async def repository_manifest(self, channel: str) -> Manifest:
         """One attempt at the channel's verified manifest (no retries), counted as an
         attempt (metrics) and remembered."""
@@ -226,9 +239,11 @@ class UpdateSteps:
         starts (the runs plan per node against the same manifest)."""
         if kind == "oldstable-partial":
             channel = self.engine.settings.updates.oldstable_channel
-            catch_up({}, await self.manifest(channel, look=look), packages)
+            catch_up({}, await look.manifest(channel, self.interactive_manifest), packages)
             return
-        only_optional(await self.manifest(look=look), packages, "; nothing was started")
+        channel = self.engine.settings.updates.channel
+        manifest = await look.manifest(channel, self.interactive_manifest)
+        only_optional(manifest, packages, "; nothing was started")
 
     async def set_lock(self, name: str, reason: str, actor: Actor) -> None:
         now = self.engine.clock.now()

@@ -108,6 +108,8 @@ class Downloader:
         max_parallel: int = 4,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
+        manifest_timeout: float = 60.0,
+        min_rate: float = 64 * 1024,
         chunk_size: int = CHUNK_SIZE,
     ) -> None:
         self.cache_dir = cache_dir
@@ -120,6 +122,12 @@ class Downloader:
         )
         self._timeouts = f"connect timeout {connect_timeout:g}s, read timeout {read_timeout:g}s"
         self._waiters: dict[str, _Waiters] = {}
+        self.manifest_timeout = manifest_timeout
+        """Overall deadline of one manifest (or signature) transfer."""
+        self.min_rate = min_rate
+        """Bytes per second a package transfer must average at least: a file gets
+        ``connect + read timeout + size / min_rate`` seconds in all."""
+        self._base = connect_timeout + read_timeout
 
     @classmethod
     def from_settings(
@@ -131,6 +139,8 @@ class Downloader:
             max_parallel=updates.max_parallel_downloads,
             connect_timeout=updates.connect_timeout,
             read_timeout=updates.read_timeout,
+            manifest_timeout=updates.manifest_timeout,
+            min_rate=updates.min_transfer_rate,
         )
 
     async def __aenter__(self) -> Self:
@@ -243,7 +253,19 @@ class Downloader:
                 if url.startswith("file://"):
                     await self._receive_local(url, package, sink, progress)
                 else:
-                    await self._receive(url, package, sink, meta, progress)
+                    deadline = self._base + (size - offset) / self.min_rate
+                    try:
+                        async with asyncio.timeout(deadline):
+                            await self._receive(url, package, sink, meta, progress)
+                    except TimeoutError as exc:
+                        raise DownloadError(
+                            package,
+                            f"transfer from {url} took longer than {deadline:.0f}s (at least "
+                            f"{self.min_rate / 1024:g} KiB/s: updates.min_transfer_rate); "
+                            f"stopped after {sink.done} of {size} bytes, the next attempt "
+                            "resumes there",
+                            transient=True,
+                        ) from exc
             if sink.done < size:
                 raise DownloadError(
                     package,
@@ -392,6 +414,18 @@ class Downloader:
         """A small file (a manifest) in memory; ``package`` names it in errors."""
         if url.startswith("file://"):
             return await asyncio.to_thread(_read_local, url, package, limit)
+        try:
+            async with asyncio.timeout(self.manifest_timeout):
+                return await self._read(url, package, limit)
+        except TimeoutError as exc:
+            raise DownloadError(
+                package,
+                f"{url} did not arrive within {self.manifest_timeout:g}s "
+                "(updates.manifest_timeout)",
+                transient=True,
+            ) from exc
+
+    async def _read(self, url: str, package: str, limit: int) -> bytes:
         try:
             async with self.session.get(
                 url, headers=_IDENTITY, timeout=self._timeout, auto_decompress=False
