@@ -241,6 +241,8 @@ async def test_a_scheduled_update_is_held_keeps_maintenance_and_tells_the_new_ti
         await fire(p, "DiskFull", "tg_disk_full", "solo1")
         reply = await f.api.command(f"schedule update solo1 on daily {soon(4)}")
         assert reply["ok"], reply["text"]
+        plan = (await f.api.command("plan solo1"))["text"]
+        assert "(the gate would hold solo1 if it were asked now: alerts firing: DiskFull" in plan
         event = await f.events.wait_for(held("solo1"), within=30)
         assert isinstance(event, ev.RunHeld)
         node = await f.node_status("solo1")
