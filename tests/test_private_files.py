@@ -100,6 +100,7 @@ async def test_the_demo_writes_its_config_and_mails_privately(tmp_path: Path) ->
         public_key="k",
         token="demo-token",
         twilio_token="twilio-token",
+        timezone="UTC",
     )
     assert mode(path) == 0o600
     path.chmod(0o644)  # an earlier run's file: written private again
@@ -112,6 +113,7 @@ async def test_the_demo_writes_its_config_and_mails_privately(tmp_path: Path) ->
         public_key="k",
         token="demo-token",
         twilio_token="twilio-token",
+        timezone="UTC",
     )
     assert mode(path) == 0o600
 
