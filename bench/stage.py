@@ -42,7 +42,6 @@ from typing import Any  # noqa: E402
 import aiohttp  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    FinishedCounter,
     fleet_toml,
     log_to,
     machine_line,
@@ -58,6 +57,7 @@ from core.drivers.staging import sha256_file  # noqa: E402
 from core.model import PackageKind, StagedPackage  # noqa: E402
 from core.repository.publish import keygen, public_key_path, publish  # noqa: E402
 from core.settings import NodeSettings, load_settings  # noqa: E402
+from tests.fleet import run_ids  # noqa: E402
 from tests.service import ADMIN_TOKEN  # noqa: E402
 from tests.sshd import FakeNode, start_sshd  # noqa: E402
 
@@ -156,7 +156,6 @@ async def sandbox(work: Path, runs: int) -> dict[str, Any]:
         cache = settings.updates.cache_dir
         staged = work / "nodes" / "n1" / "staged"
         async with Service(settings) as service, aiohttp.ClientSession() as session:
-            counter = FinishedCounter(service.bus, frozenset({"download"}))
             base = f"http://127.0.0.1:{service.port}"
             for index in range(runs + 1):  # the first of each is a warm-up, not counted
                 for path in [*cache.glob("*"), *staged.glob("*")]:
@@ -168,11 +167,11 @@ async def sandbox(work: Path, runs: int) -> dict[str, Any]:
                         seconds = curl_seconds(package_url, work / "curl.out")
                     else:
                         started = time.perf_counter()
-                        await _command(session, base, "download n1")
-                        await counter.wait(index + 1, RUN_LIMIT)
+                        reply = await _command(session, base, "download n1")
+                        [run] = await service.lifecycle.wait(run_ids(reply["text"]), RUN_LIMIT)
                         seconds = time.perf_counter() - started
-                        if counter.outcomes != {"succeeded": index + 1}:
-                            raise SystemExit(f"download failed: {counter.outcomes}")
+                        if run.status != "succeeded":
+                            raise SystemExit(f"download failed: {run.status} {run.error}")
                         [file] = list(staged.iterdir())
                         linked = file.stat().st_nlink == 2
                     if index:

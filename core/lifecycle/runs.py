@@ -53,10 +53,14 @@ class RunContext:
     step: str | None = None
     message: str = ""
     _progress_saved: float = field(default=float("-inf"), init=False, repr=False)
+    _progress_last: tuple[int, int] = field(default=(-1, -1), init=False, repr=False)
 
     async def progress(self, done: int, total: int) -> None:
         """Publish the progress; store it at most every ``PROGRESS_SAVE_INTERVAL`` seconds
         (and always when done), so a fast transfer does not write the run for every chunk."""
+        if (done, total) == self._progress_last:
+            return  # told already (the end of a transfer is reported twice)
+        self._progress_last = (done, total)
         now = asyncio.get_running_loop().time()
         if done >= total or now - self._progress_saved >= PROGRESS_SAVE_INTERVAL:
             self._progress_saved = now

@@ -223,13 +223,16 @@ class Downloader:
                 "check updates.cache_dir",
                 transient=False,
             ) from exc
-        async with self._exclusive(sha256):
-            if self.cached(sha256, size) is None:
-                final.unlink(missing_ok=True)  # a wrong size under the final name: refetch
-                async with self._slots:
-                    await self._transfer(url, package, sha256, size, progress)
-            elif progress is not None:
-                await progress(size, size)
+        if self.cached(sha256, size) is None:
+            async with self._exclusive(sha256):
+                if self.cached(sha256, size) is None:
+                    final.unlink(missing_ok=True)  # a wrong size under the final name: refetch
+                    async with self._slots:
+                        await self._transfer(url, package, sha256, size, progress)
+                    return final
+        # in the cache already: no lock (many runs take the same file at once)
+        if progress is not None:
+            await progress(size, size)
         return final
 
     async def _transfer(

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 
 from core.store import tables as t
-from core.store.base import StoreBase, audit_row, record_of, utcnow
+from core.store.base import StoreBase, audit_values, record_of, utcnow
 from core.store.records import MaintenanceRecord
 
 
@@ -91,9 +91,10 @@ class MaintenanceStore(StoreBase):
                     for name in names
                 ],
             )
-            for name in names:
-                await conn.execute(
-                    audit_row(
+            await conn.execute(
+                insert(t.audit),
+                [
+                    audit_values(
                         at=now,
                         actor=created_by,
                         source=audit_source,
@@ -102,7 +103,9 @@ class MaintenanceStore(StoreBase):
                         detail=audit_detail,
                         run_id=None,
                     )
-                )
+                    for name in names
+                ],
+            )
 
     async def maintenance(self, node: str | None = None) -> list[MaintenanceRecord]:
         """Open (not ended) maintenance windows, by start time."""

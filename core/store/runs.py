@@ -6,12 +6,20 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import StoreError
 from core.store import tables as t
-from core.store.base import NodeBusyError, StoreBase, audit_row, record_of, utcnow
+from core.store.base import (
+    NodeBusyError,
+    StoreBase,
+    audit_row,
+    audit_values,
+    record_of,
+    utcnow,
+)
+from core.store.journal import StepJournal, Transition
 from core.store.records import NewRun, RunEnd, RunRecord, StepRecord
 
 
@@ -47,71 +55,110 @@ class RunsStore(StoreBase):
     async def create_runs(self, specs: Sequence[NewRun]) -> list[int]:
         """Create the runs of one command in one transaction: all of them, or (when one
         node is busy: ``NodeBusyError``) none. Each run's audit record and its place in
-        its cluster's slot queue are written with it."""
+        its cluster's slot queue are written with it. One statement per kind of row,
+        however many runs (a scheduled update time may start thousands)."""
+        if not specs:
+            return []
         now = utcnow()
-        ids: list[int] = []
+        claimed = [spec.node for spec in specs if spec.exclusive]
         async with self.transaction() as conn:
-            for spec in specs:
-                run_id = (
-                    await conn.execute(
-                        insert(t.runs)
-                        .values(
-                            kind=spec.kind,
-                            node=spec.node,
-                            target=spec.target,
-                            actor=spec.actor,
-                            status="queued",
-                            params=dict(spec.params),
-                            progress_done=0,
-                            progress_total=0,
-                            owner=spec.owner,
-                            created_at=now,
-                        )
-                        .returning(t.runs.c.id)
-                    )
-                ).scalar_one()
-                if spec.exclusive:
-                    claimed = await conn.execute(
-                        update(t.nodes)
-                        .where(t.nodes.c.name == spec.node, t.nodes.c.active_run_id.is_(None))
-                        .values(active_run_id=run_id)
-                    )
-                    if claimed.rowcount != 1:
-                        busy = (
-                            await conn.execute(
-                                select(t.nodes.c.active_run_id).where(t.nodes.c.name == spec.node)
-                            )
-                        ).scalar()
-                        await conn.rollback()
-                        if busy is None:
-                            raise StoreError(f"node {spec.node} is not in the store")
-                        raise NodeBusyError(spec.node, int(busy))
-                if spec.audit is not None:
-                    await conn.execute(
-                        audit_row(
-                            at=now,
-                            actor=spec.actor,
-                            source=spec.audit_source,
-                            action=f"run {spec.kind}",
-                            target=spec.node,
-                            detail=spec.audit.replace("{run}", str(run_id)),
-                            run_id=run_id,
-                        )
-                    )
-                if spec.slot_queue is not None:
-                    await conn.execute(  # a place left by a run that is gone is stale
-                        delete(t.slot_waiters).where(
-                            t.slot_waiters.c.cluster == spec.slot_queue,
-                            t.slot_waiters.c.node == spec.node,
-                        )
-                    )
-                    await conn.execute(
-                        insert(t.slot_waiters).values(
-                            cluster=spec.slot_queue, node=spec.node, run_id=run_id, queued_at=now
-                        )
-                    )
-                ids.append(int(run_id))
+            if claimed:
+                await self._check_free(conn, claimed)
+            rows = (
+                await conn.execute(
+                    insert(t.runs).returning(
+                        t.runs.c.id, t.runs.c.node, sort_by_parameter_order=True
+                    ),
+                    [
+                        {
+                            "kind": spec.kind,
+                            "node": spec.node,
+                            "target": spec.target,
+                            "actor": spec.actor,
+                            "status": "queued",
+                            "params": dict(spec.params),
+                            "progress_done": 0,
+                            "progress_total": 0,
+                            "owner": spec.owner,
+                            "created_at": now,
+                        }
+                        for spec in specs
+                    ],
+                )
+            ).all()
+            ids = [int(row.id) for row in rows]
+            if claimed:
+                mine = {spec.node: run_id for spec, run_id in zip(specs, ids, strict=True)}
+                await conn.execute(
+                    update(t.nodes)
+                    .where(t.nodes.c.name == bindparam("b_node"), t.nodes.c.active_run_id.is_(None))
+                    .values(active_run_id=bindparam("b_run")),
+                    [{"b_node": node, "b_run": mine[node]} for node in claimed],
+                )
+                # another instance may have claimed one in between: then none is created
+                await self._check_free(conn, claimed, mine)
+            audits = [
+                audit_values(
+                    at=now,
+                    actor=spec.actor,
+                    source=spec.audit_source,
+                    action=f"run {spec.kind}",
+                    target=spec.node,
+                    detail=spec.audit.replace("{run}", str(run_id)),
+                    run_id=run_id,
+                )
+                for spec, run_id in zip(specs, ids, strict=True)
+                if spec.audit is not None
+            ]
+            if audits:
+                await conn.execute(insert(t.audit), audits)
+            queued = [
+                {"b_cluster": spec.slot_queue, "b_node": spec.node, "b_run": run_id}
+                for spec, run_id in zip(specs, ids, strict=True)
+                if spec.slot_queue is not None
+            ]
+            if queued:
+                await conn.execute(  # a place left by a run that is gone is stale
+                    delete(t.slot_waiters).where(
+                        t.slot_waiters.c.cluster == bindparam("b_cluster"),
+                        t.slot_waiters.c.node == bindparam("b_node"),
+                    ),
+                    [{"b_cluster": q["b_cluster"], "b_node": q["b_node"]} for q in queued],
+                )
+                await conn.execute(
+                    insert(t.slot_waiters),
+                    [
+                        {
+                            "cluster": q["b_cluster"],
+                            "node": q["b_node"],
+                            "run_id": q["b_run"],
+                            "queued_at": now,
+                        }
+                        for q in queued
+                    ],
+                )
         return ids
+
+    @staticmethod
+    async def _check_free(
+        conn: AsyncConnection, nodes: Sequence[str], mine: Mapping[str, int] | None = None
+    ) -> None:
+        """``NodeBusyError`` for the first node that has an active run (other than the one
+        in ``mine``), ``StoreError`` for one not in the store."""
+        active = {
+            row.name: row.active_run_id
+            for row in await conn.execute(
+                select(t.nodes.c.name, t.nodes.c.active_run_id).where(
+                    t.nodes.c.name.in_(list(nodes))
+                )
+            )
+        }
+        for node in nodes:
+            if node not in active:
+                raise StoreError(f"node {node} is not in the store")
+            busy = active[node]
+            if busy is not None and (mine is None or busy != mine.get(node)):
+                raise NodeBusyError(node, int(busy))
 
     async def run(self, run_id: int) -> RunRecord | None:
         async with self.engine.connect() as conn:
@@ -136,6 +183,15 @@ class RunsStore(StoreBase):
         async with self.transaction() as conn:
             await conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
 
+    _journal: StepJournal | None = None
+
+    @property
+    def journal(self) -> StepJournal:
+        """The group commit of step transitions (see ``core.store.journal``)."""
+        if self._journal is None:
+            self._journal = StepJournal(self.transaction)
+        return self._journal
+
     async def begin_step(
         self,
         run_id: int,
@@ -146,25 +202,14 @@ class RunsStore(StoreBase):
     ) -> None:
         """Record that step ``name`` of the run starts; with ``after``, that step ends as
         done in the same transaction (one write per step transition, so that a crash
-        leaves either the old step running or the new one started, never neither)."""
-        now = utcnow()
-        async with self.transaction() as conn:
-            if after is not None:
-                await self._end_step(conn, run_id, after, status="done", detail=None, now=now)
-            await conn.execute(
-                insert(t.run_steps).values(
-                    run_id=run_id, name=name, status="running", detail=detail, started_at=now
-                )
-            )
-            await conn.execute(
-                update(t.runs)
-                .where(t.runs.c.id == run_id)
-                .values(
-                    step=name,
-                    status="running",
-                    started_at=func.coalesce(t.runs.c.started_at, now),
-                )
-            )
+        leaves either the old step running or the new one started, never neither).
+
+        Returns once that is committed; the transitions of all runs that arrive meanwhile
+        share one transaction (group commit).
+        """
+        await self.journal.write(
+            Transition(run_id=run_id, name=name, detail=detail, after=after, at=utcnow())
+        )
 
     async def end_step(
         self, run_id: int, name: str, *, status: str = "done", detail: str | None = None

@@ -1,0 +1,136 @@
+"""Group commit of the run journal and the store's batched writes for an update time, on
+SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event
+
+from core.store import NewRun, Store
+from tests.databases import POSTGRES_URL, backends, reset_postgres
+
+NODES = [f"n{i:02d}" for i in range(1, 21)]
+
+
+@pytest.fixture(params=backends())
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path}/state.db"
+    else:
+        assert POSTGRES_URL is not None
+        await reset_postgres(POSTGRES_URL)
+        url = POSTGRES_URL
+    async with Store(url) as opened:
+        await opened.sync_nodes([(name, "c1", "sandbox") for name in NODES])
+        yield opened
+
+
+async def _runs(store: Store) -> list[int]:
+    return await store.create_runs(
+        [
+            NewRun(kind="auto-update", node=name, target="c1", actor="alice", params={})
+            for name in NODES
+        ]
+    )
+
+
+class Commits:
+    """Counts the transactions the store commits."""
+
+    def __init__(self, store: Store) -> None:
+        self.count = 0
+        self._engine = store.engine.sync_engine
+        event.listen(self._engine, "commit", self._commit)
+
+    def _commit(self, _conn: object) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        event.remove(self._engine, "commit", self._commit)
+
+
+async def test_transitions_of_runs_in_flight_share_a_transaction(store: Store) -> None:
+    ids = await _runs(store)
+    commits = Commits(store)
+    try:
+        await asyncio.gather(*(store.begin_step(run_id, "download") for run_id in ids))
+        first = commits.count
+        await asyncio.gather(
+            *(store.begin_step(run_id, "slot", after="download") for run_id in ids)
+        )
+        second = commits.count - first
+    finally:
+        commits.close()
+    # twenty runs, two transitions each: one transaction per batch, not one per run
+    assert 1 <= first <= 2 and 1 <= second <= 2, (first, second)
+    for run_id in ids:
+        steps = await store.steps(run_id)
+        assert [(s.name, s.status) for s in steps] == [("download", "done"), ("slot", "running")]
+        assert steps[0].finished_at == steps[1].started_at
+        run = await store.run(run_id)
+        assert run is not None and run.step == "slot" and run.status == "running"
+        assert run.started_at == steps[0].started_at
+
+
+async def test_a_transition_whose_caller_stopped_before_it_was_written_is_not_written(
+    store: Store,
+) -> None:
+    [first, second, *_] = await _runs(store)
+    kept = asyncio.ensure_future(store.begin_step(first, "download"))
+    dropped = asyncio.ensure_future(store.begin_step(second, "download"))
+    await asyncio.sleep(0)  # both are waiting for the writer now
+    dropped.cancel()  # stopped before the writer took it
+    await kept
+    with pytest.raises(asyncio.CancelledError):
+        await dropped
+    assert [s.name for s in await store.steps(first)] == ["download"]
+    assert await store.steps(second) == []
+    run = await store.run(second)
+    assert run is not None and run.step is None and run.status == "queued"
+
+
+async def test_kv_claim_takes_each_key_once(store: Store) -> None:
+    at = datetime(2030, 1, 7, 2, 0, tzinfo=UTC).isoformat()
+    keys = [f"update:{name}" for name in NODES[:5]]
+    await store.kv_set("schedule-fired", keys[0], at)
+    assert await store.kv_claim("schedule-fired", keys, at) == keys[1:]
+    assert await store.kv_claim("schedule-fired", keys, at) == []
+    later = datetime(2030, 1, 8, 2, 0, tzinfo=UTC).isoformat()
+    assert await store.kv_claim("schedule-fired", keys[:2], later) == keys[:2]
+    assert await store.kv_get("schedule-fired", keys[0]) == later
+    assert await store.kv_get("schedule-fired", keys[4]) == at
+
+
+async def test_maintenance_opened_for_many_nodes_at_once(store: Store) -> None:
+    start = datetime(2030, 1, 7, 2, 0, tzinfo=UTC)
+    old = await store.open_maintenance(
+        node="n01",
+        start=start,
+        reason="by hand",
+        origin="manual",
+        disable_logon=False,
+        created_by="bob",
+    )
+    await store.open_maintenance_many(
+        NODES[:3],
+        start=start,
+        reason="Scheduled update",
+        origin="scheduled-update",
+        created_by="scheduler",
+        audit_source="scheduler",
+        audit_detail="2030-01-07 03:00: Scheduled update",
+    )
+    windows = {m.node: m for m in await store.maintenance()}
+    assert sorted(windows) == NODES[:3]
+    assert {m.origin for m in windows.values()} == {"scheduled-update"}
+    assert windows["n01"].id != old.id  # the one set by hand was replaced
+    records = await store.audit_log(targets=NODES[:3])
+    assert (
+        sorted(r.target or "" for r in records if r.action == "maintenance scheduled")
+        == (NODES[:3])
+    )
