@@ -8,7 +8,8 @@ from datetime import datetime
 from sqlalchemy import delete, select
 
 from core.store import tables as t
-from core.store.base import StoreBase, audit_row, utcnow
+from core.store.base import StoreBase, audit_values, utcnow
+from core.store.journal import Audited
 from core.store.records import AuditRecord
 
 PRUNE_CHUNK = 5000
@@ -28,9 +29,11 @@ class AuditStore(StoreBase):
         detail: str = "",
         run_id: int | None = None,
     ) -> None:
-        async with self.transaction() as conn:
-            await conn.execute(
-                audit_row(
+        """One audit record (L13); returns once it is committed (records of many callers
+        at once share one transaction: ``core.store.journal``)."""
+        await self.journal.write(
+            Audited(
+                audit_values(
                     at=utcnow(),
                     actor=actor,
                     source=source,
@@ -40,6 +43,7 @@ class AuditStore(StoreBase):
                     run_id=run_id,
                 )
             )
+        )
 
     async def audit_log(
         self, *, targets: Sequence[str] | None = None, limit: int = 20

@@ -26,6 +26,7 @@ from core.errors import StoreError
 from core.printable import printable
 from core.private import create_private, make_private
 from core.store import tables as t
+from core.store.journal import StepJournal
 from core.store.records import NodeRecord
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,15 @@ class StoreBase:
     @property
     def dialect(self) -> str:
         return make_url(self.url).get_backend_name()
+
+    _journal: StepJournal | None = None
+
+    @property
+    def journal(self) -> StepJournal:
+        """The group commit of step transitions and audit records (``core.store.journal``)."""
+        if self._journal is None:
+            self._journal = StepJournal(self.transaction)
+        return self._journal
 
     @property
     def engine(self) -> AsyncEngine:

@@ -1,22 +1,24 @@
-"""The run journal's group commit: step transitions of all runs in flight, written together.
+"""The run journal's group commit: step transitions and audit records of all runs in
+flight, written together.
 
 Every run writes a transition before each step (the previous step done, the next one
-running). Instead of one transaction per transition, the transitions that arrive while a
-transaction is being written wait for the next one, and each transaction writes all that
-are waiting with one statement per kind (ends, starts, the runs' current steps). A caller
-returns only once its own transition is committed: a step starts after its record is
-durable, as with a transaction of its own (L15), but the store commits once per batch
-instead of once per run.
+running) and audit records of what its steps did. Instead of one transaction each, what
+arrives while a transaction is being written waits for the next one, and each transaction
+writes all that is waiting with one statement per kind (ends, starts, the runs' current
+steps, audit records). A caller returns only once its own record is committed: a step
+starts after its record is durable, as with a transaction of its own (L15), but the store
+commits once per batch instead of once per record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import bindparam, func, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -62,6 +64,26 @@ _CURRENT = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Audited:
+    """One audit record's columns (``audit_values``)."""
+
+    values: Mapping[str, Any]
+
+
+Entry = Transition | Audited
+
+
+async def write_entries(conn: AsyncConnection, entries: Sequence[Entry]) -> None:
+    """The entries in one transaction: one statement per kind for all of them."""
+    transitions = [x for x in entries if isinstance(x, Transition)]
+    if transitions:
+        await write_transitions(conn, transitions)
+    audits = [dict(x.values) for x in entries if isinstance(x, Audited)]
+    if audits:
+        await conn.execute(insert(t.audit), audits)
+
+
 async def write_transitions(conn: AsyncConnection, transitions: Sequence[Transition]) -> None:
     """The transitions in one transaction: three statements for all of them."""
     ends = [
@@ -90,21 +112,22 @@ async def write_transitions(conn: AsyncConnection, transitions: Sequence[Transit
 
 
 class StepJournal:
-    """Writes the step transitions of all runs in flight, in batches (group commit)."""
+    """Writes the step transitions and audit records of all runs in flight, in batches
+    (group commit)."""
 
     def __init__(self, transaction: Transaction) -> None:
         self._transaction = transaction
-        self._waiting: list[tuple[Transition, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[Entry, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self.commits = 0
         """Transactions written so far (for the benchmarks and tests)."""
 
-    async def write(self, transition: Transition) -> None:
-        """Return once ``transition`` is committed. A caller stopped before its batch is
-        written leaves nothing behind (the transition is not written)."""
+    async def write(self, entry: Entry) -> None:
+        """Return once ``entry`` is committed. A caller stopped before its batch is
+        written leaves nothing behind (the entry is not written)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((transition, done))
+        self._waiting.append((entry, done))
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._drain(), name="step-journal")
         try:
@@ -128,14 +151,14 @@ class StepJournal:
             self._waiting.clear()
             raise
 
-    async def _commit(self, batch: list[tuple[Transition, asyncio.Future[None]]]) -> None:
+    async def _commit(self, batch: list[tuple[Entry, asyncio.Future[None]]]) -> None:
         try:
             async with self._transaction() as conn:
-                await write_transitions(conn, [x for x, _ in batch])
+                await write_entries(conn, [x for x, _ in batch])
             self.commits += 1
         except BaseException as exc:
             if len(batch) > 1 and isinstance(exc, Exception):
-                # one bad transition must not fail the others: each on its own
+                # one bad entry must not fail the others: each on its own
                 for one in batch:
                     await self._commit([one])
                 return

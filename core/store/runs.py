@@ -19,7 +19,7 @@ from core.store.base import (
     record_of,
     utcnow,
 )
-from core.store.journal import StepJournal, Transition
+from core.store.journal import Transition
 from core.store.records import NewRun, RunEnd, RunRecord, StepRecord
 
 
@@ -182,15 +182,6 @@ class RunsStore(StoreBase):
     async def update_run(self, run_id: int, **values: Any) -> None:
         async with self.transaction() as conn:
             await conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
-
-    _journal: StepJournal | None = None
-
-    @property
-    def journal(self) -> StepJournal:
-        """The group commit of step transitions (see ``core.store.journal``)."""
-        if self._journal is None:
-            self._journal = StepJournal(self.transaction)
-        return self._journal
 
     async def begin_step(
         self,
