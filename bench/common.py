@@ -461,10 +461,13 @@ SLOT_POLLING = (
     "changes could be pushed (PostgreSQL: LISTEN/NOTIFY) instead of polled."
 )
 STEP_BOOKKEEPING = (
-    "`core/runs.py` `execute` writes one transaction per step transition (the previous "
-    "step's end together with the next one's start) plus an event; between slot and release "
-    "a cluster node has 7 steps, so 8 transactions, each queued behind the other runs' on "
-    "the store's connection. What is left on top of the steps' own work: the `update_node` "
-    "after drain, disconnect, install and undrain (an UPDATE … RETURNING each) and the "
-    "events' subscribers, all on the one event-loop thread that also serves every other run."
+    "Step transitions and audit records go through the run journal (`core/store/journal.py`: "
+    "what arrives while a transaction is written waits for the next one, which writes it with "
+    "one statement per kind of row; a step starts only once its own record is committed). "
+    "What is left per step: the `update_node` after drain, disconnect, install and undrain "
+    "(an UPDATE … RETURNING in a transaction of its own), a look at the node in install, "
+    "reboot and wait, taking and freeing the slot, and the events' subscribers; each "
+    "statement is a hop to the store's connection (SQLite: one connection and its aiosqlite "
+    "thread) and back to the one event-loop thread that serves every run, so on a loaded "
+    "machine each hop waits for a turn of the loop."
 )
