@@ -336,7 +336,7 @@ def write_config(
     public_key: str,
     token: str,
     twilio_token: str,
-    timezone: str,
+    timezone: str = "Europe/Berlin",
 ) -> Path:
     """The demo's configuration, written where a person can read and change it."""
     nodes = "\n".join(
