@@ -273,7 +273,7 @@ class FleetCollector:
             "updates.poll_interval: how often the channels' manifests are fetched (0: never, "
             "or no repository configured)",
         )
-        polling = self.engine.settings.updates.resolved_public_key() is not None
+        polling = updates.public_key is not None or updates.public_key_file is not None
         interval.add_metric([], updates.poll_interval if polling else 0.0)
         yield interval
 
