@@ -7,7 +7,8 @@ becomes one sample a minute of promtool's simulated time, with ``job`` and ``ins
 added, ``up`` 1 or 0 as the scrape worked or failed, and a stale marker for a series a
 scrape did not return (as Prometheus writes one). Timestamps in the values
 (``*_timestamp_seconds``) are moved into the simulated time by the same offset, so every
-age the alerts compute is the real one.
+age the alerts compute is the real one. Last, Debian's ``prometheus`` itself scrapes a
+live service with the shipped rules until an alert fires.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fleet import Fleet, fleet
+from tests.ports import free_port
 
 ROOT = Path(__file__).parent.parent
 RULES = ROOT / "config" / "prometheus-alerts.yml"
@@ -257,3 +261,100 @@ async def test_each_kind_of_trouble_turns_an_alert_red(tmp_path: Path) -> None:
     stopped = [await scrape(f.api.base) for _ in range(3)]
     assert not any(s.up for s in stopped)
     assert firing([healthy, *stopped], alerts) == {("TgopsServiceDown", "", "")}
+
+
+# -- a real Prometheus server scraping a live service ----------------------------------------
+
+
+@asynccontextmanager
+async def prometheus_server(tmp_path: Path, target: str) -> AsyncIterator[str]:
+    """Debian's ``prometheus`` on loopback, scraping ``target`` every second under job
+    ``tgops`` and evaluating the shipped rules every second; yields its base URL."""
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{RULES}']\n"
+        "scrape_configs:\n"
+        "  - job_name: tgops\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    with (tmp_path / "prometheus.log").open("wb") as log:  # for a failing test's reader
+        process = await asyncio.create_subprocess_exec(
+            shutil.which("prometheus") or "/usr/bin/prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log,
+        )
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            try:
+                async with asyncio.timeout(20):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def ask(session: aiohttp.ClientSession, url: str) -> Any:
+    try:
+        async with session.get(url) as response:
+            if response.status != 200:
+                return None
+            return (await response.json())["data"]
+    except (aiohttp.ClientError, OSError):
+        return None  # not listening yet
+
+
+async def test_a_real_prometheus_scrapes_the_service_and_fires_the_alert(tmp_path: Path) -> None:
+    async with fleet(tmp_path / "fleet", sections=QUICK, updates={"poll_interval": "1s"}) as f:
+        target = f.api.base.removeprefix("http://")
+        async with (
+            prometheus_server(tmp_path, target) as prometheus,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        ):
+            query = f"{prometheus}/api/v1/query?query=tgops_leader"
+
+            async def scraped() -> Any:
+                data = await ask(session, query)
+                return data["result"] if data and data["result"] else None
+
+            result = await poll(scraped)
+            (series,) = result
+            # the instance's own label survives the scrape as it is (no exported_instance)
+            assert series["metric"]["tgops_instance"] == f.service.instance
+            assert series["metric"]["instance"] == target
+            assert "exported_instance" not in series["metric"]
+            assert series["value"][1] == "1"
+
+            f.repo.add("tg-base", "1.0.1", hotfix="HF-9", urgency="urgent", summary="urgent one")
+
+            async def firing() -> Any:
+                data = await ask(session, f"{prometheus}/api/v1/alerts")
+                alerts = [
+                    a
+                    for a in (data or {}).get("alerts", [])
+                    if a["state"] == "firing" and a["labels"]["alertname"].startswith("Tgops")
+                ]
+                return alerts if len(alerts) >= 4 else None
+
+            alerts = await poll(firing)
+            assert sorted((a["labels"]["alertname"], a["labels"]["node"]) for a in alerts) == [
+                ("TgopsUrgentHotfixPending", node) for node in ("solo1", "tg1", "tg2", "tg3")
+            ]
+            assert {a["labels"]["severity"] for a in alerts} == {"warning"}
+
+
+async def poll(check: Callable[[], Awaitable[Any]], within: float = 60.0) -> Any:
+    """``check()`` until it returns something (bounded in time)."""
+    deadline = time.monotonic() + within
+    while True:
+        found = await check()
+        if found is not None:
+            return found
+        assert time.monotonic() < deadline, "not within the time given"
+        await asyncio.sleep(0.5)
