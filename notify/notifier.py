@@ -155,6 +155,15 @@ class Notifier:
                 log.warning(
                     "twilio.%s not set: urgent hotfixes are not phoned", ", twilio.".join(missing)
                 )
+            if self.store.dialect == "sqlite":
+                # one instance per SQLite store: what is "sending" was this service's own
+                # when it died; due at once instead of after its lease
+                released = await self.store.release_outbox(now=utcnow())
+                if released:
+                    log.info(
+                        "outbox: %d notification(s) left in delivery by a crash are due again",
+                        released,
+                    )
             self.bus.subscribe("notify", self._on_event)
             self._task = asyncio.create_task(self._run(), name="notify")
             self._task.add_done_callback(_report_end)

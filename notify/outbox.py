@@ -18,7 +18,8 @@ one transaction:
 
 The worker sleeps until it is woken or the next item is due (at most ``idle`` seconds,
 the bounded look for retries). Items survive restarts; a sender killed mid-batch leaves
-its claim to expire after the lease, then the items are sent again (at least once; an
+its claim to expire after the lease (a service on SQLite, which one instance owns,
+releases it when it starts again), then the items are sent again (at least once; an
 e-mail keeps its Message-ID so receivers can drop a duplicate).
 """
 

@@ -177,6 +177,18 @@ class OutboxStore(StoreBase):
             ).all()
         return sorted((record_of(OutboxRecord, r) for r in rows), key=lambda r: r.id)
 
+    async def release_outbox(self, *, now: datetime) -> int:
+        """Make every notification in delivery (``sending``) due again at once; how many.
+        Only for a store a single instance uses (SQLite): it took them itself before it
+        stopped, so nobody else is sending them."""
+        async with self.transaction() as conn:
+            result = await conn.execute(
+                update(t.outbox)
+                .where(t.outbox.c.status == "sending")
+                .values(status="pending", next_attempt_at=now)
+            )
+        return int(result.rowcount or 0)
+
     async def next_outbox_due(self, *, channel: str) -> datetime | None:
         """When the next pending (or leased) notification of a channel is due."""
         async with self.engine.connect() as conn:
