@@ -174,6 +174,11 @@ def quiet_accept_errors() -> Iterator[None]:
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
+        if isinstance(exc, ValueError) and "_start_serving" in str(context.get("message")):
+            # asyncio retries accept() a second after such a failure, once per failed
+            # attempt; a retry due after the server was closed finds no socket: nothing lost
+            log.debug("HTTP: an accept() retry after the server closed: %s", exc)
+            return
         if isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS:
             if throttle.due():
                 log.error(

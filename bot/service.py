@@ -182,9 +182,9 @@ class Service:
             keepalive_timeout=settings.http.idle_timeout,
         )
         await runner.setup()
+        stack.enter_context(quiet_accept_errors())  # until after the server is closed
         stack.push_async_callback(runner.cleanup)
         stack.callback(self.statuspage.close)  # before the server waits for handlers
-        stack.enter_context(quiet_accept_errors())
         site = LimitedSite(runner, settings.http.host, settings.http.port, limits=limits)
         await site.start()
         self.port = site.bound_port
@@ -319,8 +319,9 @@ async def serve(settings: Settings, *, ready: Path | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     raise_file_limit()
-    async with Service(settings) as service:
-        if ready is not None:
-            await asyncio.to_thread(ready.write_text, str(service.port))
-        await stop.wait()
-        log.info("stopping")
+    with quiet_accept_errors():  # also for asyncio's accept retries due after the close
+        async with Service(settings) as service:
+            if ready is not None:
+                await asyncio.to_thread(ready.write_text, str(service.port))
+            await stop.wait()
+            log.info("stopping")
