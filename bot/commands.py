@@ -465,6 +465,14 @@ def alert_header(status: dict[str, Any], tz: ZoneInfo) -> list[str]:
             since = local_text(datetime.fromisoformat(held["since"]), tz)
             reason = f"{held['reason']}; waiting since {since}"
             lines.append(f"!! Update held: {node['name']} ({reason})")
+    late = [n for n in status["nodes"] if n.get("preparation_late")]
+    if late:
+        parts = []
+        for node in late:
+            info = node["preparation_late"]
+            due = local_text(datetime.fromisoformat(info["due"]), tz)
+            parts.append(f"{node['name']} (still at {info['step']}, due by {due})")
+        lines.append(f"!! Preparation late: {', '.join(parts)}")
     for channel, reason in sorted(status.get("manifest_problems", {}).items()):
         lines.append(f"!! Manifest refused: channel {channel}: {reason}")
     for node in maint:

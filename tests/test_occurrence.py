@@ -87,6 +87,10 @@ async def test_users_are_told_on_time_while_the_preparation_is_slow(tmp_path: Pa
         plan = (await f.api.command("plan c1"))["text"]
         assert "tg1: preparation late: run #" in plan, plan
         assert "still at step download" in plan
+        text = (await f.api.command("status c1"))["text"]
+        assert "!! Preparation late: tg1 (still at download, due by" in text, text
+        late = (await f.node_status("tg1"))["preparation_late"]
+        assert late["step"] == "download" and late["due"] <= s_time.isoformat()
         for node in ("tg1", "tg2"):
             event = await f.finished(node, within=60)
             assert event.outcome == "succeeded", (node, event.message)

@@ -10,7 +10,7 @@ import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -308,6 +308,7 @@ class Engine:
         """The fleet state as in docs/lifecycle.md "Status JSON" (for a target, or all);
         with ``max_age`` the nodes' state may be that old (``fresh``)."""
         names = self.resolve(target)
+        now = self.clock.now()
         # runs first: a run that ends while the nodes are read shows its outcome, not a gap
         active = {
             r.id: r for r in await self.store.runs(statuses=("queued", "running"), limit=10_000)
@@ -386,6 +387,9 @@ class Engine:
             )
             if gated:  # with a gate configured: what holds the node's run, if anything
                 nodes[-1]["held"] = held_by_gate(run)
+            late = preparation_late(self.settings, run, now)
+            if late is not None:  # only then: a node not downloaded and staged in time
+                nodes[-1]["preparation_late"] = late
         clusters = []
         wanted = {self.cluster_of[n] for n in names if self.cluster_of[n]}
         slots = await self.store.slots()
@@ -432,6 +436,31 @@ class Engine:
         """Packages older than the oldstable channel's: an update was omitted (L9)."""
         manifest = self.manifests.get(self.settings.updates.oldstable_channel)
         return [] if manifest is None else omitted_update(record.installed, manifest)
+
+
+PREPARING_STEPS = frozenset({"check", "maintenance", "download"})
+"""Steps of a scheduled update before its node is ready (planned, downloaded, staged)."""
+
+
+def preparation_due(settings: Settings, at: datetime) -> datetime:
+    """When the nodes of the scheduled update at ``at`` should be downloaded and staged:
+    ``lb_drain_lead`` before it (at it when downloads start no earlier than that)."""
+    drain = settings.maintenance.lb_drain_lead
+    return at - timedelta(seconds=drain if settings.updates.download_lead > drain else 0)
+
+
+def preparation_late(
+    settings: Settings, run: RunRecord | None, now: datetime
+) -> dict[str, Any] | None:
+    """``{"run", "step", "due"}`` when ``run`` is a scheduled update still preparing after
+    its node should have been ready, else None."""
+    if run is None or run.kind != "scheduled-update" or not isinstance(run.params.get("at"), str):
+        return None
+    due = preparation_due(settings, datetime.fromisoformat(str(run.params["at"])))
+    step = run.step or "check"
+    if now < due or step not in PREPARING_STEPS:
+        return None
+    return {"run": run.id, "step": step, "due": due.isoformat()}
 
 
 def held_by_gate(run: RunRecord | None) -> dict[str, Any] | None:

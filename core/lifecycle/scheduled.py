@@ -37,6 +37,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 from core.errors import DownloadFailedError, DriverError, TgopsError
+from core.lifecycle.engine import preparation_due
 from core.lifecycle.look import Look
 from core.lifecycle.runs import Flow, RunCancelledError, RunContext, RunSkippedError
 from core.lifecycle.steps import DISRUPTIVE_STEPS
@@ -227,9 +228,7 @@ class ScheduledRuns:
 
     def ready_by(self, at: datetime) -> datetime:
         """When the nodes of the update at ``at`` should be downloaded and staged."""
-        settings = self.engine.settings
-        drain = settings.maintenance.lb_drain_lead
-        return at - timedelta(seconds=drain if settings.updates.download_lead > drain else 0)
+        return preparation_due(self.engine.settings, at)
 
     def _local(self, when: datetime) -> str:
         return local_text(when, self.engine.settings.tz)

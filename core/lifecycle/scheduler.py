@@ -27,10 +27,9 @@ from apscheduler.triggers.date import DateTrigger
 from core.background import background
 from core.durations import format_duration
 from core.lifecycle.calendar import Weekly, days_text, parse_days_text, parse_time_text, time_text
-from core.lifecycle.engine import Engine, held_by_gate
+from core.lifecycle.engine import Engine, held_by_gate, preparation_late
 from core.lifecycle.hold import held_text
 from core.lifecycle.scheduled import SCHEDULER, ScheduledRuns
-from core.lifecycle.updates import PREPARING_STEPS
 from core.localtime import local_text, zone_note
 from core.model import Actor
 from core.store import ScheduleRecord
@@ -439,14 +438,14 @@ class Scheduler:
         lines = []
         for occ in updates:
             run = active.get(occ.node)
-            ready_by = self.runs.ready_by(occ.at)
-            if run is None or run.params.get("at") != occ.at.isoformat() or now < ready_by:
+            if run is None or run.params.get("at") != occ.at.isoformat():
                 continue
-            if (run.step or "check") in PREPARING_STEPS:
-                due = local_text(ready_by, self.engine.settings.tz)
+            late = preparation_late(self.engine.settings, run, now)
+            if late is not None:
+                due = local_text(datetime.fromisoformat(late["due"]), self.engine.settings.tz)
                 text = (
                     f"{occ.node}: preparation late: run #{run.id} still at step "
-                    f"{run.step or 'check'} (due by {due})"
+                    f"{late['step']} (due by {due})"
                 )
                 lines.append((now, text))
         return lines

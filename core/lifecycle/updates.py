@@ -20,7 +20,7 @@ from typing import Any, Self
 from core import events as ev
 from core.errors import DriverError, TgopsError
 from core.interfaces import RepositoryClient
-from core.lifecycle.engine import Engine
+from core.lifecycle.engine import PREPARING_STEPS, Engine
 from core.lifecycle.look import Look
 from core.lifecycle.runs import (
     Flow,
@@ -42,8 +42,6 @@ from core.store import NewRun, NodeBusyError, RunEnd, RunRecord
 
 log = logging.getLogger(__name__)
 
-PREPARING_STEPS = frozenset({"check", "maintenance", "download"})
-"""Steps of a scheduled update before its node is ready (planned, downloaded, staged)."""
 
 DISRUPTIVE_KINDS = UPDATE_KINDS | {"restart"}
 STOP_GRACE = 3.0
