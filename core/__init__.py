@@ -3,9 +3,9 @@
 Rooms (each package's docstring says what lives in it):
 
 - the shared vocabulary at the top: ``model`` (values), ``events`` (domain events and the
-  bus), ``errors``, ``durations``, ``clock``, ``localtime``, ``settings``, ``interfaces``
-  (every pluggable boundary as a protocol), ``templates`` (node command templates),
-  ``background``;
+  bus), ``errors``, ``durations``, ``clock``, ``localtime``, ``settings`` (loading; with
+  ``sections``, one model per table), ``interfaces`` (every pluggable boundary as a
+  protocol), ``templates`` (node command templates), ``background``;
 - ``lifecycle/``: the manual's rules (runs, steps, schedules, maintenance, slots);
 - ``repository/``: manifests, downloads and the cache, publishing, retries;
 - ``store/``: the durable store, one module per aggregate;
