@@ -454,11 +454,12 @@ SQLITE_STALL = (
     "error, all 200 rollout runs succeeded, and the process used a third less CPU."
 )
 SLOT_POLLING = (
-    "`core/slots.py` `SlotGate`: the waiters of one cluster share one look at the store "
-    "(`Store.slots` and `Store.slot_queue`) per wake-up, at most one every `RECHECK` / 2 s "
-    "while nothing changes here; only the waiters whose turn has come try to take a slot. "
-    "What is left is one look per cluster per release and per second; other instances' "
-    "changes could be pushed (PostgreSQL: LISTEN/NOTIFY) instead of polled."
+    "`core/lifecycle/slots.py` `SlotGate`: waiters do not poll. A slot freed or a queue place "
+    "left by this process wakes that cluster's waiters, who share one look at the store "
+    "(`Store.slot_state`); a take wakes nobody (the nodes behind keep their turn). Other "
+    "instances' changes are found by one statement for all waited-for clusters every "
+    "`REMOTE_RECHECK` s (`Store.slot_fingerprints`), and only a cluster that changed is "
+    "looked at again. What is left is one shared look per release and per joining node."
 )
 STEP_BOOKKEEPING = (
     "Step transitions and audit records go through the run journal (`core/store/journal.py`: "

@@ -1,6 +1,12 @@
 """Cluster slots (L12): at most ``max_parallel_updates`` nodes of a cluster out of load
 balancing at once, held as rows in the store so the limit survives restarts and holds
 across controller instances. Waiting nodes queue in arrival order.
+
+Waiters do not poll the store. A slot freed or a place in the queue left by this process
+wakes the waiters of that cluster (one condition per cluster), and they share one look
+at the store. What other instances change is found by one statement for all clusters
+waited for, every ``REMOTE_RECHECK`` seconds while anyone waits: only a cluster whose
+slots or queue changed since this process last looked is looked at again.
 """
 
 from __future__ import annotations
@@ -10,17 +16,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from core.store import SlotRecord, Store
+from core.store import SlotFingerprint, SlotRecord, Store
 
 log = logging.getLogger(__name__)
 
 RECHECK = 1.0
-"""Seconds between looks at the store while waiting (another instance may free a slot)."""
+"""Seconds between a waiter's checks of ``stop`` (a deadline passed): no store access."""
 
-
-SNAPSHOT_AGE = RECHECK / 2
-"""Longest a look at the store is shared by a cluster's waiters before a fresh one is made
-(a wake-up by a local change always makes a fresh one)."""
+REMOTE_RECHECK = 2.0
+"""Seconds between looks for changes made by other instances (one statement for all
+clusters waited for)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,18 +33,39 @@ class _View:
     """One look at a cluster's slots and queue, shared by every waiter of the cluster."""
 
     held: list[SlotRecord]
-    queue: list[str]
+    queue: list[tuple[int, str]]
+    """(place, node) in arrival order."""
+
+    def nodes(self) -> list[str]:
+        return [node for _, node in self.queue]
+
+    def fingerprint(self) -> SlotFingerprint:
+        return SlotFingerprint(
+            held=len(self.held),
+            queued=len(self.queue),
+            places=sum(place for place, _ in self.queue),
+        )
 
 
 class SlotGate:
-    def __init__(self, store: Store, *, owner: str) -> None:
+    def __init__(self, store: Store, *, owner: str, remote_recheck: float = REMOTE_RECHECK) -> None:
         self.store = store
         self.owner = owner
+        self.remote_recheck = remote_recheck
         self._changed: dict[str, asyncio.Condition] = {}
         """One condition per cluster: a freed slot wakes only that cluster's waiters."""
-        self._views: dict[str, tuple[float, asyncio.Task[_View]]] = {}
-        """The latest look at the store per cluster: a freed slot wakes every waiter of
-        the cluster, and they all read this one look instead of the store each."""
+        self._generation: dict[str, int] = {}
+        """Per cluster, how often it was woken: a waiter looks at the store again only
+        when this changed since its last look."""
+        self._views: dict[str, tuple[int, asyncio.Task[_View]]] = {}
+        """The latest look at the store per cluster and the generation it was made in:
+        the woken waiters of a cluster all read this one look."""
+        self._seen: dict[str, SlotFingerprint] = {}
+        """What the latest look (and this process's changes since) left each cluster as."""
+        self._waiters: dict[str, int] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self.remote_looks = 0
+        """Looks for other instances' changes so far (for the benchmarks and tests)."""
 
     def _condition(self, cluster: str) -> asyncio.Condition:
         return self._changed.setdefault(cluster, asyncio.Condition())
@@ -58,22 +84,31 @@ class SlotGate:
         ``waiting(ahead)`` is called once when the node has to wait, with the nodes that
         hold a slot or queue before it."""
         await self.store.wait_for_slot(cluster=cluster, node=node, run_id=run_id)
-        self._forget(cluster)
+        self._forget(cluster)  # a look made before this node joined the queue is stale
+        self._waiters[cluster] = self._waiters.get(cluster, 0) + 1
+        self._watch()
+        looked: int | None = None
         try:
             while True:
                 if stop is not None:
                     await stop()
-                slot = await self._try(cluster=cluster, node=node, limit=limit, run_id=run_id)
-                if slot is not None:
-                    return slot
-                if waiting is not None:
-                    view = await self._view(cluster)
-                    held = [s.node for s in view.held]
-                    queue = view.queue[: view.queue.index(node)] if node in view.queue else []
-                    await waiting([*held, *(n for n in queue if n not in held)])
-                    waiting = None
+                generation = self._generation.get(cluster, 0)
+                if generation != looked:
+                    looked = generation
+                    slot = await self._try(cluster=cluster, node=node, limit=limit, run_id=run_id)
+                    if slot is not None:
+                        return slot
+                    if waiting is not None:
+                        view = await self._view(cluster)
+                        held = [s.node for s in view.held]
+                        queue = view.nodes()
+                        queue = queue[: queue.index(node)] if node in queue else []
+                        await waiting([*held, *(n for n in queue if n not in held)])
+                        waiting = None
                 condition = self._condition(cluster)
                 async with condition:
+                    if self._generation.get(cluster, 0) != looked:
+                        continue  # woken while looking: look again
                     try:
                         async with asyncio.timeout(RECHECK):
                             await condition.wait()
@@ -82,6 +117,15 @@ class SlotGate:
         except BaseException:
             await asyncio.shield(self._leave(cluster=cluster, node=node))
             raise
+        finally:
+            self._waiters[cluster] -= 1
+            if not any(self._waiters.values()) and self._watcher is not None:
+                self._watcher.cancel()  # nobody waits: nothing to look for
+                self._watcher = None
+
+    async def leave(self, *, cluster: str, node: str) -> None:
+        """Take the node out of the cluster's queue (its run ended before its turn)."""
+        await self._leave(cluster=cluster, node=node)
 
     async def _leave(self, *, cluster: str, node: str) -> None:
         await self.store.leave_slot_queue(cluster=cluster, node=node)
@@ -91,45 +135,56 @@ class SlotGate:
         self._views.pop(cluster, None)
 
     async def _view(self, cluster: str) -> _View:
-        now = asyncio.get_running_loop().time()
+        generation = self._generation.get(cluster, 0)
         cached = self._views.get(cluster)
         if (
             cached is None
-            or now - cached[0] >= SNAPSHOT_AGE
+            or cached[0] != generation
             or (cached[1].done() and (cached[1].cancelled() or cached[1].exception()))
         ):
             # a task of its own: a waiter that gives up does not cancel the others' look
             task = asyncio.create_task(self._read(cluster), name=f"slot-view-{cluster}")
-            cached = (now, task)
+            cached = (generation, task)
             self._views[cluster] = cached
         return await asyncio.shield(cached[1])
 
     async def _read(self, cluster: str) -> _View:
-        return _View(
-            held=await self.store.slots(cluster), queue=await self.store.slot_queue(cluster)
-        )
+        held, queue = await self.store.slot_state(cluster)
+        view = _View(held=held, queue=queue)
+        self._seen[cluster] = view.fingerprint()
+        return view
 
     async def _try(self, *, cluster: str, node: str, limit: int, run_id: int | None) -> int | None:
         """The node's slot when its turn in the store's queue has come and one is free."""
         view = await self._view(cluster)
         mine = next((s.slot for s in view.held if s.node == node), None)
         if mine is not None:  # taken before a restart
-            await self.store.leave_slot_queue(cluster=cluster, node=node)
-            self._forget(cluster)
+            await self._leave(cluster=cluster, node=node)
             return mine
         free = limit - len(view.held)
         if free <= 0:
             return None
-        position = view.queue.index(node) if node in view.queue else 0
+        nodes = view.nodes()
+        position = nodes.index(node) if node in nodes else 0
         if position >= free:
             return None
         slot = await self.store.try_take_slot(
             cluster=cluster, node=node, limit=limit, run_id=run_id, owner=self.owner
         )
-        self._forget(cluster)
         if slot is None:
             # the look was out of date (another instance took the slot): look again
             await self.wake(cluster)
+            return None
+        # the nodes behind it keep their turn (one place and one free slot fewer each):
+        # nobody is woken, and what this process knows of the cluster follows the change
+        seen = self._seen.get(cluster)
+        if seen is not None:
+            place = next((p for p, n in view.queue if n == node), None)
+            self._seen[cluster] = SlotFingerprint(
+                held=seen.held + 1,
+                queued=seen.queued - (place is not None),
+                places=seen.places - (place or 0),
+            )
         return slot
 
     async def release(self, *, cluster: str, node: str) -> bool:
@@ -142,7 +197,33 @@ class SlotGate:
         again."""
         clusters = list(self._changed) if cluster is None else [cluster]
         for name in clusters:
+            self._generation[name] = self._generation.get(name, 0) + 1
             self._forget(name)
             condition = self._condition(name)
             async with condition:
                 condition.notify_all()
+
+    def _watch(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(
+                self._watch_others(), name="slot-watcher"
+            )
+
+    async def _watch_others(self) -> None:
+        """While nodes wait: every ``remote_recheck`` seconds one statement tells which
+        clusters other instances changed; only their waiters look again."""
+        while True:
+            await asyncio.sleep(self.remote_recheck)
+            clusters = [c for c, n in self._waiters.items() if n > 0]
+            if not clusters:
+                return
+            try:
+                async with asyncio.timeout(30):
+                    now = await self.store.slot_fingerprints(clusters)
+            except Exception as exc:  # the waiters' own looks still work (and time out)
+                log.warning("cluster slots: looking for other instances' changes: %s", exc)
+                continue
+            self.remote_looks += 1
+            for cluster in clusters:
+                if now.get(cluster) != self._seen.get(cluster):
+                    await self.wake(cluster)

@@ -551,7 +551,7 @@ class UpdateSteps:
     async def undo_slot(self, ctx: RunContext) -> None:
         cluster = self._cluster(ctx)
         if cluster is not None:
-            await self.store.leave_slot_queue(cluster=cluster, node=ctx.node)
+            await self.slots.leave(cluster=cluster, node=ctx.node)
             record = await self._node(ctx)
             if record.lb == "drained" and "drain" in ctx.completed:
                 await self._driver(ctx).undrain()
@@ -567,7 +567,7 @@ class UpdateSteps:
         if not disruptive:
             # nothing on the node changed: put it back as it was
             if cluster is not None:
-                await self.store.leave_slot_queue(cluster=cluster, node=ctx.node)
+                await self.slots.leave(cluster=cluster, node=ctx.node)
                 record = await self._node(ctx)
                 if record.lb == "drained" and "drain" in ctx.completed:
                     try:

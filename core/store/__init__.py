@@ -32,6 +32,7 @@ from core.store.records import (
     RunEnd,
     RunRecord,
     ScheduleRecord,
+    SlotFingerprint,
     SlotRecord,
     StepRecord,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "RunEnd",
     "RunRecord",
     "ScheduleRecord",
+    "SlotFingerprint",
     "SlotRecord",
     "StepRecord",
     "Store",

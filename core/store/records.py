@@ -162,3 +162,13 @@ class OutboxRecord:
     last_error: str | None
     created_at: datetime
     sent_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotFingerprint:
+    """What a cluster's slots and queue look like, in three numbers: any slot taken or
+    freed and any node joining or leaving the queue changes it."""
+
+    held: int
+    queued: int
+    places: int

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, func, insert, select
+from collections.abc import Sequence
+
+from sqlalchemy import delete, func, insert, literal, select, union_all
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from core.store import tables as t
-from core.store.base import StoreBase, utcnow
-from core.store.records import SlotRecord
+from core.store.base import StoreBase, record_of, utcnow
+from core.store.records import SlotFingerprint, SlotRecord
 
 
 class SlotsStore(StoreBase):
@@ -119,6 +121,67 @@ class SlotsStore(StoreBase):
                 )
             ).all()
         return [r.node for r in rows]
+
+    async def slot_state(self, cluster: str) -> tuple[list[SlotRecord], list[tuple[int, str]]]:
+        """The cluster's held slots and its queue (place, node) in arrival order, read
+        over one connection."""
+        async with self.engine.connect() as conn:
+            held = [
+                record_of(SlotRecord, r)
+                for r in await conn.execute(
+                    select(t.cluster_slots)
+                    .where(t.cluster_slots.c.cluster == cluster)
+                    .order_by(t.cluster_slots.c.slot)
+                )
+            ]
+            queue = [
+                (int(r.id), str(r.node))
+                for r in await conn.execute(
+                    select(t.slot_waiters.c.id, t.slot_waiters.c.node)
+                    .where(t.slot_waiters.c.cluster == cluster)
+                    .order_by(t.slot_waiters.c.id)
+                )
+            ]
+        return held, queue
+
+    async def slot_fingerprints(self, clusters: Sequence[str]) -> dict[str, SlotFingerprint]:
+        """Per cluster: slots held, nodes queued and the sum of their places, in one
+        statement (another instance's change to a cluster changes its fingerprint)."""
+        names = list(clusters)
+        if not names:
+            return {}
+        held = (
+            select(
+                literal("h").label("kind"),
+                t.cluster_slots.c.cluster,
+                func.count().label("n"),
+                literal(0).label("places"),
+            )
+            .where(t.cluster_slots.c.cluster.in_(names))
+            .group_by(t.cluster_slots.c.cluster)
+        )
+        queued = (
+            select(
+                literal("q").label("kind"),
+                t.slot_waiters.c.cluster,
+                func.count().label("n"),
+                func.coalesce(func.sum(t.slot_waiters.c.id), 0).label("places"),
+            )
+            .where(t.slot_waiters.c.cluster.in_(names))
+            .group_by(t.slot_waiters.c.cluster)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(union_all(held, queued))).all()
+        counts: dict[str, list[int]] = {name: [0, 0, 0] for name in names}
+        for kind, cluster, n, places in rows:
+            entry = counts.setdefault(str(cluster), [0, 0, 0])
+            if kind == "h":
+                entry[0] = int(n)
+            else:
+                entry[1], entry[2] = int(n), int(places)
+        return {
+            name: SlotFingerprint(held=h, queued=q, places=p) for name, (h, q, p) in counts.items()
+        }
 
     async def slot_waiter_counts(self) -> dict[str, int]:
         """Nodes waiting for a slot, per cluster."""
