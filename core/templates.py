@@ -79,6 +79,10 @@ def fill(template: str, values: Mapping[str, Value], *, verbatim: Collection[str
 
 VERBATIM = frozenset({"dpkg", "dpkg_query"})
 
+CHECKSUM_DEFAULT = "openssl dgst -sha256 -r {file} 2>/dev/null || sha256sum {file}"
+"""OpenSSL's SHA-256 uses the CPU's SHA instructions (about 8 x coreutils' ``sha256sum``
+on x86 with SHA-NI); ``sha256sum`` when openssl is not installed or fails."""
+
 
 _COMMON = frozenset({"node"}) | VERBATIM
 
@@ -108,7 +112,7 @@ TEMPLATES: Mapping[str, TemplateSpec] = {
         default="loginctl terminate-session {id}", placeholders=frozenset({"id", "user"})
     ),
     "checksum": TemplateSpec(
-        default="sha256sum {file}", placeholders=frozenset({"file"}), required=True
+        default=CHECKSUM_DEFAULT, placeholders=frozenset({"file"}), required=True
     ),
     "install": TemplateSpec(
         default=(

@@ -423,3 +423,109 @@ async def test_debian_defaults_for_sessions_notices_and_ending_sessions(
             assert sorted(p.name for p in (node.flags / "sessions").iterdir()) == ["9"]
         finally:
             await made.aclose()
+
+
+@pytest.mark.parametrize("change", ["truncated", "altered"])
+async def test_stage_refuses_a_truncated_or_altered_transfer(
+    driver: SshDriver, node: FakeNode, tmp_path: Path, change: str
+) -> None:
+    """What reaches the node differs from what the manifest names: the node's own SHA-256
+    of the stored file refuses it, and nothing is left in the staging directory."""
+    package = staged_package(tmp_path / "debs", "tg-x", "1.0")
+    data = package.path.read_bytes()
+    sent = tmp_path / "sent.deb"
+    if change == "truncated":
+        sent.write_bytes(data[: len(data) // 2])
+    else:
+        sent.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    with pytest.raises(DriverError, match="the copy on the node has SHA-256") as caught:
+        await driver.stage(
+            [
+                StagedPackage(
+                    name=package.name,
+                    version=package.version,
+                    kind=package.kind,
+                    sha256=package.sha256,
+                    path=sent,
+                )
+            ]
+        )
+    assert hashlib.sha256(sent.read_bytes()).hexdigest() in caught.value.cause
+    assert list(node.staging.iterdir()) == []
+    with pytest.raises(DriverError, match="not staged"):
+        await driver.install([package])
+
+
+async def test_stage_checks_with_the_nodes_checksum_override(
+    sshd: Sshd, node: FakeNode, tmp_path: Path
+) -> None:
+    flags = shlex.quote(str(node.flags))
+    logged = f"echo {{file}} >> {flags}/checksums; sha256sum {{file}}"
+    made = make_driver(
+        settings(sshd, node, tmp_path, commands={"checksum": logged}),
+        None,
+        staging_dir=node.staging,
+    )
+    package = staged_package(tmp_path / "debs", "tg-x", "1.0")
+    try:
+        await made.stage([package])
+    finally:
+        await made.aclose()
+    part = f"{node.staging}/tg-x_1.0.deb.part"
+    assert (node.flags / "checksums").read_text().splitlines() == [part]
+    assert (node.staging / "tg-x_1.0.deb").read_bytes() == package.path.read_bytes()
+
+    liar = make_driver(
+        settings(sshd, node, tmp_path, commands={"checksum": f"echo {'0' * 64} {{file}}"}),
+        None,
+        staging_dir=node.staging,
+    )
+    other = staged_package(tmp_path / "debs", "tg-y", "1.0")
+    try:
+        with pytest.raises(DriverError, match="the copy on the node has SHA-256 0000"):
+            await liar.stage([other])
+    finally:
+        await liar.aclose()
+    assert sorted(p.name for p in node.staging.iterdir()) == ["tg-x_1.0.deb"]
+
+
+@pytest.mark.parametrize("openssl", [True, False])
+async def test_default_checksum_uses_openssl_and_falls_back_to_sha256sum(
+    node: FakeNode, tmp_path: Path, openssl: bool
+) -> None:
+    """The DEFAULT ``checksum`` template on a node whose PATH has openssl, and on one
+    without it: the wrappers log which program hashed the staged file."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("env", "timeout", "cat"):
+        (tools / name).symlink_to(f"/usr/bin/{name}")
+    log_file = shlex.quote(str(tmp_path / "hashed-by"))
+    programs = ["sha256sum", "openssl"] if openssl else ["sha256sum"]
+    for name in programs:
+        (tools / name).write_text(
+            f'#!/bin/sh\necho {name} >> {log_file}\nexec /usr/bin/{name} "$@"\n'
+        )
+        (tools / name).chmod(0o755)
+    package = staged_package(tmp_path / "debs", "tg-x", "1.0")
+    with start_sshd(tmp_path / "sshd", set_env={"PATH": str(tools)}) as server:
+        made = make_driver(
+            NodeSettings(
+                name="tg-ssh",
+                driver="ssh",
+                host=server.host,
+                port=server.port,
+                user=server.user,
+                key_file=server.key_file,
+                known_hosts=server.known_hosts(tmp_path / "known_hosts"),
+                command_timeout=30,
+                commands=node.commands(),
+            ),
+            None,
+            staging_dir=node.staging,
+        )
+        try:
+            await made.stage([package])
+        finally:
+            await made.aclose()
+    assert (tmp_path / "hashed-by").read_text().split() == ["openssl" if openssl else "sha256sum"]
+    assert (node.staging / "tg-x_1.0.deb").read_bytes() == package.path.read_bytes()

@@ -33,8 +33,9 @@ logon_disable          ``echo 'Logon is disabled for maintenance.' > /etc/nologi
 logon_enable           ``rm -f /etc/nologin``
 disconnect             ``loginctl terminate-session {id}`` -- end one session
                        (``{id}``, ``{user}``); run once per session
-checksum               ``sha256sum {file}`` -- print the SHA-256 of ``{file}`` as the first
-                       word (required: a staged file counts only when it matches)
+checksum               ``openssl dgst -sha256 -r {file} 2>/dev/null || sha256sum {file}``
+                       -- print the SHA-256 of ``{file}`` as the first word (required: a
+                       staged file counts only when it matches)
 install                ``DEBIAN_FRONTEND=noninteractive {dpkg} --force-confdef
                        --force-confold -i {files}`` -- install staged ``.deb`` files
                        (required)
