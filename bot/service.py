@@ -225,7 +225,13 @@ class Service:
             on_refused=self.engine.manifest_refused,
             on_accepted=self.engine.manifest_accepted,
         )
-        return HttpRepository(updates.repository_url, key, downloader, freshness=freshness)
+        return HttpRepository(
+            updates.repository_url,
+            key,
+            downloader,
+            freshness=freshness,
+            verified=self.engine.verified,
+        )
 
     async def _lead(self) -> None:
         """This instance became the leader: recover orphaned runs, start the timers."""

@@ -15,10 +15,16 @@ Use it as an async context manager::
                                           # sent with sendfile and counted once complete)
         server.ranges["pool/x.deb"]       # the Range header of every request (None: no Range)
         server.headers["pool/x.deb"]      # all request headers, one dict per request
+        server.statuses["pool/x.deb"]     # the status answered to every request (200, 304, ...)
+        server.ignore_validators = True   # answer 200 to If-None-Match / If-Modified-Since
         await server.wait_requests("pool/x.deb", 2)
 
 Every knob takes an optional ``path`` (relative to root) to act on that path only.
-Files are served with a strong ETag, Last-Modified, ``Range`` (one range) and ``If-Range``.
+Files are served with a strong ETag, Last-Modified, ``Range`` (one range) and ``If-Range``,
+and answer ``304 Not Modified`` to ``If-None-Match`` (or, without it, ``If-Modified-Since``).
+The ETag of a small file (up to 1 MiB: manifests, signatures) includes a digest of its
+content, so that a file rewritten within one tick of the file system's clock with the same
+size still gets a new one; larger files are named by modification time and size only.
 ``GET /__stats__`` answers the counters as JSON, for tests that run the server in another
 process: ``python -m tests.repo_server DIR [--port N]`` prints the URL and serves until killed.
 """
@@ -29,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import email.utils
+import hashlib
 import os
 import re
 import signal
@@ -41,6 +48,7 @@ from aiohttp import web
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _CHUNK = 256 * 1024
+_DIGESTED = 1 << 20
 
 
 @dataclass(slots=True, kw_only=True)
@@ -64,7 +72,9 @@ class RepoServer:
         self.root = root.resolve()
         self.url = ""
         self.ignore_range = False
+        self.ignore_validators = False
         self.requests: Counter[str] = Counter()
+        self.statuses: defaultdict[str, list[int]] = defaultdict(list)
         self.bytes_sent: Counter[str] = Counter()
         self.ranges: defaultdict[str, list[str | None]] = defaultdict(list)
         self.headers: defaultdict[str, list[dict[str, str]]] = defaultdict(list)
@@ -110,7 +120,9 @@ class RepoServer:
     def reset(self) -> None:
         """Forget every counter and knob."""
         self.ignore_range = False
+        self.ignore_validators = False
         self.requests.clear()
+        self.statuses.clear()
         self.bytes_sent.clear()
         self.ranges.clear()
         self.headers.clear()
@@ -136,6 +148,7 @@ class RepoServer:
             "requests": dict(self.requests),
             "bytes_sent": dict(self.bytes_sent),
             "ranges": dict(self.ranges),
+            "statuses": dict(self.statuses),
             "active": self.active,
             "max_active": self.max_active,
         }
@@ -187,6 +200,9 @@ class RepoServer:
         st = target.stat()
         size = st.st_size
         etag = f'"{st.st_mtime_ns:x}-{size:x}"'
+        if size <= _DIGESTED:
+            digest = hashlib.sha256(target.read_bytes()).hexdigest()[:16]
+            etag = f'"{st.st_mtime_ns:x}-{size:x}-{digest}"'
         last_modified = email.utils.formatdate(st.st_mtime, usegmt=True)
         headers = {
             "ETag": etag,
@@ -194,6 +210,8 @@ class RepoServer:
             "Accept-Ranges": "bytes",
             "Content-Type": "application/octet-stream",
         }
+        if not self.ignore_validators and _not_modified(request, etag, st.st_mtime):
+            return web.Response(status=304, headers=headers)
         start, end, status = 0, size, 200
         wanted = request.headers.get("Range")
         if_range = request.headers.get("If-Range")
@@ -265,9 +283,32 @@ class RepoServer:
             pass  # the client went away (e.g. after its read timeout)
         return response
 
+    async def prepared(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Counts the status before the headers go out (so that it is there once the
+        client has the answer)."""
+        if request.path != "/__stats__":
+            self.statuses[request.path.lstrip("/")].append(response.status)
+
     async def _close(self) -> None:
         self._closing.set()
         self.release()
+
+
+def _not_modified(request: web.Request, etag: str, mtime: float) -> bool:
+    """Whether the request's validators still match (RFC 9110: If-None-Match, when present,
+    decides alone; If-Modified-Since compares whole seconds)."""
+    none_match = request.headers.get("If-None-Match")
+    if none_match is not None:
+        tags = {t.strip().removeprefix("W/") for t in none_match.split(",")}
+        return "*" in tags or etag in tags
+    since = request.headers.get("If-Modified-Since")
+    if since is None:
+        return False
+    try:
+        when = email.utils.parsedate_to_datetime(since)
+    except (TypeError, ValueError):
+        return False
+    return int(mtime) <= int(when.timestamp())
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -292,6 +333,7 @@ async def serve_repo(root: Path, *, port: int = 0) -> AsyncIterator[RepoServer]:
     server = RepoServer(root)
     app = web.Application()
     app.router.add_get("/{tail:.*}", server.handle)
+    app.on_response_prepare.append(server.prepared)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)

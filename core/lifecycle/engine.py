@@ -22,6 +22,7 @@ from core.lifecycle.heartbeat import record_poll
 from core.lifecycle.pending import omitted_update, pending_packages
 from core.model import SYSTEM, Actor
 from core.notices import EnglishNotices
+from core.repository.conditional import Verified
 from core.repository.freshness import Refusal
 from core.repository.manifest import Manifest
 from core.settings import Settings
@@ -32,9 +33,9 @@ log = logging.getLogger(__name__)
 REFRESH_TIMEOUT = 10.0
 REFRESH_PARALLEL = 32
 MANIFESTS_KV = "manifests"
+"""kv namespace: channel → the last verified manifest (``Engine.remember_manifest``)."""
 MANIFEST_PROBLEMS_KV = "manifest-problems"
 """kv namespace: channel → why its manifest is refused (rollback, expired), while it is."""
-"""kv namespace: channel → the last verified manifest (``Engine.remember_manifest``)."""
 
 
 class UnknownTargetError(TgopsError):
@@ -74,31 +75,45 @@ class Engine:
         self._asked_at: dict[str, float] = {}
         """When each node's last status refresh ended (event-loop time)."""
         self.manifests: dict[str, Manifest] = {}
+        self.verified: dict[str, Verified] = {}
+        """Channel → how its remembered manifest is requested conditionally (validators,
+        signature, key), when its repository sent validators."""
         self.manifest_problems: dict[str, dict[str, str]] = {}
         """Channel → the refusal of its manifest in force (``reason``, ``key``, ``since``)."""
 
-    async def remember_manifest(self, manifest: Manifest) -> None:
+    async def remember_manifest(
+        self, manifest: Manifest, conditional: Verified | None = None
+    ) -> None:
         """The newest verified manifest of a channel, for status and hotfix listings.
 
         A changed one is also stored (kv ``manifests``, key = channel, value
-        ``{"saved_at", "manifest"}``) for readers of the store that cannot fetch it
-        themselves, such as ``tgops check-versions``, and for the next start. Every call
-        records the time of this successful fetch (``heartbeat.record_poll``).
+        ``{"saved_at", "manifest"}``, with ``"conditional"``: the validators, signature and
+        key it was verified with, so that the next request for it, also after a restart, is
+        conditional) for readers of the store that cannot fetch it themselves, such as
+        ``tgops check-versions``, and for the next start. Every call records the time of
+        this successful fetch (``heartbeat.record_poll``).
         """
+        channel = manifest.channel
         async with asyncio.timeout(REFRESH_TIMEOUT):
-            await record_poll(self.store, manifest.channel)
-        if self.manifests.get(manifest.channel) == manifest:
+            await record_poll(self.store, channel)
+        known = self.manifests.get(channel)
+        same = known is manifest or known == manifest
+        if conditional is not None and conditional.manifest is not manifest:
+            conditional = None
+        if same and (conditional is None or conditional.same_source(self.verified.get(channel))):
             return
-        self.manifests[manifest.channel] = manifest
+        self.manifests[channel] = manifest
+        value: dict[str, Any] = {
+            "saved_at": self.clock.now().isoformat(),
+            "manifest": manifest.model_dump(mode="json"),
+        }
+        if conditional is not None:
+            self.verified[channel] = conditional
+            value["conditional"] = conditional.to_json()
+        else:
+            self.verified.pop(channel, None)
         async with asyncio.timeout(REFRESH_TIMEOUT):
-            await self.store.kv_set(
-                MANIFESTS_KV,
-                manifest.channel,
-                {
-                    "saved_at": self.clock.now().isoformat(),
-                    "manifest": manifest.model_dump(mode="json"),
-                },
-            )
+            await self.store.kv_set(MANIFESTS_KV, channel, value)
 
     async def start(self) -> None:
         """Register the configured nodes in the store and read their state once."""
@@ -107,9 +122,14 @@ class Engine:
             saved = await self.store.kv_get(MANIFESTS_KV, channel)
             if isinstance(saved, dict):
                 try:
-                    self.manifests[channel] = Manifest.model_validate(saved["manifest"])
+                    manifest = Manifest.model_validate(saved["manifest"])
                 except (KeyError, ValidationError):
                     log.warning("the stored manifest of channel %s is unreadable; ignored", channel)
+                else:
+                    self.manifests[channel] = manifest
+                    conditional = Verified.from_json(manifest, saved.get("conditional"))
+                    if conditional is not None:
+                        self.verified[channel] = conditional
             problem = await self.store.kv_get(MANIFEST_PROBLEMS_KV, channel)
             if isinstance(problem, dict) and isinstance(problem.get("reason"), str):
                 self.manifest_problems[channel] = problem

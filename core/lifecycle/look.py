@@ -6,7 +6,10 @@ channel's manifest is fetched and its signature verified once for all of them (t
 run that needs it fetches it, the others wait for that fetch; when that fetch fails, each
 run fetches on its own with its retry policy), and each node's state is
 the one read when the command or occurrence started, instead of one more status query per
-run. A look lives only in memory: a run resumed after a restart plans afresh.
+run. A look lives only in memory: a run resumed after a restart plans afresh. A look's
+fetch is a conditional request (``core.repository.conditional``): when the manifest has
+not changed since the last look, command or poll, the repository answers 304 and the
+manifest verified then is used.
 """
 
 from __future__ import annotations

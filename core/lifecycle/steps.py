@@ -31,6 +31,7 @@ from core.lifecycle.runs import (
 )
 from core.lifecycle.slots import SlotGate
 from core.model import Actor, PackageKind, StagedPackage
+from core.repository.conditional import KeepsVerified
 from core.repository.manifest import Manifest, PackageEntry
 from core.repository.retry import RetryPolicy
 from core.store import NodeRecord
@@ -141,8 +142,14 @@ class UpdateSteps:
         manifest = await self.retry.run(
             lambda: self._repo().manifest(channel), describe=f"channel {channel}"
         )
-        await self.engine.remember_manifest(manifest)
+        await self.remember(manifest)
         return manifest
+
+    async def remember(self, manifest: Manifest) -> None:
+        """Keep ``manifest`` (just fetched) with what makes its next request conditional."""
+        repo = self._repo()
+        kept = repo.verified_record(manifest) if isinstance(repo, KeepsVerified) else None
+        await self.engine.remember_manifest(manifest, kept)
 
     async def interactive_manifest(self, channel: str | None = None) -> Manifest:
         """For a command someone waits for: one fetch, and when the repository does not
@@ -164,7 +171,7 @@ class UpdateSteps:
         manifest = await self.retry.once(
             lambda: repo.manifest(channel), describe=f"channel {channel}"
         )
-        await self.engine.remember_manifest(manifest)
+        await self.remember(manifest)
         return manifest
 
     def look_of(self, run_id: int) -> Look | None:
@@ -185,7 +192,7 @@ class UpdateSteps:
         problems = []
         for channel in (updates.channel, updates.oldstable_channel):
             try:
-                await self.engine.remember_manifest(await self._repo().manifest(channel))
+                await self.remember(await self._repo().manifest(channel))
             except TgopsError as exc:
                 problems.append(str(exc))
         return problems

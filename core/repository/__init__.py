@@ -2,6 +2,7 @@
 
 - ``manifest``: the channel manifest's wire format (pydantic).
 - ``client``: the repository over HTTP(S) or ``file://`` (manifest, signature, packages).
+- ``conditional``: a verified manifest kept with its ETag (``If-None-Match``, 304).
 - ``cache``: the content cache of package files: resumable downloads, verified by SHA-256.
 - ``retry``: the download retry policy (L5): named transient errors only, every attempt logged.
 - ``publish``: ``tgops keygen`` and ``tgops publish``, writing a static signed repository.

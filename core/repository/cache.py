@@ -30,6 +30,7 @@ from urllib.request import url2pathname
 import aiohttp
 
 from core.errors import DownloadError, DownloadMismatchError, PackageNotFoundError
+from core.repository.conditional import Validators
 from core.repository.partial import CHUNK_SIZE, PartialFile
 
 if TYPE_CHECKING:
@@ -86,6 +87,14 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fetched:
+    """A small file read in full, with the validators the server sent with it."""
+
+    body: bytes
+    validators: Validators
 
 
 @dataclass(slots=True)
@@ -415,11 +424,27 @@ class Downloader:
 
     async def read(self, url: str, *, package: str, limit: int = MANIFEST_LIMIT) -> bytes:
         """A small file (a manifest) in memory; ``package`` names it in errors."""
+        fetched = await self.read_if_changed(url, package=package, limit=limit)
+        assert fetched is not None  # no validators sent: never "not modified"
+        return fetched.body
+
+    async def read_if_changed(
+        self,
+        url: str,
+        *,
+        package: str,
+        limit: int = MANIFEST_LIMIT,
+        validators: Validators | None = None,
+    ) -> Fetched | None:
+        """A small file in memory with its validators, or None when the server answers
+        ``304 Not Modified`` to the conditional request made with ``validators``
+        (``file://`` URLs are always read)."""
         if url.startswith("file://"):
-            return await asyncio.to_thread(_read_local, url, package, limit)
+            body = await asyncio.to_thread(_read_local, url, package, limit)
+            return Fetched(body=body, validators=Validators())
         try:
             async with asyncio.timeout(self.manifest_timeout):
-                return await self._read(url, package, limit)
+                return await self._read(url, package, limit, validators or Validators())
         except TimeoutError as exc:
             raise DownloadError(
                 package,
@@ -428,11 +453,16 @@ class Downloader:
                 transient=True,
             ) from exc
 
-    async def _read(self, url: str, package: str, limit: int) -> bytes:
+    async def _read(
+        self, url: str, package: str, limit: int, validators: Validators
+    ) -> Fetched | None:
+        headers = {**_IDENTITY, **validators.request_headers()}
         try:
             async with self.session.get(
-                url, headers=_IDENTITY, timeout=self._timeout, auto_decompress=False
+                url, headers=headers, timeout=self._timeout, auto_decompress=False
             ) as response:
+                if response.status == 304 and validators:
+                    return None
                 if response.status != 200:
                     raise _status_error(package, url, response.status)
                 body = bytearray()
@@ -442,7 +472,8 @@ class Downloader:
                         raise DownloadError(
                             package, f"{url} is larger than {limit} bytes", transient=False
                         )
-                return bytes(body)
+                answered = Validators.from_headers(response.headers)
+                return Fetched(body=bytes(body), validators=answered)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _network_error(package, url, exc, self._timeouts) from exc
 

@@ -10,6 +10,7 @@ Layout (README, "Update repository")::
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote, urljoin
 
@@ -24,7 +25,8 @@ from core.errors import (
     UnknownChannelError,
     UnsafePathError,
 )
-from core.repository.cache import MANIFEST_LIMIT, Downloader, Progress
+from core.repository.cache import MANIFEST_LIMIT, Downloader, Fetched, Progress
+from core.repository.conditional import Verified, key_id, signature_text
 from core.repository.freshness import Freshness
 from core.repository.manifest import Manifest, PackageEntry, is_confined_path, verify_manifest
 
@@ -62,6 +64,7 @@ class HttpRepository:
         *,
         manifest_limit: int = MANIFEST_LIMIT,
         freshness: Freshness | None = None,
+        verified: Mapping[str, Verified] | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://", "file://")):
             raise ValueError(f"{base_url!r}: the repository URL must be http(s):// or file://")
@@ -71,6 +74,13 @@ class HttpRepository:
         self._limit = manifest_limit
         self.freshness = freshness
         """Refuses rolled-back and expired manifests (``None``: the signature only)."""
+        self._key_id = key_id(public_key)
+        self.verified: dict[str, Verified] = dict(verified or {})
+        """Channel → the last accepted manifest with its validators (conditional requests)."""
+        self.downloaded = 0
+        """Manifests downloaded and verified."""
+        self.not_modified = 0
+        """Manifests reused after a ``304 Not Modified``."""
 
     def url_of(self, path: str) -> str:
         """The URL of a repository-relative file path; ``ValueError`` if it leaves the root."""
@@ -82,18 +92,64 @@ class HttpRepository:
         return url
 
     async def manifest(self, channel: str) -> Manifest:
-        """The channel's manifest; the signature is verified before anything is parsed."""
+        """The channel's manifest; the signature is verified before anything is parsed.
+
+        Over HTTP the request is conditional when a verified manifest of the channel is kept
+        (``conditional``): a ``304 Not Modified`` whose signature file is unchanged reuses
+        it without downloading or verifying it again. Freshness is checked either way.
+        """
         path = manifest_path(channel)
         url = self.url_of(path)
         what = f"channel {channel} manifest"
+        kept = self.verified.get(channel)
+        if kept is not None and kept.key != self._key_id:
+            kept = None  # verified with another key: download and verify again
+        fetched = await self._read(channel, url, what, kept)
+        signature = await self._signature(channel, path, url, what)
+        if fetched is None and kept is not None and signature_text(signature) == kept.signature:
+            self.not_modified += 1
+            manifest = kept.manifest
+        else:
+            if fetched is None:  # the signature changed while the manifest did not
+                fetched = await self._read(channel, url, what, None)
+                assert fetched is not None
+            self.downloaded += 1
+            manifest = verify_manifest(channel, fetched.body, signature, self._key)
+            kept = Verified(
+                manifest=manifest,
+                validators=fetched.validators,
+                signature=signature_text(signature),
+                key=self._key_id,
+            )
+        accepted = manifest if self.freshness is None else await self.freshness.check(manifest)
+        if accepted is manifest:
+            self.verified[channel] = kept
+        return accepted
+
+    def verified_record(self, manifest: Manifest) -> Verified | None:
+        """How ``manifest`` (returned by ``manifest``) is requested conditionally next time:
+        the record to keep with it, or None when its repository sent no validators."""
+        kept = self.verified.get(manifest.channel)
+        if kept is None or kept.manifest is not manifest or not kept.validators:
+            return None
+        return kept
+
+    async def _read(
+        self, channel: str, url: str, what: str, kept: Verified | None
+    ) -> Fetched | None:
+        validators = kept.validators if kept is not None else None
         try:
-            body = await self._downloader.read(url, package=what, limit=self._limit)
+            return await self._downloader.read_if_changed(
+                url, package=what, limit=self._limit, validators=validators
+            )
         except PackageNotFoundError as exc:
             raise UnknownChannelError(channel, self.base_url) from exc
         except DownloadError as exc:
             raise ManifestFetchError(channel, exc.cause, transient=exc.transient) from exc
+
+    async def _signature(self, channel: str, path: str, url: str, what: str) -> bytes:
         try:
-            signature = await self._downloader.read(url + ".sig", package=what, limit=4096)
+            return await self._downloader.read(url + ".sig", package=what, limit=4096)
         except PackageNotFoundError as exc:
             raise ManifestError(
                 channel,
@@ -101,10 +157,6 @@ class HttpRepository:
             ) from exc
         except DownloadError as exc:
             raise ManifestFetchError(channel, exc.cause, transient=exc.transient) from exc
-        manifest = verify_manifest(channel, body, signature, self._key)
-        if self.freshness is None:
-            return manifest
-        return await self.freshness.check(manifest)
 
     async def download(self, entry: PackageEntry, progress: Progress | None = None) -> Path:
         """A verified local copy of the entry's file (from the cache when present)."""
