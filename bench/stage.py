@@ -11,9 +11,10 @@ process), and measures in a child process of its own:
   downloaded, verified and staged on the node). Before each run the cache and the staged
   file are removed. Against ``curl -o FILE`` of the same URL (its ``time_total``); the
   two take turns, median of ``--runs``.
-* **ssh**: ``SshDriver.stage`` (a fresh connection, SFTP upload, ``sha256sum`` on the node,
-  rename) to a real sshd on 127.0.0.1 (``tests/sshd.py``), against ``scp`` of the same file
-  to the same directory, taking turns, median of ``--runs``.
+* **ssh**: ``SshDriver.stage`` (a fresh connection, the file streamed over one channel into
+  ``cat``, the ``checksum`` template on the node, rename) to a real sshd on 127.0.0.1
+  (``tests/sshd.py``), against ``scp`` of the same file to the same directory (OpenSSH's
+  default cipher), taking turns, median of ``--runs``.
 
 The figures go to bench/RESULTS.md under "## Staging (issue 15)" (other sections are kept).
 """
@@ -274,7 +275,7 @@ def render(runs: int, box: dict[str, Any], remote: dict[str, Any]) -> str:
             row("`curl -o FILE` of the package", box["curl"]),
             row("`download n1` through the API until staged on a sandbox node", box["ours"]),
             row("`scp` to a real sshd on 127.0.0.1", remote["scp"]),
-            row("ssh driver `stage` (connect, SFTP, `sha256sum` on the node)", remote["ours"]),
+            row("ssh driver `stage` (connect, stream, `checksum` on the node)", remote["ours"]),
             "",
             f"- sandbox: **{box_ratio:.2f} x** `curl -o` (target >= {TARGET}): "
             f"{verdict(box_ratio >= TARGET)}; the staged file is "
