@@ -181,7 +181,7 @@ class FleetCollector:
         outbox = GaugeMetricFamily(
             "tgops_outbox_items",
             "Notifications in the outbox by channel and status (pending and sending: the "
-            "depth; failed: delivery given up)",
+            "depth; failed: delivery given up; uncertain: may have gone out, not sent again)",
             labels=["channel", "status"],
         )
         for (channel, status), count in sorted(snap.outbox.items()):

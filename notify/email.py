@@ -10,7 +10,12 @@ again after a crash is the same message.
 Failures: no session (connect, TLS, greeting, login) → every item of the batch is retried
 later; the server refusing one message (MAIL, RCPT, DATA) → 4xx retried, 5xx final, and
 the connection goes on with the next; the connection lost mid-batch → the message in
-flight is retried, the untried rest is released for the next connection.
+flight is retried if its DATA had not begun, the untried rest is released for the next
+connection.
+
+No duplicates: before a message's DATA the outbox records it as ``transmitting``
+(``begin``); from then on it is never sent again. The connection lost or a timeout after
+DATA began (the server may have taken the message) makes it "delivery uncertain".
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ from core.store import OutboxRecord
 from notify import mime
 from notify.errors import (
     DeliveryError,
+    DeliveryUncertainError,
+    MarkerNotRecordedError,
     MessageComposeError,
     SmtpConnectionLostError,
     SmtpNotConfiguredError,
     SmtpRefusedError,
     SmtpUnavailableError,
 )
-from notify.outbox import Outcome, Report
+from notify.outbox import Begin, Outcome, Report
 from notify.render import Renderer
 
 log = logging.getLogger(__name__)
@@ -134,7 +141,7 @@ class EmailChannel:
             **kwargs,
         )
 
-    async def deliver(self, items: Sequence[OutboxRecord], report: Report) -> None:
+    async def deliver(self, items: Sequence[OutboxRecord], report: Report, begin: Begin) -> None:
         s = self.settings
         if s.host is None:
             error = SmtpNotConfiguredError()
@@ -155,12 +162,16 @@ class EmailChannel:
                     return
             return
         try:
-            await self._send_all(client, items, report)
+            await self._send_all(client, items, report, begin)
         finally:
             await self._quit(client)
 
     async def _send_all(
-        self, client: aiosmtplib.SMTP, items: Sequence[OutboxRecord], report: Report
+        self,
+        client: aiosmtplib.SMTP,
+        items: Sequence[OutboxRecord],
+        report: Report,
+        begin: Begin,
     ) -> None:
         """Send the batch in order. The next message is composed while the server answers
         the current one (SMTP waits for each reply), so composing stays off the path."""
@@ -171,7 +182,7 @@ class EmailChannel:
                 outcome, go_on = Outcome(item=item, error=current), True
             else:
                 assert current is not None
-                send = asyncio.ensure_future(self._send_one(client, item, current))
+                send = asyncio.ensure_future(self._send_one(client, item, current, begin))
                 try:
                     if index + 1 < len(items):
                         await asyncio.sleep(0)  # MAIL FROM is on its way before composing
@@ -190,28 +201,61 @@ class EmailChannel:
             return exc
 
     async def _send_one(
-        self, client: aiosmtplib.SMTP, item: OutboxRecord, data: bytes
+        self, client: aiosmtplib.SMTP, item: OutboxRecord, data: bytes, begin: Begin
     ) -> tuple[Outcome, bool]:
         """Send one message; the outcome, and whether the connection is still usable.
         aiosmtplib bounds the wait for each reply (MAIL, RCPT, DATA, the message) by
-        ``smtp.timeout``; writes do not wait."""
+        ``smtp.timeout``; writes do not wait. ``begin`` is awaited between RCPT and DATA:
+        after it, a broken connection leaves the delivery uncertain."""
         s = self.settings
         assert s.host is not None
+        options = [f"size={len(data)}"] if client.supports_extension("size") else []
+        in_data = False
+        # the marker is written while the server answers MAIL and RCPT (and, ahead, those of
+        # the next messages)
+        marked = asyncio.ensure_future(begin(item))
         try:
-            await client.sendmail(s.sender, [item.recipient], data)
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            refused = exc.recipients[0]
-            error = SmtpRefusedError("recipient", refused.code, refused.message)
-            return Outcome(item=item, error=error), True
+            await client.mail(s.sender, options=options)
+            await client.rcpt(item.recipient)
+            await marked
+            in_data = True
+            await client.data(data)
+        except MarkerNotRecordedError as exc:
+            await self._reset(client)
+            return Outcome(item=item, error=exc), False
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            await self._reset(client)
+            error = SmtpRefusedError("recipient", exc.code, exc.message)
+            return Outcome(item=item, error=error), client.is_connected
         except aiosmtplib.SMTPSenderRefused as exc:
-            return Outcome(item=item, error=SmtpRefusedError("sender", exc.code, exc.message)), True
+            await self._reset(client)
+            error = SmtpRefusedError("sender", exc.code, exc.message)
+            return Outcome(item=item, error=error), client.is_connected
         except aiosmtplib.SMTPResponseException as exc:
+            # a reply: the server did not take the message (safe to try again if 4xx)
+            await self._reset(client)
             error = SmtpRefusedError("message", exc.code, exc.message)
-            return Outcome(item=item, error=error), exc.code != 421  # 421: server closes
+            return Outcome(item=item, error=error), exc.code != 421 and client.is_connected
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            if in_data:
+                uncertain = DeliveryUncertainError(
+                    f"SMTP server {s.host}:{s.port}: {_cause(exc)} during DATA"
+                )
+                return Outcome(item=item, uncertain=True, error=uncertain), False
             lost = SmtpConnectionLostError(s.host, s.port, _cause(exc))
             return Outcome(item=item, error=lost), False
+        finally:
+            _drop(marked)
         return Outcome(item=item), True
+
+    async def _reset(self, client: aiosmtplib.SMTP) -> None:
+        """RSET after a refusal, so the connection goes on with the next message."""
+        if not client.is_connected:
+            return
+        try:
+            await client.rset()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            client.close()
 
     async def _quit(self, client: aiosmtplib.SMTP) -> None:
         if not client.is_connected:
@@ -224,6 +268,14 @@ class EmailChannel:
         except asyncio.CancelledError:
             client.close()
             raise
+
+
+def _drop(task: asyncio.Future[None]) -> None:
+    """Cancel a marker request no longer waited for (its failure is not news then)."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
 
 
 def _cause(exc: BaseException) -> str:

@@ -49,6 +49,31 @@ class SmtpConnectionLostError(DeliveryError):
         )
 
 
+class DeliveryUncertainError(DeliveryError):
+    """The transmission of a message had begun (an e-mail's DATA) when it broke off: the
+    receiving server may have taken it. It is not sent again (no duplicate); the admins
+    are told to check."""
+
+    def __init__(self, cause: str) -> None:
+        self.cause = cause
+        super().__init__(
+            f"delivery uncertain: {cause}; not sent again, check with the recipient whether "
+            "it arrived",
+            transient=False,
+        )
+
+
+class MarkerNotRecordedError(DeliveryError):
+    """The store did not record that a message's transmission begins: it is not sent
+    now (a crash could not tell whether it went out), but later."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(
+            f"not sent: the start of its transmission could not be recorded ({cause}); retrying",
+            transient=True,
+        )
+
+
 class SmtpRefusedError(DeliveryError):
     """The server answered the message with an error: 4xx is retried, 5xx is final."""
 

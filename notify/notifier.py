@@ -42,7 +42,7 @@ from notify.calls import CallRegistry
 from notify.email import EmailChannel
 from notify.escalation import Callee, Escalations, hotfix_vars
 from notify.i18n import Translator, message_time, translator
-from notify.outbox import Backoff, Notification, Outbox
+from notify.outbox import Backoff, Notification, Outbox, Outcome
 from notify.phone import CallChannel, SmsChannel, Twilio
 from notify.render import Renderer
 from notify.watch import HotfixWatch
@@ -50,9 +50,11 @@ from notify.webhooks import TwilioWebhooks
 
 log = logging.getLogger(__name__)
 
+UNCERTAIN_KEY = "delivery-uncertain:"
+"""Key prefix of the admin alert about a notification whose delivery is uncertain."""
 STOP_GRACE = 5.0
 """How long a stopping notifier lets a message being sent finish (then it is cut off and
-sent again at the next start)."""
+sent again at the next start, or reported as delivery uncertain if its DATA had begun)."""
 STOP_TIMEOUT = 10.0
 """Bound for the notifier's tasks to end when the service stops."""
 LEADER_CHECK = 0.5
@@ -129,6 +131,7 @@ class Notifier:
             alert=self.alert_admins,
         )
         self.outbox.listen(self.escalations.on_outcome)
+        self.outbox.listen(self._on_uncertain)
         self.watch = HotfixWatch(
             store=store,
             repository=repository,
@@ -155,15 +158,23 @@ class Notifier:
                 log.warning(
                     "twilio.%s not set: urgent hotfixes are not phoned", ", twilio.".join(missing)
                 )
-            if self.store.dialect == "sqlite":
-                # one instance per SQLite store: what is "sending" was this service's own
-                # when it died; due at once instead of after its lease
-                released = await self.store.release_outbox(now=utcnow())
-                if released:
-                    log.info(
-                        "outbox: %d notification(s) left in delivery by a crash are due again",
-                        released,
-                    )
+            # one instance per SQLite store: what is "sending" was this service's own
+            # when it died, due at once instead of after its lease; what was being
+            # transmitting is "delivery uncertain" (never sent twice) and the admins are told
+            released, uncertain = await self.outbox.recover(
+                single_instance=self.store.dialect == "sqlite"
+            )
+            if released:
+                log.info(
+                    "outbox: %d notification(s) left in delivery by a crash are due again",
+                    released,
+                )
+            if uncertain:
+                log.warning(
+                    "outbox: %d notification(s) were being transmitted when the service "
+                    "stopped: delivery uncertain, not sent again (see log)",
+                    uncertain,
+                )
             self.bus.subscribe("notify", self._on_event)
             self._task = asyncio.create_task(self._run(), name="notify")
             self._task.add_done_callback(_report_end)
@@ -419,6 +430,30 @@ class Notifier:
                 )
                 for address in addresses
             )
+        )
+
+    async def _on_uncertain(self, outcome: Outcome) -> None:
+        """Outbox listener: a notification whose delivery is uncertain (it may have gone out;
+        it is not sent again) is reported to the admins, once."""
+        item = outcome.item
+        if not outcome.uncertain or item.key.startswith(UNCERTAIN_KEY):
+            return  # not about an alert of this kind (no chain of alerts)
+        channel = self.outbox.channels.get(item.channel)
+        what = (
+            channel.describe(item) if channel is not None else f"{item.channel} to {item.recipient}"
+        )
+        target = str(item.payload.get("target") or "-")
+        await self.alert_admins(
+            key=f"{UNCERTAIN_KEY}{item.key}",
+            title=f"Delivery uncertain: {what}",
+            node=target,
+            target=target,
+            detail=str(outcome.error) if outcome.error is not None else "",
+            hint=(
+                "Its transmission had begun when it broke off, so the recipient may or may not "
+                "have it. tgops does not send it again (no duplicates); check with the "
+                "recipient and send it by hand if it is missing."
+            ),
         )
 
     async def _admin_event(self, event: ev.Event) -> None:

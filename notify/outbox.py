@@ -14,13 +14,25 @@ one transaction:
 * permanent failure (SMTP 5xx, Twilio 4xx, nothing configured): status ``failed`` with its
   reason and an audit record "notification failed";
 * released (not tried: the connection was lost before its turn, or the service stops):
-  pending again at once, no attempt counted.
+  pending again at once, no attempt counted;
+* uncertain (its transmission had begun, e.g. an e-mail's DATA, when it broke off):
+  status ``uncertain`` and an audit record "delivery uncertain"; never sent again.
+
+Before a channel starts the transmission of an item (``begin``: an e-mail's DATA), the
+item is marked ``transmitting`` in the store. Markers are written ahead (``MARK_AHEAD``
+items of a batch, the first ones while the server answers the first message's envelope,
+the next ones while it answers earlier messages), in the recorder's transactions, so they
+cost no waiting. An item marked ``transmitting`` is never sent again automatically: after a crash
+(``recover``, or its lease running out on a store several instances share) it becomes
+``uncertain``, is audited as "delivery uncertain" and the listeners are told (the notifier
+alerts the admins). A crash therefore leaves uncertain: the messages under way, those
+sent whose outcome was not written yet, and at most ``MARK_AHEAD`` marked ahead per batch.
 
 The worker sleeps until it is woken or the next item is due (at most ``idle`` seconds,
 the bounded look for retries). Items survive restarts; a sender killed mid-batch leaves
 its claim to expire after the lease (a service on SQLite, which one instance owns,
-releases it when it starts again), then the items are sent again (at least once; an
-e-mail keeps its Message-ID so receivers can drop a duplicate).
+releases it when it starts again), then the items not marked ``transmitting`` are sent
+(they never reached the point of no return).
 """
 
 from __future__ import annotations
@@ -35,7 +47,13 @@ from typing import Any, Protocol
 
 from core.settings import NotifySettings
 from core.store import OutboxRecord, Store, utcnow
-from notify.errors import DeliveryError, DeliveryTimeoutError, UnexpectedDeliveryError
+from notify.errors import (
+    DeliveryError,
+    DeliveryTimeoutError,
+    DeliveryUncertainError,
+    MarkerNotRecordedError,
+    UnexpectedDeliveryError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +69,12 @@ PUT_CHUNK = 1000
 """Notifications stored per transaction by ``put``."""
 SETTLE_TIMEOUT = 10.0
 """Bound for recording outcomes while the service stops."""
+MARK_AHEAD = 20
+"""Items of a batch marked ``transmitting`` ahead of the one being sent (written when
+fewer than half of that are left): the marker of a message is durable before its turn
+without a wait, and a crash leaves at most this many marked that had not begun."""
+CRASHED = "the service stopped while it was being transmitted; the server may have taken it"
+"""Why an item found ``transmitting`` after a crash is uncertain."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,17 +104,23 @@ class Outcome:
     item: OutboxRecord
     error: DeliveryError | None = None
     released: bool = False
+    uncertain: bool = False
+    """The transmission had begun when it broke off (``error`` says how): not sent again."""
     detail: str = ""
 
     @property
     def sent(self) -> bool:
-        return self.error is None and not self.released
+        return self.error is None and not self.released and not self.uncertain
 
 
 Report = Callable[[Outcome], bool]
 """Called by a channel with each outcome; ``False``: stop here (the outbox is stopping),
 the items not reported yet are released."""
 Listener = Callable[[Outcome], Awaitable[None]]
+Begin = Callable[[OutboxRecord], Awaitable[None]]
+"""Awaited by a channel right before the point of no return of an item (an e-mail's
+DATA): returns once the store says the item is ``transmitting``; raises
+``MarkerNotRecordedError`` when it could not record that (then do not transmit)."""
 
 
 class Channel(Protocol):
@@ -113,10 +143,12 @@ class Channel(Protocol):
     def describe(self, item: OutboxRecord) -> str:
         """A short line naming the notification, for the audit log."""
 
-    async def deliver(self, items: Sequence[OutboxRecord], report: Report) -> None:
+    async def deliver(self, items: Sequence[OutboxRecord], report: Report, begin: Begin) -> None:
         """Deliver ``items`` in order, calling ``report`` once per item as soon as its fate
-        is known, and returning when it answers ``False``. Items not reported when this
-        returns or raises count as released."""
+        is known, and returning when it answers ``False``. A channel that must not repeat
+        an item whose transmission had begun awaits ``begin(item)`` right before that
+        point. Items not reported when this returns or raises count as released, or as
+        uncertain when ``begin`` had returned for them."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,6 +222,46 @@ class Outbox:
             if channel is None or name == channel:
                 event.set()
 
+    async def recover(self, *, single_instance: bool) -> tuple[int, int]:
+        """At start: items left ``transmitting`` by a crash become ``uncertain`` (audited,
+        listeners told), and with ``single_instance`` (SQLite: nobody else sends them) the
+        items left ``sending`` are due at once. (released, uncertain)"""
+        now = utcnow()
+        released = await self.store.release_outbox(now=now) if single_instance else 0
+        found = await self.store.transmitting_outbox(now=None if single_instance else now)
+        uncertain = await self._make_uncertain(found)
+        return released, uncertain
+
+    async def _make_uncertain(self, items: Sequence[OutboxRecord]) -> int:
+        """Settle items found ``transmitting`` with no sender left as uncertain."""
+        items = [i for i in items if i.channel in self.channels]
+        if not items:
+            return 0
+        audits = {
+            i.id: self._audit(
+                "delivery uncertain",
+                i.payload.get("target"),
+                f"{self.channels[i.channel].describe(i)}: {CRASHED}; not sent again",
+            )
+            for i in items
+        }
+        done = set(await self.store.settle_uncertain(audits, error=CRASHED))
+        for item in items:
+            if item.id in done:
+                log.warning(
+                    "%s: delivery uncertain (%s); not sent again",
+                    self.channels[item.channel].describe(item),
+                    CRASHED,
+                )
+        outcomes = [
+            Outcome(item=i, uncertain=True, error=DeliveryUncertainError(CRASHED))
+            for i in items
+            if i.id in done
+        ]
+        for name in {o.item.channel for o in outcomes}:
+            await self._tell(self.channels[name], [o for o in outcomes if o.item.channel == name])
+        return len(outcomes)
+
     async def run(self) -> None:
         """Deliver until stopped (``stop``) or cancelled: one worker task per channel."""
         self._stopping.clear()
@@ -229,6 +301,7 @@ class Outbox:
     async def _claim_loop(self, channel: Channel, recorder: _Recorder) -> None:
         wake = self._wakes[channel.name]
         slots = asyncio.Semaphore(max(1, channel.parallel))
+        swept = asyncio.get_running_loop().time()
         async with asyncio.TaskGroup() as group:
             while not self._stopping.is_set():
                 await slots.acquire()
@@ -243,6 +316,12 @@ class Outbox:
                         lease_until=now + timedelta(seconds=channel.lease),
                         limit=channel.batch_size,
                     )
+                    if not batch and asyncio.get_running_loop().time() - swept >= self.idle:
+                        # another instance died while transmitting: its lease has run out
+                        swept = asyncio.get_running_loop().time()
+                        await self._make_uncertain(
+                            await self.store.transmitting_outbox(channel=channel.name, now=now)
+                        )
                     if not batch:
                         due = await self.store.next_outbox_due(channel=channel.name)
                         if due is not None:
@@ -305,7 +384,7 @@ class Outbox:
             await run.detach()
             # reported but not recorded (stopping, or a store error), and never tried
             left = [o for o in run.history if o.item.id not in run.settled]
-            left += [Outcome(item=i, released=True) for i in batch if i.id not in run.seen]
+            left += [run.untried(i) for i in batch if i.id not in run.seen]
             if left:
                 await self._settle_shielded(channel, left)
         await self._tell(channel, run.history)
@@ -314,7 +393,7 @@ class Outbox:
         bound = channel.lease * 0.9
         try:
             async with asyncio.timeout(bound):
-                await channel.deliver(run.items, run.report)
+                await channel.deliver(run.items, run.report, run.begin)
         except TimeoutError:
             log.warning(
                 "outbox %s: batch of %d took longer than %.0fs; the rest is retried",
@@ -355,7 +434,10 @@ class Outbox:
                 except Exception:
                     log.exception("outbox %s: a listener failed", channel.name)
 
-    async def _settle(self, channel: Channel, outcomes: Sequence[Outcome]) -> None:
+    async def _settle(
+        self, channel: Channel, outcomes: Sequence[Outcome], marks: Sequence[int] = ()
+    ) -> None:
+        """Write outcomes, and the ``transmitting`` markers ``marks``, in one transaction."""
         now = utcnow()
         results: list[dict[str, Any]] = []
         audits: list[dict[str, Any]] = []
@@ -367,6 +449,12 @@ class Outbox:
                 results.append(
                     {"id": item.id, "status": "pending", "attempted": False, "retry_at": now}
                 )
+                continue
+            if outcome.uncertain:
+                error = str(outcome.error) if outcome.error is not None else CRASHED
+                results.append({"id": item.id, "status": "uncertain", "error": error})
+                audits.append(self._audit("delivery uncertain", target, f"{what}: {error}"))
+                log.warning("%s: %s", what, error)
                 continue
             if outcome.error is None:
                 results.append({"id": item.id, "status": "sent"})
@@ -399,7 +487,7 @@ class Outbox:
             results.append({"id": item.id, "status": "failed", "error": error})
             audits.append(self._audit("notification failed", target, f"{what}: {error}"))
             log.warning("%s failed for good: %s", what, error)
-        await self.store.settle_outbox(results, audits)
+        await self.store.settle_outbox(results, audits, transmitting=marks)
 
     def _audit(self, action: str, target: Any, detail: str) -> dict[str, Any]:
         return {
@@ -411,14 +499,30 @@ class Outbox:
         }
 
 
+class _Marks:
+    """``transmitting`` markers requested for the items of a batch before ``upto``."""
+
+    def __init__(self, ids: list[int], upto: int) -> None:
+        self.ids = ids
+        self.upto = upto
+        self.done = asyncio.Event()
+        self.error: str | None = None
+
+    def settle(self, error: str | None) -> None:
+        self.error = error
+        self.done.set()
+
+
 class _Recorder:
     """Writes the outcomes of a channel's batches: all that came within ``RECORD_DELAY``
-    in one transaction, at once when a batch has ended (its listeners wait for it)."""
+    in one transaction, at once when a batch has ended (its listeners wait for it), and
+    the ``transmitting`` markers at once (with the outcomes that came meanwhile)."""
 
     def __init__(self, outbox: Outbox, channel: Channel) -> None:
         self._outbox = outbox
         self._channel = channel
         self._pending: list[tuple[_Batch, Outcome]] = []
+        self._marks: list[tuple[_Batch, _Marks]] = []
         self._more = asyncio.Event()
         self._now = asyncio.Event()
         self._closing = False
@@ -427,9 +531,18 @@ class _Recorder:
         self._pending.append((batch, outcome))
         self._more.set()
 
+    def mark(self, batch: _Batch, marks: _Marks) -> None:
+        self._marks.append((batch, marks))
+        self.flush()
+
     def withdraw(self, batch: _Batch) -> None:
-        """Drop the batch's outcomes not written yet (the batch writes them itself)."""
+        """Drop the batch's outcomes and markers not written yet (the batch writes its
+        outcomes itself; markers are no longer needed)."""
         self._pending = [entry for entry in self._pending if entry[0] is not batch]
+        for owner, marks in self._marks:
+            if owner is batch:
+                marks.settle("the batch has ended")
+        self._marks = [entry for entry in self._marks if entry[0] is not batch]
 
     def flush(self) -> None:
         """Write what is pending without waiting for more (a batch has ended)."""
@@ -454,23 +567,34 @@ class _Recorder:
             self._more.clear()
             self._now.clear()
             chunk, self._pending = self._pending, []
-            if chunk:
-                await self._write(chunk)
-            if self._pending:
+            marks, self._marks = self._marks, []
+            if chunk or marks:
+                await self._write(chunk, marks)
+            if self._marks:
+                self._now.set()
+            if self._pending or self._marks:
                 self._more.set()  # came in while writing: the next write, after the delay
             elif self._closing:
                 return
 
-    async def _write(self, chunk: list[tuple[_Batch, Outcome]]) -> None:
-        batches = list({id(batch): batch for batch, _ in chunk}.values())
+    async def _write(
+        self, chunk: list[tuple[_Batch, Outcome]], marks: list[tuple[_Batch, _Marks]]
+    ) -> None:
+        batches = list({id(batch): batch for batch, _ in chunk + marks}.values())
         for batch in batches:
             batch.writing += 1
             batch.idle.clear()
         try:
-            await self._outbox._settle(self._channel, [outcome for _, outcome in chunk])
-        except Exception:
+            await self._outbox._settle(
+                self._channel,
+                [outcome for _, outcome in chunk],
+                [i for _, m in marks for i in m.ids],
+            )
+        except Exception as exc:
             # each batch writes what is left itself when it ends
             log.exception("outbox %s: outcomes not recorded", self._channel.name)
+            for _, m in marks:
+                m.settle(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             for batch in batches:
                 self.withdraw(batch)
                 batch.detached = True
@@ -481,6 +605,8 @@ class _Recorder:
                 batch.writing -= 1
                 if not batch.writing:
                     batch.idle.set()
+        for _, m in marks:
+            m.settle(None)
         for batch, outcome in chunk:
             batch.settled.add(outcome.item.id)
         for batch in batches:
@@ -516,6 +642,48 @@ class _Batch:
         self.idle.set()
         self._recorder = recorder
         self._stopping = stopping
+        self._index = {item.id: n for n, item in enumerate(items)}
+        self._requested = 0
+        """``items[:_requested]`` have their ``transmitting`` marker requested."""
+        self._marks: list[_Marks] = []
+        self.begun: set[int] = set()
+        """Items whose transmission may have begun (``begin`` returned for them)."""
+
+    def mark_ahead(self, position: int) -> None:
+        """Request markers up to ``MARK_AHEAD`` items past ``position`` when fewer than
+        half of that are requested already."""
+        if self.detached or self._requested >= len(self.items):
+            return
+        if self._requested - position > MARK_AHEAD // 2:
+            return
+        end = min(len(self.items), position + MARK_AHEAD)
+        marks = _Marks([i.id for i in self.items[self._requested : end]], end)
+        self._requested = end
+        self._marks.append(marks)
+        self._recorder.mark(self, marks)
+
+    async def begin(self, item: OutboxRecord) -> None:
+        position = self._index[item.id]
+        self.mark_ahead(position)
+        marks = next((m for m in self._marks if m.upto > position), None)
+        if marks is None:
+            raise MarkerNotRecordedError("an earlier write to the store failed")
+        try:
+            async with asyncio.timeout(SETTLE_TIMEOUT):
+                await marks.done.wait()
+        except TimeoutError:
+            raise MarkerNotRecordedError(f"no answer within {SETTLE_TIMEOUT:.0f}s") from None
+        if marks.error is not None:
+            raise MarkerNotRecordedError(marks.error)
+        self.begun.add(item.id)
+
+    def untried(self, item: OutboxRecord) -> Outcome:
+        """The outcome of an item the channel did not report: released, or uncertain
+        when its transmission may have begun."""
+        if item.id in self.begun:
+            error = DeliveryUncertainError("the transmission broke off")
+            return Outcome(item=item, uncertain=True, error=error)
+        return Outcome(item=item, released=True)
 
     def report(self, outcome: Outcome) -> bool:
         if outcome.item.id not in self.seen:
@@ -551,5 +719,9 @@ class _Batch:
         """The item in flight when a batch broke off gets the failure; the rest is released."""
         for item in self.items:
             if item.id not in self.seen:
-                self.report(Outcome(item=item, error=error))
+                if item.id in self.begun:
+                    uncertain = DeliveryUncertainError(str(error))
+                    self.report(Outcome(item=item, uncertain=True, error=uncertain))
+                else:
+                    self.report(Outcome(item=item, error=error))
                 return

@@ -36,7 +36,7 @@ from notify.errors import (
     TwilioUnreachableError,
 )
 from notify.i18n import translator
-from notify.outbox import Outcome, Report
+from notify.outbox import Begin, Outcome, Report
 from notify.render import Renderer
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class CallChannel:
         except Exception as exc:
             raise MessageComposeError(self.describe(item), f"{type(exc).__name__}: {exc}") from exc
 
-    async def deliver(self, items: Sequence[OutboxRecord], report: Report) -> None:
+    async def deliver(self, items: Sequence[OutboxRecord], report: Report, begin: Begin) -> None:
         for item in items:
             try:
                 twiml = prompt_twiml(
@@ -282,7 +282,7 @@ class SmsChannel:
         name = item.payload.get("name")
         return f"SMS to {name} ({item.recipient})" if name else f"SMS to {item.recipient}"
 
-    async def deliver(self, items: Sequence[OutboxRecord], report: Report) -> None:
+    async def deliver(self, items: Sequence[OutboxRecord], report: Report, begin: Begin) -> None:
         for item in items:
             try:
                 try:

@@ -7,6 +7,8 @@
         server.refuse_sender = "550 5.7.1 sender rejected"   # answer every MAIL FROM so
         server.refuse_recipients["x@example.org"] = "550 5.1.1 no such user"
         server.drop_at = {2}             # close the connection at the 2nd MAIL FROM
+        server.hold = asyncio.Event()    # a message is taken, its reply waits until set
+        await server.holding.wait()      # (a message is being held)
         await server.stop(); await server.start()   # down (connections cut), up again
 
 ``tls``: "none", "starttls" (offered and required before AUTH and MAIL) or "implicit".
@@ -74,6 +76,7 @@ class _Handler:
 
     async def handle_DATA(self, smtp: Any, session: Any, envelope: Any) -> str:
         srv = self.server
+        hold = srv.hold is not None and not srv.hold.is_set()
         if srv.discard:
             srv.count += 1
             return "250 OK"
@@ -92,6 +95,11 @@ class _Handler:
         srv.count += 1
         async with srv.changed:
             srv.changed.notify_all()
+        if hold and srv.hold is not None:
+            # the message is here (a real server may have queued it); the reply waits
+            srv.holding.set()
+            async with asyncio.timeout(WAIT * 3):
+                await srv.hold.wait()
         return "250 2.0.0 accepted"
 
 
@@ -111,6 +119,8 @@ class SmtpServer:
     refuse_sender: str | None = None
     refuse_recipients: dict[str, str] = field(default_factory=dict)
     drop_at: set[int] = field(default_factory=set)
+    hold: asyncio.Event | None = None
+    holding: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _server: asyncio.Server | None = None
     _open: set[Any] = field(default_factory=set)

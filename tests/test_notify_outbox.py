@@ -239,3 +239,29 @@ async def test_outcomes_the_store_refuses_are_not_written_twice(
             f"user{i}@example.org" for i in range(40)
         )
         assert "outcomes not recorded" in caplog.text
+
+
+async def test_a_connection_lost_during_data_is_uncertain_not_sent_again(tmp_path: Path) -> None:
+    async with smtp_server() as server, outbox_for(tmp_path, server) as (outbox, store):
+        server.hold = asyncio.Event()
+        await outbox.put(mail(1), mail(2))
+        async with asyncio.timeout(10):
+            await server.holding.wait()  # user1's message is at the server, unanswered
+        await server.stop()  # the connection breaks before the answer
+        server.hold.set()
+        await server.start()
+
+        async def settled() -> list[str] | None:
+            statuses = [r.status for r in await outbox_rows(store)]
+            return statuses if statuses == ["uncertain", "sent"] else None
+
+        await wait_until(settled, what="user1 uncertain, user2 sent")
+        (row, _) = await outbox_rows(store)
+        assert row.attempts == 1 and "during DATA" in (row.last_error or "")
+        (audit,) = await audit_rows(store, "delivery uncertain")
+        assert audit.detail.startswith("e-mail “[tgops] Test 1” to user1@example.org: ")
+        await asyncio.sleep(0.5)  # backoff is 0.05 s: a retry would have happened
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == [
+        "user1@example.org",
+        "user2@example.org",
+    ]

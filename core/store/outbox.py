@@ -6,12 +6,17 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from core.store import tables as t
 from core.store.base import StoreBase, audit_values, record_of, utcnow
 from core.store.records import OutboxRecord
+
+_o = t.outbox.c
+_TAKEABLE = or_(_o.status == "pending", and_(_o.status == "sending", _o.transmitting.is_(False)))
+"""Pending, or claimed by a sender whose lease may run out, its transmission not begun."""
+_IN_TRANSMISSION = and_(_o.status == "sending", _o.transmitting.is_(True))
 
 
 class OutboxStore(StoreBase):
@@ -149,13 +154,10 @@ class OutboxStore(StoreBase):
         """Take due notifications of a channel for delivery (status ``sending``).
 
         Due are pending ones whose time has come and ``sending`` ones whose lease ran out
-        (their sender died). Until ``lease_until`` no one else takes them.
+        (their sender died) unless their transmission had begun (``transmitting``: those
+        are never sent again). Until ``lease_until`` no one else takes them.
         """
-        due = (
-            t.outbox.c.channel == channel,
-            t.outbox.c.status.in_(("pending", "sending")),
-            t.outbox.c.next_attempt_at <= now,
-        )
+        due = (t.outbox.c.channel == channel, _TAKEABLE, t.outbox.c.next_attempt_at <= now)
         chosen = (
             select(t.outbox.c.id)
             .where(*due)
@@ -180,14 +182,61 @@ class OutboxStore(StoreBase):
     async def release_outbox(self, *, now: datetime) -> int:
         """Make every notification in delivery (``sending``) due again at once; how many.
         Only for a store a single instance uses (SQLite): it took them itself before it
-        stopped, so nobody else is sending them."""
+        stopped, so nobody else is sending them. Those whose transmission may have begun
+        (``transmitting``) are left for ``transmitting_outbox``/``settle_uncertain``."""
         async with self.transaction() as conn:
             result = await conn.execute(
                 update(t.outbox)
-                .where(t.outbox.c.status == "sending")
+                .where(t.outbox.c.status == "sending", t.outbox.c.transmitting.is_(False))
                 .values(status="pending", next_attempt_at=now)
             )
         return int(result.rowcount or 0)
+
+    async def mark_transmitting(self, ids: Sequence[int]) -> None:
+        """Record that the transmission of these claimed notifications may begin (an
+        e-mail's DATA): from now on they are never sent again automatically."""
+        if not ids:
+            return
+        async with self.transaction() as conn:
+            await conn.execute(_mark(ids))
+
+    async def transmitting_outbox(
+        self, *, channel: str | None = None, now: datetime | None = None
+    ) -> list[OutboxRecord]:
+        """Notifications whose transmission may have begun and that were never settled:
+        all of them, or (``now``) those whose sender's lease has run out."""
+        query = select(t.outbox).where(_IN_TRANSMISSION)
+        if channel is not None:
+            query = query.where(t.outbox.c.channel == channel)
+        if now is not None:
+            query = query.where(t.outbox.c.next_attempt_at <= now)
+        return await self._all(query.order_by(t.outbox.c.id), OutboxRecord)
+
+    async def settle_uncertain(
+        self, audits: Mapping[int, Mapping[str, Any]], *, error: str
+    ) -> list[int]:
+        """Mark notifications still in transmission as ``uncertain`` (not sent again) with
+        an audit record each (``audits``: id → arguments of ``audit``), in one transaction;
+        the ids this call settled (another instance may have been first)."""
+        if not audits:
+            return []
+        now = utcnow()
+        async with self.transaction() as conn:
+            done = [
+                int(r[0])
+                for r in await conn.execute(
+                    update(t.outbox)
+                    .where(t.outbox.c.id.in_(list(audits)), _IN_TRANSMISSION)
+                    .values(status="uncertain", last_error=error)
+                    .returning(t.outbox.c.id)
+                )
+            ]
+            if done:
+                await conn.execute(
+                    insert(t.audit),
+                    [_audit_row(now, audits[i]) for i in done],
+                )
+        return done
 
     async def next_outbox_due(self, *, channel: str) -> datetime | None:
         """When the next pending (or leased) notification of a channel is due."""
@@ -195,8 +244,7 @@ class OutboxStore(StoreBase):
             value = (
                 await conn.execute(
                     select(func.min(t.outbox.c.next_attempt_at)).where(
-                        t.outbox.c.channel == channel,
-                        t.outbox.c.status.in_(("pending", "sending")),
+                        t.outbox.c.channel == channel, _TAKEABLE
                     )
                 )
             ).scalar_one_or_none()
@@ -214,8 +262,12 @@ class OutboxStore(StoreBase):
         self,
         results: Sequence[Mapping[str, Any]],
         audits: Sequence[Mapping[str, Any]] = (),
+        *,
+        transmitting: Sequence[int] = (),
     ) -> None:
-        """Record delivery outcomes and their audit records in one transaction.
+        """Record delivery outcomes and their audit records in one transaction, and first
+        mark the claimed items ``transmitting`` (see ``mark_transmitting``). An item that
+        is pending again was not transmitted: its mark is cleared.
 
         Each result has ``id``, ``status`` (pending, sent, failed), optional ``error``,
         ``retry_at`` (next attempt), and ``attempted`` (default true: counts an attempt).
@@ -229,6 +281,8 @@ class OutboxStore(StoreBase):
         ]
         done = set(sent)
         async with self.transaction() as conn:
+            if transmitting:
+                await conn.execute(_mark(transmitting))
             if sent:  # the common case in one statement
                 await conn.execute(
                     update(t.outbox)
@@ -251,27 +305,15 @@ class OutboxStore(StoreBase):
                     values["attempts"] = t.outbox.c.attempts + 1
                 if result["status"] == "sent":
                     values["sent_at"] = now
+                if result["status"] == "pending":
+                    values["transmitting"] = False
                 if result.get("retry_at") is not None:
                     values["next_attempt_at"] = result["retry_at"]
                 await conn.execute(
                     update(t.outbox).where(t.outbox.c.id == result["id"]).values(**values)
                 )
             if audits:
-                await conn.execute(
-                    insert(t.audit),
-                    [
-                        audit_values(
-                            at=now,
-                            actor=a["actor"],
-                            source=a["source"],
-                            action=a["action"],
-                            target=a.get("target"),
-                            detail=a.get("detail", ""),
-                            run_id=a.get("run_id"),
-                        )
-                        for a in audits
-                    ],
-                )
+                await conn.execute(insert(t.audit), [_audit_row(now, a) for a in audits])
 
     async def cancel_outbox(self, key: str, *, reason: str) -> bool:
         """Fail a notification that is still waiting (not being sent); ``False`` otherwise."""
@@ -291,3 +333,23 @@ class OutboxStore(StoreBase):
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
+
+def _audit_row(now: datetime, a: Mapping[str, Any]) -> dict[str, Any]:
+    return audit_values(
+        at=now,
+        actor=a["actor"],
+        source=a["source"],
+        action=a["action"],
+        target=a.get("target"),
+        detail=a.get("detail", ""),
+        run_id=a.get("run_id"),
+    )
+
+
+def _mark(ids: Sequence[int]) -> Any:
+    return (
+        update(t.outbox)
+        .where(t.outbox.c.id.in_(list(ids)), t.outbox.c.status == "sending")
+        .values(transmitting=True)
+    )

@@ -162,6 +162,8 @@ class OutboxRecord:
     last_error: str | None
     created_at: datetime
     sent_at: datetime | None
+    transmitting: bool = False
+    """Its transmission may have begun (an e-mail's DATA): never sent again automatically."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

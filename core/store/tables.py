@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -214,12 +215,16 @@ outbox = Table(
     Column("recipient", String(256), nullable=False),
     Column("subject", Text, nullable=False, default=""),
     Column("payload", JSON, nullable=False, default=dict),
-    Column("status", String(16), nullable=False),  # pending sending sent failed
+    Column(
+        "status", String(16), nullable=False
+    ),  # pending sending transmitting sent failed uncertain
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", UTCDateTime, nullable=False),
     Column("last_error", Text, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("sent_at", UTCDateTime, nullable=True),
+    # sending and its transmission (an e-mail's DATA) may have begun: never sent again
+    Column("transmitting", Boolean, nullable=False, default=False, server_default=false()),
     Index("ix_outbox_due", "status", "next_attempt_at"),
 )
 
