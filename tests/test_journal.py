@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event
 
-from core.store import NewRun, Store
+from core.store import NewRun, NodeChange, RunChange, Store
 from tests.databases import POSTGRES_URL, backends, reset_postgres
 
 NODES = [f"n{i:02d}" for i in range(1, 21)]
@@ -134,3 +134,56 @@ async def test_maintenance_opened_for_many_nodes_at_once(store: Store) -> None:
         sorted(r.target or "" for r in records if r.action == "maintenance scheduled")
         == (NODES[:3])
     )
+
+
+async def test_node_and_run_changes_of_runs_in_flight_share_a_transaction(store: Store) -> None:
+    ids = await _runs(store)
+    await store.update_node(NODES[0], staged={"old": "1"})
+    statements: list[str] = []
+
+    def sent(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement)
+
+    engine = store.engine.sync_engine
+    commits = Commits(store)
+    event.listen(engine, "before_cursor_execute", sent)
+    try:
+        await asyncio.gather(
+            *(
+                store.commit(
+                    NodeChange(name=name, values={"lb": "drained"}),
+                    # derived from the row inside the transaction: the old entry stays
+                    NodeChange(
+                        name=name,
+                        values={},
+                        derive=lambda row: {"staged": {**row.staged, "tgpro": "2"}},
+                    ),
+                    RunChange(run_id=run_id, values={"params": {"plan": [name]}}),
+                    store.audit_entry(
+                        actor="tgops",
+                        source="lifecycle",
+                        action="drain",
+                        target=name,
+                        run_id=run_id,
+                    ),
+                )
+                for name, run_id in zip(NODES, ids, strict=True)
+            )
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", sent)
+        commits.close()
+    # twenty nodes: one transaction per batch, one statement per kind of change
+    assert 1 <= commits.count <= 2, commits.count
+    updates = [s for s in statements if s.lstrip().upper().startswith("UPDATE NODES")]
+    assert 2 <= len(updates) <= 4, updates
+    for name, run_id in zip(NODES, ids, strict=True):
+        node = await store.node(name)
+        first = name == NODES[0]
+        assert node is not None and node.lb == "drained"
+        assert node.version == (3 if first else 2)  # one more per change
+        assert node.staged == ({"old": "1", "tgpro": "2"} if first else {"tgpro": "2"})
+        run = await store.run(run_id)
+        assert run is not None and run.params == {"plan": [name]}
+    drains = [a for a in await store.audit_log(limit=100) if a.action == "drain"]
+    assert sorted(a.target or "" for a in drains) == NODES

@@ -18,7 +18,7 @@ from core import events as ev
 from core import logfields
 from core.errors import TgopsError
 from core.interfaces import EventSink
-from core.store import RunEnd, Store
+from core.store import NodeRecord, RunEnd, Store
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class RunContext:
     completed: set[str] = field(default_factory=set)
     step: str | None = None
     message: str = ""
+    record: NodeRecord | None = None
+    """The node's row as this run last read or wrote it (``None``: read it from the
+    store); steps use it instead of reading the row again."""
     _progress_saved: float = field(default=float("-inf"), init=False, repr=False)
     _progress_last: tuple[int, int] = field(default=(-1, -1), init=False, repr=False)
 
@@ -64,7 +67,7 @@ class RunContext:
         now = asyncio.get_running_loop().time()
         if done >= total or now - self._progress_saved >= PROGRESS_SAVE_INTERVAL:
             self._progress_saved = now
-            await self.store.update_run(self.run_id, progress_done=done, progress_total=total)
+            await self.store.change_run(self.run_id, progress_done=done, progress_total=total)
         await self.events.publish(
             ev.RunProgress(
                 run_id=self.run_id, node=self.node, step=self.step or "", done=done, total=total
@@ -74,7 +77,7 @@ class RunContext:
     async def save_params(self, **values: Any) -> None:
         """Persist data a later step (or a resumed run) needs."""
         self.params.update(values)
-        await self.store.update_run(self.run_id, params=dict(self.params))
+        await self.store.change_run(self.run_id, params=dict(self.params))
 
 
 PROGRESS_SAVE_INTERVAL = 1.0

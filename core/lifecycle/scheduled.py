@@ -468,8 +468,8 @@ class ScheduledRuns:
             )
 
     async def _reboot_if_needed(self, ctx: RunContext) -> None:
-        record = await self.store.node(ctx.node)
-        assert record is not None
+        # the row as the run holds it: its install step set restart_required there
+        record = await self.life.held_record(ctx)
         if record.restart_required:
             await self.life.step_reboot(ctx)
 
@@ -489,7 +489,7 @@ class ScheduledRuns:
         except DownloadFailedError as exc:
             await self.life.set_warning_flag(ctx.node, str(exc))
             raise
-        await self.life.clear_warning_flag(ctx.node)
+        await self.life.clear_warning_flag(ctx.node, ctx.record)
         ctx.message = ctx.message if files else "no updates"
 
     def _loop_time(self, when: datetime) -> float:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from core.model import Actor, PackageKind, StagedPackage
 from core.repository.conditional import KeepsVerified
 from core.repository.manifest import Manifest, PackageEntry
 from core.repository.retry import RetryPolicy
-from core.store import NodeRecord
+from core.store import NodeChange, NodeRecord, RunChange
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +266,11 @@ class UpdateSteps:
         )
         await self.engine.events.publish(ev.WarningFlagSet(node=name, reason=reason))
 
-    async def clear_warning_flag(self, name: str) -> None:
-        record = await self.store.node(name)
+    async def clear_warning_flag(self, name: str, record: NodeRecord | None = None) -> None:
+        """Clear the node's warning flag if it is set (``record``: the node's row as the
+        caller's run holds it; otherwise it is read)."""
+        if record is None:
+            record = await self.store.node(name)
         if record is not None and record.warning_flag_since is not None:
             await self.store.update_node(name, warning_flag_since=None, warning_flag_reason=None)
             await self.engine.record(
@@ -282,6 +285,11 @@ class UpdateSteps:
 
     def _driver(self, ctx: RunContext) -> NodeDriver:
         return self.engine.drivers[ctx.node]
+
+    async def _published(self, ctx: RunContext, text: str) -> None:
+        await self.engine.events.publish(
+            ev.RunStepDone(run_id=ctx.run_id, node=ctx.node, step=ctx.step or "", text=text)
+        )
 
     async def note(self, ctx: RunContext, text: str) -> None:
         """One line of what the run did on its node, as it happens: in the audit log (L13)
@@ -298,6 +306,44 @@ class UpdateSteps:
         assert record is not None
         return record
 
+    async def held_record(self, ctx: RunContext) -> NodeRecord:
+        """The node's row as the run holds it (read once if it holds none)."""
+        if ctx.record is None:
+            ctx.record = await self._node(ctx)
+        return ctx.record
+
+    async def _changed(
+        self,
+        ctx: RunContext,
+        text: str,
+        values: Mapping[str, Any] | None = None,
+        *,
+        derive: Callable[[NodeRecord], Mapping[str, Any]] | None = None,
+        params: bool = False,
+    ) -> None:
+        """Change the run's node (``values``, and ``derive``d from its current row), save
+        the run's parameters (``params``) and note ``text`` (audit), committed together
+        with other runs' records (the run journal); then publish the note."""
+        entries: list[Any] = []
+        if values or derive is not None:
+            entries.append(NodeChange(name=ctx.node, values=dict(values or {}), derive=derive))
+            if ctx.record is not None:
+                held = replace(ctx.record, **(values or {}))
+                ctx.record = replace(held, **derive(held)) if derive is not None else held
+        if params:
+            entries.append(RunChange(run_id=ctx.run_id, values={"params": dict(ctx.params)}))
+        entries.append(
+            self.store.audit_entry(
+                actor=LIFECYCLE.name,
+                source=LIFECYCLE.source,
+                action=ctx.step or "step",
+                target=ctx.node,
+                run_id=ctx.run_id,
+                detail=text,
+            )
+        )
+        await self.store.commit(*entries)
+
     async def step_download(self, ctx: RunContext) -> None:
         try:
             files = await self.fetch_and_stage(ctx)
@@ -305,7 +351,7 @@ class UpdateSteps:
             await self.set_warning_flag(ctx.node, str(exc))
             raise
         if files or ctx.kind == "download":
-            await self.clear_warning_flag(ctx.node)
+            await self.clear_warning_flag(ctx.node, ctx.record)
         if not files and ctx.kind != "download":
             raise RunCancelledError(f"nothing to install on {ctx.node}; nothing was changed")
 
@@ -334,6 +380,7 @@ class UpdateSteps:
             async with self._preparing:
                 record = (await self.engine.refresh([ctx.node]))[0]
                 entries = await self._plan(plan_kind, record, packages)
+        ctx.record = record
         if not entries:
             await ctx.save_params(plan=[])
             ctx.message = "nothing pending"
@@ -366,10 +413,8 @@ class UpdateSteps:
         await ctx.progress(total, total)
         async with self._staging:
             await self._driver(ctx).stage(files)
-        staged = dict(record.staged)
-        staged.update({f.name: f.version for f in files})
-        await self.store.update_node(ctx.node, staged=staged)
-        await ctx.save_params(
+        new = {f.name: f.version for f in files}
+        ctx.params.update(
             plan=[
                 {
                     "name": f.name,
@@ -382,7 +427,14 @@ class UpdateSteps:
             ]
         )
         ctx.message = "staged " + ", ".join(f"{f.name} {f.version}" for f in files)
-        await self.note(ctx, "downloaded and " + ctx.message)
+        # the staged packages, the plan (for the install step) and the note: one commit
+        await self._changed(
+            ctx,
+            "downloaded and " + ctx.message,
+            derive=lambda row: {"staged": {**row.staged, **new}},
+            params=True,
+        )
+        await self._published(ctx, "downloaded and " + ctx.message)
         return files
 
     def _cluster(self, ctx: RunContext) -> str | None:
@@ -468,9 +520,10 @@ class UpdateSteps:
         if self._cluster(ctx) is None:
             return
         await self._driver(ctx).drain()
-        await self.store.update_node(ctx.node, lb="drained")
+        text = "drained (out of load balancing)"
+        await self._changed(ctx, text, {"lb": "drained"})
         await self.engine.events.publish(ev.NodeStateChanged(node=ctx.node, change="drained"))
-        await self.note(ctx, "drained (out of load balancing)")
+        await self._published(ctx, text)
 
     async def step_notice(self, ctx: RunContext) -> None:
         await self._driver(ctx).announce(self.engine.notices.work_starts(ctx.node, ctx.kind))
@@ -481,27 +534,31 @@ class UpdateSteps:
 
     async def step_disconnect(self, ctx: RunContext) -> None:
         ended = await self._driver(ctx).disconnect_sessions()
-        await self.store.update_node(ctx.node, sessions=0)
+        await self._changed(ctx, f"sessions ended ({ended})", {"sessions": 0})
         await self.store.step_detail(ctx.run_id, "disconnect", f"{ended} sessions ended")
-        await self.note(ctx, f"sessions ended ({ended})")
+        await self._published(ctx, f"sessions ended ({ended})")
 
     async def step_install(self, ctx: RunContext) -> None:
         plan = [_plan_entry(i) for i in ctx.params.get("plan") or []]
         result = await self._driver(ctx).install(plan)
-        record = await self._node(ctx)
-        values: dict[str, Any] = {
-            "installed": dict(result.installed),
-            "staged": {k: v for k, v in record.staged.items() if k not in {p.name for p in plan}},
-        }
+        names = {p.name for p in plan}
+        values: dict[str, Any] = {"installed": dict(result.installed)}
         if result.restart_required:
             values["restart_required"] = True
-        if ctx.kind == "install":
-            values["optional_packages"] = sorted(
-                set(record.optional_packages) | {p.name for p in plan}
-            )
-        await self.store.update_node(ctx.node, **values)
+        optional = ctx.kind == "install"
+
+        def derive(row: NodeRecord) -> dict[str, Any]:
+            # from the row as it is when written: what the node has staged meanwhile stays
+            derived: dict[str, Any] = {
+                "staged": {k: v for k, v in row.staged.items() if k not in names}
+            }
+            if optional:
+                derived["optional_packages"] = sorted(set(row.optional_packages) | names)
+            return derived
+
         ctx.message = "installed " + ", ".join(f"{p.name} {p.version}" for p in plan)
-        await self.note(ctx, ctx.message)
+        await self._changed(ctx, ctx.message, values, derive=derive)
+        await self._published(ctx, ctx.message)
         if result.restart_required:
             ctx.message += f"; restart required (core update): `restart {ctx.node}`"
             await self.engine.events.publish(
@@ -514,14 +571,14 @@ class UpdateSteps:
 
     async def step_reboot(self, ctx: RunContext) -> None:
         await self._driver(ctx).reboot()
-        await self.store.update_node(ctx.node, restart_required=False)
         if ctx.message.startswith("installed "):
             # an update that reboots (scheduled, core update): its outcome keeps what it
             # installed, and no restart is required any more
             ctx.message = ctx.message.split("; restart required")[0] + "; rebooted"
         else:
             ctx.message = f"{ctx.node} restarted"
-        await self.note(ctx, "rebooted")
+        await self._changed(ctx, "rebooted", {"restart_required": False})
+        await self._published(ctx, "rebooted")
 
     async def step_verify(self, ctx: RunContext) -> None:
         await self._driver(ctx).post_check()
@@ -532,9 +589,10 @@ class UpdateSteps:
         if self._cluster(ctx) is None:
             return
         await self._driver(ctx).undrain()
-        await self.store.update_node(ctx.node, lb="in", left_drained_by_run=None)
+        text = "undrained (back in load balancing)"
+        await self._changed(ctx, text, {"lb": "in", "left_drained_by_run": None})
         await self.engine.events.publish(ev.NodeStateChanged(node=ctx.node, change="undrained"))
-        await self.note(ctx, "undrained (back in load balancing)")
+        await self._published(ctx, text)
 
     async def step_release(self, ctx: RunContext) -> None:
         cluster = self._cluster(ctx)

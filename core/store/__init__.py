@@ -22,6 +22,7 @@ from core.store.base import (
     StoreUnavailableError,
     utcnow,
 )
+from core.store.journal import NodeChange, RunChange
 from core.store.readonly import ReadOnlyStore, StoreUnreadableError
 from core.store.records import (
     AuditRecord,
@@ -44,9 +45,11 @@ __all__ = [
     "MaintenanceRecord",
     "NewRun",
     "NodeBusyError",
+    "NodeChange",
     "NodeRecord",
     "OutboxRecord",
     "ReadOnlyStore",
+    "RunChange",
     "RunEnd",
     "RunRecord",
     "ScheduleRecord",

@@ -19,6 +19,29 @@ PRUNE_CHUNK = 5000
 class AuditStore(StoreBase):
     """The audit log (L13): who did what, when, to which target."""
 
+    @staticmethod
+    def audit_entry(
+        *,
+        actor: str,
+        source: str,
+        action: str,
+        target: str | None = None,
+        detail: str = "",
+        run_id: int | None = None,
+    ) -> Audited:
+        """One audit record to hand to ``commit`` with other changes."""
+        return Audited(
+            audit_values(
+                at=utcnow(),
+                actor=actor,
+                source=source,
+                action=action,
+                target=target,
+                detail=detail,
+                run_id=run_id,
+            )
+        )
+
     async def audit(
         self,
         *,

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config
@@ -26,8 +26,8 @@ from core.errors import StoreError
 from core.printable import printable
 from core.private import create_private, make_private
 from core.store import tables as t
-from core.store.journal import StepJournal
-from core.store.records import NodeRecord
+from core.store.journal import Entry, StepJournal
+from core.store.records import NodeRecord, node_record
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,9 @@ class NodeBusyError(StoreError):
 
 
 def record_of(cls: type[R], row: Any) -> R:
-    data = dict(row._mapping)
     if cls is NodeRecord:
-        data["optional_packages"] = tuple(data.get("optional_packages") or ())
-        data["installed"] = dict(data.get("installed") or {})
-        data["staged"] = dict(data.get("staged") or {})
-    return cls(**data)
+        return cast(R, node_record(row))
+    return cls(**dict(row._mapping))
 
 
 def _migrate(connection: Connection) -> None:
@@ -161,6 +158,11 @@ class StoreBase:
         if self._journal is None:
             self._journal = StepJournal(self.transaction)
         return self._journal
+
+    async def commit(self, *entries: Entry) -> None:
+        """Write ``entries`` (node and run changes, audit records) through the run journal,
+        in one transaction with those of other runs; returns once committed."""
+        await self.journal.write(*entries)
 
     @property
     def engine(self) -> AsyncEngine:

@@ -1,29 +1,32 @@
-"""The run journal's group commit: step transitions and audit records of all runs in
-flight, written together.
+"""The run journal's group commit: step transitions, node changes and audit records of
+all runs in flight, written together.
 
 Every run writes a transition before each step (the previous step done, the next one
-running) and audit records of what its steps did. Instead of one transaction each, what
-arrives while a transaction is being written waits for the next one, and each transaction
-writes all that is waiting with one statement per kind (ends, starts, the runs' current
-steps, audit records). A caller returns only once its own record is committed: a step
-starts after its record is durable, as with a transaction of its own (L15), but the store
-commits once per batch instead of once per record.
+running), the changes its steps made to its node, and audit records of what they did.
+Instead of one transaction each, what arrives while a transaction is being written waits
+for the next one, and each transaction writes all that is waiting with one statement per
+kind (ends, starts, the runs' current steps, node changes with the same columns, audit
+records). A caller returns only once its own records are committed: a step starts after
+its record is durable, as with a transaction of its own (L15), but the store commits once
+per batch instead of once per record. The records one caller hands over together are
+committed in the same transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.store import tables as t
+from core.store.records import NodeRecord, node_record
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,83 @@ class Audited:
     values: Mapping[str, Any]
 
 
-Entry = Transition | Audited
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeChange:
+    """Columns of node ``name`` to set (its version goes up by one). ``derive`` computes
+    more columns from the node's row as it is inside the writing transaction (for a value
+    that depends on the current one, such as the staged packages)."""
+
+    name: str
+    values: Mapping[str, Any]
+    derive: Callable[[NodeRecord], Mapping[str, Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunChange:
+    """Columns of run ``run_id`` to set (its parameters, its progress)."""
+
+    run_id: int
+    values: Mapping[str, Any]
+
+
+Entry = Transition | Audited | NodeChange | RunChange
+
+
+async def write_run_changes(conn: AsyncConnection, changes: Sequence[RunChange]) -> None:
+    """The run changes in one transaction: one UPDATE per set of columns."""
+    for key, params in _grouped((x.run_id, x.values) for x in changes):
+        statement = (
+            update(t.runs)
+            .where(t.runs.c.id == bindparam("b_key"))
+            .values(**{k: bindparam(f"v_{k}") for k in key})
+        )
+        await conn.execute(statement, params)
+
+
+def _grouped(
+    changes: Iterable[tuple[Hashable, Mapping[str, Any]]],
+) -> list[tuple[tuple[str, ...], list[dict[str, Any]]]]:
+    """Changes (key of the row, columns) as executemany groups with the same columns; a
+    row's later change lands in a later group, so the statements keep its order."""
+    groups: list[tuple[tuple[str, ...], list[dict[str, Any]]]] = []
+    last: dict[Hashable, int] = {}
+    for row, values in changes:
+        columns = tuple(sorted(values))
+        start = last.get(row, -1) + 1
+        index = next((i for i in range(start, len(groups)) if groups[i][0] == columns), None)
+        if index is None:
+            groups.append((columns, []))
+            index = len(groups) - 1
+        groups[index][1].append({"b_key": row, **{f"v_{k}": v for k, v in values.items()}})
+        last[row] = index
+    return groups
+
+
+async def write_node_changes(conn: AsyncConnection, changes: Sequence[NodeChange]) -> None:
+    """The node changes in one transaction: one SELECT for those that derive their values,
+    one UPDATE per set of columns (a node's later change in a later statement)."""
+    derived = sorted({x.name for x in changes if x.derive is not None})
+    rows: dict[str, NodeRecord] = {}
+    if derived:
+        query = select(t.nodes).where(t.nodes.c.name.in_(derived))
+        rows = {row.name: node_record(row) for row in await conn.execute(query)}
+    resolved: list[tuple[str, Mapping[str, Any]]] = []
+    for change in changes:
+        values = dict(change.values)
+        if change.derive is not None:
+            row = rows.get(change.name)
+            if row is None:
+                continue  # not in the store: nothing to change
+            values.update(change.derive(row))
+            rows[change.name] = replace(row, **values)
+        resolved.append((change.name, values))
+    for key, params in _grouped(resolved):
+        statement = (
+            update(t.nodes)
+            .where(t.nodes.c.name == bindparam("b_key"))
+            .values(version=t.nodes.c.version + 1, **{k: bindparam(f"v_{k}") for k in key})
+        )
+        await conn.execute(statement, params)
 
 
 async def write_entries(conn: AsyncConnection, entries: Sequence[Entry]) -> None:
@@ -79,6 +158,12 @@ async def write_entries(conn: AsyncConnection, entries: Sequence[Entry]) -> None
     transitions = [x for x in entries if isinstance(x, Transition)]
     if transitions:
         await write_transitions(conn, transitions)
+    changes = [x for x in entries if isinstance(x, NodeChange)]
+    if changes:
+        await write_node_changes(conn, changes)
+    runs = [x for x in entries if isinstance(x, RunChange)]
+    if runs:
+        await write_run_changes(conn, runs)
     audits = [dict(x.values) for x in entries if isinstance(x, Audited)]
     if audits:
         await conn.execute(insert(t.audit), audits)
@@ -117,17 +202,17 @@ class StepJournal:
 
     def __init__(self, transaction: Transaction) -> None:
         self._transaction = transaction
-        self._waiting: list[tuple[Entry, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[Sequence[Entry], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self.commits = 0
         """Transactions written so far (for the benchmarks and tests)."""
 
-    async def write(self, entry: Entry) -> None:
-        """Return once ``entry`` is committed. A caller stopped before its batch is
-        written leaves nothing behind (the entry is not written)."""
+    async def write(self, *entries: Entry) -> None:
+        """Return once ``entries`` are committed (all in the same transaction). A caller
+        stopped before its batch is written leaves nothing behind (they are not written)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((entry, done))
+        self._waiting.append((entries, done))
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._drain(), name="step-journal")
         try:
@@ -151,10 +236,10 @@ class StepJournal:
             self._waiting.clear()
             raise
 
-    async def _commit(self, batch: list[tuple[Entry, asyncio.Future[None]]]) -> None:
+    async def _commit(self, batch: list[tuple[Sequence[Entry], asyncio.Future[None]]]) -> None:
         try:
             async with self._transaction() as conn:
-                await write_entries(conn, [x for x, _ in batch])
+                await write_entries(conn, [x for group, _ in batch for x in group])
             self.commits += 1
         except BaseException as exc:
             if len(batch) > 1 and isinstance(exc, Exception):

@@ -174,3 +174,12 @@ class SlotFingerprint:
     held: int
     queued: int
     places: int
+
+
+def node_record(row: Any) -> NodeRecord:
+    """A node's row as its record (JSON columns as plain dicts and tuples)."""
+    data = dict(row._mapping)
+    data["optional_packages"] = tuple(data.get("optional_packages") or ())
+    data["installed"] = dict(data.get("installed") or {})
+    data["staged"] = dict(data.get("staged") or {})
+    return NodeRecord(**data)

@@ -19,7 +19,7 @@ from core.store.base import (
     record_of,
     utcnow,
 )
-from core.store.journal import Transition
+from core.store.journal import RunChange, Transition
 from core.store.records import NewRun, RunEnd, RunRecord, StepRecord
 
 
@@ -182,6 +182,11 @@ class RunsStore(StoreBase):
     async def update_run(self, run_id: int, **values: Any) -> None:
         async with self.transaction() as conn:
             await conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
+
+    async def change_run(self, run_id: int, **values: Any) -> None:
+        """``update_run`` through the run journal: the changes of many runs at once share
+        one transaction (``core.store.journal``). Returns once committed."""
+        await self.journal.write(RunChange(run_id=run_id, values=values))
 
     async def begin_step(
         self,
