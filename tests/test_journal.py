@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event
 
-from core.store import NewRun, NodeChange, RunChange, Store
+from core.store import NewRun, NodeChange, RunChange, RunEnd, Store
 from tests.databases import POSTGRES_URL, backends, reset_postgres
 
 NODES = [f"n{i:02d}" for i in range(1, 21)]
@@ -187,3 +187,37 @@ async def test_node_and_run_changes_of_runs_in_flight_share_a_transaction(store:
         assert run is not None and run.params == {"plan": [name]}
     drains = [a for a in await store.audit_log(limit=100) if a.action == "drain"]
     assert sorted(a.target or "" for a in drains) == NODES
+
+
+async def test_runs_ending_together_share_a_transaction(store: Store) -> None:
+    ids = await _runs(store)
+    await asyncio.gather(*(store.begin_step(run_id, "install") for run_id in ids))
+    commits = Commits(store)
+    try:
+        await asyncio.gather(*(store.end_step(run_id, "install") for run_id in ids))
+        ended = commits.count
+        await asyncio.gather(
+            *(
+                store.finish_run(
+                    run_id,
+                    status="succeeded",
+                    end=RunEnd(kind="auto-update", node=name, message="installed tgpro 2"),
+                )
+                for name, run_id in zip(NODES, ids, strict=True)
+            )
+        )
+        finished = commits.count - ended
+    finally:
+        commits.close()
+    assert 1 <= ended <= 2 and 1 <= finished <= 2, (ended, finished)
+    for name, run_id in zip(NODES, ids, strict=True):
+        run = await store.run(run_id)
+        assert run is not None and run.status == "succeeded" and run.finished_at is not None
+        assert [(s.name, s.status) for s in await store.steps(run_id)] == [("install", "done")]
+        node = await store.node(name)
+        assert node is not None and node.active_run_id is None  # free for the next run
+    outcomes = [
+        a for a in await store.audit_log(limit=100) if a.action == "run auto-update succeeded"
+    ]
+    assert sorted(a.target or "" for a in outcomes) == NODES
+    assert {a.detail for a in outcomes} == {"installed tgpro 2"}

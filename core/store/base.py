@@ -17,7 +17,7 @@ from typing import Any, Self, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event, insert
+from sqlalchemy import Connection, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -25,7 +25,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from core.errors import StoreError
 from core.printable import printable
 from core.private import create_private, make_private
-from core.store import tables as t
 from core.store.journal import Entry, StepJournal
 from core.store.records import NodeRecord, node_record
 
@@ -112,30 +111,6 @@ def audit_values(
         "detail": clipped(printable(detail), AUDIT_DETAIL_LIMIT),
         "run_id": run_id,
     }
-
-
-def audit_row(
-    *,
-    at: datetime,
-    actor: str,
-    source: str,
-    action: str,
-    target: str | None,
-    detail: str,
-    run_id: int | None,
-) -> Any:
-    """The INSERT of one audit record (L13)."""
-    return insert(t.audit).values(
-        **audit_values(
-            at=at,
-            actor=actor,
-            source=source,
-            action=action,
-            target=target,
-            detail=detail,
-            run_id=run_id,
-        )
-    )
 
 
 class StoreBase:

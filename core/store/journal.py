@@ -93,7 +93,97 @@ class RunChange:
     values: Mapping[str, Any]
 
 
-Entry = Transition | Audited | NodeChange | RunChange
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepEnd:
+    """Running step ``name`` of run ``run_id`` gets ``status`` (``None``: it goes on) and,
+    when given, ``detail``."""
+
+    run_id: int
+    name: str
+    status: str | None
+    detail: str | None
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFinish:
+    """Run ``run_id`` ends with ``status``: its steps still running end with it, its node
+    is free again, and (``audit``) its outcome goes to the audit log."""
+
+    run_id: int
+    status: str
+    error: str | None
+    at: datetime
+    audit: Mapping[str, Any] | None = None
+
+
+Entry = Transition | Audited | NodeChange | RunChange | StepEnd | RunFinish
+
+_STEP_END = (
+    update(t.run_steps)
+    .where(
+        t.run_steps.c.run_id == bindparam("b_run"),
+        t.run_steps.c.name == bindparam("b_name"),
+        t.run_steps.c.status == "running",
+    )
+    .values(
+        status=func.coalesce(bindparam("b_status"), t.run_steps.c.status),
+        finished_at=func.coalesce(bindparam("b_at"), t.run_steps.c.finished_at),
+        detail=func.coalesce(bindparam("b_detail"), t.run_steps.c.detail),
+    )
+)
+_RUN_END = (
+    update(t.runs)
+    .where(t.runs.c.id == bindparam("b_run"))
+    .values(status=bindparam("b_status"), error=bindparam("b_error"), finished_at=bindparam("b_at"))
+)
+_RUN_STEPS_END = (
+    update(t.run_steps)
+    .where(t.run_steps.c.run_id == bindparam("b_run"), t.run_steps.c.status == "running")
+    .values(status=bindparam("b_status"), finished_at=bindparam("b_at"))
+)
+_NODE_FREE = (
+    update(t.nodes).where(t.nodes.c.active_run_id == bindparam("b_run")).values(active_run_id=None)
+)
+
+
+async def write_step_ends(conn: AsyncConnection, ends: Sequence[StepEnd]) -> None:
+    await conn.execute(
+        _STEP_END,
+        [
+            {
+                "b_run": x.run_id,
+                "b_name": x.name,
+                "b_status": x.status,
+                "b_at": None if x.status is None else x.at,
+                "b_detail": x.detail,
+            }
+            for x in ends
+        ],
+    )
+
+
+async def write_run_finishes(conn: AsyncConnection, finishes: Sequence[RunFinish]) -> None:
+    """Three statements for all of them (their audit records go with the others')."""
+    await conn.execute(
+        _RUN_END,
+        [
+            {"b_run": x.run_id, "b_status": x.status, "b_error": x.error, "b_at": x.at}
+            for x in finishes
+        ],
+    )
+    await conn.execute(
+        _RUN_STEPS_END,
+        [
+            {
+                "b_run": x.run_id,
+                "b_status": "failed" if x.status == "failed" else "done",
+                "b_at": x.at,
+            }
+            for x in finishes
+        ],
+    )
+    await conn.execute(_NODE_FREE, [{"b_run": x.run_id} for x in finishes])
 
 
 async def write_run_changes(conn: AsyncConnection, changes: Sequence[RunChange]) -> None:
@@ -164,7 +254,14 @@ async def write_entries(conn: AsyncConnection, entries: Sequence[Entry]) -> None
     runs = [x for x in entries if isinstance(x, RunChange)]
     if runs:
         await write_run_changes(conn, runs)
+    ends = [x for x in entries if isinstance(x, StepEnd)]
+    if ends:
+        await write_step_ends(conn, ends)
+    finishes = [x for x in entries if isinstance(x, RunFinish)]
+    if finishes:
+        await write_run_finishes(conn, finishes)
     audits = [dict(x.values) for x in entries if isinstance(x, Audited)]
+    audits += [dict(x.audit) for x in finishes if x.audit is not None]
     if audits:
         await conn.execute(insert(t.audit), audits)
 

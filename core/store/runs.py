@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -14,12 +13,11 @@ from core.store import tables as t
 from core.store.base import (
     NodeBusyError,
     StoreBase,
-    audit_row,
     audit_values,
     record_of,
     utcnow,
 )
-from core.store.journal import RunChange, Transition
+from core.store.journal import RunChange, RunFinish, StepEnd, Transition
 from core.store.records import NewRun, RunEnd, RunRecord, StepRecord
 
 
@@ -210,44 +208,17 @@ class RunsStore(StoreBase):
     async def end_step(
         self, run_id: int, name: str, *, status: str = "done", detail: str | None = None
     ) -> None:
-        async with self.transaction() as conn:
-            await self._end_step(conn, run_id, name, status=status, detail=detail, now=utcnow())
-
-    @staticmethod
-    async def _end_step(
-        conn: AsyncConnection,
-        run_id: int,
-        name: str,
-        *,
-        status: str,
-        detail: str | None,
-        now: datetime,
-    ) -> None:
-        values: dict[str, Any] = {"status": status, "finished_at": now}
-        if detail is not None:
-            values["detail"] = detail
-        await conn.execute(
-            update(t.run_steps)
-            .where(
-                t.run_steps.c.run_id == run_id,
-                t.run_steps.c.name == name,
-                t.run_steps.c.status == "running",
-            )
-            .values(**values)
+        """The running step ends with ``status`` (through the run journal: committed with
+        other runs' records; returns once committed)."""
+        await self.journal.write(
+            StepEnd(run_id=run_id, name=name, status=status, detail=detail, at=utcnow())
         )
 
     async def step_detail(self, run_id: int, name: str, detail: str) -> None:
         """Note what a running step did so far (shown by ``log``); the step goes on."""
-        async with self.transaction() as conn:
-            await conn.execute(
-                update(t.run_steps)
-                .where(
-                    t.run_steps.c.run_id == run_id,
-                    t.run_steps.c.name == name,
-                    t.run_steps.c.status == "running",
-                )
-                .values(detail=detail)
-            )
+        await self.journal.write(
+            StepEnd(run_id=run_id, name=name, status=None, detail=detail, at=utcnow())
+        )
 
     async def steps(self, run_id: int) -> list[StepRecord]:
         query = (
@@ -275,32 +246,22 @@ class RunsStore(StoreBase):
         """End a run and release the node it claimed, in one transaction; with ``end`` the
         outcome goes to the audit log too ("run KIND STATUS": the error, else the message;
         L13)."""
-        async with self.transaction() as conn:
-            if end is not None:
-                await conn.execute(
-                    audit_row(
-                        at=utcnow(),
-                        actor="tgops",
-                        source="system",
-                        action=f"run {end.kind} {status}",
-                        target=end.node,
-                        detail=error or end.message,
-                        run_id=run_id,
-                    )
-                )
-            await conn.execute(
-                update(t.runs)
-                .where(t.runs.c.id == run_id)
-                .values(status=status, error=error, finished_at=utcnow())
+        now = utcnow()
+        audit = None
+        if end is not None:
+            audit = audit_values(
+                at=now,
+                actor="tgops",
+                source="system",
+                action=f"run {end.kind} {status}",
+                target=end.node,
+                detail=error or end.message,
+                run_id=run_id,
             )
-            await conn.execute(
-                update(t.run_steps)
-                .where(t.run_steps.c.run_id == run_id, t.run_steps.c.status == "running")
-                .values(status="failed" if status == "failed" else "done", finished_at=utcnow())
-            )
-            await conn.execute(
-                update(t.nodes).where(t.nodes.c.active_run_id == run_id).values(active_run_id=None)
-            )
+        # through the run journal: the ends of many runs at once share one transaction
+        await self.journal.write(
+            RunFinish(run_id=run_id, status=status, error=error, at=now, audit=audit)
+        )
 
     async def run_counts(self, statuses: Sequence[str]) -> dict[tuple[str, str], int]:
         """Runs in one of ``statuses`` per (kind, status)."""
