@@ -1,4 +1,4 @@
-"""E-mail benchmark (issue 8): 10,000 hotfix e-mails through the outbox vs a bare loop.
+"""E-mail benchmark (issues 8 and 15): 10,000 hotfix e-mails through the outbox vs a bare loop.
 
 Run as ``.venv/bin/python bench/mail.py``. An SMTP sink (aiosmtpd, accepting and
 discarding every message: ``python -m tests.smtp_server``) runs in its own process on
@@ -16,7 +16,8 @@ discarding every message: ``python -m tests.smtp_server``) runs in its own proce
   come). Timed from the first ``put`` until the last outcome is recorded; RSS of the
   process at the start, at half and at the end, and its peak (VmHWM).
 
-The figures go to bench/RESULTS.md under "## E-mail (issue 8)"; other sections are kept.
+Targets (issue 15): the outbox at >= 0.9 x the bare loop with 1 connection and >= 0.8 x
+with 2. The figures go to bench/RESULTS.md under "## E-mail"; other sections are kept.
 """
 
 # ruff: noqa: E402  (the project's imports follow the sys.path entry for its root)
@@ -53,26 +54,37 @@ from notify.email import EmailChannel
 from notify.outbox import Backoff, Notification, Outbox, Outcome
 from notify.render import Renderer
 
-HEADING = "## E-mail (issue 8)"
-NOTE = """- changed since the figures of 2026-11-30 01:12 (0.64 x with 1 and with 2 connections):
-  the next message is composed while the server answers the current one (SMTP waits for
-  each reply, so composing no longer adds to the time per message with one connection);
-  plain ASCII parts go as `7bit` instead of quoted-printable (putting a message together:
-  ~68 -> ~31 us); compiled templates and recurring header values (sender, subject, date)
-  are kept, and `{{ hotfix.id }}` on a dict reads the key first (rendering both parts
-  ~50 -> ~35 us); a claim is one `UPDATE … RETURNING` instead of three statements; one
-  recorder per channel writes the outcomes of all batches in flight (with 2 connections,
-  half the transactions).
-- what the outbox still adds, per mail, measured apart without SMTP (the outbox with a
-  channel that only composes, 3,000 mails): ~0.22-0.25 ms of user CPU: rendering
-  ~0.035 ms, putting the message together ~0.03 ms, the store (`put` ~0.065 ms, claim,
-  outcome and audit record ~0.1 ms together, partly on the aiosqlite thread). In the
-  real run the outbox process needs about twice the user CPU of the bare loop (table).
-  The sink itself needs ~1.07 ms of CPU per mail: with 2 connections on 2 vCPUs the bare
-  loop is bound by the sink, while the outbox's client work is about as large as the
-  sink's, so each waits for the other a third of the time (both ~67 % busy). Tried and
-  left: writing outcomes every 10 ms and queueing 100 items per transaction (shorter
-  stretches without a look at the sockets) cost 15 % more CPU for the same time.
+HEADING = "## E-mail (issues 8, 15)"
+TARGETS = {1: 0.9, 2: 0.8}
+"""Least throughput of the outbox against the bare loop, per connections at once."""
+NOTE = """- issue 15 (2026-12-04): profiled first (py-spy over all threads of the outbox process,
+  2 connections, 4,000 mails, 200 Hz; cProfile of the store calls alone). Per mail, of the
+  outbox process's busy time: socket writes and the SMTP client ~0.3 ms (the bare loop
+  has the same), rendering and putting the message together ~0.15 ms, the store ~0.3 ms,
+  of which ~0.22 ms on the aiosqlite thread (SQLite executing put, claim, outcome and
+  audit statements: B-tree and index updates; it competes for the GIL and for the two
+  vCPUs with the event loop and the sink). In the store calls measured apart (10,000
+  items): put 21 us, claim 42 us, outcome + audit record 64 us per item (CPU).
+- changed for issue 15: a claim reads back only the columns not known already (the lease
+  and status are not read and parsed again per row); items released untried are settled
+  in one statement per batch (as sent ones already were); the outcome and audit rows of
+  all batches in flight stay one transaction per write. Issue 16: before each e-mail's
+  DATA the item is marked `transmitting`; the markers are written 20 at a time ahead,
+  in the recorder's transactions, while the server answers MAIL/RCPT, so no message waits
+  for its marker (the CPU of the outbox process stayed within the noise of this machine).
+- what limits the ratios here: the sink needs ~1.07 ms of CPU per mail, the bare loop
+  ~0.3-0.4 ms, the outbox ~1.2 ms (table); on 2 vCPUs shared with other work (load average
+  above) the outbox run is bound by the CPU the three processes get, not by waiting:
+  every mail of the outbox costs ~0.8 ms more CPU than the bare loop's, about half of it
+  the store (one durable row, claim, outcome and audit record per mail, which the bare
+  loop does not keep), a quarter rendering per recipient. Reaching 0.9 x with 1
+  connection needs the outbox's CPU per mail below the sink's round trip, which this
+  shared machine does not give reliably; single runs vary by 30 % and more. A single run
+  of the code before the issue-15 changes (with the issue-16 markers) at 23:34 UTC, load
+  2.3-4.2, gave 0.68 x with 1 and 0.81 x with 2 connections (its bare loop took 21.9 s
+  with 2 connections, 15.6 s with 1): between runs the ratios move by more than the
+  changes, so this table does not show a gain; the outbox's CPU per mail (user + system)
+  stayed at 1.1-1.3 ms in every run, as in the issue-8 figures (1.09 ms).
 - this machine's vCPUs are shared: system time of the same run varied from 0.4 s to 5 s
   (steal time ~7 % on average), so single runs vary widely; the table keeps every run,
   the ratios use medians; user CPU varies far less than time.
@@ -291,7 +303,7 @@ def write_results(text: str) -> Path:
     skipping = False
     for line in old.splitlines(keepends=True):
         if line.startswith("## "):
-            skipping = line.strip() == HEADING
+            skipping = line.strip() == HEADING or line.startswith("## E-mail")
         if not skipping:
             kept.append(line)
     results.write_text("".join(kept).rstrip("\n") + "\n\n" + text)
@@ -372,10 +384,11 @@ def report(
         if kind != "outbox":
             continue
         ratio = median(("bare", lanes)) / median(("outbox", lanes))
-        verdict = "met" if ratio >= 0.8 else "NOT met"
+        target = TARGETS.get(lanes, 0.8)
+        verdict = "met" if ratio >= target else "NOT met"
         verdicts.append(
             f"- throughput outbox vs bare loop, {lanes} connection(s) at once: "
-            f"**{ratio:.2f} x** (target >= 0.8) — {verdict}"
+            f"**{ratio:.2f} x** (target >= {target}) — {verdict}"
         )
     if ("bare+compose", 1) in results:
         ratio = median(("bare+compose", 1)) / median(("outbox", 1))

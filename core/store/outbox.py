@@ -16,6 +16,16 @@ from core.store.records import OutboxRecord
 _o = t.outbox.c
 _TAKEABLE = or_(_o.status == "pending", and_(_o.status == "sending", _o.transmitting.is_(False)))
 """Pending, or claimed by a sender whose lease may run out, its transmission not begun."""
+_CLAIMED = (
+    _o.id,
+    _o.key,
+    _o.recipient,
+    _o.subject,
+    _o.payload,
+    _o.attempts,
+    _o.last_error,
+    _o.created_at,
+)
 _IN_TRANSMISSION = and_(_o.status == "sending", _o.transmitting.is_(True))
 
 
@@ -168,16 +178,36 @@ class OutboxStore(StoreBase):
         )
         async with self.transaction() as conn:
             # one statement: choose, take (due again: another instance may have been first)
-            # and read them
+            # and read what is not known already (no dates but one parsed per row)
             rows = (
                 await conn.execute(
                     update(t.outbox)
                     .where(t.outbox.c.id.in_(chosen), *due)
                     .values(status="sending", next_attempt_at=lease_until)
-                    .returning(*t.outbox.c)
+                    .returning(*_CLAIMED)
                 )
             ).all()
-        return sorted((record_of(OutboxRecord, r) for r in rows), key=lambda r: r.id)
+        return sorted(
+            (
+                OutboxRecord(
+                    id=r[0],
+                    key=r[1],
+                    recipient=r[2],
+                    subject=r[3],
+                    payload=r[4],
+                    attempts=r[5],
+                    last_error=r[6],
+                    created_at=r[7],
+                    channel=channel,
+                    status="sending",
+                    next_attempt_at=lease_until,
+                    sent_at=None,
+                    transmitting=False,
+                )
+                for r in rows
+            ),
+            key=lambda r: r.id,
+        )
 
     async def release_outbox(self, *, now: datetime) -> int:
         """Make every notification in delivery (``sending``) due again at once; how many.
@@ -279,7 +309,16 @@ class OutboxStore(StoreBase):
             for r in results
             if r["status"] == "sent" and r.get("attempted", True) and r.get("retry_at") is None
         ]
-        done = set(sent)
+        released: dict[datetime, list[int]] = {}  # not tried, by when due again
+        for r in results:
+            if (
+                r["status"] == "pending"
+                and not r.get("attempted", True)
+                and r.get("error") is None
+                and r.get("retry_at") is not None
+            ):
+                released.setdefault(r["retry_at"], []).append(r["id"])
+        done = set(sent).union(*released.values())
         async with self.transaction() as conn:
             if transmitting:
                 await conn.execute(_mark(transmitting))
@@ -292,6 +331,17 @@ class OutboxStore(StoreBase):
                         last_error=None,
                         attempts=t.outbox.c.attempts + 1,
                         sent_at=now,
+                    )
+                )
+            for retry_at, ids in released.items():  # one statement for all of them
+                await conn.execute(
+                    update(t.outbox)
+                    .where(t.outbox.c.id.in_(ids))
+                    .values(
+                        status="pending",
+                        last_error=None,
+                        next_attempt_at=retry_at,
+                        transmitting=False,
                     )
                 )
             for result in results:
