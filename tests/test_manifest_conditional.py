@@ -219,3 +219,22 @@ async def test_the_service_keeps_the_etag_in_the_store_across_a_restart(
         status = await api.status(ADMIN_TOKEN)
         [node] = [n for n in status["nodes"] if n["name"] == "solo1"]
         assert [p["version"] for p in node["pending"]] == ["2.1"]
+
+
+async def test_the_service_polls_the_repository_conditionally(
+    repo: Repo, server: RepoServer, tmp_path: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        repository_url=server.url,
+        public_key=repo.public_key,
+        updates={"poll_interval": "0.2s"},
+    )
+    async with running(settings):
+        # the manifest poll and the hotfix watch both ask every 0.2 s: downloaded when they
+        # start (both at once, nothing kept yet), then answered 304
+        await server.wait_requests(MANIFEST, 8, within=30)
+        statuses = server.statuses[MANIFEST]
+        assert statuses[0] == 200 and statuses.count(200) <= 2, statuses
+        assert statuses[-4:] == [304] * 4, statuses
+        assert all("If-None-Match" in h for h in server.headers[MANIFEST][-4:])
