@@ -529,3 +529,17 @@ async def test_default_checksum_uses_openssl_and_falls_back_to_sha256sum(
             await made.aclose()
     assert (tmp_path / "hashed-by").read_text().split() == ["openssl" if openssl else "sha256sum"]
     assert (node.staging / "tg-x_1.0.deb").read_bytes() == package.path.read_bytes()
+
+
+async def test_stage_reports_a_node_that_cannot_store_the_file(
+    driver: SshDriver, node: FakeNode, tmp_path: Path
+) -> None:
+    """``cat > NAME.part`` fails on the node (here: a directory has that name): the cause
+    comes back with the exit status, and nothing is staged."""
+    (node.staging / "tg-x_1.0.deb.part").mkdir(parents=True)
+    package = staged_package(tmp_path / "debs", "tg-x", "1.0")
+    with pytest.raises(DriverError, match=r"exit status 2: .*Is a directory") as caught:
+        await driver.stage([package])
+    assert caught.value.operation == "stage"
+    assert "tg-x_1.0.deb.part" in caught.value.cause
+    assert dict((await driver.status()).staged) == {}

@@ -353,7 +353,7 @@ class SshRunner:
 
     async def put(self, operation: str, source: Path, target: str, *, limit: float) -> None:
         """Stream ``source`` into ``cat > target`` on the node over one exec channel
-        (measured faster than asyncssh's SFTP with any block size, see bench/stage.py)."""
+        (faster than asyncssh's SFTP at every block size tried, see bench/RESULTS.md)."""
         what = f"uploading {source} to {target}"
         command = f"cat > {shlex.quote(target)}"
         wrapped = (
@@ -365,6 +365,8 @@ class SshRunner:
             raise DriverError(self.node, operation, f"{what}: {exc.strerror or exc}") from exc
         with handle:
             process, conn = await self._start_binary(operation, wrapped)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             try:
                 async with asyncio.timeout(limit + _GRACE):
                     while chunk := await asyncio.to_thread(handle.read, _PUT_CHUNK):
@@ -375,6 +377,9 @@ class SshRunner:
             except TimeoutError:
                 raise DriverError(self.node, operation, f"{what} took over {limit:g}s") from None
             except (OSError, asyncssh.Error) as exc:
+                if loop.time() - started >= limit - 0.05:
+                    # the node's timeout ended cat, which closed the channel
+                    raise DriverError(self.node, operation, f"{what} took over {limit:g}s") from exc
                 await self._forget(conn)
                 raise self._lost(operation, exc) from exc
             finally:
