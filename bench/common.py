@@ -462,12 +462,12 @@ SLOT_POLLING = (
     "looked at again. What is left is one shared look per release and per joining node."
 )
 STEP_BOOKKEEPING = (
-    "Step transitions and audit records go through the run journal (`core/store/journal.py`: "
-    "what arrives while a transaction is written waits for the next one, which writes it with "
-    "one statement per kind of row; a step starts only once its own record is committed). "
-    "What is left per step: the `update_node` after drain, disconnect, install and undrain "
-    "(an UPDATE … RETURNING in a transaction of its own), a look at the node in install, "
-    "reboot and wait, taking and freeing the slot, and the events' subscribers; each "
+    "Step transitions, node and run changes, step and run ends and audit records go through "
+    "the run journal (`core/store/journal.py`: what arrives while a transaction is written "
+    "waits for the next one, which writes it with one statement per kind of row; a step "
+    "starts only once its own record is committed). What is left per step: one journal "
+    "commit per transition and per node change (few runs in flight fill no batch), the "
+    "update lock check at S, taking and freeing the slot, and the events' subscribers; each "
     "statement is a hop to the store's connection (SQLite: one connection and its aiosqlite "
     "thread) and back to the one event-loop thread that serves every run, so on a loaded "
     "machine each hop waits for a turn of the loop."

@@ -526,9 +526,9 @@ def _analysis(results: list[dict[str, Any]]) -> list[str]:
             "look (`ScheduledRuns.start_many`: one status of every node, one manifest fetch, "
             "the runs and the maintenance windows written with one statement per kind of "
             "row), so `check` and `maintenance` cost next to nothing; what is left per node is "
-            "staging (4 at once, first rounds first) and its bookkeeping (`update_node` of "
-            "the staged packages, the plan saved in the run, the warning flag looked at, the "
-            "progress), each waiting for the store's one connection behind every other "
+            "staging (4 at once, first rounds first) and its bookkeeping (the staged "
+            "packages, the plan and the progress, one journal commit shared with the other "
+            "runs), each waiting for the store's one connection behind every other "
             f"run's writes ({rate:.0f} statements/s at {r['statements'] / NODES:.0f} per node). "
             "The notices no longer depend on it (next item)."
         )
