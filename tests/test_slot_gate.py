@@ -65,10 +65,16 @@ async def test_waiters_send_no_statements_until_a_slot_is_freed(store: Store) ->
     gate = SlotGate(store, owner="a", remote_recheck=3600)
     assert await gate.acquire(cluster="c1", node="n1", limit=1, run_id=None) == 0
     with statements(store) as sent:
-        waiters = [
-            asyncio.create_task(gate.acquire(cluster="c1", node=n, limit=1, run_id=None))
-            for n in ("n2", "n3", "n4")
-        ]
+        waiters = []
+        for n in ("n2", "n3", "n4"):  # one after the other: the queue is in arrival order
+            waiters.append(
+                asyncio.create_task(gate.acquire(cluster="c1", node=n, limit=1, run_id=None))
+            )
+            for _ in range(100):
+                if n in await store.slot_queue("c1"):
+                    break
+                await asyncio.sleep(0.05)
+        assert await store.slot_queue("c1") == ["n2", "n3", "n4"]
         await settled(sent)  # joined the queue and looked once
         joined = len(sent)
         # several RECHECK periods pass: the waiters check their stop condition, not the store
