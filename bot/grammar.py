@@ -3,6 +3,9 @@
 The grammar is a table of ``Spec`` rows; ``help`` is generated from it. ``parse`` never
 raises: it returns a ``Command`` or a ``ParseError`` whose text names the bad word and
 shows the usage line.
+
+It is over 600 lines on purpose: the whole ``/tg`` language (every command's words,
+options, roles and help) is one parser, so that the help and the parser cannot drift.
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ the bounded look for retries). Items survive restarts; a sender killed mid-batch
 its claim to expire after the lease (a service on SQLite, which one instance owns,
 releases it when it starts again), then the items not marked ``transmitting`` are sent
 (they never reached the point of no return).
+
+It is over 600 lines on purpose: the claim loop, the per-channel workers, the outcome
+recorder and the recovery after a crash share one lease and marker protocol; kept in one
+module, its at-most-once and at-least-once rules are read together.
 """
 
 from __future__ import annotations

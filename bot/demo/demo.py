@@ -14,6 +14,10 @@ Everything is built in the demo directory (default ``./tgops-demo``):
 
 Slack tokens in the environment (``TGOPS_SLACK__BOT_TOKEN``, ``TGOPS_SLACK__SIGNING_SECRET``,
 ``TGOPS_SLACK__APP_TOKEN``) connect the demo to a real workspace as well.
+
+It is over 600 lines on purpose: the demo's whole world (keys, repository, nodes, mail
+and phone stand-ins, configuration, restart state) is built in one place a reader follows
+from top to bottom.
 """
 
 from __future__ import annotations

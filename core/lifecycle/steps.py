@@ -3,6 +3,10 @@ stage, slot, drain, notice, disconnect, install, restart, verify, undrain, relea
 and what happens when one fails (the update lock, the rollout stopped).
 
 ``Lifecycle`` (``updates``) strings these steps into flows and runs them.
+
+It is over 600 lines on purpose: the steps of one node's update are methods of one
+class because they share the preparation state (the look, the planning and staging
+gates, the rollouts); the look lives in ``look.py`` and the gate's holding in ``hold.py``.
 """
 
 from __future__ import annotations
