@@ -55,16 +55,13 @@ class AuditStore(StoreBase):
         """One audit record (L13); returns once it is committed (records of many callers
         at once share one transaction: ``core.store.journal``)."""
         await self.journal.write(
-            Audited(
-                audit_values(
-                    at=utcnow(),
-                    actor=actor,
-                    source=source,
-                    action=action,
-                    target=target,
-                    detail=detail,
-                    run_id=run_id,
-                )
+            self.audit_entry(
+                actor=actor,
+                source=source,
+                action=action,
+                target=target,
+                detail=detail,
+                run_id=run_id,
             )
         )
 
