@@ -270,7 +270,7 @@ class PhoneGateway:
                 ) as response,
             ):
                 answer = await response.text()
-            self.say(f"[phone] {to} hears: {spoken(answer)}")
+            self.say(f"[phone] the call to {to} then {spoken(answer)}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.say(f"[phone] the webhook did not answer: {exc}")
 
