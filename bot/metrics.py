@@ -427,6 +427,9 @@ class ServiceMetrics:
         self._progress[event.run_id] = event.done
 
     async def _observe_duration(self, event: ev.RunFinished) -> None:
+        if event.seconds is not None:  # the finishing run knew it
+            self.run_seconds.labels(event.kind, event.outcome).observe(max(0.0, event.seconds))
+            return
         try:
             async with asyncio.timeout(SCRAPE_TIMEOUT):
                 run = await self.engine.store.run(event.run_id)

@@ -87,6 +87,9 @@ class RunFinished(Event):
     node: str
     outcome: str
     message: str = ""
+    seconds: float | None = None
+    """From the run's start to its end, when the finishing process knows it (subscribers
+    read the run from the store otherwise)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -130,3 +130,80 @@ async def test_a_slot_freed_by_another_instance_is_found(url: str, store: Store)
         async with asyncio.timeout(30):
             assert await waiter == 0
         assert mine.remote_looks > looks
+
+
+async def test_a_freed_slot_is_handed_to_the_head_of_the_queue(store: Store) -> None:
+    gate = SlotGate(store, owner="a", remote_recheck=3600)
+    assert await gate.acquire(cluster="c1", node="n1", limit=1, run_id=None) == 0
+    waiters = {}
+    for n in ("n2", "n3", "n4"):  # one after the other: the queue is in arrival order
+        waiters[n] = asyncio.create_task(gate.acquire(cluster="c1", node=n, limit=1, run_id=None))
+        for _ in range(100):
+            if n in await store.slot_queue("c1"):
+                break
+            await asyncio.sleep(0.05)
+    with statements(store) as sent:
+        assert await gate.release(cluster="c1", node="n1", limit=1)
+        async with asyncio.timeout(30):
+            assert await waiters["n2"] == 0
+        await settled(sent)
+        # two statements in the freeing transaction; the new holder and the nodes behind it
+        # send none (they are not woken to look)
+        assert len(sent) == 2, sent
+        assert sent[0].lstrip().upper().startswith("DELETE FROM SLOT_WAITERS")
+        assert sent[1].lstrip().upper().startswith("UPDATE CLUSTER_SLOTS")
+    assert [s.node for s in await store.slots("c1")] == ["n2"]
+    assert await store.slot_queue("c1") == ["n3", "n4"]
+    assert not waiters["n3"].done() and not waiters["n4"].done()
+    # a waiter that gives up leaves the queue; the next freed slot goes to the one behind
+    waiters["n3"].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiters["n3"]
+    assert await store.slot_queue("c1") == ["n4"]
+    assert await gate.release(cluster="c1", node="n2", limit=1)
+    async with asyncio.timeout(30):
+        assert await waiters["n4"] == 0
+    # nobody waits: the slot is freed
+    assert await gate.release(cluster="c1", node="n4", limit=1)
+    assert await store.slots("c1") == []
+    assert not await gate.release(cluster="c1", node="n4", limit=1)  # held nothing
+
+
+async def test_a_slot_above_a_lowered_limit_is_not_handed_on(store: Store) -> None:
+    gate = SlotGate(store, owner="a", remote_recheck=3600)
+    assert await gate.acquire(cluster="c1", node="n1", limit=2, run_id=None) == 0
+    assert await gate.acquire(cluster="c1", node="n2", limit=2, run_id=None) == 1
+    # the limit is lowered to 1 while n3 waits: slot 1 is freed, not handed on
+    waiter = asyncio.create_task(gate.acquire(cluster="c1", node="n3", limit=1, run_id=None))
+    for _ in range(100):
+        if await store.slot_queue("c1") == ["n3"]:
+            break
+        await asyncio.sleep(0.05)
+    freed = await store.release_slot(cluster="c1", node="n2", limit=1)
+    assert freed.released and freed.to is None
+    assert await store.slot_queue("c1") == ["n3"]  # kept its place
+    await gate.wake("c1")
+    await asyncio.sleep(RECHECK)
+    assert not waiter.done()  # slot 0 is still held by n1: the limit of 1 holds
+    assert await gate.release(cluster="c1", node="n1", limit=1)
+    async with asyncio.timeout(30):
+        assert await waiter == 0
+
+
+async def test_a_slot_handed_to_a_node_of_another_instance_is_found(
+    url: str, store: Store
+) -> None:
+    async with Store(url) as other_store:
+        mine = SlotGate(store, owner="a", remote_recheck=0.2)
+        other = SlotGate(other_store, owner="b", remote_recheck=3600)
+        assert await other.acquire(cluster="c1", node="n1", limit=1, run_id=None) == 0
+        waiter = asyncio.create_task(mine.acquire(cluster="c1", node="n2", limit=1, run_id=None))
+        for _ in range(100):
+            if await store.slot_queue("c1") == ["n2"]:
+                break
+            await asyncio.sleep(0.05)
+        freed = await other_store.release_slot(cluster="c1", node="n1", limit=1)
+        assert freed.to == "n2"
+        async with asyncio.timeout(30):
+            assert await waiter == 0
+        assert [s.node for s in await store.slots("c1")] == ["n2"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 from core.errors import TgopsError
 from core.repository.manifest import Manifest
@@ -30,8 +32,10 @@ class Look:
     """The node records read at the start, and each channel's manifest once fetched."""
 
     records: dict[str, NodeRecord]
+    seen_at: datetime | None = None
+    """When the nodes were asked for the state in ``records``."""
     selected: Mapping[str, list[str]] | None = None
-    """Hotfixes selected per node, read once (None: not read yet)."""
+    """Hotfixes selected per node, read once (None: not read yet; ``selections``)."""
     fetches: int = 0
     """Manifest fetches made for this look (one per channel at most)."""
     retry_alone: bool = False
@@ -39,6 +43,19 @@ class Look:
     (a scheduled occurrence: its shared fetch is one early attempt); otherwise the shared
     fetch is the retry policy itself and its failure is every run's (one command)."""
     _manifests: dict[str, asyncio.Future[Manifest]] = field(default_factory=dict)
+    _selecting: asyncio.Future[Mapping[str, list[str]]] | None = None
+
+    async def selections(
+        self, read: Callable[[], Awaitable[Mapping[str, list[str]]]]
+    ) -> Mapping[str, list[str]]:
+        """The hotfixes selected per node: read once (``read``) by the first run that
+        asks, the runs planning meanwhile wait for that read."""
+        if self.selected is not None:
+            return self.selected
+        if self._selecting is None or (self._selecting.done() and self._selecting.exception()):
+            self._selecting = asyncio.ensure_future(read())
+        self.selected = await asyncio.shield(self._selecting)
+        return self.selected
 
     async def manifest(
         self, channel: str, attempt: Fetch, on_its_own: Fetch | None = None
@@ -66,10 +83,14 @@ class Look:
 
     def close(self) -> None:
         """Drop what is held (a fetch still under way is stopped)."""
-        for task in self._manifests.values():
+        tasks: list[asyncio.Future[Any]] = list(self._manifests.values())
+        if self._selecting is not None:
+            tasks.append(self._selecting)
+        for task in tasks:
             if not task.done():
                 task.cancel()
             elif not task.cancelled():
                 task.exception()  # retrieved: no "exception was never retrieved" warning
         self._manifests.clear()
+        self._selecting = None
         self.records.clear()

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from core import events as ev
@@ -55,6 +56,10 @@ class RunContext:
     record: NodeRecord | None = None
     """The node's row as this run last read or wrote it (``None``: read it from the
     store); steps use it instead of reading the row again."""
+    seen_at: datetime | None = None
+    """When the node was asked for the state in ``record`` (``None``: not known)."""
+    began: datetime | None = None
+    """When the run started (its ``started_at``; ``None``: when its first step begins)."""
     _progress_saved: float = field(default=float("-inf"), init=False, repr=False)
     _progress_last: tuple[int, int] = field(default=(-1, -1), init=False, repr=False)
 
@@ -123,6 +128,8 @@ async def _execute(flow: Flow, ctx: RunContext) -> str:
             if name in ctx.completed:
                 continue
             current = name
+            if ctx.began is None:
+                ctx.began = datetime.now(UTC)
             # ctx.step changes only once the store has the transition: a stopping service
             # treats the run as being in the step the store says it is in
             await ctx.store.begin_step(ctx.run_id, name, after=ended)
@@ -179,9 +186,15 @@ async def _execute(flow: Flow, ctx: RunContext) -> str:
         status,
         f": {ctx.message}" if ctx.message else "",
     )
+    began = ctx.began
     await ctx.events.publish(
         ev.RunFinished(
-            run_id=ctx.run_id, kind=flow.kind, node=ctx.node, outcome=status, message=ctx.message
+            run_id=ctx.run_id,
+            kind=flow.kind,
+            node=ctx.node,
+            outcome=status,
+            message=ctx.message,
+            seconds=None if began is None else (datetime.now(UTC) - began).total_seconds(),
         )
     )
     return status

@@ -87,8 +87,9 @@ class ScheduledRuns:
         params: dict[str, object] = {"at": at.isoformat(), "packages": []}
         if until is not None:
             params["until"] = until.isoformat()
+        seen_at = self.engine.clock.now()
         records = {r.name: r for r in await self.engine.refresh(list(nodes))}
-        look = Look(records=dict(records), retry_alone=True)
+        look = Look(records=dict(records), retry_alone=True, seen_at=seen_at)
         opens: set[str] = set()
         if kind == "scheduled-update":
             opens = await self._pending_maintenance(look, nodes)

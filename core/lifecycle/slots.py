@@ -2,11 +2,14 @@
 balancing at once, held as rows in the store so the limit survives restarts and holds
 across controller instances. Waiting nodes queue in arrival order.
 
-Waiters do not poll the store. A slot freed or a place in the queue left by this process
-wakes the waiters of that cluster (one condition per cluster), and they share one look
-at the store. What other instances change is found by one statement for all clusters
-waited for, every ``REMOTE_RECHECK`` seconds while anyone waits: only a cluster whose
-slots or queue changed since this process last looked is looked at again.
+Waiters do not poll the store. A slot freed by a run that knows its cluster's limit is
+handed straight to the head of the queue in the freeing transaction
+(``Store.release_slot``): when that node waits in this process, only it is woken, and it
+holds the slot without a statement of its own. Any other change (a slot freed without a
+hand-over, a place in the queue left) wakes the waiters of that cluster, and they share
+one look at the store. What other instances change is found by one statement for all
+clusters waited for, every ``REMOTE_RECHECK`` seconds while anyone waits: only a cluster
+whose slots or queue changed since this process last looked is looked at again.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from core.store import SlotFingerprint, SlotRecord, Store
+from core.store import SlotFingerprint, SlotRecord, SlotRelease, Store
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,13 @@ class SlotGate:
         self.store = store
         self.owner = owner
         self.remote_recheck = remote_recheck
-        self._changed: dict[str, asyncio.Condition] = {}
-        """One condition per cluster: a freed slot wakes only that cluster's waiters."""
+        self._wakers: dict[str, dict[str, asyncio.Future[None]]] = {}
+        """Per cluster, per waiting node of this process, what wakes it: a change to the
+        cluster wakes only that cluster's waiters, a hand-over only its new holder."""
+        self._handed: dict[tuple[str, str], int] = {}
+        """Slots handed to a waiting node of this process, until its waiter takes them."""
+        self._waiting: set[tuple[str, str]] = set()
+        """(cluster, node) of every waiter of this process."""
         self._generation: dict[str, int] = {}
         """Per cluster, how often it was woken: a waiter looks at the store again only
         when this changed since its last look."""
@@ -66,9 +74,6 @@ class SlotGate:
         self._watcher: asyncio.Task[None] | None = None
         self.remote_looks = 0
         """Looks for other instances' changes so far (for the benchmarks and tests)."""
-
-    def _condition(self, cluster: str) -> asyncio.Condition:
-        return self._changed.setdefault(cluster, asyncio.Condition())
 
     async def acquire(
         self,
@@ -83,15 +88,21 @@ class SlotGate:
         """Wait for a slot, in queue order; ``stop`` may raise to give up while waiting;
         ``waiting(ahead)`` is called once when the node has to wait, with the nodes that
         hold a slot or queue before it."""
-        await self.store.wait_for_slot(cluster=cluster, node=node, run_id=run_id)
-        self._forget(cluster)  # a look made before this node joined the queue is stale
+        # counted as waiting before anything is awaited: a slot handed over meanwhile is kept
         self._waiters[cluster] = self._waiters.get(cluster, 0) + 1
-        self._watch()
+        self._waiting.add((cluster, node))
         looked: int | None = None
         try:
+            if not await self._queued(cluster, node):
+                await self.store.wait_for_slot(cluster=cluster, node=node, run_id=run_id)
+                self._forget(cluster)  # a look made before this node joined is stale
+            self._watch()
             while True:
                 if stop is not None:
                     await stop()
+                handed = self._handed.pop((cluster, node), None)
+                if handed is not None:
+                    return handed
                 generation = self._generation.get(cluster, 0)
                 if generation != looked:
                     looked = generation
@@ -99,29 +110,59 @@ class SlotGate:
                     if slot is not None:
                         return slot
                     if waiting is not None:
-                        view = await self._view(cluster)
-                        held = [s.node for s in view.held]
-                        queue = view.nodes()
-                        queue = queue[: queue.index(node)] if node in queue else []
-                        await waiting([*held, *(n for n in queue if n not in held)])
+                        await waiting(await self._ahead(cluster, node))
                         waiting = None
-                condition = self._condition(cluster)
-                async with condition:
-                    if self._generation.get(cluster, 0) != looked:
-                        continue  # woken while looking: look again
-                    try:
-                        async with asyncio.timeout(RECHECK):
-                            await condition.wait()
-                    except TimeoutError:
-                        pass
+                    continue  # a hand-over or a change may have come meanwhile
+                await self._park(cluster, node)
         except BaseException:
+            handed = self._handed.pop((cluster, node), None)
+            if handed is not None:  # handed over while giving up: pass it on
+                await asyncio.shield(self.release(cluster=cluster, node=node, limit=limit))
             await asyncio.shield(self._leave(cluster=cluster, node=node))
             raise
         finally:
+            self._waiting.discard((cluster, node))
+            self._handed.pop((cluster, node), None)  # also taken through the store meanwhile
             self._waiters[cluster] -= 1
             if not any(self._waiters.values()) and self._watcher is not None:
                 self._watcher.cancel()  # nobody waits: nothing to look for
                 self._watcher = None
+
+    async def _ahead(self, cluster: str, node: str) -> list[str]:
+        """The nodes holding a slot or queued before ``node``."""
+        view = await self._view(cluster)
+        held = [s.node for s in view.held]
+        queue = view.nodes()
+        queue = queue[: queue.index(node)] if node in queue else []
+        return [*held, *(n for n in queue if n not in held)]
+
+    async def _park(self, cluster: str, node: str) -> None:
+        """Until the node is woken (a change to its cluster, a slot handed to it) or
+        ``RECHECK`` seconds passed."""
+        wakers = self._wakers.setdefault(cluster, {})
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        wakers[node] = woken
+        try:
+            async with asyncio.timeout(RECHECK):
+                await woken
+        except TimeoutError:
+            pass
+        finally:
+            if wakers.get(node) is woken:
+                del wakers[node]
+
+    async def _queued(self, cluster: str, node: str) -> bool:
+        """Whether this process's latest look (awaited when under way) shows ``node`` in
+        the queue: only its own run (or a hand-over, which gives it a slot) takes it out
+        again, so it need not join again nor look again."""
+        cached = self._views.get(cluster)
+        if cached is None:
+            return False
+        try:
+            view = await asyncio.shield(cached[1])
+        except Exception:  # a failed look: join and look again
+            return False
+        return node in view.nodes()
 
     async def leave(self, *, cluster: str, node: str) -> None:
         """Take the node out of the cluster's queue (its run ended before its turn)."""
@@ -187,21 +228,41 @@ class SlotGate:
             )
         return slot
 
-    async def release(self, *, cluster: str, node: str) -> bool:
-        released = await self.store.release_slot(cluster=cluster, node=node)
-        await self.wake(cluster)
-        return released
+    async def release(self, *, cluster: str, node: str, limit: int | None = None) -> bool:
+        """Free the node's slot; with the cluster's ``limit`` it is handed to the head of
+        the queue at once (``Store.release_slot``)."""
+        freed: SlotRelease = await self.store.release_slot(cluster=cluster, node=node, limit=limit)
+        if freed.to is None or freed.slot is None:
+            await self.wake(cluster)
+            return freed.released
+        # handed over: the other waiters keep their turn (one place fewer ahead of each)
+        self._forget(cluster)
+        seen = self._seen.get(cluster)
+        if seen is not None:
+            self._seen[cluster] = SlotFingerprint(
+                held=seen.held,
+                queued=seen.queued - 1,
+                places=seen.places - (freed.place or 0),
+            )
+        if (cluster, freed.to) in self._waiting:
+            # its waiter (parked or between looks) takes it from here; a node waiting in
+            # another instance finds it through that instance's watcher
+            self._handed[(cluster, freed.to)] = freed.slot
+            waker = self._wakers.get(cluster, {}).get(freed.to)
+            if waker is not None and not waker.done():
+                waker.set_result(None)
+        return freed.released
 
     async def wake(self, cluster: str | None = None) -> None:
         """Wake the waiters of ``cluster`` (all clusters: ``None``) to look at the store
         again."""
-        clusters = list(self._changed) if cluster is None else [cluster]
+        clusters = list(self._wakers) if cluster is None else [cluster]
         for name in clusters:
             self._generation[name] = self._generation.get(name, 0) + 1
             self._forget(name)
-            condition = self._condition(name)
-            async with condition:
-                condition.notify_all()
+            for waker in list(self._wakers.get(name, {}).values()):
+                if not waker.done():
+                    waker.set_result(None)
 
     def _watch(self) -> None:
         if self._watcher is None or self._watcher.done():

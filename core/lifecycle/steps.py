@@ -211,10 +211,8 @@ class UpdateSteps:
                 record.installed, oldstable, packages if kind == "oldstable-partial" else None
             )
         manifest = await self.manifest(look=look)
-        if look is not None and look.selected is None:
-            look.selected = await self.store.selected_hotfixes()
-        chosen = look.selected if look is not None else await self.store.selected_hotfixes()
-        assert chosen is not None
+        read = self.store.selected_hotfixes
+        chosen = await look.selections(read) if look is not None else await read()
         return self.plan_with(kind, manifest, record, packages, chosen.get(record.name, []))
 
     def plan_with(
@@ -310,6 +308,17 @@ class UpdateSteps:
         assert record is not None
         return record
 
+    async def _recent_record(self, ctx: RunContext) -> NodeRecord:
+        """The node's row as the run holds it when the node was asked for its state no
+        longer ago than the leader's ``node_check`` period (as fresh as the store's row
+        is kept), else read from the store."""
+        held = ctx.record
+        if held is not None and ctx.seen_at is not None:
+            age = (self.engine.clock.now() - ctx.seen_at).total_seconds()
+            if age <= self.engine.settings.leader.node_check:
+                return held
+        return await self._node(ctx)
+
     async def held_record(self, ctx: RunContext) -> NodeRecord:
         """The node's row as the run holds it (read once if it holds none)."""
         if ctx.record is None:
@@ -379,9 +388,12 @@ class UpdateSteps:
         packages = ctx.params.get("packages") or []
         if record is not None:
             # the state read when the command or occurrence started, and its manifest
+            assert look is not None
+            ctx.seen_at = look.seen_at
             entries = await self._plan(plan_kind, record, packages, look)
         else:
             async with self._preparing:
+                ctx.seen_at = self.engine.clock.now()
                 record = (await self.engine.refresh([ctx.node]))[0]
                 entries = await self._plan(plan_kind, record, packages)
         ctx.record = record
@@ -443,6 +455,11 @@ class UpdateSteps:
 
     def _cluster(self, ctx: RunContext) -> str | None:
         return self.engine.cluster_of[ctx.node]
+
+    def _limit(self, cluster: str) -> int | None:
+        """The cluster's ``max_parallel_updates`` (a freed slot is handed on below it)."""
+        settings = self.engine.settings.clusters.get(cluster)
+        return None if settings is None else settings.max_parallel_updates
 
     async def step_slot(self, ctx: RunContext, *, deadline: datetime | None = None) -> None:
         """Take a slot of the node's cluster (L12), waiting in order; a stopped rollout or
@@ -531,7 +548,7 @@ class UpdateSteps:
 
     async def step_notice(self, ctx: RunContext) -> None:
         await self._driver(ctx).announce(self.engine.notices.work_starts(ctx.node, ctx.kind))
-        users = (await self._node(ctx)).sessions
+        users = (await self._recent_record(ctx)).sessions
         await self.note(
             ctx, f"notice sent to the logged-in users ({users} session{'s' if users != 1 else ''})"
         )
@@ -600,7 +617,9 @@ class UpdateSteps:
 
     async def step_release(self, ctx: RunContext) -> None:
         cluster = self._cluster(ctx)
-        if cluster is not None and await self.slots.release(cluster=cluster, node=ctx.node):
+        if cluster is not None and await self.slots.release(
+            cluster=cluster, node=ctx.node, limit=self._limit(cluster)
+        ):
             await self.note(ctx, f"slot of cluster {cluster} freed")
 
     async def step_integrity(self, ctx: RunContext) -> None:
@@ -625,7 +644,7 @@ class UpdateSteps:
             if record.lb == "drained" and "drain" in ctx.completed:
                 await self._driver(ctx).undrain()
                 await self.store.update_node(ctx.node, lb="in")
-            await self.slots.release(cluster=cluster, node=ctx.node)
+            await self.slots.release(cluster=cluster, node=ctx.node, limit=self._limit(cluster))
 
     async def update_failed(self, ctx: RunContext, step: str, exc: BaseException) -> None:
         cluster = self._cluster(ctx)
@@ -646,7 +665,7 @@ class UpdateSteps:
                         log.warning("%s", undrain_error)
                         await self.store.update_node(ctx.node, left_drained_by_run=ctx.run_id)
                         return
-                await self.slots.release(cluster=cluster, node=ctx.node)
+                await self.slots.release(cluster=cluster, node=ctx.node, limit=self._limit(cluster))
             return
         reason = f"run #{ctx.run_id} ({ctx.kind}) failed at step {step}: {ctx.message}"
         if cluster is not None and "drain" in ctx.completed and "undrain" not in ctx.completed:

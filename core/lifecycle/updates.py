@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
@@ -125,7 +126,7 @@ class Lifecycle(UpdateSteps):
         if tasks:
             async with asyncio.timeout(limit):
                 await asyncio.gather(*tasks, return_exceptions=True)
-        return [r for i in run_ids if (r := await self.store.run(i)) is not None]
+        return await self.store.runs_of(run_ids)
 
     # -- commands ----------------------------------------------------------------------
 
@@ -145,9 +146,10 @@ class Lifecycle(UpdateSteps):
             raise RefusedError("tgops is stopping; try again when it is back")
         engine = self.engine
         names = engine.resolve(target)
+        seen_at = engine.clock.now()
         records = await engine.refresh(names)
         # the runs of this command share this look at the nodes and the repository
-        look = Look(records={r.name: r for r in records})
+        look = Look(records={r.name: r for r in records}, seen_at=seen_at)
         if kind in {"download", "auto-update", "oldstable-partial", "oldstable-full", "install"}:
             self._repo()
         if kind in {"install", "oldstable-partial"}:
@@ -247,7 +249,11 @@ class Lifecycle(UpdateSteps):
                 try:
                     await self.engine.drivers[record.name].undrain()
                     await self.store.update_node(record.name, lb="in", left_drained_by_run=None)
-                    await self.slots.release(cluster=record.cluster, node=record.name)
+                    await self.slots.release(
+                        cluster=record.cluster,
+                        node=record.name,
+                        limit=self._limit(record.cluster),
+                    )
                     notes.append(
                         f"back in load balancing (run #{record.left_drained_by_run} had left it "
                         "out), cluster slot freed"
@@ -315,6 +321,7 @@ class Lifecycle(UpdateSteps):
         actor: str,
         params: dict[str, Any],
         completed: set[str],
+        began: datetime | None = None,
     ) -> None:
         ctx = RunContext(
             run_id=run_id,
@@ -325,6 +332,7 @@ class Lifecycle(UpdateSteps):
             events=self.engine.events,
             params=params,
             completed=completed,
+            began=began,
         )
         key = params.get("rollout")
         if key is not None:
@@ -488,6 +496,7 @@ class Lifecycle(UpdateSteps):
                     actor=run.actor,
                     params=params,
                     completed=completed,
+                    began=run.started_at,
                 )
                 continue
             cause = "interrupted by a restart of tgops"

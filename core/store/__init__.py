@@ -35,6 +35,7 @@ from core.store.records import (
     ScheduleRecord,
     SlotFingerprint,
     SlotRecord,
+    SlotRelease,
     StepRecord,
 )
 from core.store.store import Store
@@ -55,6 +56,7 @@ __all__ = [
     "ScheduleRecord",
     "SlotFingerprint",
     "SlotRecord",
+    "SlotRelease",
     "StepRecord",
     "Store",
     "StoreBase",

@@ -167,6 +167,20 @@ class OutboxRecord:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SlotRelease:
+    """What freeing a node's slot did: whether it held one, and the node of the cluster's
+    queue it was handed to (with that node's former place in the queue), if any."""
+
+    released: bool
+    slot: int | None = None
+    to: str | None = None
+    place: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.released
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SlotFingerprint:
     """What a cluster's slots and queue look like, in three numbers: any slot taken or
     freed and any node joining or leaving the queue changes it."""

@@ -62,10 +62,13 @@ class RunsStore(StoreBase):
         async with self.transaction() as conn:
             if claimed:
                 await self._check_free(conn, claimed)
+            # one node per run (as a command makes them): the ids are matched by node, and
+            # the rows go in one statement; otherwise in the order given (row by row on SQLite)
+            by_node = len({spec.node for spec in specs}) == len(specs)
             rows = (
                 await conn.execute(
                     insert(t.runs).returning(
-                        t.runs.c.id, t.runs.c.node, sort_by_parameter_order=True
+                        t.runs.c.id, t.runs.c.node, sort_by_parameter_order=not by_node
                     ),
                     [
                         {
@@ -84,7 +87,11 @@ class RunsStore(StoreBase):
                     ],
                 )
             ).all()
-            ids = [int(row.id) for row in rows]
+            if by_node:
+                made = {str(row.node): int(row.id) for row in rows}
+                ids = [made[spec.node] for spec in specs]
+            else:
+                ids = [int(row.id) for row in rows]
             if claimed:
                 mine = {spec.node: run_id for spec, run_id in zip(specs, ids, strict=True)}
                 await conn.execute(
@@ -162,6 +169,18 @@ class RunsStore(StoreBase):
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(t.runs).where(t.runs.c.id == run_id))).first()
         return None if row is None else record_of(RunRecord, row)
+
+    async def runs_of(self, run_ids: Sequence[int]) -> list[RunRecord]:
+        """These runs (those in the store), in the order given, read with one statement."""
+        if not run_ids:
+            return []
+        found = {
+            r.id: r
+            for r in await self._all(
+                select(t.runs).where(t.runs.c.id.in_(list(run_ids))), RunRecord
+            )
+        }
+        return [found[i] for i in run_ids if i in found]
 
     async def runs(
         self,
