@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -472,3 +473,51 @@ STEP_BOOKKEEPING = (
     "thread) and back to the one event-loop thread that serves every run, so on a loaded "
     "machine each hop waits for a turn of the loop."
 )
+
+
+class DriverTime:
+    """When each node's driver was busy with its own operations: the real driver objects'
+    methods are wrapped (nothing is replaced), each call's start and end kept per node.
+
+    ``in_slot(node, start, end)`` is the time the node's driver spent in calls that lay
+    between taking and freeing its cluster slot: the "driver's own operations inside one
+    slot" that the rollout and schedule benchmarks' ideal is made of.
+    """
+
+    OPERATIONS = (
+        "announce",
+        "set_logon",
+        "drain",
+        "undrain",
+        "disconnect_sessions",
+        "install",
+        "restart_services",
+        "reboot",
+        "post_check",
+    )
+
+    def __init__(self, drivers: dict[str, Any]) -> None:
+        self.calls: dict[str, list[tuple[dt.datetime, dt.datetime]]] = {}
+        for name, driver in drivers.items():
+            for operation in self.OPERATIONS:
+                method = getattr(driver, operation, None)
+                if method is not None:
+                    setattr(driver, operation, self._timed(name, method))
+
+    def _timed(self, node: str, method: Any) -> Any:
+        calls = self.calls.setdefault(node, [])
+
+        @functools.wraps(method)
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            start = dt.datetime.now(dt.UTC)
+            try:
+                return await method(*args, **kwargs)
+            finally:
+                calls.append((start, dt.datetime.now(dt.UTC)))
+
+        return timed
+
+    def in_slot(self, node: str, start: dt.datetime, end: dt.datetime) -> float:
+        return sum(
+            (b - a).total_seconds() for a, b in self.calls.get(node, []) if a >= start and b <= end
+        )

@@ -49,6 +49,7 @@ from bench.common import (  # noqa: E402
     SLOT_POLLING,
     SQLITE_STALL,
     STEP_BOOKKEEPING,
+    DriverTime,
     LoopLag,
     SqlCounter,
     backends,
@@ -87,12 +88,15 @@ def _seconds(a: datetime, b: datetime) -> float:
     return (b - a).total_seconds()
 
 
-async def _analyse(service: Service, ids: list[int], t0: datetime) -> dict[str, Any]:
+async def _analyse(
+    service: Service, ids: list[int], t0: datetime, drivers: DriverTime
+) -> dict[str, Any]:
     """Makespan and where the time went, from the runs' steps in the store."""
     runs = [r for i in ids if (r := await service.store.run(i)) is not None]
     ends = [r.finished_at for r in runs if r.finished_at is not None]
     step_durations: dict[str, list[float]] = {}
     holds: list[float] = []
+    in_slot: list[float] = []
     changes: list[tuple[datetime, int]] = []
     first_slot: datetime | None = None
     downloads_done: list[datetime] = []
@@ -106,6 +110,7 @@ async def _analyse(service: Service, ids: list[int], t0: datetime) -> dict[str, 
         slot, release = steps.get("slot"), steps.get("release")
         if slot and release and slot.finished_at and release.finished_at:
             holds.append(_seconds(slot.finished_at, release.finished_at))
+            in_slot.append(drivers.in_slot(run.node, slot.finished_at, release.finished_at))
             changes += [(slot.finished_at, 1), (release.finished_at, -1)]
             first_slot = min(first_slot or slot.finished_at, slot.finished_at)
         download = steps.get("download")
@@ -127,6 +132,7 @@ async def _analyse(service: Service, ids: list[int], t0: datetime) -> dict[str, 
         "slot_span": span,
         "utilisation": area / (PARALLEL * span) if span else None,
         "hold_median": statistics.median(holds) if holds else None,
+        "driver_median": statistics.median(in_slot) if in_slot else None,
         "hold_p90": sorted(holds)[int(len(holds) * 0.9)] if holds else None,
         "hold_max": max(holds) if holds else None,
         "step_median": {k: statistics.median(v) for k, v in step_durations.items()},
@@ -180,6 +186,7 @@ async def measure(
         async with Service(settings) as service:
             start_seconds = time.perf_counter() - started
             rss_idle = proc_status_kib("VmRSS")
+            drivers = DriverTime(service.engine.drivers)
             sql = SqlCounter(service.store.engine)
             lag = LoopLag()
             lag.start()
@@ -208,7 +215,7 @@ async def measure(
             await lag.stop()
             statements, by_key = sql.snapshot()
             sql.close()
-            analysis = await _analyse(service, ids, t0)
+            analysis = await _analyse(service, ids, t0, drivers)
     problems = log_problems(log_file)
     return {
         "label": label,
@@ -264,15 +271,19 @@ def _row(r: dict[str, Any], ideal: float) -> str:
     makespan = r["makespan"]
     complete = r["statuses"] == {"succeeded": NODES} and not r["timed_out"]
     ratio = makespan / ideal if makespan and complete else None
+    driver = r.get("driver_median")
+    own = NODES / PARALLEL * driver if driver else None
+    own_ratio = makespan / own if makespan and own and complete else None
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(r["statuses"].items()))
-    ok = ratio is not None and ratio <= TARGET_RATIO
+    ok = own_ratio is not None and own_ratio <= TARGET_RATIO
     target = verdict(ok) if r["gc"] else "diagnostic"
     shown = _fmt(makespan) + " s" if complete else f"n/a (ended after {_fmt(makespan)} s)"
     return (
-        f"| {r['label']}{'' if r['gc'] else ', `gc.disable()`'} | {shown} | **{_fmt(ratio)}** | "
-        f"{target} | {r['cpu'] / NODES * 1000:.0f} ms | {r['children_cpu'] / NODES * 1000:.0f} ms"
-        f" | {r['vm_hwm_kib'] / 1024:.0f} MiB | {statuses}"
-        f"{' (TIMED OUT)' if r['timed_out'] else ''} |"
+        f"| {r['label']}{'' if r['gc'] else ', `gc.disable()`'} | {shown} | {_fmt(ratio)} | "
+        f"{_fmt(driver, '.3f')} s | {_fmt(own, '.1f')} s | **{_fmt(own_ratio)}** | {target} | "
+        f"{r['cpu'] / NODES * 1000:.0f} ms | {r['statements'] / NODES:.0f} | "
+        f"{r['children_cpu'] / NODES * 1000:.0f} ms | {r['vm_hwm_kib'] / 1024:.0f} MiB | "
+        f"{statuses}{' (TIMED OUT)' if r['timed_out'] else ''} |"
     )
 
 
@@ -290,7 +301,8 @@ def _details(r: dict[str, Any]) -> list[str]:
         f"done {_fmt(r['downloads_done_after'])} s after it",
         f"  - a slot is held {_fmt(r['hold_median'], '.3f')} s (median; p90 "
         f"{_fmt(r['hold_p90'], '.3f')}, max {_fmt(r['hold_max'], '.3f')}) for "
-        f"{INSTALL_SECONDS:g} s of install delay; step medians: {held} s",
+        f"{INSTALL_SECONDS:g} s of install delay, of which its driver was busy "
+        f"{_fmt(r.get('driver_median'), '.3f')} s; step medians: {held} s",
         f"  - slot utilisation {_fmt((r['utilisation'] or 0) * 100, '.1f')} % of "
         f"{PARALLEL} slots over {r['slot_span']:.2f} s (first take to last release)",
         f"  - process CPU {r['cpu']:.1f} s over {r['wall']:.1f} s wall "
@@ -359,18 +371,18 @@ def _analysis(results: list[dict[str, Any]]) -> list[str]:
             + " With 10 nodes per round, the makespan is about 20 x the hold time divided by "
             f"the slot utilisation ({(r['utilisation'] or 0) * 100:.0f} %)."
         )
-        budget = INSTALL_SECONDS * (TARGET_RATIO - 1)  # per round of PARALLEL nodes
-        others = work - med.get("install", 0)
-        lines.append(
-            f"- **What the target leaves**: 1.10 x the ideal leaves {budget * 1000:.0f} ms per "
-            "round of 10 nodes for everything but the 1 s delay: taking the slot, the six "
-            "other steps L12 puts between leaving and re-entering load balancing (drain, "
-            "notice, disconnect, restart-services, verify, undrain: "
-            f"{others * 1000:.0f} ms here) and the install's own work (the sandbox's "
-            f"`dpkg-deb` runs and hashing: {(med.get('install', 0) - INSTALL_SECONDS) * 1000:.0f} "
-            "ms here), with every slot busy all the time. The install's own work alone uses "
-            "most of it; the target is not reachable with real unpacking inside the slot."
-        )
+        driver = r.get("driver_median")
+        if driver:
+            lines.append(
+                f"- **What the target leaves**: the ideal counts the driver's own time in a "
+                f"slot ({driver:.3f} s per node: the install's delay, its `dpkg-deb` runs, the "
+                "load balancer and session operations); 1.10 x leaves "
+                f"{driver * (TARGET_RATIO - 1) * 1000:.0f} ms per round of {PARALLEL} nodes for "
+                "everything else: the service's bookkeeping between the driver's calls "
+                f"({(r['hold_median'] - driver) * 1000:.0f} ms per node here: the slot held "
+                f"{r['hold_median']:.3f} s), the hand-over of the slot to the next node, the "
+                "start of the first round and any slot left idle."
+            )
         lines.append(
             f"- **Starting the runs**: `auto-update c1` was answered after "
             f"{r['reply_seconds']:.1f} s (`Lifecycle.start` creates all runs of a command, "
@@ -400,12 +412,19 @@ def render(results: list[dict[str, Any]]) -> str:
         "  another process. The command goes to `POST /api/v1/command` over 127.0.0.1; the",
         "  makespan ends at the last run's `finished_at` in the store. CPU is the process's",
         "  (all threads) over that window; dpkg-deb's is counted apart.",
-        f"- ideal: {NODES} / {PARALLEL} x {INSTALL_SECONDS:g} s = **{ideal:g} s**; target: ratio "
-        f"<= {TARGET_RATIO:.2f} with all {NODES} runs succeeded",
+        f"- ideal as the issue defines it: {NODES // PARALLEL} rounds x the median time the "
+        "driver's own operations take inside one slot (per node, the wall time of its "
+        "driver's calls between taking and freeing its slot: drain, announce, disconnect, "
+        "install with its delay and `dpkg-deb` runs, restart-services, undrain; measured by "
+        "wrapping the real driver objects' methods); target: ratio <= "
+        f"{TARGET_RATIO:.2f} with all {NODES} runs succeeded. The delay alone gives "
+        f"{NODES} / {PARALLEL} x {INSTALL_SECONDS:g} s = {ideal:g} s (the earlier sections' "
+        "ideal, shown for comparison).",
         "",
-        "| backend | makespan | ratio to ideal | target | CPU per node (service) | CPU per node "
-        "(dpkg-deb) | peak RSS (VmHWM) | runs |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| backend | makespan | ratio to {ideal:g} s | driver time in a slot (median) | ideal "
+        "| ratio to ideal | target | CPU per node (service) | statements per node | CPU per "
+        "node (dpkg-deb) | peak RSS (VmHWM) | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(r, ideal) for r in results),
         "",
         "Measured detail:",

@@ -51,6 +51,7 @@ from bench.common import (  # noqa: E402
     SLOT_POLLING,
     SQLITE_STALL,
     STEP_BOOKKEEPING,
+    DriverTime,
     FinishedCounter,
     LoopLag,
     SqlCounter,
@@ -114,11 +115,12 @@ def cluster_names() -> dict[str, list[str]]:
     }
 
 
-async def _analyse(service: Service, at: datetime) -> dict[str, Any]:
+async def _analyse(service: Service, at: datetime, drivers: DriverTime) -> dict[str, Any]:
     """Makespan and where the time went, from the scheduled-update runs in the store."""
     runs = [r for r in await service.store.runs(limit=5 * NODES) if r.kind == "scheduled-update"]
     ends = [r.finished_at for r in runs if r.finished_at is not None]
     holds: list[float] = []
+    in_slot: list[float] = []
     changes: list[tuple[datetime, int]] = []
     ready: list[float] = []
     started: list[float] = []
@@ -140,6 +142,7 @@ async def _analyse(service: Service, at: datetime) -> dict[str, Any]:
         slot, release = steps.get("slot"), steps.get("release")
         if slot and release and slot.finished_at and release.finished_at:
             holds.append(_seconds(slot.finished_at, release.finished_at))
+            in_slot.append(drivers.in_slot(run.node, slot.finished_at, release.finished_at))
             changes += [(slot.finished_at, 1), (release.finished_at, -1)]
         install = steps.get("install")
         cluster = service.engine.cluster_of.get(run.node) or "-"
@@ -167,6 +170,7 @@ async def _analyse(service: Service, at: datetime) -> dict[str, Any]:
         "first_install_max": max(first_install.values()) if first_install else None,
         "utilisation": area / (CLUSTERS * PARALLEL * span) if span > 0 else None,
         "hold_median": statistics.median(holds) if holds else None,
+        "driver_median": statistics.median(in_slot) if in_slot else None,
         "hold_p90": percentile(holds, 90) if holds else None,
         "step_median": {k: statistics.median(v) for k, v in step_durations.items()},
         "step_max": {k: max(v) for k, v in step_durations.items()},
@@ -362,11 +366,12 @@ async def measure(
         settings = load_settings(_config(work, database_url, url, repo.public_key, leads), {})
         started = time.perf_counter()
         async with Service(settings) as service:
+            drivers = DriverTime(service.engine.drivers)
             start_seconds = time.perf_counter() - started
             rss_started = proc_status_kib("VmRSS")
             window = await _scheduled_runs(service, leads, ahead, profile)
             at = window.pop("at")
-            analysis = await _analyse(service, at)
+            analysis = await _analyse(service, at, drivers)
             analysis.update(await _told_in_time(service, work))
     problems = log_problems(log_file)
     return {
@@ -459,7 +464,10 @@ def _details(r: dict[str, Any]) -> list[str]:
         f"  - first install of a cluster began {_fmt(r['first_install_after_s'])} s after S "
         f"(median over clusters; latest {_fmt(r['first_install_max'])} s)",
         f"  - a slot is held {_fmt(r['hold_median'], '.3f')} s (median; p90 "
-        f"{_fmt(r['hold_p90'], '.3f')}) for {INSTALL_SECONDS:g} s of install delay; step "
+        f"{_fmt(r['hold_p90'], '.3f')}) for {INSTALL_SECONDS:g} s of install delay (its "
+        f"driver busy {_fmt(r.get('driver_median'), '.3f')} s of it: with that as a "
+        f"round, the ideal would be {PER_CLUSTER // PARALLEL} x "
+        f"{_fmt(r.get('driver_median'), '.3f')} s); step "
         f"medians: {held} s; slot utilisation from S to the last release "
         f"{_fmt((r['utilisation'] or 0) * 100, '.1f')} % of {CLUSTERS * PARALLEL} slots",
         f"  - process CPU from the timers to the end {r['cpu']:.1f} s in {r['window']:.0f} s "
