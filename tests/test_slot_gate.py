@@ -190,9 +190,7 @@ async def test_a_slot_above_a_lowered_limit_is_not_handed_on(store: Store) -> No
         assert await waiter == 0
 
 
-async def test_a_slot_handed_to_a_node_of_another_instance_is_found(
-    url: str, store: Store
-) -> None:
+async def test_a_slot_handed_to_a_node_of_another_instance_is_found(url: str, store: Store) -> None:
     async with Store(url) as other_store:
         mine = SlotGate(store, owner="a", remote_recheck=0.2)
         other = SlotGate(other_store, owner="b", remote_recheck=3600)
