@@ -77,8 +77,11 @@ class CommandService:
         """The fleet's status (``GET /api/v1/status``, ``status``) with, when this service
         takes part in an election, ``instance`` (this one) and ``leader`` (the best known
         leading instance; null when none is known). Concurrent requests share one look at
-        each node; with ``max_age`` a look that recent serves too (``http.status_cache``)."""
-        status = await self.engine.status(target, max_age=max_age)
+        each node; with ``max_age`` a look that recent serves too (``http.status_cache``).
+        The nodes' answers are awaited ``http.status_wait`` at most: a node that has not
+        answered by then is shown as last seen and named in ``not_answered_yet``."""
+        wait = self.engine.settings.http.status_wait
+        status = await self.engine.status(target, max_age=max_age, wait=wait)
         if self.election is None:
             return status
         return {
@@ -484,6 +487,14 @@ def alert_header(status: dict[str, Any], tz: ZoneInfo) -> list[str]:
 
 def render_status(status: dict[str, Any], tz: ZoneInfo) -> str:
     lines = alert_header(status, tz)
+    late = status.get("not_answered_yet") or []
+    if late:
+        shown = ", ".join(late[:10]) + (f" and {len(late) - 10} more" if len(late) > 10 else "")
+        lines.append(
+            f"{len(late)} node{'s' if len(late) != 1 else ''} had not answered yet and "
+            f"{'are' if len(late) != 1 else 'is'} shown as last seen: {shown} (ask again "
+            "for their answers)"
+        )
     if lines:
         lines.append("")
     for node in status["nodes"]:

@@ -64,8 +64,11 @@ class HttpSettings(_Section):
     and when none is idle the new one is answered 503."""
     status_cache: Duration = 5.0
     """How long the nodes' state read for one status request serves the next ones."""
+    status_wait: Duration = 2.0
+    """How long a status request waits for the nodes' answers; a node that has not
+    answered by then is shown as last seen (its answer serves the next request)."""
 
-    @field_validator("header_timeout", "body_timeout", "idle_timeout")
+    @field_validator("header_timeout", "body_timeout", "idle_timeout", "status_wait")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:

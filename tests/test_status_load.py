@@ -92,3 +92,30 @@ async def test_status_needs_a_role(tmp_path: Path) -> None:
         reply = await api.command("status", NOBODY_TOKEN)
         assert reply["ok"] is False and "needs role viewer" in reply["text"]
         assert times_asked(asked) == before  # nobody's request asked no node
+
+
+async def test_a_node_slower_than_status_wait_is_shown_as_last_seen(tmp_path: Path) -> None:
+    asked, extra = fleet(tmp_path, "60s")  # the node takes a second to answer
+    settings = settings_for(
+        tmp_path / "svc",
+        cluster_nodes=0,
+        singles=0,
+        extra=extra,
+        environ={"TGOPS_HTTP__STATUS_CACHE": "60s", "TGOPS_HTTP__STATUS_WAIT": "0.1s"},
+    )
+    async with running(settings) as (_, api):
+        before = times_asked(asked)
+        reply = await api.command("status", VIEWER_TOKEN)
+        assert reply["ok"], reply
+        assert "1 node had not answered yet and is shown as last seen: tg-local" in reply["text"]
+        assert "tg-local (single system)" in reply["text"]
+        # its answer, once there, serves the API's status (within status_cache): no new ask
+        for _ in range(100):
+            status = await api.status(VIEWER_TOKEN)
+            if "not_answered_yet" not in status:
+                break
+            assert status["not_answered_yet"] == ["tg-local"]
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the node's answer never arrived")
+        assert times_asked(asked) == before + 1

@@ -192,24 +192,39 @@ class Engine:
         rows = {r.name: r for r in await self.store.nodes(list(names))} if names else {}
         return list(await asyncio.gather(*(self._refresh_one(n, rows.get(n)) for n in names)))
 
-    async def fresh(self, names: Sequence[str], max_age: float) -> list[NodeRecord]:
+    async def fresh(
+        self, names: Sequence[str], max_age: float, *, wait: float | None = None
+    ) -> tuple[list[NodeRecord], list[str]]:
         """The nodes' state no older than ``max_age`` seconds, for status requests: a node
         asked less than ``max_age`` ago is read from the store, and concurrent requests
-        share one refresh per node (so a burst of requests asks each node once)."""
+        share one refresh per node (so a burst of requests asks each node once). The rows
+        of the nodes to ask are read with one statement. With ``wait``, the answers are
+        awaited that many seconds at most: a node that has not answered by then is
+        returned as last seen (its refresh goes on and serves the next request). Returns
+        the records and the nodes returned as last seen."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         due = [n for n in names if now - self._asked_at.get(n, -math.inf) >= max_age]
-        for name in due:
-            if name in self._asking:
-                continue
-            # registered before anything is awaited, so that requests meanwhile join it
-            task = loop.create_task(self._refresh_one(name, None))
-            self._asking[name] = task
-            task.add_done_callback(functools.partial(self._asked, name))
-        joined = {n: await asyncio.shield(self._asking[n]) for n in due if n in self._asking}
+        new = [n for n in due if n not in self._asking]
+        if new:
+            # registered before anything is awaited, so that requests meanwhile join them
+            rows = loop.create_task(self.store.nodes(new))
+            for name in new:
+                task = loop.create_task(self._refresh_from(name, rows))
+                self._asking[name] = task
+                task.add_done_callback(functools.partial(self._asked, name))
+        asking = {n: self._asking[n] for n in due if n in self._asking}
+        if asking:
+            await asyncio.wait(asking.values(), timeout=wait)
+        joined = {n: task.result() for n, task in asking.items() if task.done()}
+        late = [n for n in asking if n not in joined]
         rest = [n for n in names if n not in joined]
         stored = {r.name: r for r in await self.store.nodes(rest)} if rest else {}
-        return [joined.get(n) or stored[n] for n in names]
+        return [joined.get(n) or stored[n] for n in names], late
+
+    async def _refresh_from(self, name: str, rows: asyncio.Task[list[NodeRecord]]) -> NodeRecord:
+        before = next((r for r in await asyncio.shield(rows) if r.name == name), None)
+        return await self._refresh_one(name, before)
 
     def _asked(self, name: str, task: asyncio.Task[NodeRecord]) -> None:
         if self._asking.get(name) is task:
@@ -323,12 +338,20 @@ class Engine:
     # -- status ----------------------------------------------------------------------------
 
     async def status(
-        self, target: str | None = None, *, refresh: bool = True, max_age: float | None = None
+        self,
+        target: str | None = None,
+        *,
+        refresh: bool = True,
+        max_age: float | None = None,
+        wait: float | None = None,
     ) -> dict[str, Any]:
         """The fleet state as in docs/lifecycle.md "Status JSON" (for a target, or all);
-        with ``max_age`` the nodes' state may be that old (``fresh``)."""
+        with ``max_age`` the nodes' state may be that old, and with ``wait`` the nodes'
+        answers are awaited that long at most (``fresh``; the others are shown as last
+        seen and listed in ``not_answered_yet``)."""
         names = self.resolve(target)
         now = self.clock.now()
+        late: list[str] = []
         # runs first: a run that ends while the nodes are read shows its outcome, not a gap
         active = {
             r.id: r for r in await self.store.runs(statuses=("queued", "running"), limit=10_000)
@@ -336,7 +359,7 @@ class Engine:
         if not refresh:
             records = await self.store.nodes(names)
         elif max_age is not None:
-            records = await self.fresh(names, max_age)
+            records, late = await self.fresh(names, max_age, wait=wait)
         else:
             records = await self.refresh(names)
         by_name = {r.name: r for r in records}
@@ -407,9 +430,9 @@ class Engine:
             )
             if gated:  # with a gate configured: what holds the node's run, if anything
                 nodes[-1]["held"] = held_by_gate(run)
-            late = preparation_late(self.settings, run, now)
-            if late is not None:  # only then: a node not downloaded and staged in time
-                nodes[-1]["preparation_late"] = late
+            behind = preparation_late(self.settings, run, now)
+            if behind is not None:  # only then: a node not downloaded and staged in time
+                nodes[-1]["preparation_late"] = behind
         clusters = []
         wanted = {self.cluster_of[n] for n in names if self.cluster_of[n]}
         slots = await self.store.slots()
@@ -425,6 +448,8 @@ class Engine:
                 }
             )
         status: dict[str, Any] = {"nodes": nodes, "clusters": clusters}
+        if late:  # only when some nodes had not answered within ``wait``
+            status["not_answered_yet"] = late
         if self.manifest_problems:  # only while a channel's manifest is refused
             status["manifest_problems"] = {
                 channel: problem["reason"] for channel, problem in self.manifest_problems.items()
