@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import event
 
 from core.store import NewRun, NodeChange, RunChange, RunEnd, Store
+from core.store.journal import LAZY_FLUSH
 from tests.databases import POSTGRES_URL, backends, reset_postgres
 
 NODES = [f"n{i:02d}" for i in range(1, 21)]
@@ -221,3 +222,51 @@ async def test_runs_ending_together_share_a_transaction(store: Store) -> None:
     ]
     assert sorted(a.target or "" for a in outcomes) == NODES
     assert {a.detail for a in outcomes} == {"installed tgpro 2"}
+
+
+async def test_records_handed_over_without_waiting_are_written_in_order(
+    store: Store, tmp_path: Path
+) -> None:
+    ids = await _runs(store)
+    commits = Commits(store)
+    try:
+        # handed over without waiting: written on their own within LAZY_FLUSH seconds
+        await store.begin_step(ids[0], "download", wait=False)
+        await store.audit(actor="tgops", source="lifecycle", action="download", wait=False)
+        assert commits.count == 0  # nothing written yet
+        for _ in range(100):
+            if commits.count:
+                break
+            await asyncio.sleep(LAZY_FLUSH / 2)
+        assert commits.count == 1
+        assert [s.name for s in await store.steps(ids[0])] == ["download"]
+        # a record waited for is committed with (never before) those handed over earlier
+        await store.begin_step(ids[1], "download", wait=False)
+        await store.begin_step(ids[1], "slot", after="download", wait=False)
+        await store.begin_step(ids[1], "drain", after="slot")
+        assert commits.count == 2
+        steps = {s.name: s.status for s in await store.steps(ids[1])}
+        assert steps == {"download": "done", "slot": "done", "drain": "running"}
+        # a step's detail handed over before the transition that ends it stays with it
+        await store.step_detail(ids[1], "drain", "drained", wait=False)
+        await store.begin_step(ids[1], "notice", after="drain")
+        assert commits.count == 3
+        drain = next(s for s in await store.steps(ids[1]) if s.name == "drain")
+        assert (drain.status, drain.detail) == ("done", "drained")
+    finally:
+        commits.close()
+    assert store.journal.lost == 0
+
+
+async def test_closing_the_store_writes_what_was_handed_over(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/state.db"
+    async with Store(url) as opened:
+        await opened.sync_nodes([("n1", "c1", "sandbox")])
+        (run_id,) = await opened.create_runs(
+            [NewRun(kind="auto-update", node="n1", target="c1", actor="alice", params={})]
+        )
+        await opened.begin_step(run_id, "download", wait=False)
+        await opened.audit(actor="tgops", source="lifecycle", action="noted", wait=False)
+    async with Store(url) as again:
+        assert [s.name for s in await again.steps(run_id)] == ["download"]
+        assert any(r.action == "noted" for r in await again.audit_log())

@@ -308,7 +308,10 @@ class Engine:
         target: str | None = None,
         detail: str = "",
         run_id: int | None = None,
+        wait: bool = True,
     ) -> None:
+        """An audit record (L13); with ``wait`` false it goes with the store's next
+        transaction (``core.store.journal``: only for a run's lazy steps)."""
         await self.store.audit(
             actor=actor.name,
             source=actor.source,
@@ -316,6 +319,7 @@ class Engine:
             target=target,
             detail=detail,
             run_id=run_id,
+            wait=wait,
         )
 
     async def command_received(self, actor: Actor, text: str, target: str | None) -> None:

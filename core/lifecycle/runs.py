@@ -58,6 +58,9 @@ class RunContext:
     store); steps use it instead of reading the row again."""
     seen_at: datetime | None = None
     """When the node was asked for the state in ``record`` (``None``: not known)."""
+    lazy: bool = False
+    """The records the current step makes (audit lines, node and run changes) need not be
+    waited for (``core.store.journal``): its flow has ``lazy`` steps."""
     began: datetime | None = None
     """When the run started (its ``started_at``; ``None``: when its first step begins)."""
     _progress_saved: float = field(default=float("-inf"), init=False, repr=False)
@@ -72,7 +75,9 @@ class RunContext:
         now = asyncio.get_running_loop().time()
         if done >= total or now - self._progress_saved >= PROGRESS_SAVE_INTERVAL:
             self._progress_saved = now
-            await self.store.change_run(self.run_id, progress_done=done, progress_total=total)
+            await self.store.change_run(
+                self.run_id, progress_done=done, progress_total=total, wait=not self.lazy
+            )
         await self.events.publish(
             ev.RunProgress(
                 run_id=self.run_id, node=self.node, step=self.step or "", done=done, total=total
@@ -82,7 +87,7 @@ class RunContext:
     async def save_params(self, **values: Any) -> None:
         """Persist data a later step (or a resumed run) needs."""
         self.params.update(values)
-        await self.store.change_run(self.run_id, params=dict(self.params))
+        await self.store.change_run(self.run_id, params=dict(self.params), wait=not self.lazy)
 
 
 PROGRESS_SAVE_INTERVAL = 1.0
@@ -96,6 +101,11 @@ class Flow:
     kind: str
     steps: Sequence[tuple[str, Step]]
     resumable: frozenset[str]
+    lazy: frozenset[str] = frozenset()
+    """Steps whose start (and whose own records) a run need not wait to be committed:
+    resumable steps that touch neither the node's users nor its packages, which a restart
+    simply runs again (``core.store.journal``); their records go with the next
+    transaction. A step that leaves load balancing or touches the node waits for its own."""
     on_failure: FailureHook | None = None
     on_success: Step | None = None
     on_cancel: Step | None = None
@@ -130,10 +140,18 @@ async def _execute(flow: Flow, ctx: RunContext) -> str:
             current = name
             if ctx.began is None:
                 ctx.began = datetime.now(UTC)
-            # ctx.step changes only once the store has the transition: a stopping service
-            # treats the run as being in the step the store says it is in
-            await ctx.store.begin_step(ctx.run_id, name, after=ended)
+            # ctx.step changes only once the store has the transition (or, for a lazy step
+            # after a resumable one, has it queued: a crash makes the run carry out the
+            # previous step again): a stopping service treats the run as being in the
+            # step the store says it is in
+            lazy = name in flow.lazy & flow.resumable and (ended is None or ended in flow.resumable)
+            await ctx.store.begin_step(ctx.run_id, name, after=ended, wait=not lazy)
             ctx.step = name
+            # what a step records need not be waited for: the next transition (waited
+            # for before any disruptive step) or the run's end commits it first; after a
+            # crash a resumable step runs again and records it again, and one that is not
+            # resumable is ended as interrupted whatever it had recorded
+            ctx.lazy = name in flow.resumable
             ended = None
             await ctx.events.publish(ev.RunProgress(run_id=ctx.run_id, node=ctx.node, step=name))
             await step(ctx)

@@ -40,7 +40,7 @@ from core.errors import DownloadFailedError, DriverError, TgopsError
 from core.lifecycle.engine import preparation_due
 from core.lifecycle.look import Look
 from core.lifecycle.runs import Flow, RunCancelledError, RunContext, RunSkippedError
-from core.lifecycle.steps import DISRUPTIVE_STEPS
+from core.lifecycle.steps import DISRUPTIVE_STEPS, LAZY_STEPS
 from core.localtime import local_text
 from core.model import Actor
 from core.store import NewRun, NodeBusyError
@@ -280,6 +280,7 @@ class ScheduledRuns:
                     "release",
                 }
             ),
+            lazy=LAZY_STEPS,
             on_success=self._succeeded,
             on_failure=self._failed,
             on_cancel=self._skipped,

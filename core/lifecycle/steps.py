@@ -47,6 +47,13 @@ UPDATE_KINDS = frozenset({"auto-update", "oldstable-partial", "oldstable-full", 
 
 DISRUPTIVE_STEPS = frozenset({"disconnect", "install", "restart-services", "verify", "reboot"})
 
+LAZY_STEPS = frozenset(
+    {"check", "download", "slot", "gate", "wait", "notice", "undrain", "release"}
+)
+"""Steps a run need not wait to have recorded before it carries them out (``Flow.lazy``):
+a restart carries them out again. Leaving load balancing, the logon lock and every
+disruptive step wait for their own record (L15)."""
+
 
 PREPARE_AT_ONCE = 4
 """Runs planning (node status, manifest) at once, and runs staging at once (two separate
@@ -297,7 +304,12 @@ class UpdateSteps:
         """One line of what the run did on its node, as it happens: in the audit log (L13)
         and published (the demo's console and Slack show it)."""
         await self.engine.record(
-            LIFECYCLE, ctx.step or "step", target=ctx.node, run_id=ctx.run_id, detail=text
+            LIFECYCLE,
+            ctx.step or "step",
+            target=ctx.node,
+            run_id=ctx.run_id,
+            detail=text,
+            wait=not ctx.lazy,
         )
         await self.engine.events.publish(
             ev.RunStepDone(run_id=ctx.run_id, node=ctx.node, step=ctx.step or "", text=text)
@@ -355,7 +367,7 @@ class UpdateSteps:
                 detail=text,
             )
         )
-        await self.store.commit(*entries)
+        await self.store.commit(*entries, wait=not ctx.lazy)
 
     async def step_download(self, ctx: RunContext) -> None:
         try:

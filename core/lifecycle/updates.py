@@ -30,6 +30,7 @@ from core.lifecycle.runs import (
     execute,
 )
 from core.lifecycle.steps import (
+    LAZY_STEPS,
     ROLLOUTS_KV,
     UPDATE_KINDS,
     RefusedError,
@@ -406,6 +407,7 @@ class Lifecycle(UpdateSteps):
                         "release",
                     }
                 ),
+                lazy=LAZY_STEPS,
                 on_failure=self.update_failed,
                 on_cancel=self.undo_slot,
             )
@@ -438,6 +440,7 @@ class Lifecycle(UpdateSteps):
                     "release",
                 }
             ),
+            lazy=LAZY_STEPS,
             on_failure=self.update_failed,
             on_cancel=self.undo_slot,
             on_success=self._update_succeeded,

@@ -51,9 +51,11 @@ class AuditStore(StoreBase):
         target: str | None = None,
         detail: str = "",
         run_id: int | None = None,
+        wait: bool = True,
     ) -> None:
         """One audit record (L13); returns once it is committed (records of many callers
-        at once share one transaction: ``core.store.journal``)."""
+        at once share one transaction: ``core.store.journal``), or at once (``wait``
+        false: written with the next transaction)."""
         await self.journal.write(
             self.audit_entry(
                 actor=actor,
@@ -62,7 +64,8 @@ class AuditStore(StoreBase):
                 target=target,
                 detail=detail,
                 run_id=run_id,
-            )
+            ),
+            wait=wait,
         )
 
     async def audit_log(

@@ -134,10 +134,11 @@ class StoreBase:
             self._journal = StepJournal(self.transaction)
         return self._journal
 
-    async def commit(self, *entries: Entry) -> None:
+    async def commit(self, *entries: Entry, wait: bool = True) -> None:
         """Write ``entries`` (node and run changes, audit records) through the run journal,
-        in one transaction with those of other runs; returns once committed."""
-        await self.journal.write(*entries)
+        in one transaction with those of other runs; returns once committed (``wait``) or
+        at once (written with the next transaction: ``core.store.journal``)."""
+        await self.journal.write(*entries, wait=wait)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -193,6 +194,12 @@ class StoreBase:
         tb: TracebackType | None,
     ) -> None:
         if self._engine is not None:
+            if self._journal is not None:
+                try:  # what runs handed over without waiting is written before closing
+                    async with asyncio.timeout(30):
+                        await asyncio.shield(self._journal.flush())
+                except Exception as problem:  # closing goes on
+                    log.warning("run journal: not flushed before closing the store: %s", problem)
             await asyncio.shield(self._engine.dispose())
             self._engine = None
 

@@ -10,6 +10,13 @@ records). A caller returns only once its own records are committed: a step start
 its record is durable, as with a transaction of its own (L15), but the store commits once
 per batch instead of once per record. The records one caller hands over together are
 committed in the same transaction.
+
+A caller may also hand records over without waiting (``wait=False``): they are written
+with the next transaction anyone waits for, or after ``LAZY_FLUSH`` seconds at the
+latest, always in the order they were handed over (a record waited for is committed only
+after every record handed over before it). Runs do this only for steps that a restart
+simply carries out again (``Flow.lazy``): a crash may lose those records, and the
+step they belong to runs again after the restart.
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
 """Transitions written by one transaction at most."""
+
+LAZY_FLUSH = 0.1
+"""Seconds records handed over without waiting stay unwritten at most (unless a
+transaction is under way)."""
 
 Transaction = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
 
@@ -132,6 +143,19 @@ _STEP_END = (
         detail=func.coalesce(bindparam("b_detail"), t.run_steps.c.detail),
     )
 )
+_STEP_DETAIL = (
+    update(t.run_steps)
+    .where(
+        t.run_steps.c.id
+        == select(func.max(t.run_steps.c.id))
+        .where(
+            t.run_steps.c.run_id == bindparam("b_run"),
+            t.run_steps.c.name == bindparam("b_name"),
+        )
+        .scalar_subquery()
+    )
+    .values(detail=bindparam("b_detail"))
+)
 _RUN_END = (
     update(t.runs)
     .where(t.runs.c.id == bindparam("b_run"))
@@ -148,19 +172,30 @@ _NODE_FREE = (
 
 
 async def write_step_ends(conn: AsyncConnection, ends: Sequence[StepEnd]) -> None:
-    await conn.execute(
-        _STEP_END,
-        [
-            {
-                "b_run": x.run_id,
-                "b_name": x.name,
-                "b_status": x.status,
-                "b_at": None if x.status is None else x.at,
-                "b_detail": x.detail,
-            }
-            for x in ends
-        ],
-    )
+    """Step ends, and details of steps that go on. A detail goes to the step's latest row
+    whether it is still running or not: a record handed over without waiting may be
+    written in the same transaction as the transition that ends its step."""
+    details = [x for x in ends if x.status is None]
+    if details:
+        await conn.execute(
+            _STEP_DETAIL,
+            [{"b_run": x.run_id, "b_name": x.name, "b_detail": x.detail} for x in details],
+        )
+    finished = [x for x in ends if x.status is not None]
+    if finished:
+        await conn.execute(
+            _STEP_END,
+            [
+                {
+                    "b_run": x.run_id,
+                    "b_name": x.name,
+                    "b_status": x.status,
+                    "b_at": x.at,
+                    "b_detail": x.detail,
+                }
+                for x in finished
+            ],
+        )
 
 
 async def write_run_finishes(conn: AsyncConnection, finishes: Sequence[RunFinish]) -> None:
@@ -267,12 +302,19 @@ async def write_entries(conn: AsyncConnection, entries: Sequence[Entry]) -> None
 
 
 async def write_transitions(conn: AsyncConnection, transitions: Sequence[Transition]) -> None:
-    """The transitions in one transaction: three statements for all of them."""
-    ends = [
-        {"b_run": x.run_id, "b_after": x.after, "b_at": x.at}
-        for x in transitions
-        if x.after is not None
-    ]
+    """The transitions in one transaction: three statements for all of them. A step that
+    begins and ends within the same batch (a run's records handed over without waiting)
+    is inserted as done."""
+    begun: set[tuple[int, str]] = set()
+    ended_at: dict[tuple[int, str], datetime] = {}
+    ends = []
+    for x in transitions:
+        if x.after is not None:
+            if (x.run_id, x.after) in begun:
+                ended_at[(x.run_id, x.after)] = x.at
+            else:
+                ends.append({"b_run": x.run_id, "b_after": x.after, "b_at": x.at})
+        begun.add((x.run_id, x.name))
     if ends:
         await conn.execute(_END, ends)
     await conn.execute(
@@ -281,9 +323,10 @@ async def write_transitions(conn: AsyncConnection, transitions: Sequence[Transit
             {
                 "run_id": x.run_id,
                 "name": x.name,
-                "status": "running",
+                "status": "done" if (x.run_id, x.name) in ended_at else "running",
                 "detail": x.detail,
                 "started_at": x.at,
+                "finished_at": ended_at.get((x.run_id, x.name)),
             }
             for x in transitions
         ],
@@ -299,19 +342,28 @@ class StepJournal:
 
     def __init__(self, transaction: Transaction) -> None:
         self._transaction = transaction
-        self._waiting: list[tuple[Sequence[Entry], asyncio.Future[None]]] = []
+        self._waiting: list[tuple[Sequence[Entry], asyncio.Future[None] | None]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.commits = 0
         """Transactions written so far (for the benchmarks and tests)."""
+        self.lost = 0
+        """Records handed over without waiting that could not be written (logged)."""
 
-    async def write(self, *entries: Entry) -> None:
+    async def write(self, *entries: Entry, wait: bool = True) -> None:
         """Return once ``entries`` are committed (all in the same transaction). A caller
-        stopped before its batch is written leaves nothing behind (they are not written)."""
+        stopped before its batch is written leaves nothing behind (they are not written).
+        With ``wait=False`` return at once: they go with the next transaction (see the
+        module's docstring)."""
         loop = asyncio.get_running_loop()
+        if not wait:
+            self._waiting.append((entries, None))
+            if (self._writer is None or self._writer.done()) and self._timer is None:
+                self._timer = loop.call_later(LAZY_FLUSH, self._start)
+            return
         done: asyncio.Future[None] = loop.create_future()
         self._waiting.append((entries, done))
-        if self._writer is None or self._writer.done():
-            self._writer = loop.create_task(self._drain(), name="step-journal")
+        self._start()
         try:
             await asyncio.shield(done)
         except asyncio.CancelledError:
@@ -319,21 +371,44 @@ class StepJournal:
                 done.cancel()  # not written yet: the writer leaves it out
             raise
 
+    async def flush(self) -> None:
+        """Return once every record handed over so far is committed."""
+        if self._waiting or (self._writer is not None and not self._writer.done()):
+            await self.write()
+
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._writer is None or self._writer.done():
+            loop = asyncio.get_running_loop()
+            self._writer = loop.create_task(self._drain(), name="step-journal")
+
     async def _drain(self) -> None:
         try:
             while self._waiting:
                 await asyncio.sleep(0)  # transitions made in this same turn join the batch
-                batch = [(x, f) for x, f in self._waiting[:MAX_BATCH] if not f.done()]
+                batch = [(x, f) for x, f in self._waiting[:MAX_BATCH] if f is None or not f.done()]
                 del self._waiting[:MAX_BATCH]
                 if batch:
                     await self._commit(batch)
         except asyncio.CancelledError:
             for _, done in self._waiting:
-                done.cancel()
+                if done is not None:
+                    done.cancel()
+            self._lose([x for x, done in self._waiting if done is None], "the store closed")
             self._waiting.clear()
             raise
 
-    async def _commit(self, batch: list[tuple[Sequence[Entry], asyncio.Future[None]]]) -> None:
+    def _lose(self, groups: Sequence[Sequence[Entry]], why: str) -> None:
+        count = sum(len(group) for group in groups)
+        if count:
+            self.lost += count
+            log.warning("run journal: %d records handed over without waiting lost: %s", count, why)
+
+    async def _commit(
+        self, batch: list[tuple[Sequence[Entry], asyncio.Future[None] | None]]
+    ) -> None:
         try:
             async with self._transaction() as conn:
                 await write_entries(conn, [x for group, _ in batch for x in group])
@@ -344,8 +419,9 @@ class StepJournal:
                 for one in batch:
                     await self._commit([one])
                 return
+            self._lose([x for x, done in batch if done is None], str(exc) or type(exc).__name__)
             for _, done in batch:
-                if done.done():
+                if done is None or done.done():
                     continue
                 if isinstance(exc, Exception):
                     done.set_exception(exc)
@@ -355,5 +431,5 @@ class StepJournal:
                 raise
             return
         for _, done in batch:
-            if not done.done():
+            if done is not None and not done.done():
                 done.set_result(None)

@@ -200,10 +200,10 @@ class RunsStore(StoreBase):
         async with self.transaction() as conn:
             await conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
 
-    async def change_run(self, run_id: int, **values: Any) -> None:
+    async def change_run(self, run_id: int, *, wait: bool = True, **values: Any) -> None:
         """``update_run`` through the run journal: the changes of many runs at once share
-        one transaction (``core.store.journal``). Returns once committed."""
-        await self.journal.write(RunChange(run_id=run_id, values=values))
+        one transaction (``core.store.journal``). Returns once committed (``wait``)."""
+        await self.journal.write(RunChange(run_id=run_id, values=values), wait=wait)
 
     async def begin_step(
         self,
@@ -212,16 +212,19 @@ class RunsStore(StoreBase):
         detail: str | None = None,
         *,
         after: str | None = None,
+        wait: bool = True,
     ) -> None:
         """Record that step ``name`` of the run starts; with ``after``, that step ends as
         done in the same transaction (one write per step transition, so that a crash
         leaves either the old step running or the new one started, never neither).
 
-        Returns once that is committed; the transitions of all runs that arrive meanwhile
-        share one transaction (group commit).
+        Returns once that is committed (with ``wait`` false: at once, written with the
+        next transaction); the transitions of all runs that arrive meanwhile share one
+        transaction (group commit).
         """
         await self.journal.write(
-            Transition(run_id=run_id, name=name, detail=detail, after=after, at=utcnow())
+            Transition(run_id=run_id, name=name, detail=detail, after=after, at=utcnow()),
+            wait=wait,
         )
 
     async def end_step(
@@ -233,10 +236,11 @@ class RunsStore(StoreBase):
             StepEnd(run_id=run_id, name=name, status=status, detail=detail, at=utcnow())
         )
 
-    async def step_detail(self, run_id: int, name: str, detail: str) -> None:
+    async def step_detail(self, run_id: int, name: str, detail: str, *, wait: bool = True) -> None:
         """Note what a running step did so far (shown by ``log``); the step goes on."""
         await self.journal.write(
-            StepEnd(run_id=run_id, name=name, status=None, detail=detail, at=utcnow())
+            StepEnd(run_id=run_id, name=name, status=None, detail=detail, at=utcnow()),
+            wait=wait,
         )
 
     async def steps(self, run_id: int) -> list[StepRecord]:
