@@ -5,11 +5,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import delete, exists, func, insert, literal, select, union_all, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from core.store import tables as t
 from core.store.base import StoreBase, record_of, utcnow
 from core.store.records import SlotFingerprint, SlotRecord, SlotRelease
+
+CONTENDED = frozenset({"40001", "40P01"})
+"""PostgreSQL's serialization failure and deadlock: another instance (or run) changed the
+same slots at the same moment; the transaction is tried again."""
+
+
+def _contended(exc: DBAPIError) -> bool:
+    """Whether the transaction lost a race with another one over the same rows."""
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return isinstance(exc, IntegrityError | OperationalError) or code in CONTENDED
+
+
+HANDOVER_TRIES = 3
+"""Tries of a hand-over that races with another transaction before the slot is just freed."""
 
 
 class SlotsStore(StoreBase):
@@ -62,12 +76,11 @@ class SlotsStore(StoreBase):
                             t.slot_waiters.c.cluster == cluster, t.slot_waiters.c.node == node
                         )
                     )
-                except IntegrityError:
+                except DBAPIError as exc:
+                    if not _contended(exc):
+                        raise
                     await conn.rollback()
-                    continue  # another instance took it first: look again
-                except OperationalError:
-                    await conn.rollback()
-                    continue
+                    continue  # another instance or run took it first: look again
                 return free[0]
         return None
 
@@ -80,64 +93,86 @@ class SlotsStore(StoreBase):
         when its number is not below ``limit`` (the limit was lowered) or the head already
         holds a slot (taken before a restart); then the head keeps its place.
         """
+        if limit is not None:
+            for _ in range(HANDOVER_TRIES):
+                try:
+                    handed = await self._hand_over(cluster=cluster, node=node, limit=limit)
+                except DBAPIError as exc:
+                    if not _contended(exc):
+                        raise
+                    continue  # raced with a take or another hand-over: try again
+                if handed is not None:
+                    return handed
+                break
+        async with self.transaction() as conn:
+            result = await conn.execute(
+                delete(t.cluster_slots).where(
+                    t.cluster_slots.c.cluster == cluster, t.cluster_slots.c.node == node
+                )
+            )
+        return SlotRelease(released=bool(result.rowcount))
+
+    async def _hand_over(self, *, cluster: str, node: str, limit: int) -> SlotRelease | None:
+        """Give ``node``'s slot to the head of the queue; ``None`` when there is none or the
+        slot may not be handed on (then the head keeps its place)."""
         w, s = t.slot_waiters, t.cluster_slots
         async with self.transaction() as conn:
-            if limit is not None:
-                head = (
-                    await conn.execute(
-                        delete(w)
-                        .where(
-                            w.c.id
-                            == select(func.min(w.c.id))
-                            .where(w.c.cluster == cluster, w.c.node != node)
-                            .scalar_subquery()
-                        )
-                        .returning(w.c.id, w.c.node, w.c.run_id, w.c.queued_at)
+            head = (
+                await conn.execute(
+                    delete(w)
+                    .where(
+                        # the first place no other transaction is taking out right now
+                        # (PostgreSQL; SQLite has one writer): two slots freed at the same
+                        # moment go to two nodes
+                        w.c.id
+                        == select(w.c.id)
+                        .where(w.c.cluster == cluster, w.c.node != node)
+                        .order_by(w.c.id)
+                        .limit(1)
+                        .with_for_update(skip_locked=True)
+                        .scalar_subquery()
                     )
-                ).first()
-                if head is not None:
-                    other = s.alias("other")
-                    handed = (
-                        await conn.execute(
-                            update(s)
-                            .where(
-                                s.c.cluster == cluster,
-                                s.c.node == node,
-                                s.c.slot < limit,
-                                ~exists().where(
-                                    other.c.cluster == cluster, other.c.node == head.node
-                                ),
-                            )
-                            .values(
-                                node=head.node,
-                                run_id=head.run_id,
-                                owner=select(t.runs.c.owner)
-                                .where(t.runs.c.id == head.run_id)
-                                .scalar_subquery(),
-                                taken_at=utcnow(),
-                            )
-                            .returning(s.c.slot)
-                        )
-                    ).first()
-                    if handed is not None:
-                        return SlotRelease(
-                            released=True,
-                            slot=int(handed.slot),
-                            to=str(head.node),
-                            place=int(head.id),
-                        )
-                    # not handed on: the head keeps its place
-                    await conn.execute(
-                        insert(w).values(
-                            id=head.id,
-                            cluster=cluster,
-                            node=head.node,
-                            run_id=head.run_id,
-                            queued_at=head.queued_at,
-                        )
+                    .returning(w.c.id, w.c.node, w.c.run_id, w.c.queued_at)
+                )
+            ).first()
+            if head is None:
+                return None
+            other = s.alias("other")
+            handed = (
+                await conn.execute(
+                    update(s)
+                    .where(
+                        s.c.cluster == cluster,
+                        s.c.node == node,
+                        s.c.slot < limit,
+                        ~exists().where(other.c.cluster == cluster, other.c.node == head.node),
                     )
-            result = await conn.execute(delete(s).where(s.c.cluster == cluster, s.c.node == node))
-        return SlotRelease(released=bool(result.rowcount))
+                    .values(
+                        node=head.node,
+                        run_id=head.run_id,
+                        owner=select(t.runs.c.owner)
+                        .where(t.runs.c.id == head.run_id)
+                        .scalar_subquery(),
+                        taken_at=utcnow(),
+                    )
+                    .returning(s.c.slot)
+                )
+            ).first()
+            if handed is not None:
+                return SlotRelease(
+                    released=True, slot=int(handed.slot), to=str(head.node), place=int(head.id)
+                )
+            # not handed on: the head keeps its place (and the slot is freed by the caller)
+            await conn.execute(
+                insert(w).values(
+                    id=head.id,
+                    cluster=cluster,
+                    node=head.node,
+                    run_id=head.run_id,
+                    queued_at=head.queued_at,
+                )
+            )
+        return None
 
     async def slots(self, cluster: str | None = None) -> list[SlotRecord]:
         query = select(t.cluster_slots).order_by(t.cluster_slots.c.cluster, t.cluster_slots.c.slot)
