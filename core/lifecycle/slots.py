@@ -210,7 +210,12 @@ class SlotGate:
         if position >= free:
             return None
         slot = await self.store.try_take_slot(
-            cluster=cluster, node=node, limit=limit, run_id=run_id, owner=self.owner
+            cluster=cluster,
+            node=node,
+            limit=limit,
+            run_id=run_id,
+            owner=self.owner,
+            prefer=position,  # the nodes before it take the free slots before this one
         )
         if slot is None:
             # the look was out of date (another instance took the slot): look again

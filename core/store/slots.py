@@ -37,12 +37,14 @@ class SlotsStore(StoreBase):
         limit: int,
         run_id: int | None,
         owner: str | None = None,
+        prefer: int = 0,
     ) -> int | None:
         """Take a free slot of the cluster for ``node``; ``None`` when all ``limit`` are held.
 
         A node that already holds a slot gets it back (idempotent after a restart). Slots
         are rows with a primary key (cluster, slot): two instances can never both insert
-        the same one, so the limit holds across processes.
+        the same one, so the limit holds across processes. ``prefer``: which of the free
+        slots to try first (nodes taking slots at the same moment try different ones).
         """
         for _ in range(limit + 1):
             async with self.transaction() as conn:
@@ -64,7 +66,7 @@ class SlotsStore(StoreBase):
                     await conn.execute(
                         insert(t.cluster_slots).values(
                             cluster=cluster,
-                            slot=free[0],
+                            slot=free[min(prefer, len(free) - 1)],
                             node=node,
                             run_id=run_id,
                             owner=owner,
@@ -81,7 +83,7 @@ class SlotsStore(StoreBase):
                         raise
                     await conn.rollback()
                     continue  # another instance or run took it first: look again
-                return free[0]
+                return free[min(prefer, len(free) - 1)]
         return None
 
     async def release_slot(
