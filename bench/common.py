@@ -179,12 +179,13 @@ def fleet_toml(
     Modelled on ``tests.service.fleet_toml`` (same API token, loopback HTTP on a free port),
     with generated ``[clusters.NAME]`` sections and ``[[nodes]]`` entries.
     """
+    sections = dict(sections or {})
+    http = {"host": "127.0.0.1", "port": 0, **sections.pop("http", {})}
     lines = [
         'timezone = "Europe/Berlin"',
         f"database_url = {json.dumps(database_url)}",
         "[http]",
-        'host = "127.0.0.1"',
-        "port = 0",
+        *(f"{k} = {_toml_value(v)}" for k, v in http.items()),
         "[api.tokens.admin]",
         f'token = "{ADMIN_TOKEN}"',
         'roles = ["update", "maint"]',
@@ -201,7 +202,7 @@ def fleet_toml(
         **(updates or {}),
     }
     lines.extend(f"{k} = {_toml_value(v)}" for k, v in tuned.items())
-    for section, values in (sections or {}).items():
+    for section, values in sections.items():
         lines.append(f"[{section}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
     for cluster, (_, max_parallel) in clusters.items():
