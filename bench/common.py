@@ -522,3 +522,32 @@ class DriverTime:
         return sum(
             (b - a).total_seconds() for a, b in self.calls.get(node, []) if a >= start and b <= end
         )
+
+
+def first_notices(work: Path) -> dict[str, dt.datetime]:
+    """Per sandbox node below ``work/nodes``, when its users were first shown a maintenance
+    notice (messages.log has whole seconds: the time is rounded down)."""
+    first: dict[str, dt.datetime] = {}
+    for log in (work / "nodes").glob("*/messages.log"):
+        with log.open(errors="replace") as handle:
+            for line in handle:
+                if "Maintenance of" in line:
+                    first[log.parent.name] = dt.datetime.fromisoformat(line.split(" ", 1)[0])
+                    break
+    return first
+
+
+async def api_command(session: Any, base: str, text: str) -> dict[str, Any]:
+    """``POST /api/v1/command`` as the admin token; the benchmark stops on a refusal."""
+    async with session.post(
+        f"{base}/api/v1/command",
+        json={"text": text},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ) as response:
+        body = await response.text()
+        if response.status != 200:
+            raise SystemExit(f"{text!r}: HTTP {response.status}: {body[:500]}")
+        reply: dict[str, Any] = json.loads(body)
+        if not reply.get("ok"):
+            raise SystemExit(f"{text!r} refused: {reply.get('text')}")
+        return reply

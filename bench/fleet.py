@@ -51,8 +51,10 @@ from bench.common import (  # noqa: E402
     FinishedCounter,
     LoopLag,
     SqlCounter,
+    api_command,
     backends,
     cpu_children,
+    first_notices,
     fleet_toml,
     log_problems,
     log_to,
@@ -160,37 +162,11 @@ def cluster_names() -> dict[str, list[str]]:
     }
 
 
-async def _command(session: aiohttp.ClientSession, base: str, text: str) -> dict[str, Any]:
-    async with session.post(
-        f"{base}/api/v1/command",
-        json={"text": text},
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    ) as response:
-        body = await response.text()
-        if response.status != 200:
-            raise SystemExit(f"{text!r}: HTTP {response.status}: {body[:500]}")
-        reply: dict[str, Any] = json.loads(body)
-        if not reply.get("ok"):
-            raise SystemExit(f"{text!r} refused: {reply.get('text')}")
-        return reply
-
-
-def _first_notices(work: Path) -> dict[str, datetime]:
-    first: dict[str, datetime] = {}
-    for log in (work / "nodes").glob("*/messages.log"):
-        with log.open(errors="replace") as handle:
-            for line in handle:
-                if "Maintenance of" in line:
-                    first[log.parent.name] = datetime.fromisoformat(line.split(" ", 1)[0])
-                    break
-    return first
-
-
 async def _analyse(service: Service, at: datetime, work: Path) -> dict[str, Any]:
     """Makespan, step times and the users told in time, from the runs in the store."""
     runs = [r for r in await service.store.runs(limit=3 * NODES) if r.kind == "scheduled-update"]
     ends = [r.finished_at for r in runs if r.finished_at is not None]
-    first = _first_notices(work)
+    first = first_notices(work)
     told = untold = 0
     holds: list[float] = []
     for run in runs:
@@ -304,7 +280,7 @@ async def measure(work: Path, label: str, database_url: str) -> dict[str, Any]:
                 # the update time: far enough ahead for the schedule command itself
                 local = datetime.now(BERLIN) + timedelta(seconds=1800)
                 m0 = time.perf_counter()
-                await _command(session, base, f"schedule update all on daily {local:%H:%M:%S}")
+                await api_command(session, base, f"schedule update all on daily {local:%H:%M:%S}")
                 probe_schedule = time.perf_counter() - m0
                 ahead = 2 * probe_schedule + SCHEDULE_MARGIN + FLEET_LEADS["download_lead"]
                 local = datetime.now(BERLIN) + timedelta(seconds=ahead)
@@ -312,7 +288,7 @@ async def measure(work: Path, label: str, database_url: str) -> dict[str, Any]:
                 at = local.astimezone(UTC)
                 fire_at = at - timedelta(seconds=FLEET_LEADS["download_lead"])
                 m0 = time.perf_counter()
-                await _command(session, base, f"schedule update all on daily {local:%H:%M:%S}")
+                await api_command(session, base, f"schedule update all on daily {local:%H:%M:%S}")
                 schedule_seconds = time.perf_counter() - m0
                 if datetime.now(UTC) > fire_at:
                     raise SystemExit("scheduling took longer than the time to the first timer")

@@ -55,8 +55,10 @@ from bench.common import (  # noqa: E402
     FinishedCounter,
     LoopLag,
     SqlCounter,
+    api_command,
     backends,
     cpu_children,
+    first_notices,
     fleet_toml,
     log_problems,
     log_to,
@@ -76,7 +78,6 @@ from bench.common import (  # noqa: E402
 from bot.service import Service  # noqa: E402
 from core.settings import load_settings  # noqa: E402
 from tests.repository import Repo  # noqa: E402
-from tests.service import ADMIN_TOKEN  # noqa: E402
 
 HEADING = "## Scheduled updates (issue 6)"
 CLUSTERS = int(os.environ.get("TGOPS_BENCH_CLUSTERS", "50"))
@@ -185,19 +186,6 @@ def _notices(work: Path) -> int:
     return total
 
 
-def _first_notices(work: Path) -> dict[str, datetime]:
-    """Per node, when its users were first shown a maintenance notice (messages.log has
-    whole seconds: the time is rounded down)."""
-    first: dict[str, datetime] = {}
-    for log in (work / "nodes").glob("*/messages.log"):
-        with log.open(errors="replace") as handle:
-            for line in handle:
-                if "Maintenance of" in line:
-                    first[log.parent.name] = datetime.fromisoformat(line.split(" ", 1)[0])
-                    break
-    return first
-
-
 def login_everyone(work: Path, names: list[str]) -> None:
     """One logged-in user on every node (``sessions.json``): each must be told in time."""
     for name in names:
@@ -207,7 +195,7 @@ def login_everyone(work: Path, names: list[str]) -> None:
 async def _told_in_time(service: Service, work: Path) -> dict[str, Any]:
     """Nodes whose users got at least one maintenance notice before the run ended their
     sessions (the ``disconnect`` step), and how long before."""
-    first = _first_notices(work)
+    first = first_notices(work)
     told, untold, ahead = 0, [], []
     for run in await service.store.runs(limit=5 * NODES):
         if run.kind != "scheduled-update":
@@ -230,21 +218,6 @@ async def _told_in_time(service: Service, work: Path) -> dict[str, Any]:
         "notice_ahead_min": min(ahead) if ahead else None,
         "notice_ahead_median": statistics.median(ahead) if ahead else None,
     }
-
-
-async def _command(session: aiohttp.ClientSession, base: str, text: str) -> dict[str, Any]:
-    async with session.post(
-        f"{base}/api/v1/command",
-        json={"text": text},
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    ) as response:
-        body = await response.text()
-        if response.status != 200:
-            raise SystemExit(f"{text!r}: HTTP {response.status}: {body[:500]}")
-        reply: dict[str, Any] = json.loads(body)
-        if not reply.get("ok"):
-            raise SystemExit(f"{text!r} refused: {reply.get('text')}")
-        return reply
 
 
 def _config(work: Path, database_url: str, url: str, key: str, leads: dict[str, float]) -> Path:
@@ -283,7 +256,7 @@ async def _scheduled_runs(
         fire_at = at - timedelta(seconds=leads["download_lead"])
         m0 = time.perf_counter()
         base = f"http://127.0.0.1:{service.port}"
-        await _command(session, base, f"schedule update all on daily {local:%H:%M:%S}")
+        await api_command(session, base, f"schedule update all on daily {local:%H:%M:%S}")
         schedule_seconds = time.perf_counter() - m0
     if datetime.now(UTC) > fire_at:
         raise SystemExit("scheduling took longer than the time to the first timer")
