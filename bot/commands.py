@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -57,6 +58,13 @@ RUN_KINDS = {
 }
 
 
+ASK_AT_MOST = 100
+"""A status of more nodes than this does not ask each of them: it shows the state the
+service keeps (the leader asks every node each ``leader.node_check``, runs record what
+they change), computed at most ``http.status_cache`` ago; while a newer one is computed
+the last one answers (a large fleet's status stays quick while thousands of runs go on)."""
+
+
 class CommandService:
     def __init__(
         self,
@@ -72,6 +80,11 @@ class CommandService:
         self.maintenance = maintenance
         self.scheduler = scheduler
         self.election = election
+        self._snapshots: dict[str, tuple[float, dict[str, Any]]] = {}
+        """Per target, the latest status of a large fleet and when its computing began."""
+        self._computing: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._rendered: tuple[int, str] | None = None
+        """The text of the latest large status shown (its ``id``, the text)."""
 
     async def status(self, target: str | None = None, *, max_age: float = 0.0) -> dict[str, Any]:
         """The fleet's status (``GET /api/v1/status``, ``status``) with, when this service
@@ -80,8 +93,11 @@ class CommandService:
         each node; with ``max_age`` a look that recent serves too (``http.status_cache``).
         The nodes' answers are awaited ``http.status_wait`` at most: a node that has not
         answered by then is shown as last seen and named in ``not_answered_yet``."""
-        wait = self.engine.settings.http.status_wait
-        status = await self.engine.status(target, max_age=max_age, wait=wait)
+        if len(self.engine.resolve(target)) > ASK_AT_MOST:
+            status = await self._large_status(target)
+        else:
+            wait = self.engine.settings.http.status_wait
+            status = await self.engine.status(target, max_age=max_age, wait=wait)
         if self.election is None:
             return status
         return {
@@ -89,6 +105,29 @@ class CommandService:
             "instance": self.election.instance,
             "leader": await self.election.leader(),
         }
+
+    async def _large_status(self, target: str | None) -> dict[str, Any]:
+        """The status of more than ``ASK_AT_MOST`` nodes from the state the service keeps:
+        one computed at most ``http.status_cache`` ago, else the last one while a new one
+        is computed (the first request waits for it)."""
+        key = target or "all"
+        loop = asyncio.get_running_loop()
+        last = self._snapshots.get(key)
+        if last is not None and loop.time() - last[0] <= self.engine.settings.http.status_cache:
+            return last[1]
+        computing = self._computing.get(key)
+        if computing is None or computing.done():
+            computing = loop.create_task(self._compute_status(key, target), name="status")
+            self._computing[key] = computing
+        if last is not None and not computing.done():
+            return last[1]
+        return await asyncio.shield(computing)
+
+    async def _compute_status(self, key: str, target: str | None) -> dict[str, Any]:
+        began = asyncio.get_running_loop().time()
+        status = await self.engine.status(target, refresh=False)
+        self._snapshots[key] = (began, status)
+        return status
 
     async def execute(self, text: str, actor: Actor) -> Reply:
         """Parse, check the role (L11), audit (L13) and carry out one command."""
@@ -144,9 +183,16 @@ class CommandService:
 
     async def _status(self, cmd: Command, actor: Actor) -> Reply:
         status = await self.status(cmd.target)
+        rendered = self._rendered
+        if rendered is not None and rendered[0] == id(status):
+            text = rendered[1]  # the same large status as last time: its text too
+        else:
+            text = render_status(status, self.engine.settings.tz)
+            if len(status["nodes"]) > ASK_AT_MOST:
+                self._rendered = (id(status), text)
         return Reply(
             ok=True,
-            text=render_status(status, self.engine.settings.tz),
+            text=text,
             command=cmd.name,
             data=status,
         )

@@ -9,6 +9,7 @@ import json
 import shlex
 from pathlib import Path
 
+from bot.commands import ASK_AT_MOST
 from tests.service import VIEWER_TOKEN, running, settings_for
 from tests.sshd import FakeNode
 
@@ -119,3 +120,39 @@ async def test_a_node_slower_than_status_wait_is_shown_as_last_seen(tmp_path: Pa
         else:
             raise AssertionError("the node's answer never arrived")
         assert times_asked(asked) == before + 1
+
+
+async def test_a_large_fleet_status_shows_the_kept_state_and_does_not_ask_each_node(
+    tmp_path: Path,
+) -> None:
+    many = ASK_AT_MOST + 20
+    settings = settings_for(
+        tmp_path / "svc",
+        cluster_nodes=many,
+        singles=0,
+        environ={"TGOPS_HTTP__STATUS_CACHE": "0.2s"},
+    )
+    async with running(settings) as (_, api):
+        # tg1 stops answering: a status of the whole fleet does not ask it
+        node = tmp_path / "svc" / "nodes" / "tg1"
+        node.mkdir(parents=True, exist_ok=True)
+        (node / "faults.json").write_text(json.dumps({"unreachable": "switched off"}))
+        reply = await api.command("status", VIEWER_TOKEN)
+        assert reply["ok"], reply
+        heads = [line for line in reply["text"].splitlines() if " (cluster c1): " in line]
+        assert len(heads) == many
+        assert "UNREACHABLE" not in reply["text"]  # tg1 as last seen
+        # a status of the node alone asks it
+        one = await api.command("status tg1", VIEWER_TOKEN)
+        assert "UNREACHABLE" in one["text"]
+        # what the service keeps reaches the large status within status_cache (bounded)
+        for _ in range(100):
+            status = await api.status(VIEWER_TOKEN)
+            tg1 = next(n for n in status["nodes"] if n["name"] == "tg1")
+            if tg1["reachable"] is False:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the large status never showed what the service saw")
+        reply = await api.command("status", VIEWER_TOKEN)
+        assert "tg1 (cluster c1): " in reply["text"] and "UNREACHABLE" in reply["text"]

@@ -439,7 +439,10 @@ class Engine:
                 nodes[-1]["preparation_late"] = behind
         clusters = []
         wanted = {self.cluster_of[n] for n in names if self.cluster_of[n]}
-        slots = await self.store.slots()
+        holding: dict[str, list[str]] = {}
+        for held in await self.store.slots():
+            holding.setdefault(held.cluster, []).append(held.node)
+        queues = await self.store.slot_queues() if wanted else {}
         for cname, cluster in self.settings.clusters.items():
             if cname not in wanted:
                 continue
@@ -447,8 +450,8 @@ class Engine:
                 {
                     "name": cname,
                     "max_parallel_updates": cluster.max_parallel_updates,
-                    "updating": [s.node for s in slots if s.cluster == cname],
-                    "waiting": await self.store.slot_queue(cname),
+                    "updating": holding.get(cname, []),
+                    "waiting": queues.get(cname, []),
                 }
             )
         status: dict[str, Any] = {"nodes": nodes, "clusters": clusters}

@@ -218,6 +218,21 @@ class SlotsStore(StoreBase):
             ).all()
         return [r.node for r in rows]
 
+    async def slot_queues(self) -> dict[str, list[str]]:
+        """Every cluster's queue in arrival order, read with one statement."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(t.slot_waiters.c.cluster, t.slot_waiters.c.node).order_by(
+                        t.slot_waiters.c.id
+                    )
+                )
+            ).all()
+        queues: dict[str, list[str]] = {}
+        for row in rows:
+            queues.setdefault(str(row.cluster), []).append(str(row.node))
+        return queues
+
     async def slot_state(self, cluster: str) -> tuple[list[SlotRecord], list[tuple[int, str]]]:
         """The cluster's held slots and its queue (place, node) in arrival order, read
         over one connection."""
