@@ -56,6 +56,11 @@ AUDIT_PRUNE_INTERVAL = 86400.0
 """How often audit records past ``[audit] retention`` are removed."""
 
 
+EVENTS_PER_NODE = 20
+"""Events a subscriber may fall behind per configured node before events are dropped (and
+logged): 10,000 nodes starting at one update time queue up to about 5 each."""
+
+
 class Service:
     """``async with Service(settings) as service``: everything `tgops serve` runs."""
 
@@ -88,7 +93,10 @@ class Service:
             )
         )
         self._duties: AsyncExitStack | None = None
-        self.bus = await stack.enter_async_context(LocalEventBus())
+        # room for every subscriber to fall behind by a few events per node: thousands of
+        # runs that start at one update time publish faster than a busy loop delivers
+        backlog = max(10_000, EVENTS_PER_NODE * len(settings.nodes))
+        self.bus = await stack.enter_async_context(LocalEventBus(queue_size=backlog))
         drivers: dict[str, NodeDriver] = {}
         for node in settings.nodes:
             cluster = settings.clusters.get(node.cluster) if node.cluster else None

@@ -169,6 +169,9 @@ class StoreBase:
             kwargs["pool_timeout"] = 120
         else:
             kwargs["pool_pre_ping"] = True
+            # thousands of runs at one update time queue for the pool's connections: a
+            # statement waits its turn rather than failing its run after the default 30 s
+            kwargs["pool_timeout"] = 120
             kwargs["connect_args"] = {"timeout": self._connect_timeout}
         engine = create_async_engine(self.url, **kwargs)
         if url.get_backend_name() == "sqlite":
