@@ -456,12 +456,14 @@ SQLITE_STALL = (
     "error, all 200 rollout runs succeeded, and the process used a third less CPU."
 )
 SLOT_POLLING = (
-    "`core/lifecycle/slots.py` `SlotGate`: waiters do not poll. A slot freed or a queue place "
-    "left by this process wakes that cluster's waiters, who share one look at the store "
-    "(`Store.slot_state`); a take wakes nobody (the nodes behind keep their turn). Other "
-    "instances' changes are found by one statement for all waited-for clusters every "
-    "`REMOTE_RECHECK` s (`Store.slot_fingerprints`), and only a cluster that changed is "
-    "looked at again. What is left is one shared look per release and per joining node."
+    "`core/lifecycle/slots.py` `SlotGate`: waiters do not poll. A slot freed by a run is "
+    "handed to the first node of the cluster's queue in the freeing transaction "
+    "(`Store.release_slot`); only that node is woken. Other changes (a queue place left, a "
+    "slot freed without a hand-over) wake that cluster's waiters, who share one look at the "
+    "store (`Store.slot_state`); other instances' changes are found by one statement for all "
+    "waited-for clusters every `REMOTE_RECHECK` s. What is counted here: nodes joining the "
+    "queue when they reach the slot step (a scheduled update's runs; a command's are queued "
+    "when created), their looks, the takes of the first round and the hand-overs."
 )
 STEP_BOOKKEEPING = (
     "Step transitions, node and run changes, step and run ends and audit records go through "

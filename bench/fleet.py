@@ -333,7 +333,12 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
 
 def render(results: list[dict[str, Any]]) -> str:
     smaller = "" if NODES == 10_000 else f" (a smaller fleet: {NODES} nodes, not comparable)"
+    measured = results[0].get("measured_at", now_text()) if results else now_text()
     lines = [
+        HEADING,
+        "",
+        f"`.venv/bin/python bench/fleet.py` on {measured}",
+        "",
         f"- machine: {machine_line()}",
         f"- {NODES} sandbox nodes{smaller} in {CLUSTERS} clusters of {PER_CLUSTER} "
         f"(`max_parallel_updates = {PARALLEL}`), installs without an added delay (the "

@@ -529,7 +529,7 @@ def _analysis(results: list[dict[str, Any]]) -> list[str]:
     )
     if polled[0] > 0.1 * polled[1]:
         lines.append(
-            f"- **Slot waiters poll the store** ({polled[0]} of {polled[1]} statements in the "
+            f"- **Slot statements** ({polled[0]} of {polled[1]} statements in the "
             f"{polled[2]} run): " + SLOT_POLLING
         )
     for r in (x for x in results if x["variant"] == "long-lead"):
