@@ -65,6 +65,12 @@ they change), computed at most ``http.status_cache`` ago; while a newer one is c
 the last one answers (a large fleet's status stays quick while thousands of runs go on)."""
 
 
+def _status_failed(task: asyncio.Task[dict[str, Any]]) -> None:
+    """A large status that could not be computed is logged (the last one keeps answering)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("status of a large fleet not computed: %s", task.exception())
+
+
 class CommandService:
     def __init__(
         self,
@@ -83,8 +89,8 @@ class CommandService:
         self._snapshots: dict[str, tuple[float, dict[str, Any]]] = {}
         """Per target, the latest status of a large fleet and when its computing began."""
         self._computing: dict[str, asyncio.Task[dict[str, Any]]] = {}
-        self._rendered: tuple[int, str] | None = None
-        """The text of the latest large status shown (its ``id``, the text)."""
+        self._rendered: tuple[dict[str, Any], str] | None = None
+        """The latest large status shown and its text."""
 
     async def status(self, target: str | None = None, *, max_age: float = 0.0) -> dict[str, Any]:
         """The fleet's status (``GET /api/v1/status``, ``status``) with, when this service
@@ -118,6 +124,7 @@ class CommandService:
         computing = self._computing.get(key)
         if computing is None or computing.done():
             computing = loop.create_task(self._compute_status(key, target), name="status")
+            computing.add_done_callback(_status_failed)
             self._computing[key] = computing
         if last is not None and not computing.done():
             return last[1]
@@ -184,12 +191,12 @@ class CommandService:
     async def _status(self, cmd: Command, actor: Actor) -> Reply:
         status = await self.status(cmd.target)
         rendered = self._rendered
-        if rendered is not None and rendered[0] == id(status):
+        if rendered is not None and rendered[0] is status:
             text = rendered[1]  # the same large status as last time: its text too
         else:
             text = render_status(status, self.engine.settings.tz)
             if len(status["nodes"]) > ASK_AT_MOST:
-                self._rendered = (id(status), text)
+                self._rendered = (status, text)
         return Reply(
             ok=True,
             text=text,

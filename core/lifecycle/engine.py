@@ -208,7 +208,7 @@ class Engine:
         new = [n for n in due if n not in self._asking]
         if new:
             # registered before anything is awaited, so that requests meanwhile join them
-            rows = loop.create_task(self.store.nodes(new))
+            rows = loop.create_task(self._rows(new))
             for name in new:
                 task = loop.create_task(self._refresh_from(name, rows))
                 self._asking[name] = task
@@ -222,9 +222,13 @@ class Engine:
         stored = {r.name: r for r in await self.store.nodes(rest)} if rest else {}
         return [joined.get(n) or stored[n] for n in names], late
 
-    async def _refresh_from(self, name: str, rows: asyncio.Task[list[NodeRecord]]) -> NodeRecord:
-        before = next((r for r in await asyncio.shield(rows) if r.name == name), None)
-        return await self._refresh_one(name, before)
+    async def _rows(self, names: Sequence[str]) -> dict[str, NodeRecord]:
+        return {r.name: r for r in await self.store.nodes(names)}
+
+    async def _refresh_from(
+        self, name: str, rows: asyncio.Task[dict[str, NodeRecord]]
+    ) -> NodeRecord:
+        return await self._refresh_one(name, (await asyncio.shield(rows)).get(name))
 
     def _asked(self, name: str, task: asyncio.Task[NodeRecord]) -> None:
         if self._asking.get(name) is task:

@@ -62,11 +62,12 @@ class SlotsStore(StoreBase):
                 free = [s for s in range(limit) if s not in taken]
                 if not free:
                     return None
+                slot = free[min(prefer, len(free) - 1)]
                 try:
                     await conn.execute(
                         insert(t.cluster_slots).values(
                             cluster=cluster,
-                            slot=free[min(prefer, len(free) - 1)],
+                            slot=slot,
                             node=node,
                             run_id=run_id,
                             owner=owner,
@@ -83,15 +84,16 @@ class SlotsStore(StoreBase):
                         raise
                     await conn.rollback()
                     continue  # another instance or run took it first: look again
-                return free[min(prefer, len(free) - 1)]
+                return slot
         return None
 
     async def release_slot(
         self, *, cluster: str, node: str, limit: int | None = None
     ) -> SlotRelease:
         """Free ``node``'s slot of ``cluster``. With ``limit``, the slot goes straight to
-        the head of the cluster's queue in the same transaction (two statements either
-        way): the next node holds it without looking at the store. It is not handed on
+        the head of the cluster's queue in one transaction of two statements (with nobody
+        queued, the slot is then freed in a second one): the next node holds it without
+        looking at the store. It is not handed on
         when its number is not below ``limit`` (the limit was lowered) or the head already
         holds a slot (taken before a restart); then the head keeps its place.
         """
