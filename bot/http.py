@@ -115,7 +115,8 @@ def build_app(
         target = request.query.get("target")
         try:
             cache = settings.http.status_cache  # the endpoint dashboards and scripts poll
-            return web.json_response(await commands.status(target, max_age=cache))
+            body = await commands.status_json(target, max_age=cache)
+            return web.Response(body=body, content_type="application/json", charset="utf-8")
         except TgopsError as exc:
             return _error(400, str(exc))
 

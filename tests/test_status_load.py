@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import sqlite3
 from pathlib import Path
 
 from bot.commands import ASK_AT_MOST
@@ -156,3 +157,25 @@ async def test_a_large_fleet_status_shows_the_kept_state_and_does_not_ask_each_n
             raise AssertionError("the large status never showed what the service saw")
         reply = await api.command("status", VIEWER_TOKEN)
         assert "tg1 (cluster c1): " in reply["text"] and "UNREACHABLE" in reply["text"]
+
+
+async def test_a_command_that_only_shows_something_does_not_wait_for_its_record(
+    tmp_path: Path,
+) -> None:
+    """`nodes` (role viewer) answers while another process holds the store's write lock;
+    its record is written once the lock is gone, and `log` shows it."""
+    settings = settings_for(tmp_path / "svc")
+    async with running(settings) as (_, api):
+        locker = sqlite3.connect(tmp_path / "svc" / "state.db", timeout=0)
+        try:
+            locker.execute("BEGIN IMMEDIATE")  # no other writer until the rollback
+            reply = await api.command("nodes", VIEWER_TOKEN)
+            assert reply["ok"], reply
+            assert "tg1" in reply["text"]
+            written = locker.execute("SELECT count(*) FROM audit WHERE detail = 'nodes'")
+            assert written.fetchone() == (0,)  # answered before its record could be written
+        finally:
+            locker.rollback()
+            locker.close()
+        log = await api.command("log", VIEWER_TOKEN)
+        assert "viewer (api) command: nodes" in log["text"], log["text"]

@@ -186,7 +186,12 @@ class SlackBot:
         stack.push_async_callback(self._session.close)
         self.api = SlackApi(token=self._bot_token, base_url=slack.api_url, session=self._session)
         self.home = await stack.enter_async_context(
-            HomeTab(api=self.api, engine=self.engine, roles_for=self.roles_for)
+            HomeTab(
+                api=self.api,
+                engine=self.engine,
+                fleet=self.commands.kept_status,
+                roles_for=self.roles_for,
+            )
         )
         stack.push_async_callback(self.jobs.aclose)
         if slack.channel:
@@ -504,7 +509,7 @@ class SlackBot:
 
     async def _alerts(self) -> list[str] | None:
         try:
-            return alert_header(await self.engine.status(refresh=False), self.settings.tz)
+            return alert_header(await self.commands.kept_status(), self.settings.tz)
         except Exception:
             log.exception("Slack: fleet alerts not available for the status header")
             return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -177,11 +177,14 @@ class HomeTab:
         *,
         api: SlackApi,
         engine: Engine,
+        fleet: Callable[[], Awaitable[dict[str, Any]]],
         roles_for: Callable[[str], frozenset[Role]],
         interval: float = REFRESH_INTERVAL,
     ) -> None:
         self.api = api
         self.engine = engine
+        self.fleet = fleet
+        """The fleet's kept state (``CommandService.kept_status``): no node is asked."""
         self.roles_for = roles_for
         self.interval = interval
         self._users: dict[str, float] = {}  # user -> monotonic time of the last publish
@@ -223,7 +226,7 @@ class HomeTab:
 
     async def publish(self, users: Sequence[str]) -> None:
         try:
-            status = await self.engine.status(refresh=False)
+            status = await self.fleet()
         except Exception:
             log.exception("App Home: fleet status not available; not published")
             return

@@ -315,7 +315,8 @@ class Engine:
         wait: bool = True,
     ) -> None:
         """An audit record (L13); with ``wait`` false it goes with the store's next
-        transaction (``core.store.journal``: only for a run's lazy steps)."""
+        transaction (``core.store.journal``: a run's lazy steps, a command that only shows
+        something)."""
         await self.store.audit(
             actor=actor.name,
             source=actor.source,
@@ -326,9 +327,14 @@ class Engine:
             wait=wait,
         )
 
-    async def command_received(self, actor: Actor, text: str, target: str | None) -> None:
-        """L13: every command, who sent it and from where, before it is carried out."""
-        await self.record(actor, "command", target=target, detail=text)
+    async def command_received(
+        self, actor: Actor, text: str, target: str | None, *, wait: bool = True
+    ) -> None:
+        """L13: every command, who sent it and from where, before it is carried out; with
+        ``wait`` false (a command that only shows something) the record goes with the
+        store's next transaction, within ``core.store.journal.LAZY_FLUSH``, and the answer
+        does not wait for a commit behind the runs' records."""
+        await self.record(actor, "command", target=target, detail=text, wait=wait)
         await self.events.publish(
             ev.CommandReceived(actor=actor.name, source=actor.source, text=text)
         )

@@ -71,6 +71,9 @@ class AuditStore(StoreBase):
     async def audit_log(
         self, *, targets: Sequence[str] | None = None, limit: int = 20
     ) -> list[AuditRecord]:
+        """The latest ``limit`` records (of ``targets``), with every record handed over
+        before (also those not waited for: ``core.store.journal``)."""
+        await self.journal.flush()
         query = select(t.audit).order_by(t.audit.c.id.desc()).limit(limit)
         if targets is not None:
             query = query.where(t.audit.c.target.in_(list(targets)))
