@@ -10,6 +10,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -153,15 +154,23 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @cached_property
+    def _nodes_by_name(self) -> dict[str, NodeSettings]:
+        return {entry.name: entry for entry in self.nodes}
+
+    def node(self, name: str) -> NodeSettings | None:
+        """The configured node ``name`` (None if there is none), found without a scan."""
+        return self._nodes_by_name.get(name)
+
     def notice_language(self, node: str) -> Language:
         """The language of the notices on ``node``: its own, its cluster's, the default."""
-        for entry in self.nodes:
-            if entry.name == node:
-                if entry.language is not None:
-                    return entry.language
-                cluster = self.clusters.get(entry.cluster) if entry.cluster else None
-                if cluster is not None and cluster.language is not None:
-                    return cluster.language
+        entry = self.node(node)
+        if entry is not None:
+            if entry.language is not None:
+                return entry.language
+            cluster = self.clusters.get(entry.cluster) if entry.cluster else None
+            if cluster is not None and cluster.language is not None:
+                return cluster.language
         return self.notify.language
 
     def contact_language(self, contact: Contact) -> Language:

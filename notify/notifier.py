@@ -343,7 +343,8 @@ class Notifier:
         tz = self.settings.tz
         language = self.settings.notify.language
         t = translator(language)
-        cluster = next((n.cluster for n in self.settings.nodes if n.name == event.node), None)
+        entry = self.settings.node(event.node)
+        cluster = entry.cluster if entry is not None else None
         variables: dict[str, Any] = {
             "node": event.node,
             "cluster": cluster,

@@ -256,6 +256,29 @@ async def test_maintenance_audit_schedules_hotfixes(store: Store) -> None:
     assert not await store.mark_announced("HF-2", channel="stable", urgency="urgent")
 
 
+async def test_every_schedule_change_leaves_a_new_mark_seen_by_another_store(url: str) -> None:
+    """An instance notices schedule changes (also another instance's) by one row's mark."""
+    async with Store(url) as one, Store(url) as other:
+        await one.sync_nodes([("n1", "c1", "sandbox")])
+        assert await other.schedules_mark() is None  # nothing scheduled yet
+        await one.set_schedule(
+            node="n1", kind="update", days="mon", start="03:00", end=None, by="alice"
+        )
+        first = await other.schedules_mark()
+        assert first is not None
+        await one.set_schedule(
+            node="n1", kind="update", days="mon", start="04:00", end=None, by="alice"
+        )
+        second = await other.schedules_mark()
+        assert second not in (None, first)
+        assert await one.disable_schedule(node="n1", kind="update", by="bob")
+        third = await other.schedules_mark()
+        assert third not in (None, first, second)
+        # nothing changed: the same mark
+        assert not await one.disable_schedule(node="n1", kind="update", by="bob")
+        assert await other.schedules_mark() == third
+
+
 async def test_migration_0003_gives_existing_windows_and_schedules_a_calendar_uid(
     url: str,
 ) -> None:

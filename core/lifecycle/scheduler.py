@@ -59,7 +59,7 @@ class Scheduler:
     ) -> None:
         self.engine = engine
         self._resync_interval = resync_interval
-        self._fingerprint: tuple[object, ...] = ()
+        self._fingerprint: str | None = None
         self._stack = AsyncExitStack()
         self.runs = runs
         self.store = engine.store
@@ -99,11 +99,10 @@ class Scheduler:
             if await self._schedule_fingerprint() != self._fingerprint:
                 await self.rebuild()
 
-    async def _schedule_fingerprint(self) -> tuple[object, ...]:
-        return tuple(
-            (r.node, r.kind, r.days, r.start, r.end, r.enabled, r.updated_at)
-            for r in await self.store.schedules()
-        )
+    async def _schedule_fingerprint(self) -> str | None:
+        """The mark of the store's latest schedule change (one row, whatever the fleet's
+        size; a change by another instance sharing the store shows as a new mark)."""
+        return await self.store.schedules_mark()
 
     # -- occurrences -------------------------------------------------------------------
 

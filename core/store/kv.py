@@ -6,8 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import delete, insert, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from core.store import tables as t
 from core.store.base import StoreBase, utcnow
@@ -38,15 +36,8 @@ class KvStore(StoreBase):
 
     async def kv_set(self, namespace: str, key: str, value: Any) -> None:
         """Store ``value`` (one upsert: writers of the same key at once do not collide)."""
-        insert_ = pg_insert if self.dialect == "postgresql" else sqlite_insert
-        row = {"namespace": namespace, "key": key, "value": value, "updated_at": utcnow()}
-        statement = insert_(t.kv).values(**row)
-        statement = statement.on_conflict_do_update(
-            index_elements=[t.kv.c.namespace, t.kv.c.key],
-            set_={"value": statement.excluded.value, "updated_at": statement.excluded.updated_at},
-        )
         async with self.transaction() as conn:
-            await conn.execute(statement)
+            await conn.execute(self.kv_upsert(namespace, key, value))
 
     async def kv_claim(self, namespace: str, keys: Sequence[str], value: Any) -> list[str]:
         """Set each key to ``value`` in one transaction; returns the keys that did not

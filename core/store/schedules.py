@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+from uuid import uuid4
+
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.store import tables as t
 from core.store.base import StoreBase, utcnow
 from core.store.records import ScheduleRecord
 
+CHANGED = ("schedules", "changed")
+"""The key-value entry every change of a schedule sets to a new random mark, in the same
+transaction: an instance sees that schedules changed (also by another instance) by
+reading that one row instead of every schedule."""
+
 
 class SchedulesStore(StoreBase):
     """Schedules (L4, L5): the weekly times of scheduled updates and downloads per node."""
+
+    async def _changed(self, conn: AsyncConnection) -> None:
+        await conn.execute(self.kv_upsert(*CHANGED, uuid4().hex))
+
+    async def schedules_mark(self) -> str | None:
+        """The mark of the latest change of any schedule (None before the first change):
+        a different mark than before means some schedule changed."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(t.kv.c.value).where(
+                        t.kv.c.namespace == CHANGED[0], t.kv.c.key == CHANGED[1]
+                    )
+                )
+            ).first()
+        return None if row is None else str(row.value)
 
     async def set_schedule(
         self, *, node: str, kind: str, days: str, start: str, end: str | None, by: str
@@ -40,6 +64,7 @@ class SchedulesStore(StoreBase):
                     updated_at=utcnow(),
                 )
             )
+            await self._changed(conn)
 
     async def disable_schedule(self, *, node: str, kind: str, by: str) -> bool:
         async with self.transaction() as conn:
@@ -52,6 +77,8 @@ class SchedulesStore(StoreBase):
                 )
                 .values(enabled=False, updated_by=by, updated_at=utcnow())
             )
+            if result.rowcount:
+                await self._changed(conn)
         return bool(result.rowcount)
 
     async def schedules(self, node: str | None = None) -> list[ScheduleRecord]:
