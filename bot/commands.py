@@ -62,8 +62,10 @@ RUN_KINDS = {
 ASK_AT_MOST = 100
 """A status of more nodes than this does not ask each of them: it shows the state the
 service keeps (the leader asks every node each ``leader.node_check``, runs record what
-they change), computed at most ``http.status_cache`` ago; while a newer one is computed
-the last one answers (a large fleet's status stays quick while thousands of runs go on)."""
+they change), computed at most ``http.status_cache`` ago (or ten times as long as
+computing it took, when that is longer: computing statuses takes at most a tenth of the
+service's time); while a newer one is computed the last one answers (a large fleet's
+status stays quick while thousands of runs go on)."""
 
 
 def _status_failed(task: asyncio.Task[dict[str, Any]]) -> None:
@@ -87,8 +89,9 @@ class CommandService:
         self.maintenance = maintenance
         self.scheduler = scheduler
         self.election = election
-        self._snapshots: dict[str, tuple[float, dict[str, Any]]] = {}
-        """Per target, the latest status of a large fleet and when its computing began."""
+        self._snapshots: dict[str, tuple[float, dict[str, Any], float]] = {}
+        """Per target, the latest status of a large fleet, when its computing began and
+        how long it took."""
         self._computing: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._rendered: tuple[dict[str, Any], str] | None = None
         """The latest large status shown and its text."""
@@ -148,8 +151,11 @@ class CommandService:
         key = target or "all"
         loop = asyncio.get_running_loop()
         last = self._snapshots.get(key)
-        if last is not None and loop.time() - last[0] <= self.engine.settings.http.status_cache:
-            return last[1]
+        if last is not None:
+            began, status, took = last
+            # a new one at most every status_cache, and never more than a tenth of the time
+            if loop.time() - began <= max(self.engine.settings.http.status_cache, took * 10):
+                return status
         computing = self._computing.get(key)
         if computing is None or computing.done():
             computing = loop.create_task(self._compute_status(key, target), name="status")
@@ -160,9 +166,10 @@ class CommandService:
         return await asyncio.shield(computing)
 
     async def _compute_status(self, key: str, target: str | None) -> dict[str, Any]:
-        began = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         status = await self.engine.status(target, refresh=False)
-        self._snapshots[key] = (began, status)
+        self._snapshots[key] = (began, status, loop.time() - began)
         return status
 
     async def execute(self, text: str, actor: Actor) -> Reply:
