@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -200,7 +201,11 @@ class OutboxStore(StoreBase):
         """
         async with self.transaction() as conn:
             if self.dialect == "sqlite":
-                statement = _claim_sqlite(channel, now, limit)
+                rows = (
+                    await conn.execute(
+                        _claim_sqlite(channel, limit), {"now": now, "lease": lease_until}
+                    )
+                ).all()
             else:
                 # chosen and locked first, then taken: as a subquery of the UPDATE,
                 # PostgreSQL may run the choice again for every row, skipping the rows
@@ -217,15 +222,15 @@ class OutboxStore(StoreBase):
                 ).all()
                 if not chosen:
                     return []
-                statement = update(t.outbox).where(t.outbox.c.id.in_([r[0] for r in chosen]))
-            # read back what is not known already (no dates but one parsed per row)
-            rows = (
-                await conn.execute(
-                    statement.values(status="sending", next_attempt_at=lease_until).returning(
-                        *_CLAIMED
+                # read back what is not known already (no dates but one parsed per row)
+                rows = (
+                    await conn.execute(
+                        update(t.outbox)
+                        .where(t.outbox.c.id.in_([r[0] for r in chosen]))
+                        .values(status="sending", next_attempt_at=lease_until)
+                        .returning(*_CLAIMED)
                     )
-                )
-            ).all()
+                ).all()
         return sorted(
             (
                 OutboxRecord(
@@ -415,12 +420,15 @@ def _audit_row(now: datetime, a: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _claim_sqlite(channel: str, now: datetime, limit: int) -> Any:
+@functools.lru_cache(maxsize=32)
+def _claim_sqlite(channel: str, limit: int) -> Any:
     """The claim on SQLite: the first ``limit`` due items of the pending ones and of the
     ``sending`` ones whose lease ran out, each read in the order of ``ix_outbox_due`` (a
     condition on both statuses at once makes SQLite read and sort every due item, per
     claim: quadratic in the queue), the ``limit`` first of both taken by their ids. The
-    statement is atomic and SQLite has one writer: nobody can take them in between."""
+    statement is atomic and SQLite has one writer: nobody can take them in between.
+    Built once per channel and size; parameters ``now`` and ``lease`` (the new lease);
+    reads back the columns of ``_CLAIMED``."""
     branches = []
     for taken in (
         t.outbox.c.status == "pending",
@@ -428,7 +436,11 @@ def _claim_sqlite(channel: str, now: datetime, limit: int) -> Any:
     ):
         branch = (
             select(t.outbox.c.id, t.outbox.c.next_attempt_at)
-            .where(taken, t.outbox.c.next_attempt_at <= now, t.outbox.c.channel == channel)
+            .where(
+                taken,
+                t.outbox.c.next_attempt_at <= bindparam("now", type_=_o.next_attempt_at.type),
+                t.outbox.c.channel == channel,
+            )
             .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
             .limit(limit)
             .subquery()
@@ -436,4 +448,9 @@ def _claim_sqlite(channel: str, now: datetime, limit: int) -> Any:
         branches.append(select(branch.c.id, branch.c.next_attempt_at))
     both = union_all(*branches).subquery()
     chosen = select(both.c.id).order_by(both.c.next_attempt_at, both.c.id).limit(limit)
-    return update(t.outbox).where(t.outbox.c.id.in_(chosen.scalar_subquery()))
+    return (
+        update(t.outbox)
+        .where(t.outbox.c.id.in_(chosen.scalar_subquery()))
+        .values(status="sending", next_attempt_at=bindparam("lease", type_=_o.next_attempt_at.type))
+        .returning(*_CLAIMED)
+    )
