@@ -57,37 +57,50 @@ from notify.render import Renderer
 HEADING = "## E-mail (issues 8, 15)"
 TARGETS = {1: 0.9, 2: 0.8}
 """Least throughput of the outbox against the bare loop, per connections at once."""
-NOTE = """- issue 15 (2026-12-04): profiled first (py-spy over all threads of the outbox process,
-  2 connections, 4,000 mails, 200 Hz; cProfile of the store calls alone). Per mail, of the
-  outbox process's busy time: socket writes and the SMTP client ~0.3 ms (the bare loop
-  has the same), rendering and putting the message together ~0.15 ms, the store ~0.3 ms,
-  of which ~0.22 ms on the aiosqlite thread (SQLite executing put, claim, outcome and
-  audit statements: B-tree and index updates; it competes for the GIL and for the two
-  vCPUs with the event loop and the sink). In the store calls measured apart (10,000
-  items): put 21 us, claim 42 us, outcome + audit record 64 us per item (CPU).
-- changed for issue 15: a claim reads back only the columns not known already (the lease
-  and status are not read and parsed again per row); items released untried are settled
-  in one statement per batch (as sent ones already were); the outcome and audit rows of
-  all batches in flight stay one transaction per write. Issue 16: before each e-mail's
-  DATA the item is marked `transmitting`; the markers are written 20 at a time ahead,
-  in the recorder's transactions, while the server answers MAIL/RCPT, so no message waits
-  for its marker (the CPU of the outbox process stayed within the noise of this machine).
-- what limits the ratios here: the sink needs ~1.07 ms of CPU per mail, the bare loop
-  ~0.3-0.4 ms, the outbox ~1.2 ms (table); on 2 vCPUs shared with other work (load average
-  above) the outbox run is bound by the CPU the three processes get, not by waiting:
-  every mail of the outbox costs ~0.8 ms more CPU than the bare loop's, about half of it
-  the store (one durable row, claim, outcome and audit record per mail, which the bare
-  loop does not keep), a quarter rendering per recipient. Reaching 0.9 x with 1
-  connection needs the outbox's CPU per mail below the sink's round trip, which this
-  shared machine does not give reliably; single runs vary by 30 % and more. A single run
-  of the code before the issue-15 changes (with the issue-16 markers) at 23:34 UTC, load
-  2.3-4.2, gave 0.68 x with 1 and 0.81 x with 2 connections (its bare loop took 21.9 s
-  with 2 connections, 15.6 s with 1): between runs the ratios move by more than the
-  changes, so this table does not show a gain; the outbox's CPU per mail (user + system)
-  stayed at 1.1-1.3 ms in every run, as in the issue-8 figures (1.09 ms).
-- this machine's vCPUs are shared: system time of the same run varied from 0.4 s to 5 s
-  (steal time ~7 % on average), so single runs vary widely; the table keeps every run,
-  the ratios use medians; user CPU varies far less than time.
+NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of the outbox process,
+  4,000-8,000 mails, 250 Hz; CPU per mail of single parts measured apart with
+  `time.thread_time` and the aiosqlite thread's CPU from /proc). Before the changes, with
+  3,000 mails (`--count 3000`): 1.45 ms CPU (user + system) per mail with 1 connection,
+  1.33 ms with 2; the bare loop 0.53 ms. Of the outbox's own share: rendering the two
+  templates per recipient 0.34 ms (jinja2's gettext calls and `wordwrap`); the claim
+  ~0.1 ms, of which 62 us on the aiosqlite thread (SQLite read and sorted every due item
+  for each claim of 100: the condition on both statuses kept it from the index's order);
+  writing markers, outcomes and audit records ~0.2-0.3 ms (each statement three round
+  trips to the aiosqlite thread, each transaction two more; an empty transaction alone
+  costs the event loop ~0.3-0.4 ms here).
+- changed: an e-mail's templates are rendered once per language and set of shared
+  variables, with a stand-in for the recipient's name, which is filled in per message
+  (escaped in the HTML part); only templates that do nothing with the name but show it
+  are filled in this way (checked on the template's syntax tree and with two stand-ins
+  and the first real name against a full rendering; others are rendered per recipient):
+  0.34 -> 0.02 ms. The SQLite claim reads the pending and the expired items each in the
+  index's order (10,000 queued: 62 -> 10-13 us per item on the aiosqlite thread; main
+  thread 33-47 -> 29 us, the statement built once per channel and size); markers find
+  their rows by id (not among every `sending` one); the outcome statements are built
+  once. A message whose `transmitting` marker is durable already goes on without a task
+  and a timer of its own (markers are still written 20 ahead, 10 per write, in the
+  recorder's transactions; crash safety unchanged). Found on the way: on PostgreSQL a
+  claim could take more than its limit (the choice ran again per row of the UPDATE); it
+  now locks its choice first, then takes it.
+- after, same runner, 3,000 mails: 0.87-0.90 ms CPU per mail (1 and 2 connections), the
+  bare loop 0.50 ms in the same minutes. The full run above (another engineer's jobs ran
+  meanwhile, load average up to 2.7 on the 2 vCPUs): the outbox 0.98 ms with 1 and 0.94 ms
+  with 2 connections, the bare loop 0.57 and 0.47 ms (0.33 ms in the 00:20 UTC table of
+  a quieter machine: under load every process needs more CPU per mail); ratios 0.78 x and
+  0.77 x against 0.64 x and 0.48 x before, with single runs between 0.6 x and 1.3 x.
+  Targets not met.
+- what still limits the ratios: about half of the outbox's CPU is the SMTP client, as in
+  the bare loop (address parsing per MAIL and RCPT, aiosmtplib's line-ending and
+  dot-stuffing regexes over every message, one send per command); the store is about a
+  quarter: one durable row, claim, marker, outcome and audit record per mail, each
+  recorder write (every ~10 mails) ~1-1.5 ms of event-loop CPU for its ~11 round trips
+  through SQLAlchemy's greenlets to the aiosqlite thread, plus ~60 us per mail on that
+  thread. Fewer round trips would need markers written further ahead (more mails left
+  uncertain after a crash) or a driver path beside SQLAlchemy; neither was done. The
+  sink needs ~1.07 ms per mail of the same 2 vCPUs.
+- this machine's vCPUs are shared (another engineer's jobs ran meanwhile): single runs
+  vary widely; the table keeps every run, the ratios use medians; user CPU varies far less
+  than time.
 """
 SENDER = "tgops@bench.example.org"
 SUBJECT = "[tgops] URGENT hotfix HF-2026-001 for tg-vnc 2.0-1: Fixes a VNC crash"

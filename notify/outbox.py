@@ -666,12 +666,24 @@ class _Batch:
         self._marks.append(marks)
         self._recorder.mark(self, marks)
 
-    async def begin(self, item: OutboxRecord) -> None:
+    def begin(self, item: OutboxRecord) -> asyncio.Future[None]:
+        """``Begin`` for this batch: done at once when the item's marker is written
+        already (the common case: markers are written ahead), otherwise once it is."""
         position = self._index[item.id]
         self.mark_ahead(position)
         marks = next((m for m in self._marks if m.upto > position), None)
         if marks is None:
-            raise MarkerNotRecordedError("an earlier write to the store failed")
+            return _failed(MarkerNotRecordedError("an earlier write to the store failed"))
+        if not marks.done.is_set():
+            return asyncio.ensure_future(self._begin_later(item, marks))
+        if marks.error is not None:
+            return _failed(MarkerNotRecordedError(marks.error))
+        self.begun.add(item.id)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def _begin_later(self, item: OutboxRecord, marks: _Marks) -> None:
         try:
             async with asyncio.timeout(SETTLE_TIMEOUT):
                 await marks.done.wait()
@@ -729,3 +741,9 @@ class _Batch:
                 else:
                     self.report(Outcome(item=item, error=error))
                 return
+
+
+def _failed(error: BaseException) -> asyncio.Future[None]:
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(error)
+    return future

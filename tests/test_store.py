@@ -176,6 +176,59 @@ async def test_outbox_idempotency_and_retry(store: Store) -> None:
     assert sent.sent_at is not None and sent.attempts == 2
 
 
+async def test_outbox_claims_in_due_order_marks_and_settles(store: Store) -> None:
+    now = datetime.now(UTC)
+    items = [
+        {"key": f"k{i}", "channel": "email", "recipient": f"r{i}@x", "payload": {"n": i}}
+        for i in range(6)
+    ]
+    items[4]["not_before"] = now + timedelta(hours=1)  # not due yet
+    await store.enqueue_many(items)
+    await store.enqueue_many([{"key": "c0", "channel": "call", "recipient": "+1"}])
+    now = datetime.now(UTC)
+    lease = now + timedelta(seconds=60)
+    first = await store.claim_outbox(channel="email", now=now, lease_until=lease, limit=2)
+    assert [i.key for i in first] == ["k0", "k1"]
+    assert all(i.status == "sending" and i.payload["n"] == n for n, i in enumerate(first))
+    # k0's transmission may begin; k1's sender dies before it: its lease runs out
+    await store.settle_outbox([], transmitting=[first[0].id])
+    later = now + timedelta(seconds=61)
+    again = await store.claim_outbox(
+        channel="email", now=later, lease_until=later + timedelta(seconds=60), limit=10
+    )
+    # due longest (k1's lease ran out at 60 s) first; k0 is never taken again; k4 is not due
+    assert [i.key for i in again] == ["k1", "k2", "k3", "k5"]
+    await store.settle_outbox(
+        [
+            {"id": again[0].id, "status": "sent"},
+            {"id": again[1].id, "status": "sent"},
+            {"id": again[2].id, "status": "pending", "attempted": False, "retry_at": later},
+            {"id": again[3].id, "status": "failed", "error": "550 no"},
+        ],
+        [{"actor": "notify", "source": "system", "action": "notification sent", "target": "t"}],
+        transmitting=[again[0].id, again[1].id, again[2].id],
+    )
+    rows = {r.key: r for r in await store.outbox(limit=10)}
+    assert (rows["k0"].status, rows["k0"].transmitting) == ("sending", True)
+    assert (rows["k1"].status, rows["k1"].attempts, rows["k1"].transmitting) == ("sent", 1, True)
+    assert rows["k1"].sent_at is not None
+    assert (rows["k3"].status, rows["k3"].attempts, rows["k3"].transmitting) == (
+        "pending",
+        0,
+        False,
+    )
+    assert rows["k3"].next_attempt_at == later
+    assert (rows["k5"].status, rows["k5"].last_error) == ("failed", "550 no")
+    assert [i.key for i in await store.transmitting_outbox()] == ["k0"]
+    await store.mark_transmitting([again[3].id])  # settled already: not marked
+    rows = {r.key: r for r in await store.outbox(limit=10)}
+    assert (rows["k5"].status, rows["k5"].transmitting) == ("failed", False)
+    (audit,) = await store.audit_log()
+    assert (audit.action, audit.target) == ("notification sent", "t")
+    taken = await store.claim_outbox(channel="call", now=later, lease_until=lease, limit=10)
+    assert [i.key for i in taken] == ["c0"]
+
+
 async def test_a_maintenance_start_is_marked_once_and_survives_reopen(
     url: str, store: Store
 ) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, union_all, update
 from sqlalchemy.exc import IntegrityError
 
 from core.store import tables as t
@@ -27,6 +28,37 @@ _CLAIMED = (
     _o.created_at,
 )
 _IN_TRANSMISSION = and_(_o.status == "sending", _o.transmitting.is_(True))
+# The statements of every outcome write, built once (their compiled form is cached too);
+# ``ids`` is a list of item ids
+_BY_IDS = _o.id.in_(bindparam("ids", expanding=True))
+_MARK = (
+    update(t.outbox)
+    .where(_BY_IDS)
+    # the status is tested per row found by its id: as a condition of its own, SQLite
+    # would look for the ids among all items ``sending`` (ix_outbox_due)
+    .values(transmitting=case((_o.status == "sending", True), else_=_o.transmitting))
+)
+_SENT = (
+    update(t.outbox)
+    .where(_BY_IDS)
+    .values(
+        status="sent",
+        last_error=None,
+        attempts=_o.attempts + 1,
+        sent_at=bindparam("now", type_=_o.sent_at.type),
+    )
+)
+_RELEASED = (
+    update(t.outbox)
+    .where(_BY_IDS)
+    .values(
+        status="pending",
+        last_error=None,
+        next_attempt_at=bindparam("due", type_=_o.next_attempt_at.type),
+        transmitting=False,
+    )
+)
+_AUDIT = insert(t.audit)
 
 
 class OutboxStore(StoreBase):
@@ -167,26 +199,38 @@ class OutboxStore(StoreBase):
         (their sender died) unless their transmission had begun (``transmitting``: those
         are never sent again). Until ``lease_until`` no one else takes them.
         """
-        due = (t.outbox.c.channel == channel, _TAKEABLE, t.outbox.c.next_attempt_at <= now)
-        chosen = (
-            select(t.outbox.c.id)
-            .where(*due)
-            .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
         async with self.transaction() as conn:
-            # one statement: choose, take (due again: another instance may have been first)
-            # and read what is not known already (no dates but one parsed per row)
-            rows = (
-                await conn.execute(
-                    update(t.outbox)
-                    .where(t.outbox.c.id.in_(chosen), *due)
-                    .values(status="sending", next_attempt_at=lease_until)
-                    .returning(*_CLAIMED)
-                )
-            ).all()
+            if self.dialect == "sqlite":
+                rows = (
+                    await conn.execute(
+                        _claim_sqlite(channel, limit), {"now": now, "lease": lease_until}
+                    )
+                ).all()
+            else:
+                # chosen and locked first, then taken: as a subquery of the UPDATE,
+                # PostgreSQL may run the choice again for every row, skipping the rows
+                # the statement has just taken, and so take more than ``limit``
+                due = (t.outbox.c.channel == channel, _TAKEABLE, t.outbox.c.next_attempt_at <= now)
+                chosen = (
+                    await conn.execute(
+                        select(t.outbox.c.id)
+                        .where(*due)
+                        .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
+                        .limit(limit)
+                        .with_for_update(skip_locked=True)
+                    )
+                ).all()
+                if not chosen:
+                    return []
+                # read back what is not known already (no dates but one parsed per row)
+                rows = (
+                    await conn.execute(
+                        update(t.outbox)
+                        .where(t.outbox.c.id.in_([r[0] for r in chosen]))
+                        .values(status="sending", next_attempt_at=lease_until)
+                        .returning(*_CLAIMED)
+                    )
+                ).all()
         return sorted(
             (
                 OutboxRecord(
@@ -228,7 +272,7 @@ class OutboxStore(StoreBase):
         if not ids:
             return
         async with self.transaction() as conn:
-            await conn.execute(_mark(ids))
+            await conn.execute(_MARK, {"ids": list(ids)})
 
     async def transmitting_outbox(
         self, *, channel: str | None = None, now: datetime | None = None
@@ -262,10 +306,7 @@ class OutboxStore(StoreBase):
                 )
             ]
             if done:
-                await conn.execute(
-                    insert(t.audit),
-                    [_audit_row(now, audits[i]) for i in done],
-                )
+                await conn.execute(_AUDIT, [_audit_row(now, audits[i]) for i in done])
         return done
 
     async def next_outbox_due(self, *, channel: str) -> datetime | None:
@@ -321,29 +362,11 @@ class OutboxStore(StoreBase):
         done = set(sent).union(*released.values())
         async with self.transaction() as conn:
             if transmitting:
-                await conn.execute(_mark(transmitting))
+                await conn.execute(_MARK, {"ids": list(transmitting)})
             if sent:  # the common case in one statement
-                await conn.execute(
-                    update(t.outbox)
-                    .where(t.outbox.c.id.in_(sent))
-                    .values(
-                        status="sent",
-                        last_error=None,
-                        attempts=t.outbox.c.attempts + 1,
-                        sent_at=now,
-                    )
-                )
+                await conn.execute(_SENT, {"ids": sent, "now": now})
             for retry_at, ids in released.items():  # one statement for all of them
-                await conn.execute(
-                    update(t.outbox)
-                    .where(t.outbox.c.id.in_(ids))
-                    .values(
-                        status="pending",
-                        last_error=None,
-                        next_attempt_at=retry_at,
-                        transmitting=False,
-                    )
-                )
+                await conn.execute(_RELEASED, {"ids": ids, "due": retry_at})
             for result in results:
                 if result["id"] in done:
                     continue
@@ -363,7 +386,7 @@ class OutboxStore(StoreBase):
                     update(t.outbox).where(t.outbox.c.id == result["id"]).values(**values)
                 )
             if audits:
-                await conn.execute(insert(t.audit), [_audit_row(now, a) for a in audits])
+                await conn.execute(_AUDIT, [_audit_row(now, a) for a in audits])
 
     async def cancel_outbox(self, key: str, *, reason: str) -> bool:
         """Fail a notification that is still waiting (not being sent); ``False`` otherwise."""
@@ -397,9 +420,37 @@ def _audit_row(now: datetime, a: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _mark(ids: Sequence[int]) -> Any:
+@functools.lru_cache(maxsize=32)
+def _claim_sqlite(channel: str, limit: int) -> Any:
+    """The claim on SQLite: the first ``limit`` due items of the pending ones and of the
+    ``sending`` ones whose lease ran out, each read in the order of ``ix_outbox_due`` (a
+    condition on both statuses at once makes SQLite read and sort every due item, per
+    claim: quadratic in the queue), the ``limit`` first of both taken by their ids. The
+    statement is atomic and SQLite has one writer: nobody can take them in between.
+    Built once per channel and size; parameters ``now`` and ``lease`` (the new lease);
+    reads back the columns of ``_CLAIMED``."""
+    branches = []
+    for taken in (
+        t.outbox.c.status == "pending",
+        and_(t.outbox.c.status == "sending", t.outbox.c.transmitting.is_(False)),
+    ):
+        branch = (
+            select(t.outbox.c.id, t.outbox.c.next_attempt_at)
+            .where(
+                taken,
+                t.outbox.c.next_attempt_at <= bindparam("now", type_=_o.next_attempt_at.type),
+                t.outbox.c.channel == channel,
+            )
+            .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
+            .limit(limit)
+            .subquery()
+        )
+        branches.append(select(branch.c.id, branch.c.next_attempt_at))
+    both = union_all(*branches).subquery()
+    chosen = select(both.c.id).order_by(both.c.next_attempt_at, both.c.id).limit(limit)
     return (
         update(t.outbox)
-        .where(t.outbox.c.id.in_(list(ids)), t.outbox.c.status == "sending")
-        .values(transmitting=True)
+        .where(t.outbox.c.id.in_(chosen.scalar_subquery()))
+        .values(status="sending", next_attempt_at=bindparam("lease", type_=_o.next_attempt_at.type))
+        .returning(*_CLAIMED)
     )
