@@ -13,7 +13,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, inspect
 
-from core.store import NodeBusyError, Store, StoreUnavailableError
+from core.store import NodeBusyError, Store, StoreUnavailableError, utcnow
 from tests.databases import POSTGRES_URL, backends, reset_postgres
 
 MIGRATIONS = Path(__file__).parent.parent / "core" / "store" / "migrations"
@@ -330,6 +330,28 @@ async def test_every_schedule_change_leaves_a_new_mark_seen_by_another_store(url
         # nothing changed: the same mark
         assert not await one.disable_schedule(node="n1", kind="update", by="bob")
         assert await other.schedules_mark() == third
+
+
+async def test_schedules_of_many_nodes_are_set_and_switched_off_together(store: Store) -> None:
+    """One transaction for all nodes: each keeps its calendar UID, each gets its record."""
+    audit = {"at": utcnow(), "actor": "alice", "source": "slack", "action": "schedule on"}
+    audit |= {"detail": "mon 03:00", "run_id": None}
+    names = ["n1", "n2", "n3"]
+    await store.set_schedules(
+        names, kind="update", days="mon", start="03:00", end=None, by="alice", audit=audit
+    )
+    uids = {s.node: s.uid for s in await store.schedules()}
+    assert sorted(uids) == names and None not in uids.values()
+    await store.set_schedules(names, kind="update", days="tue", start="04:00", end=None, by="bob")
+    again = await store.schedules()
+    assert {s.node: s.uid for s in again} == uids  # the same calendar events, changed
+    assert {(s.days, s.start, s.updated_by) for s in again} == {("tue", "04:00", "bob")}
+    records = await store.audit_log(targets=names)
+    assert sorted(r.target or "" for r in records if r.action == "schedule on") == names
+    assert await store.disable_schedule(node="n2", kind="update", by="bob")
+    off = await store.disable_schedules(["n3", "n2", "n1", "solo"], kind="update", by="bob")
+    assert off == ["n3", "n1"]  # in the order given; n2 was off already, solo had none
+    assert not any(s.enabled for s in await store.schedules())
 
 
 async def test_migration_0003_gives_existing_windows_and_schedules_a_calendar_uid(

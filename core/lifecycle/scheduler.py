@@ -33,6 +33,7 @@ from core.lifecycle.scheduled import SCHEDULER, ScheduledRuns
 from core.localtime import local_text, zone_note
 from core.model import Actor
 from core.store import ScheduleRecord
+from core.store.base import audit_values, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -257,33 +258,46 @@ class Scheduler:
         actor: Actor,
     ) -> list[str]:
         names = self.engine.resolve(target)
-        for name in names:
-            await self.store.set_schedule(
-                node=name,
-                kind=kind,
-                days=days_text(days),
-                start=time_text(at),
-                end=None if until is None else time_text(until),
-                by=actor.name,
-            )
-            detail = f"on {days_text(days)} {time_text(at)}" + (
-                f" until {time_text(until)}" if until else ""
-            )
-            await self.engine.record(actor, f"schedule {kind} on", target=name, detail=detail)
+        detail = f"on {days_text(days)} {time_text(at)}" + (
+            f" until {time_text(until)}" if until else ""
+        )
+        # every node's schedule and its audit record in one transaction (10,000 nodes:
+        # one commit instead of 20,000)
+        await self.store.set_schedules(
+            names,
+            kind=kind,
+            days=days_text(days),
+            start=time_text(at),
+            end=None if until is None else time_text(until),
+            by=actor.name,
+            audit=self._audit(actor, f"schedule {kind} on", detail),
+        )
         await self.rebuild()
         return names
 
     async def disable(self, target: str, kind: str, *, actor: Actor) -> tuple[list[str], list[str]]:
         names = self.engine.resolve(target)
-        off, none = [], []
-        for name in names:
-            if await self.store.disable_schedule(node=name, kind=kind, by=actor.name):
-                off.append(name)
-                await self.engine.record(actor, f"schedule {kind} off", target=name)
-            else:
-                none.append(name)
+        off = await self.store.disable_schedules(
+            names, kind=kind, by=actor.name, audit=self._audit(actor, f"schedule {kind} off", "")
+        )
+        switched = set(off)
         await self.rebuild()
-        return off, none
+        return off, [name for name in names if name not in switched]
+
+    @staticmethod
+    def _audit(actor: Actor, action: str, detail: str) -> dict[str, Any]:
+        """The columns of the audit record written with each node's schedule change."""
+        values = audit_values(
+            at=utcnow(),
+            actor=actor.name,
+            source=actor.source,
+            action=action,
+            target=None,
+            detail=detail,
+            run_id=None,
+        )
+        del values["target"]
+        return values
 
     async def listing(self) -> str:
         now = self.engine.clock.now()

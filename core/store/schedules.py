@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 from uuid import uuid4
 
 from sqlalchemy import delete, insert, select, update
@@ -11,10 +13,18 @@ from core.store import tables as t
 from core.store.base import StoreBase, utcnow
 from core.store.records import ScheduleRecord
 
+CHUNK = 5000
+"""Nodes per statement (PostgreSQL's driver takes at most 32,767 parameters)."""
+
 CHANGED = ("schedules", "changed")
 """The key-value entry every change of a schedule sets to a new random mark, in the same
 transaction: an instance sees that schedules changed (also by another instance) by
 reading that one row instead of every schedule."""
+
+
+def _chunks(nodes: Sequence[str]) -> Iterator[list[str]]:
+    for first in range(0, len(nodes), CHUNK):
+        yield list(nodes[first : first + CHUNK])
 
 
 class SchedulesStore(StoreBase):
@@ -39,47 +49,100 @@ class SchedulesStore(StoreBase):
     async def set_schedule(
         self, *, node: str, kind: str, days: str, start: str, end: str | None, by: str
     ) -> None:
+        await self.set_schedules([node], kind=kind, days=days, start=start, end=end, by=by)
+
+    async def set_schedules(
+        self,
+        nodes: Sequence[str],
+        *,
+        kind: str,
+        days: str,
+        start: str,
+        end: str | None,
+        by: str,
+        audit: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Set the schedule ``kind`` of every node in ``nodes``, in one transaction, with
+        an audit record per node when ``audit`` gives its columns (``audit_values``
+        without ``target``)."""
         async with self.transaction() as conn:
-            # the calendar UID stays: calendars see the same event, changed
-            uid = (
-                await conn.execute(
-                    select(t.schedules.c.uid).where(
-                        t.schedules.c.node == node, t.schedules.c.kind == kind
+            for chunk in _chunks(nodes):
+                # the calendar UID stays: calendars see the same event, changed
+                found = await conn.execute(
+                    select(t.schedules.c.node, t.schedules.c.uid).where(
+                        t.schedules.c.node.in_(chunk), t.schedules.c.kind == kind
                     )
                 )
-            ).scalar()
-            await conn.execute(
-                delete(t.schedules).where(t.schedules.c.node == node, t.schedules.c.kind == kind)
-            )
-            await conn.execute(
-                insert(t.schedules).values(
-                    uid=uid or t.new_uid(),
-                    node=node,
-                    kind=kind,
-                    days=days,
-                    start=start,
-                    end=end,
-                    enabled=True,
-                    updated_by=by,
-                    updated_at=utcnow(),
+                uids: dict[str, str | None] = {row.node: row.uid for row in found}
+                await conn.execute(
+                    delete(t.schedules).where(
+                        t.schedules.c.node.in_(chunk), t.schedules.c.kind == kind
+                    )
                 )
-            )
-            await self._changed(conn)
+                now = utcnow()
+                await conn.execute(
+                    insert(t.schedules),
+                    [
+                        {
+                            "uid": uids.get(node) or t.new_uid(),
+                            "node": node,
+                            "kind": kind,
+                            "days": days,
+                            "start": start,
+                            "end": end,
+                            "enabled": True,
+                            "updated_by": by,
+                            "updated_at": now,
+                        }
+                        for node in chunk
+                    ],
+                )
+                if audit is not None:
+                    await conn.execute(
+                        insert(t.audit), [{**audit, "target": node} for node in chunk]
+                    )
+            if nodes:
+                await self._changed(conn)
 
     async def disable_schedule(self, *, node: str, kind: str, by: str) -> bool:
+        return bool(await self.disable_schedules([node], kind=kind, by=by))
+
+    async def disable_schedules(
+        self,
+        nodes: Sequence[str],
+        *,
+        kind: str,
+        by: str,
+        audit: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        """Switch off the schedule ``kind`` of the nodes that have it on, in one
+        transaction (with an audit record each when ``audit`` gives its columns); returns
+        those nodes, in the order given."""
+        off: set[str] = set()
         async with self.transaction() as conn:
-            result = await conn.execute(
-                update(t.schedules)
-                .where(
-                    t.schedules.c.node == node,
-                    t.schedules.c.kind == kind,
-                    t.schedules.c.enabled.is_(True),
+            for chunk in _chunks(nodes):
+                on = t.schedules.c.node.in_(chunk), t.schedules.c.kind == kind
+                found = (
+                    await conn.execute(
+                        select(t.schedules.c.node).where(*on, t.schedules.c.enabled.is_(True))
+                    )
+                ).scalars()
+                chosen = sorted(set(found))
+                if not chosen:
+                    continue
+                await conn.execute(
+                    update(t.schedules)
+                    .where(t.schedules.c.node.in_(chosen), t.schedules.c.kind == kind)
+                    .values(enabled=False, updated_by=by, updated_at=utcnow())
                 )
-                .values(enabled=False, updated_by=by, updated_at=utcnow())
-            )
-            if result.rowcount:
+                if audit is not None:
+                    await conn.execute(
+                        insert(t.audit), [{**audit, "target": node} for node in chosen]
+                    )
+                off.update(chosen)
+            if off:
                 await self._changed(conn)
-        return bool(result.rowcount)
+        return [node for node in nodes if node in off]
 
     async def schedules(self, node: str | None = None) -> list[ScheduleRecord]:
         query = select(t.schedules).order_by(t.schedules.c.node, t.schedules.c.kind)
