@@ -83,7 +83,7 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
   claim could take more than its limit (the choice ran again per row of the UPDATE); it
   now locks its choice first, then takes it.
 - after, same runner, 3,000 mails: 0.87-0.90 ms CPU per mail (1 and 2 connections), the
-  bare loop 0.50 ms in the same minutes. The full run above (another engineer's jobs ran
+  bare loop 0.50 ms in the same minutes. The full run above (other benchmarks ran
   meanwhile, load average up to 2.7 on the 2 vCPUs): the outbox 0.98 ms with 1 and 0.94 ms
   with 2 connections, the bare loop 0.57 and 0.47 ms (0.33 ms in the 00:20 UTC table of
   a quieter machine: under load every process needs more CPU per mail); ratios 0.78 x and
@@ -98,7 +98,7 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
   thread. Fewer round trips would need markers written further ahead (more mails left
   uncertain after a crash) or a driver path beside SQLAlchemy; neither was done. The
   sink needs ~1.07 ms per mail of the same 2 vCPUs.
-- this machine's vCPUs are shared (another engineer's jobs ran meanwhile): single runs
+- this machine's vCPUs are shared (other benchmarks ran meanwhile): single runs
   vary widely; the table keeps every run, the ratios use medians; user CPU varies far less
   than time.
 """
