@@ -417,3 +417,25 @@ async def test_a_notice_failing_on_one_node_does_not_stop_the_others(tmp_path: P
         # tg1's first notice failed; the next reminder reached its users
         assert [m for m in f.messages("tg1") if "Maintenance of tg1" in m]
         assert len(f.messages("tg1")) < len(f.messages("tg2"))
+
+
+async def test_nodes_of_one_update_time_share_a_timer_and_a_moved_node_leaves_it(
+    tmp_path: Path,
+) -> None:
+    """All nodes scheduled for one time fire together from one timer; a node scheduled
+    again for a later time is no longer part of it (and runs at its own time)."""
+    async with scheduling(tmp_path=tmp_path) as f:
+        at = soon(5)
+        assert (await f.api.command(f"schedule update all on daily {at}"))["ok"]
+        later = soon(3600)
+        assert (await f.api.command(f"schedule update solo1 on daily {later}"))["ok"]
+        # the others' runs start from the timer of their update time, solo1's does not
+        started = await f.events.wait_count(
+            lambda e: isinstance(e, ev.RunStarted) and e.kind == "scheduled-update", 3
+        )
+        assert sorted(e.node for e in started) == ["tg1", "tg2", "tg3"]  # type: ignore[attr-defined]
+        for node in ("tg1", "tg2", "tg3"):
+            await f.finished(node)
+        assert not any(isinstance(e, ev.RunStarted) and e.node == "solo1" for e in f.events.events)
+        plan = await f.api.command("plan solo1")
+        assert local_text(wall_time(later), BERLIN) in plan["text"], plan["text"]

@@ -68,10 +68,16 @@ class Scheduler:
         self._lock = asyncio.Lock()
         runs.schedules_changed = self.rebuild
         self.fired_late: list[float] = []
+        """Seconds each occurrence's timer fired after its planned time (for the benchmark)."""
         self._due: dict[tuple[str, datetime, datetime | None], list[Occurrence]] = {}
         """Occurrences whose timers fired, by (kind, time, end): started together."""
         self._tasks: set[asyncio.Task[None]] = set()
-        """Seconds each timer fired after its planned time (for the benchmark)."""
+        self._groups: dict[tuple[str, datetime], list[Occurrence]] = {}
+        """Occurrences planned for the same moment, by (kind, moment): one timer each
+        (1,000 nodes of one update time are one timer, not 1,000 for the timer library
+        to start one after another)."""
+        self._group_of: dict[tuple[str, str], tuple[str, datetime]] = {}
+        """(kind, node) -> the group its next occurrence is planned in."""
 
     async def __aenter__(self) -> Self:
         self._timers.start()
@@ -142,21 +148,42 @@ class Scheduler:
         async with self._lock:
             self._fingerprint = await self._schedule_fingerprint()
             self._timers.remove_all_jobs()
+            self._groups.clear()
+            self._group_of.clear()
             now = self.engine.clock.now()
             for record in await self.store.schedules():
                 if record.enabled and record.node in self.engine.drivers:
                     self._plan(self.next_occurrence(record, now))
 
     def _plan(self, occurrence: Occurrence) -> None:
+        """Plan the occurrence's timer: it joins the timer of the occurrences of the same
+        kind planned for the same moment (replacing the node's earlier plan, if any)."""
         planned = max(occurrence.fire_at, self.engine.clock.now())
-        self._timers.add_job(
-            self._fire,
-            DateTrigger(run_date=planned),
-            args=[occurrence, planned],
-            id=f"{occurrence.kind}:{occurrence.node}",
-            replace_existing=True,
-            misfire_grace_time=int(self.engine.settings.updates.update_grace) or 1,
-        )
+        mine = (occurrence.kind, occurrence.node)
+        earlier = self._group_of.pop(mine, None)
+        if earlier is not None and earlier in self._groups:
+            self._groups[earlier] = [o for o in self._groups[earlier] if o.node != mine[1]]
+        key = (occurrence.kind, planned)
+        members = self._groups.get(key)
+        if members is None:
+            members = self._groups[key] = []
+            self._timers.add_job(
+                self._fire_group,
+                DateTrigger(run_date=planned),
+                args=[key],
+                id=f"{occurrence.kind}:{planned.isoformat()}",
+                replace_existing=True,
+                misfire_grace_time=int(self.engine.settings.updates.update_grace) or 1,
+            )
+        members.append(occurrence)
+        self._group_of[mine] = key
+
+    async def _fire_group(self, key: tuple[str, datetime]) -> None:
+        """The timer of the occurrences planned for one moment."""
+        for occurrence in self._groups.pop(key, []):
+            if self._group_of.get((occurrence.kind, occurrence.node)) == key:
+                del self._group_of[(occurrence.kind, occurrence.node)]
+            await self._fire(occurrence, key[1])
 
     async def _fire(self, occurrence: Occurrence, planned: datetime) -> None:
         """A schedule's timer: its occurrence joins the others due at the same time, and
