@@ -13,7 +13,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, inspect
 
-from core.store import NodeBusyError, Store, StoreUnavailableError, utcnow
+from core.store import NodeBusyError, Store, StoreUnavailableError
 from tests.databases import POSTGRES_URL, backends, reset_postgres
 
 MIGRATIONS = Path(__file__).parent.parent / "core" / "store" / "migrations"
@@ -334,8 +334,9 @@ async def test_every_schedule_change_leaves_a_new_mark_seen_by_another_store(url
 
 async def test_schedules_of_many_nodes_are_set_and_switched_off_together(store: Store) -> None:
     """One transaction for all nodes: each keeps its calendar UID, each gets its record."""
-    audit = {"at": utcnow(), "actor": "alice", "source": "slack", "action": "schedule on"}
-    audit |= {"detail": "mon 03:00", "run_id": None}
+    audit = store.audit_entry(
+        actor="alice", source="slack", action="schedule on", detail="mon 03:00"
+    )
     names = ["n1", "n2", "n3"]
     await store.set_schedules(
         names, kind="update", days="mon", start="03:00", end=None, by="alice", audit=audit

@@ -33,7 +33,6 @@ from core.lifecycle.scheduled import SCHEDULER, ScheduledRuns
 from core.localtime import local_text, zone_note
 from core.model import Actor
 from core.store import ScheduleRecord
-from core.store.base import audit_values, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +296,9 @@ class Scheduler:
             start=time_text(at),
             end=None if until is None else time_text(until),
             by=actor.name,
-            audit=self._audit(actor, f"schedule {kind} on", detail),
+            audit=self.store.audit_entry(
+                actor=actor.name, source=actor.source, action=f"schedule {kind} on", detail=detail
+            ),
         )
         await self.rebuild()
         return names
@@ -305,26 +306,16 @@ class Scheduler:
     async def disable(self, target: str, kind: str, *, actor: Actor) -> tuple[list[str], list[str]]:
         names = self.engine.resolve(target)
         off = await self.store.disable_schedules(
-            names, kind=kind, by=actor.name, audit=self._audit(actor, f"schedule {kind} off", "")
+            names,
+            kind=kind,
+            by=actor.name,
+            audit=self.store.audit_entry(
+                actor=actor.name, source=actor.source, action=f"schedule {kind} off"
+            ),
         )
         switched = set(off)
         await self.rebuild()
         return off, [name for name in names if name not in switched]
-
-    @staticmethod
-    def _audit(actor: Actor, action: str, detail: str) -> dict[str, Any]:
-        """The columns of the audit record written with each node's schedule change."""
-        values = audit_values(
-            at=utcnow(),
-            actor=actor.name,
-            source=actor.source,
-            action=action,
-            target=None,
-            detail=detail,
-            run_id=None,
-        )
-        del values["target"]
-        return values
 
     async def listing(self) -> str:
         now = self.engine.clock.now()

@@ -18,8 +18,6 @@ from typing import Any, Self, TypeVar, cast
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -27,7 +25,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from core.errors import StoreError
 from core.printable import printable
 from core.private import create_private, make_private
-from core.store import tables as t
 from core.store.journal import Entry, StepJournal
 from core.store.records import NodeRecord, node_record
 
@@ -213,17 +210,6 @@ class StoreBase:
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.begin() as conn:
             yield conn
-
-    def kv_upsert(self, namespace: str, key: str, value: Any) -> Any:
-        """The statement storing ``value`` under ``namespace``/``key`` (one upsert: writers
-        of the same key at once do not collide)."""
-        insert_ = pg_insert if self.dialect == "postgresql" else sqlite_insert
-        row = {"namespace": namespace, "key": key, "value": value, "updated_at": utcnow()}
-        statement = insert_(t.kv).values(**row)
-        return statement.on_conflict_do_update(
-            index_elements=[t.kv.c.namespace, t.kv.c.key],
-            set_={"value": statement.excluded.value, "updated_at": statement.excluded.updated_at},
-        )
 
     async def _all(self, query: Any, cls: type[R]) -> list[R]:
         async with self.engine.connect() as conn:

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import delete, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from core.store import tables as t
 from core.store.base import StoreBase, utcnow
@@ -33,6 +35,17 @@ class KvStore(StoreBase):
                 )
             ).all()
         return {row.key: row.value for row in rows}
+
+    def kv_upsert(self, namespace: str, key: str, value: Any) -> Any:
+        """The statement storing ``value`` under ``namespace``/``key`` (one upsert: writers
+        of the same key at once do not collide)."""
+        insert_ = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        row = {"namespace": namespace, "key": key, "value": value, "updated_at": utcnow()}
+        statement = insert_(t.kv).values(**row)
+        return statement.on_conflict_do_update(
+            index_elements=[t.kv.c.namespace, t.kv.c.key],
+            set_={"value": statement.excluded.value, "updated_at": statement.excluded.updated_at},
+        )
 
     async def kv_set(self, namespace: str, key: str, value: Any) -> None:
         """Store ``value`` (one upsert: writers of the same key at once do not collide)."""

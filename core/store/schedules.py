@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 from uuid import uuid4
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.store import tables as t
-from core.store.base import StoreBase, utcnow
+from core.store.base import utcnow
+from core.store.journal import Audited
+from core.store.kv import KvStore
 from core.store.records import ScheduleRecord
 
 CHUNK = 5000
@@ -27,7 +28,7 @@ def _chunks(nodes: Sequence[str]) -> Iterator[list[str]]:
         yield list(nodes[first : first + CHUNK])
 
 
-class SchedulesStore(StoreBase):
+class SchedulesStore(KvStore):
     """Schedules (L4, L5): the weekly times of scheduled updates and downloads per node."""
 
     async def _changed(self, conn: AsyncConnection) -> None:
@@ -36,15 +37,8 @@ class SchedulesStore(StoreBase):
     async def schedules_mark(self) -> str | None:
         """The mark of the latest change of any schedule (None before the first change):
         a different mark than before means some schedule changed."""
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(t.kv.c.value).where(
-                        t.kv.c.namespace == CHANGED[0], t.kv.c.key == CHANGED[1]
-                    )
-                )
-            ).first()
-        return None if row is None else str(row.value)
+        mark = await self.kv_get(*CHANGED)
+        return None if mark is None else str(mark)
 
     async def set_schedule(
         self, *, node: str, kind: str, days: str, start: str, end: str | None, by: str
@@ -60,11 +54,10 @@ class SchedulesStore(StoreBase):
         start: str,
         end: str | None,
         by: str,
-        audit: Mapping[str, Any] | None = None,
+        audit: Audited | None = None,
     ) -> None:
         """Set the schedule ``kind`` of every node in ``nodes``, in one transaction, with
-        an audit record per node when ``audit`` gives its columns (``audit_values``
-        without ``target``)."""
+        ``audit`` recorded for each node (as its target) when given."""
         async with self.transaction() as conn:
             for chunk in _chunks(nodes):
                 # the calendar UID stays: calendars see the same event, changed
@@ -99,7 +92,7 @@ class SchedulesStore(StoreBase):
                 )
                 if audit is not None:
                     await conn.execute(
-                        insert(t.audit), [{**audit, "target": node} for node in chunk]
+                        insert(t.audit), [{**audit.values, "target": node} for node in chunk]
                     )
             if nodes:
                 await self._changed(conn)
@@ -113,11 +106,11 @@ class SchedulesStore(StoreBase):
         *,
         kind: str,
         by: str,
-        audit: Mapping[str, Any] | None = None,
+        audit: Audited | None = None,
     ) -> list[str]:
         """Switch off the schedule ``kind`` of the nodes that have it on, in one
-        transaction (with an audit record each when ``audit`` gives its columns); returns
-        those nodes, in the order given."""
+        transaction (with ``audit`` recorded for each of them, as its target, when given);
+        returns those nodes, in the order given."""
         off: set[str] = set()
         async with self.transaction() as conn:
             for chunk in _chunks(nodes):
@@ -137,7 +130,7 @@ class SchedulesStore(StoreBase):
                 )
                 if audit is not None:
                     await conn.execute(
-                        insert(t.audit), [{**audit, "target": node} for node in chosen]
+                        insert(t.audit), [{**audit.values, "target": node} for node in chosen]
                     )
                 off.update(chosen)
             if off:
