@@ -27,6 +27,7 @@ from core.printable import printable
 from core.private import create_private, make_private
 from core.store.journal import Entry, StepJournal
 from core.store.records import NodeRecord, node_record
+from core.store.sqlite import one_trip
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class StoreBase:
             # statement waits its turn rather than failing its run after the default 30 s
             kwargs["pool_timeout"] = 120
             kwargs["connect_args"] = {"timeout": self._connect_timeout}
-        engine = create_async_engine(self.url, **kwargs)
+        engine = create_async_engine(one_trip(url), **kwargs)
         if url.get_backend_name() == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         try:

@@ -1,0 +1,165 @@
+"""SQLite through aiosqlite with one trip to its thread per statement.
+
+aiosqlite runs every call on one thread of its own and hands the result back to the event
+loop. SQLAlchemy's adapter makes four such trips for one statement (open a cursor,
+execute, fetch the rows, close the cursor), and one more to roll back when a connection
+that only read goes back to the pool. Each trip costs both threads a wake-up and, on a
+busy loop, the statement a turn of the loop. This adapter does the four steps in one
+trip, and does not make the trip for a commit or a rollback when SQLite has no
+transaction open and nothing of this connection is still queued on its thread (no
+statement, so nothing to end).
+
+The store uses it for every ``sqlite+aiosqlite://`` URL; the URL users write is unchanged.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.sqlite.aiosqlite import (
+    AsyncAdapt_aiosqlite_connection,
+    AsyncAdapt_aiosqlite_cursor,
+    AsyncAdapt_aiosqlite_dbapi,
+    SQLiteDialect_aiosqlite,
+)
+from sqlalchemy.engine import URL
+
+DRIVER = "tgops_aiosqlite"
+"""The driver name of this dialect in an SQLAlchemy URL (``sqlite+tgops_aiosqlite``)."""
+
+_Description = tuple[tuple[Any, ...], ...] | None
+
+
+def _execute(
+    conn: sqlite3.Connection, operation: str, parameters: Any
+) -> tuple[_Description, list[Any], int, int | None]:
+    """On aiosqlite's thread: run one statement and take all its rows."""
+    cursor = conn.cursor()
+    try:
+        cursor.execute(operation, () if parameters is None else parameters)
+        if cursor.description:
+            return cursor.description, cursor.fetchall(), -1, -1
+        return None, [], cursor.rowcount, cursor.lastrowid
+    finally:
+        cursor.close()
+
+
+def _execute_many(
+    conn: sqlite3.Connection, operation: str, rows: Sequence[Any]
+) -> tuple[int, int | None]:
+    """On aiosqlite's thread: run one statement for every parameter set."""
+    cursor = conn.cursor()
+    try:
+        cursor.executemany(operation, rows)
+        return cursor.rowcount, cursor.lastrowid
+    finally:
+        cursor.close()
+
+
+class _Cursor(AsyncAdapt_aiosqlite_cursor):
+    __slots__ = ()
+
+    def execute(self, operation: Any, parameters: Any = None) -> Any:
+        adapted = cast(_Connection, self._adapt_connection)
+        try:
+            description, rows, rowcount, lastrowid = adapted.trip(_execute, operation, parameters)
+        except Exception as error:
+            adapted._handle_exception(error)
+        self.description = description
+        self.rowcount, self.lastrowid = rowcount, lastrowid
+        self._rows.clear()
+        self._rows.extend(rows)
+
+    def executemany(self, operation: Any, seq_of_parameters: Any) -> Any:
+        adapted = cast(_Connection, self._adapt_connection)
+        try:
+            rowcount, lastrowid = adapted.trip(_execute_many, operation, seq_of_parameters)
+        except Exception as error:
+            adapted._handle_exception(error)
+        self.description = None
+        self.rowcount, self.lastrowid = rowcount, lastrowid
+
+
+class _Connection(AsyncAdapt_aiosqlite_connection):
+    # trips queued (written on the event loop's thread only) and finished (written on
+    # aiosqlite's thread only): a trip of a cancelled statement can still be running
+    __slots__ = ("_finished", "_queued")
+
+    def __init__(self, dbapi: Any, connection: Any) -> None:
+        super().__init__(dbapi, connection)
+        self._queued = 0
+        self._finished = 0
+
+    def trip(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run ``function(sqlite3_connection, *args)`` on aiosqlite's thread."""
+        conn = self._connection._conn
+
+        def call() -> Any:
+            try:
+                return function(conn, *args)
+            finally:
+                self._finished += 1
+
+        self._queued += 1
+        return self.await_(self._connection._execute(call))
+
+    @property
+    def trips(self) -> int:
+        """Trips to aiosqlite's thread made for statements, commits and rollbacks."""
+        return self._queued
+
+    def _idle(self) -> bool:
+        """No transaction open and nothing of this connection still queued."""
+        return self._queued == self._finished and not self._connection._conn.in_transaction
+
+    def cursor(self, server_side: bool = False) -> AsyncAdapt_aiosqlite_cursor:
+        if server_side:
+            return super().cursor(server_side)
+        return _Cursor(self)
+
+    def rollback(self) -> None:
+        if self._idle():
+            return
+        try:
+            self.trip(lambda conn: conn.rollback())
+        except Exception as error:
+            self._handle_exception(error)
+
+    def commit(self) -> None:
+        if self._idle():
+            return
+        try:
+            self.trip(lambda conn: conn.commit())
+        except Exception as error:
+            self._handle_exception(error)
+
+
+class _DBAPI(AsyncAdapt_aiosqlite_dbapi):
+    def connect(self, *arg: Any, **kw: Any) -> AsyncAdapt_aiosqlite_connection:
+        adapted = super().connect(*arg, **kw)
+        if type(adapted) is not AsyncAdapt_aiosqlite_connection:
+            return adapted  # the synchronous fallback keeps SQLAlchemy's own adapter
+        return _Connection(self, adapted._connection)
+
+
+class OneTripDialect(SQLiteDialect_aiosqlite):
+    """SQLAlchemy's aiosqlite dialect with the adapter above."""
+
+    supports_statement_cache = True
+
+    @classmethod
+    def import_dbapi(cls) -> AsyncAdapt_aiosqlite_dbapi:
+        return _DBAPI(__import__("aiosqlite"), __import__("sqlite3"))
+
+
+registry.register(f"sqlite.{DRIVER}", __name__, "OneTripDialect")
+
+
+def one_trip(url: URL) -> URL:
+    """``url`` with this dialect when it names aiosqlite, otherwise as it is."""
+    if url.drivername == "sqlite+aiosqlite":
+        return url.set(drivername=f"sqlite+{DRIVER}")
+    return url

@@ -1,0 +1,125 @@
+"""The SQLite adapter of the store (``core/store/sqlite.py``): one trip to aiosqlite's thread
+per statement, none to end a connection that only read, and nothing left half-done when a
+statement is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.store import Store
+from core.store import tables as t
+from core.store.sqlite import OneTripDialect
+
+NOW = datetime(2026, 12, 5, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with Store(f"sqlite+aiosqlite:///{tmp_path}/state.db") as opened:
+        await opened.sync_nodes([("n1", "c1", "sandbox"), ("n2", "c1", "sandbox")])
+        yield opened
+
+
+async def _trips(conn: AsyncConnection) -> int:
+    raw = await conn.get_raw_connection()
+    return int(raw.dbapi_connection.trips)  # type: ignore[union-attr]
+
+
+async def test_the_store_uses_the_adapter(store: Store) -> None:
+    assert isinstance(store.engine.dialect, OneTripDialect)
+    assert store.display_url().startswith("sqlite+aiosqlite:///")
+
+
+async def test_a_statement_is_one_trip_and_a_read_ends_without_one(store: Store) -> None:
+    async with store.engine.connect() as conn:
+        before = await _trips(conn)
+        rows = (await conn.execute(select(t.nodes.c.name).order_by(t.nodes.c.name))).all()
+        assert [r.name for r in rows] == ["n1", "n2"]
+        assert await _trips(conn) == before + 1
+    async with store.engine.begin() as conn:
+        # the read above was ended without a rollback on the thread
+        assert await _trips(conn) == before + 1
+        await conn.execute(update(t.nodes).where(t.nodes.c.name == "n1").values(sessions=3))
+        assert await _trips(conn) == before + 2
+    async with store.engine.connect() as conn:
+        assert await _trips(conn) == before + 3  # the commit
+    record = await store.node("n1")
+    assert record is not None and record.sessions == 3
+
+
+async def test_rows_counts_and_many_parameter_sets(store: Store) -> None:
+    async with store.transaction() as conn:
+        result = await conn.execute(
+            insert(t.kv),
+            [
+                {"namespace": "test", "key": f"k{i}", "value": {"i": i}, "updated_at": NOW}
+                for i in range(5)
+            ],
+        )
+        assert result.rowcount == 5
+        changed = await conn.execute(
+            update(t.kv).where(t.kv.c.key.in_(["k1", "k2", "nope"])).values(value={"i": -1})
+        )
+        assert changed.rowcount == 2
+    by_key = select(t.kv.c.value).where(t.kv.c.key == bindparam("key"))
+    async with store.engine.connect() as conn:
+        assert (await conn.execute(by_key, {"key": "k1"})).scalar_one() == {"i": -1}
+        assert (await conn.execute(by_key, {"key": "k4"})).scalar_one() == {"i": 4}
+        assert (await conn.execute(by_key, {"key": "nope"})).first() is None
+
+
+async def test_a_failed_statement_rolls_its_transaction_back(store: Store) -> None:
+    row = {"namespace": "test", "key": "same", "value": 1, "updated_at": NOW}
+
+    async def change_then_fail() -> None:
+        async with store.transaction() as conn:
+            await conn.execute(update(t.nodes).where(t.nodes.c.name == "n1").values(sessions=7))
+            await conn.execute(insert(t.kv), [row, row])
+
+    with pytest.raises(IntegrityError, match="UNIQUE constraint failed"):
+        await change_then_fail()
+    record = await store.node("n1")
+    assert record is not None and record.sessions == 0
+    async with store.transaction() as conn:  # the connection serves the next transaction
+        await conn.execute(insert(t.kv).values(**row))
+    async with store.engine.connect() as conn:
+        assert (await conn.execute(select(t.kv.c.value))).scalar_one() == 1
+
+
+async def test_a_cancelled_write_is_rolled_back_once_it_ran(store: Store, tmp_path: Path) -> None:
+    # another connection holds SQLite's write lock: the store's statement waits on the thread
+    other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def write() -> None:
+        async with store.transaction() as conn:
+            await conn.execute(update(t.nodes).where(t.nodes.c.name == "n1").values(sessions=9))
+
+    task = asyncio.create_task(write())
+    await asyncio.sleep(0.3)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    other.execute("ROLLBACK")  # the waiting statement now runs, then the rollback behind it
+    other.close()
+    async with asyncio.timeout(10):
+        await store.update_node("n2", sessions=4)
+    one, two = await store.node("n1"), await store.node("n2")
+    assert one is not None and one.sessions == 0
+    assert two is not None and two.sessions == 4
+    probe = sqlite3.connect(tmp_path / "state.db", timeout=0)
+    try:  # no transaction was left open: another writer gets the lock at once
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+    finally:
+        probe.close()
