@@ -14,10 +14,12 @@ from pydantic import ValidationError
 from bot.service import Service
 from core.drivers import TEMPLATES, LocalDriver, make_driver
 from core.drivers.commands import parse_installed, parse_sessions, parse_verify
+from core.drivers.shell import RUNNERS
 from core.errors import CommandTimeoutError, ConfigError, DriverError
 from core.interfaces import NodeDriver
 from core.model import PackageKind, Session
 from core.settings import ClusterSettings, NodeSettings
+from tests.events import until
 from tests.sandbox_files import OutputLog, process_ended, staged_package
 from tests.service import settings_for
 from tests.sshd import FakeNode
@@ -135,6 +137,29 @@ async def test_hanging_command_is_killed_with_its_children(node: FakeNode) -> No
     assert loop.time() - started < 5
     pid = int(pid_file.read_text())
     await process_ended(pid, limit=5)
+
+
+async def test_cancelled_command_is_killed_with_its_children(node: FakeNode) -> None:
+    pid_file = node.directory / "pid"
+    command = f"sleep 60 & echo $! > {pid_file}; wait"
+    driver = LocalDriver(settings(node, command_timeout=30, commands={"post_check": command}))
+    task = asyncio.create_task(driver.post_check())
+
+    async def started() -> bool:  # the shell's file: another process's state
+        return pid_file.exists() and bool(pid_file.read_text().strip())
+
+    await until(started, within=10, step=0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await process_ended(int(pid_file.read_text()), limit=5)
+
+
+async def test_many_commands_at_once_all_finish(node: FakeNode) -> None:
+    # more commands than the pool has threads: the rest wait for one and still finish
+    driver = LocalDriver(settings(node, commands={"post_check": "sleep 0.2"}))
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(driver.post_check() for _ in range(RUNNERS + 8)))
 
 
 async def test_output_sink_sees_every_command(node: FakeNode) -> None:

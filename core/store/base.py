@@ -212,7 +212,7 @@ class StoreBase:
         async with self.engine.begin() as conn:
             yield conn
 
-    async def _all(self, query: Any, cls: type[R]) -> list[R]:
+    async def _all(self, query: Any, cls: type[R], params: dict[str, Any] | None = None) -> list[R]:
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
+            rows = (await conn.execute(query, params)).all()
         return [record_of(cls, r) for r in rows]

@@ -5,11 +5,38 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from core.store import tables as t
 from core.store.base import StoreBase, audit_values, record_of, utcnow
 from core.store.records import MaintenanceRecord
+
+_m = t.maintenance
+_AT = _m.c.ended_at.type
+_OPEN = select(_m).where(_m.c.ended_at.is_(None)).order_by(_m.c.start)
+_OPEN_OF = _OPEN.where(_m.c.node == bindparam("node"))
+_BY_ID = select(_m).where(_m.c.id == bindparam("id"))
+_END = (
+    update(_m)
+    .where(_m.c.id == bindparam("b_id"))
+    .values(
+        ended_at=bindparam("b_at", type_=_AT),
+        ended_by=bindparam("b_by"),
+        end_reason=bindparam("b_reason"),
+    )
+)
+_REPLACE = (
+    update(_m)
+    .where(_m.c.node == bindparam("b_node"), _m.c.ended_at.is_(None))
+    .values(
+        ended_at=bindparam("b_at", type_=_AT), ended_by=bindparam("b_by"), end_reason="replaced"
+    )
+)
+_STARTED = (
+    update(_m)
+    .where(_m.c.id == bindparam("b_id"), _m.c.started_at.is_(None), _m.c.ended_at.is_(None))
+    .values(started_at=bindparam("b_at", type_=_AT))
+)
 
 
 class MaintenanceStore(StoreBase):
@@ -28,29 +55,22 @@ class MaintenanceStore(StoreBase):
         """Schedule maintenance for a node, replacing an open one (which is ended)."""
         now = utcnow()
         async with self.transaction() as conn:
-            await conn.execute(
-                update(t.maintenance)
-                .where(t.maintenance.c.node == node, t.maintenance.c.ended_at.is_(None))
-                .values(ended_at=now, ended_by=created_by, end_reason="replaced")
-            )
+            await conn.execute(_REPLACE, {"b_node": node, "b_at": now, "b_by": created_by})
             new_id = (
                 await conn.execute(
-                    insert(t.maintenance)
-                    .values(
-                        node=node,
-                        start=start,
-                        reason=reason,
-                        origin=origin,
-                        disable_logon=disable_logon,
-                        created_by=created_by,
-                        created_at=now,
-                    )
-                    .returning(t.maintenance.c.id)
+                    insert(_m).returning(_m.c.id),
+                    {
+                        "node": node,
+                        "start": start,
+                        "reason": reason,
+                        "origin": origin,
+                        "disable_logon": disable_logon,
+                        "created_by": created_by,
+                        "created_at": now,
+                    },
                 )
             ).scalar_one()
-            row = (
-                await conn.execute(select(t.maintenance).where(t.maintenance.c.id == new_id))
-            ).one()
+            row = (await conn.execute(_BY_ID, {"id": new_id})).one()
         return record_of(MaintenanceRecord, row)
 
     async def open_maintenance_many(
@@ -109,14 +129,9 @@ class MaintenanceStore(StoreBase):
 
     async def maintenance(self, node: str | None = None) -> list[MaintenanceRecord]:
         """Open (not ended) maintenance windows, by start time."""
-        query = (
-            select(t.maintenance)
-            .where(t.maintenance.c.ended_at.is_(None))
-            .order_by(t.maintenance.c.start)
-        )
-        if node is not None:
-            query = query.where(t.maintenance.c.node == node)
-        return await self._all(query, MaintenanceRecord)
+        if node is None:
+            return await self._all(_OPEN, MaintenanceRecord)
+        return await self._all(_OPEN_OF, MaintenanceRecord, {"node": node})
 
     async def maintenance_called_off(self, since: datetime) -> list[MaintenanceRecord]:
         """Windows ended since ``since`` before their start came (cancelled, or replaced by
@@ -156,19 +171,11 @@ class MaintenanceStore(StoreBase):
     ) -> MaintenanceRecord | None:
         """End the open window of ``node`` at ``at`` (default: now); None if none is open."""
         async with self.transaction() as conn:
-            row = (
-                await conn.execute(
-                    select(t.maintenance).where(
-                        t.maintenance.c.node == node, t.maintenance.c.ended_at.is_(None)
-                    )
-                )
-            ).first()
+            row = (await conn.execute(_OPEN_OF, {"node": node})).first()
             if row is None:
                 return None
             await conn.execute(
-                update(t.maintenance)
-                .where(t.maintenance.c.id == row.id)
-                .values(ended_at=at or utcnow(), ended_by=by, end_reason=reason)
+                _END, {"b_id": row.id, "b_at": at or utcnow(), "b_by": by, "b_reason": reason}
             )
         return record_of(MaintenanceRecord, row)
 
@@ -187,15 +194,7 @@ class MaintenanceStore(StoreBase):
         """Record that an open window's start was announced; False if it already was
         (or the window ended): the one who gets True publishes MaintenanceStarted."""
         async with self.transaction() as conn:
-            result = await conn.execute(
-                update(t.maintenance)
-                .where(
-                    t.maintenance.c.id == maintenance_id,
-                    t.maintenance.c.started_at.is_(None),
-                    t.maintenance.c.ended_at.is_(None),
-                )
-                .values(started_at=at)
-            )
+            result = await conn.execute(_STARTED, {"b_id": maintenance_id, "b_at": at})
         return bool(result.rowcount == 1)
 
     async def mark_logon_disabled(self, maintenance_id: int, at: datetime) -> None:

@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Update, bindparam, insert, select, update
 
 from core.errors import StoreError
 from core.store import tables as t
 from core.store.base import StoreBase, record_of
 from core.store.records import NodeRecord
+
+_NODE = select(t.nodes).where(t.nodes.c.name == bindparam("name"))
+_NODES = select(t.nodes).order_by(t.nodes.c.name)
+_NODES_NAMED = _NODES.where(t.nodes.c.name.in_(bindparam("names", expanding=True)))
+
+
+@cache
+def _change(columns: tuple[str, ...], expect_version: bool) -> Update:
+    """A node's row changed in ``columns`` (and its version counted up), returning it; built
+    once per set of columns."""
+    query = update(t.nodes).where(t.nodes.c.name == bindparam("b_name"))
+    if expect_version:
+        query = query.where(t.nodes.c.version == bindparam("b_version"))
+    changed = {name: bindparam(f"v_{name}", type_=t.nodes.c[name].type) for name in columns}
+    return query.values(version=t.nodes.c.version + 1, **changed).returning(t.nodes)
 
 
 class NodesStore(StoreBase):
@@ -51,32 +67,29 @@ class NodesStore(StoreBase):
 
     async def node(self, name: str) -> NodeRecord | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(select(t.nodes).where(t.nodes.c.name == name))).first()
+            row = (await conn.execute(_NODE, {"name": name})).first()
         return None if row is None else record_of(NodeRecord, row)
 
     async def nodes(self, names: Sequence[str] | None = None) -> list[NodeRecord]:
-        query = select(t.nodes).order_by(t.nodes.c.name)
-        if names is not None:
-            query = query.where(t.nodes.c.name.in_(list(names)))
-        return await self._all(query, NodeRecord)
+        if names is None:
+            return await self._all(_NODES, NodeRecord)
+        return await self._all(_NODES_NAMED, NodeRecord, {"names": list(names)})
 
     async def update_node(
         self, name: str, *, expect_version: int | None = None, **values: Any
     ) -> NodeRecord:
         """Change a node's row. With ``expect_version`` the change is made only if nobody
         changed the row since that version was read; otherwise the row is left as it is."""
+        query = _change(tuple(sorted(values)), expect_version is not None)
+        params = {f"v_{key}": value for key, value in values.items()}
+        params["b_name"] = name
+        if expect_version is not None:
+            params["b_version"] = expect_version
         async with self.transaction() as conn:
-            query = update(t.nodes).where(t.nodes.c.name == name)
-            if expect_version is not None:
-                query = query.where(t.nodes.c.version == expect_version)
-            changed = (
-                await conn.execute(
-                    query.values(version=t.nodes.c.version + 1, **values).returning(t.nodes)
-                )
-            ).first()
+            changed = (await conn.execute(query, params)).first()
             if changed is None:
                 if expect_version is None:
                     raise StoreError(f"node {name} is not in the store")
-                row = (await conn.execute(select(t.nodes).where(t.nodes.c.name == name))).one()
+                row = (await conn.execute(_NODE, {"name": name})).one()
                 return record_of(NodeRecord, row)
         return record_of(NodeRecord, changed)

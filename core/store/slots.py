@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import delete, exists, func, insert, literal, select, union_all, update
+from sqlalchemy import bindparam, delete, exists, func, insert, literal, select, union_all, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from core.store import tables as t
@@ -21,6 +21,50 @@ def _contended(exc: DBAPIError) -> bool:
     code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
     return isinstance(exc, IntegrityError | OperationalError) or code in CONTENDED
 
+
+_s, _w = t.cluster_slots, t.slot_waiters
+_other = _s.alias("other")
+_HELD = select(_s.c.slot, _s.c.node).where(_s.c.cluster == bindparam("cluster"))
+_HELD_ROWS = select(_s).where(_s.c.cluster == bindparam("cluster")).order_by(_s.c.slot)
+_FREE = delete(_s).where(_s.c.cluster == bindparam("cluster"), _s.c.node == bindparam("node"))
+_QUEUED = select(_w.c.id).where(
+    _w.c.cluster == bindparam("cluster"), _w.c.node == bindparam("node")
+)
+_QUEUE = select(_w.c.id, _w.c.node).where(_w.c.cluster == bindparam("cluster")).order_by(_w.c.id)
+_DEQUEUE = delete(_w).where(_w.c.cluster == bindparam("cluster"), _w.c.node == bindparam("node"))
+_HEAD = (
+    delete(_w)
+    .where(
+        # the first place no other transaction is taking out right now (PostgreSQL;
+        # SQLite has one writer): two slots freed at the same moment go to two nodes
+        _w.c.id
+        == select(_w.c.id)
+        .where(_w.c.cluster == bindparam("cluster"), _w.c.node != bindparam("node"))
+        .order_by(_w.c.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    .returning(_w.c.id, _w.c.node, _w.c.run_id, _w.c.queued_at)
+)
+_HAND_ON = (
+    update(_s)
+    .where(
+        _s.c.cluster == bindparam("b_cluster"),
+        _s.c.node == bindparam("b_node"),
+        _s.c.slot < bindparam("b_limit"),
+        ~exists().where(
+            _other.c.cluster == bindparam("b_cluster"), _other.c.node == bindparam("b_to")
+        ),
+    )
+    .values(
+        node=bindparam("b_to"),
+        run_id=bindparam("b_run"),
+        owner=select(t.runs.c.owner).where(t.runs.c.id == bindparam("b_run")).scalar_subquery(),
+        taken_at=bindparam("b_at", type_=_s.c.taken_at.type),
+    )
+    .returning(_s.c.slot)
+)
 
 HANDOVER_TRIES = 3
 """Tries of a hand-over that races with another transaction before the slot is just freed."""
@@ -48,13 +92,7 @@ class SlotsStore(StoreBase):
         """
         for _ in range(limit + 1):
             async with self.transaction() as conn:
-                held = (
-                    await conn.execute(
-                        select(t.cluster_slots.c.slot, t.cluster_slots.c.node).where(
-                            t.cluster_slots.c.cluster == cluster
-                        )
-                    )
-                ).all()
+                held = (await conn.execute(_HELD, {"cluster": cluster})).all()
                 for row in held:
                     if row.node == node:
                         return int(row.slot)
@@ -65,20 +103,17 @@ class SlotsStore(StoreBase):
                 slot = free[min(prefer, len(free) - 1)]
                 try:
                     await conn.execute(
-                        insert(t.cluster_slots).values(
-                            cluster=cluster,
-                            slot=slot,
-                            node=node,
-                            run_id=run_id,
-                            owner=owner,
-                            taken_at=utcnow(),
-                        )
+                        insert(_s),
+                        {
+                            "cluster": cluster,
+                            "slot": slot,
+                            "node": node,
+                            "run_id": run_id,
+                            "owner": owner,
+                            "taken_at": utcnow(),
+                        },
                     )
-                    await conn.execute(
-                        delete(t.slot_waiters).where(
-                            t.slot_waiters.c.cluster == cluster, t.slot_waiters.c.node == node
-                        )
-                    )
+                    await conn.execute(_DEQUEUE, {"cluster": cluster, "node": node})
                 except DBAPIError as exc:
                     if not _contended(exc):
                         raise
@@ -109,57 +144,27 @@ class SlotsStore(StoreBase):
                     return handed
                 break
         async with self.transaction() as conn:
-            result = await conn.execute(
-                delete(t.cluster_slots).where(
-                    t.cluster_slots.c.cluster == cluster, t.cluster_slots.c.node == node
-                )
-            )
+            result = await conn.execute(_FREE, {"cluster": cluster, "node": node})
         return SlotRelease(released=bool(result.rowcount))
 
     async def _hand_over(self, *, cluster: str, node: str, limit: int) -> SlotRelease | None:
         """Give ``node``'s slot to the head of the queue; ``None`` when there is none or the
         slot may not be handed on (then the head keeps its place)."""
-        w, s = t.slot_waiters, t.cluster_slots
         async with self.transaction() as conn:
-            head = (
-                await conn.execute(
-                    delete(w)
-                    .where(
-                        # the first place no other transaction is taking out right now
-                        # (PostgreSQL; SQLite has one writer): two slots freed at the same
-                        # moment go to two nodes
-                        w.c.id
-                        == select(w.c.id)
-                        .where(w.c.cluster == cluster, w.c.node != node)
-                        .order_by(w.c.id)
-                        .limit(1)
-                        .with_for_update(skip_locked=True)
-                        .scalar_subquery()
-                    )
-                    .returning(w.c.id, w.c.node, w.c.run_id, w.c.queued_at)
-                )
-            ).first()
+            head = (await conn.execute(_HEAD, {"cluster": cluster, "node": node})).first()
             if head is None:
                 return None
-            other = s.alias("other")
             handed = (
                 await conn.execute(
-                    update(s)
-                    .where(
-                        s.c.cluster == cluster,
-                        s.c.node == node,
-                        s.c.slot < limit,
-                        ~exists().where(other.c.cluster == cluster, other.c.node == head.node),
-                    )
-                    .values(
-                        node=head.node,
-                        run_id=head.run_id,
-                        owner=select(t.runs.c.owner)
-                        .where(t.runs.c.id == head.run_id)
-                        .scalar_subquery(),
-                        taken_at=utcnow(),
-                    )
-                    .returning(s.c.slot)
+                    _HAND_ON,
+                    {
+                        "b_cluster": cluster,
+                        "b_node": node,
+                        "b_limit": limit,
+                        "b_to": head.node,
+                        "b_run": head.run_id,
+                        "b_at": utcnow(),
+                    },
                 )
             ).first()
             if handed is not None:
@@ -168,13 +173,14 @@ class SlotsStore(StoreBase):
                 )
             # not handed on: the head keeps its place (and the slot is freed by the caller)
             await conn.execute(
-                insert(w).values(
-                    id=head.id,
-                    cluster=cluster,
-                    node=head.node,
-                    run_id=head.run_id,
-                    queued_at=head.queued_at,
-                )
+                insert(_w),
+                {
+                    "id": head.id,
+                    "cluster": cluster,
+                    "node": head.node,
+                    "run_id": head.run_id,
+                    "queued_at": head.queued_at,
+                },
             )
         return None
 
@@ -187,27 +193,16 @@ class SlotsStore(StoreBase):
     async def wait_for_slot(self, *, cluster: str, node: str, run_id: int | None) -> None:
         """Join the cluster's queue (ordered by arrival) unless already in it."""
         async with self.transaction() as conn:
-            present = (
-                await conn.execute(
-                    select(t.slot_waiters.c.id).where(
-                        t.slot_waiters.c.cluster == cluster, t.slot_waiters.c.node == node
-                    )
-                )
-            ).first()
+            present = (await conn.execute(_QUEUED, {"cluster": cluster, "node": node})).first()
             if present is None:
                 await conn.execute(
-                    insert(t.slot_waiters).values(
-                        cluster=cluster, node=node, run_id=run_id, queued_at=utcnow()
-                    )
+                    insert(_w),
+                    {"cluster": cluster, "node": node, "run_id": run_id, "queued_at": utcnow()},
                 )
 
     async def leave_slot_queue(self, *, cluster: str, node: str) -> None:
         async with self.transaction() as conn:
-            await conn.execute(
-                delete(t.slot_waiters).where(
-                    t.slot_waiters.c.cluster == cluster, t.slot_waiters.c.node == node
-                )
-            )
+            await conn.execute(_DEQUEUE, {"cluster": cluster, "node": node})
 
     async def slot_queue(self, cluster: str) -> list[str]:
         async with self.engine.connect() as conn:
@@ -241,19 +236,10 @@ class SlotsStore(StoreBase):
         async with self.engine.connect() as conn:
             held = [
                 record_of(SlotRecord, r)
-                for r in await conn.execute(
-                    select(t.cluster_slots)
-                    .where(t.cluster_slots.c.cluster == cluster)
-                    .order_by(t.cluster_slots.c.slot)
-                )
+                for r in await conn.execute(_HELD_ROWS, {"cluster": cluster})
             ]
             queue = [
-                (int(r.id), str(r.node))
-                for r in await conn.execute(
-                    select(t.slot_waiters.c.id, t.slot_waiters.c.node)
-                    .where(t.slot_waiters.c.cluster == cluster)
-                    .order_by(t.slot_waiters.c.id)
-                )
+                (int(r.id), str(r.node)) for r in await conn.execute(_QUEUE, {"cluster": cluster})
             ]
         return held, queue
 
