@@ -29,7 +29,7 @@ from core.settings import Settings
 from core.store import Store
 from tests.fake_slack import Call, FakeSlack, SlackUser, fake_slack, signature
 from tests.fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, fake_twilio
-from tests.notify_env import PUBLIC_URL
+from tests.notify_env import PUBLIC_URL, wait_until
 from tests.repo_server import RepoServer, serve_repo
 from tests.repository import Repo
 from tests.service import Api, running, settings_for
@@ -467,7 +467,11 @@ async def test_ops_channel_follows_a_run_and_survives_429_and_500(tmp_path: Path
         assert final.body["ts"] == stored["ts"]  # the same message, updated in place
         assert f":white_check_mark: *{title}: succeeded*" in final.text
         assert [c for c in b.fake.calls if c.method == "chat.update" and c.status == 500]
-        assert await b.service.store.kv_get("slack.run", str(run_id)) is None
+
+        async def forgotten() -> bool:  # once Slack's answer to the final update is read
+            return await b.service.store.kv_get("slack.run", str(run_id)) is None
+
+        await wait_until(forgotten, within=10, what="the run's message record removed")
 
 
 @asynccontextmanager
