@@ -4,12 +4,14 @@ all runs in flight, written together.
 Every run writes a transition before each step (the previous step done, the next one
 running), the changes its steps made to its node, and audit records of what they did.
 Instead of one transaction each, what arrives while a transaction is being written waits
-for the next one, and each transaction writes all that is waiting with one statement per
-kind (ends, starts, the runs' current steps, node changes with the same columns, audit
-records). A caller returns only once its own records are committed: a step starts after
-its record is durable, as with a transaction of its own (L15), but the store commits once
-per batch instead of once per record. The records one caller hands over together are
-committed in the same transaction.
+for the next one (which starts ``GATHER`` seconds after the last one ended at the
+earliest, so that under load each gathers a few milliseconds' worth), and each
+transaction writes all that is waiting with one statement per kind (ends, starts, the
+runs' current steps, node changes with the same columns, audit records). A caller
+returns only once its own records are committed: a step starts after its record is
+durable, as with a transaction of its own (L15), but the store commits once per batch
+instead of once per record. The records one caller hands over together are committed in
+the same transaction.
 
 A caller may also hand records over without waiting (``wait=False``): they are written
 with the next transaction anyone waits for, or after ``LAZY_FLUSH`` seconds at the
@@ -39,6 +41,11 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
 """Transitions written by one transaction at most."""
+
+GATHER = 0.005
+"""Seconds between the end of one transaction and the start of the next at least: under
+load, what arrives meanwhile is written together (a lone run's record, arriving after
+that, is written at once)."""
 
 LAZY_FLUSH = 0.1
 """Seconds records handed over without waiting stay unwritten at most (unless a
@@ -345,6 +352,7 @@ class StepJournal:
         self._waiting: list[tuple[Sequence[Entry], asyncio.Future[None] | None]] = []
         self._writer: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._ended = -GATHER  # the loop's time when the last transaction ended
         self.commits = 0
         """Transactions written so far (for the benchmarks and tests)."""
         self.lost = 0
@@ -386,12 +394,17 @@ class StepJournal:
 
     async def _drain(self) -> None:
         try:
+            loop = asyncio.get_running_loop()
             while self._waiting:
                 await asyncio.sleep(0)  # transitions made in this same turn join the batch
+                pause = self._ended + GATHER - loop.time()
+                if pause > 0:
+                    await asyncio.sleep(pause)
                 batch = [(x, f) for x, f in self._waiting[:MAX_BATCH] if f is None or not f.done()]
                 del self._waiting[:MAX_BATCH]
                 if batch:
                     await self._commit(batch)
+                    self._ended = loop.time()
         except asyncio.CancelledError:
             for _, done in self._waiting:
                 if done is not None:

@@ -16,14 +16,15 @@ _AT = _m.c.ended_at.type
 _OPEN = select(_m).where(_m.c.ended_at.is_(None)).order_by(_m.c.start)
 _OPEN_OF = _OPEN.where(_m.c.node == bindparam("node"))
 _BY_ID = select(_m).where(_m.c.id == bindparam("id"))
-_END = (
+_END_OPEN = (
     update(_m)
-    .where(_m.c.id == bindparam("b_id"))
+    .where(_m.c.node == bindparam("b_node"), _m.c.ended_at.is_(None))
     .values(
         ended_at=bindparam("b_at", type_=_AT),
         ended_by=bindparam("b_by"),
         end_reason=bindparam("b_reason"),
     )
+    .returning(*_m.c)
 )
 _REPLACE = (
     update(_m)
@@ -169,14 +170,17 @@ class MaintenanceStore(StoreBase):
     async def end_maintenance(
         self, node: str, *, by: str, reason: str, at: datetime | None = None
     ) -> MaintenanceRecord | None:
-        """End the open window of ``node`` at ``at`` (default: now); None if none is open."""
+        """End the open window of ``node`` at ``at`` (default: now) and return it as ended
+        (one statement); None if none is open."""
         async with self.transaction() as conn:
-            row = (await conn.execute(_OPEN_OF, {"node": node})).first()
+            row = (
+                await conn.execute(
+                    _END_OPEN,
+                    {"b_node": node, "b_at": at or utcnow(), "b_by": by, "b_reason": reason},
+                )
+            ).first()
             if row is None:
                 return None
-            await conn.execute(
-                _END, {"b_id": row.id, "b_at": at or utcnow(), "b_by": by, "b_reason": reason}
-            )
         return record_of(MaintenanceRecord, row)
 
     async def mark_notice(self, maintenance_ids: Sequence[int], at: datetime) -> None:

@@ -27,10 +27,18 @@ _other = _s.alias("other")
 _HELD = select(_s.c.slot, _s.c.node).where(_s.c.cluster == bindparam("cluster"))
 _HELD_ROWS = select(_s).where(_s.c.cluster == bindparam("cluster")).order_by(_s.c.slot)
 _FREE = delete(_s).where(_s.c.cluster == bindparam("cluster"), _s.c.node == bindparam("node"))
-_QUEUED = select(_w.c.id).where(
-    _w.c.cluster == bindparam("cluster"), _w.c.node == bindparam("node")
-)
 _QUEUE = select(_w.c.id, _w.c.node).where(_w.c.cluster == bindparam("cluster")).order_by(_w.c.id)
+_JOIN = insert(_w).from_select(
+    ["cluster", "node", "run_id", "queued_at"],
+    select(
+        bindparam("b_cluster", type_=_w.c.cluster.type),
+        bindparam("b_node", type_=_w.c.node.type),
+        bindparam("b_run", type_=_w.c.run_id.type),
+        bindparam("b_at", type_=_w.c.queued_at.type),
+    ).where(
+        ~exists().where(_w.c.cluster == bindparam("b_cluster"), _w.c.node == bindparam("b_node"))
+    ),
+)
 _DEQUEUE = delete(_w).where(_w.c.cluster == bindparam("cluster"), _w.c.node == bindparam("node"))
 _HEAD = (
     delete(_w)
@@ -191,14 +199,12 @@ class SlotsStore(StoreBase):
         return await self._all(query, SlotRecord)
 
     async def wait_for_slot(self, *, cluster: str, node: str, run_id: int | None) -> None:
-        """Join the cluster's queue (ordered by arrival) unless already in it."""
+        """Join the cluster's queue (ordered by arrival) unless already in it (one
+        statement)."""
         async with self.transaction() as conn:
-            present = (await conn.execute(_QUEUED, {"cluster": cluster, "node": node})).first()
-            if present is None:
-                await conn.execute(
-                    insert(_w),
-                    {"cluster": cluster, "node": node, "run_id": run_id, "queued_at": utcnow()},
-                )
+            await conn.execute(
+                _JOIN, {"b_cluster": cluster, "b_node": node, "b_run": run_id, "b_at": utcnow()}
+            )
 
     async def leave_slot_queue(self, *, cluster: str, node: str) -> None:
         async with self.transaction() as conn:
