@@ -387,6 +387,20 @@ async def test_unreachable_fault_persists_until_removed(driver: SandboxDriver, r
     await driver.status()
 
 
+async def test_fault_file_changed_in_place_is_read_again(driver: SandboxDriver, root: Path) -> None:
+    # rewritten in place with the same size, at once and after it settled: both are seen
+    faults = root / "faults.json"
+    for message in ("cable aaaa", "cable bbbb", "cable cccc", "cable dddd"):
+        write_json(faults, {"unreachable": message})
+        for _ in range(2):
+            with pytest.raises(NodeUnreachableError, match=message):
+                await driver.status()
+        if message == "cable bbbb":
+            await asyncio.sleep(0.2)  # settled: read from memory while unchanged
+    faults.write_text("{}")
+    await driver.status()
+
+
 async def test_delay_fault_slows_every_call(driver: SandboxDriver, root: Path) -> None:
     write_json(root / "faults.json", {"delay": {"restart_services": 0.3}})
     loop = asyncio.get_running_loop()

@@ -48,6 +48,7 @@ import logging
 import os
 import shlex
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
@@ -153,6 +154,11 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
 
 
+_SETTLED = 0.05
+"""Seconds after its last change from which ``faults.json`` is read from memory while it
+stays unchanged (file system clocks tick every few milliseconds)."""
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temporary file in the same directory, then rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -256,6 +262,7 @@ class SandboxDriver:
         self._output = output
         self._timeout = command_timeout
         self._check_url = check_url
+        self._faults_seen: tuple[tuple[int, int, int], _Faults] | None = None
 
     # -- files ------------------------------------------------------------------------
 
@@ -350,6 +357,28 @@ class SandboxDriver:
         return tuple(Session(user=e.user, id="" if e.id is None else str(e.id)) for e in entries)
 
     def _faults(self, operation: str) -> _Faults:
+        """``faults.json`` as read last time when the file has not changed since (same
+        inode, size and modification time, and that time older than ``_SETTLED`` seconds:
+        a file rewritten in place within one tick of the file system's clock keeps its
+        time, so a file that recent is read again), otherwise read and checked."""
+        try:
+            info = os.stat(self.faults_file)
+        except FileNotFoundError:
+            return _Faults()
+        except OSError as exc:
+            raise DriverError(
+                self.name, operation, f"{self.faults_file}: cannot read: {exc}"
+            ) from exc
+        key = (info.st_ino, info.st_size, info.st_mtime_ns)
+        seen = self._faults_seen
+        if seen is not None and seen[0] == key:
+            return seen[1]
+        faults = self._read_faults(operation)
+        settled = time.time_ns() - info.st_mtime_ns > _SETTLED * 1e9
+        self._faults_seen = (key, faults) if settled else None
+        return faults
+
+    def _read_faults(self, operation: str) -> _Faults:
         expected = '{"<operation>": "message", "unreachable": "message", "delay": {...}}'
         raw = self._read_json(self.faults_file, operation, expected)
         if raw is None:

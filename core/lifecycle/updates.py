@@ -86,6 +86,7 @@ class Lifecycle(UpdateSteps):
         super().__init__(engine=engine, repository=repository, retry=retry, owner=owner)
         self._tasks: dict[int, asyncio.Task[str]] = {}
         self._running: dict[int, tuple[RunContext, Flow]] = {}
+        self._run_on: dict[str, int] = {}  # node -> its run in self._running
         self._accepting = False
         self.scheduled: FlowSource | None = None
 
@@ -290,7 +291,7 @@ class Lifecycle(UpdateSteps):
         """A driver command's output and exit status, into the log of the node's run (the
         output sink of ``local``, ``ssh`` and ``sandbox`` drivers); commands outside a
         run (status refreshes) are not recorded."""
-        run_id = next((i for i, (c, _) in self._running.items() if c.node == node), None)
+        run_id = self._run_on.get(node)
         if run_id is None:
             return
         text = "\n".join(
@@ -342,11 +343,14 @@ class Lifecycle(UpdateSteps):
         task = asyncio.create_task(execute(flow, ctx), name=f"run-{run_id}-{node}")
         self._tasks[run_id] = task
         self._running[run_id] = (ctx, flow)
+        self._run_on[node] = run_id
         task.add_done_callback(lambda t: self._done(run_id, t))
 
     def _done(self, run_id: int, task: asyncio.Task[str]) -> None:
         self._tasks.pop(run_id, None)
-        self._running.pop(run_id, None)
+        done = self._running.pop(run_id, None)
+        if done is not None and self._run_on.get(done[0].node) == run_id:
+            del self._run_on[done[0].node]
         self.drop_look(run_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("run #%d crashed", run_id, exc_info=task.exception())
