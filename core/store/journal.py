@@ -29,9 +29,10 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Table, Update, bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.store import tables as t
@@ -173,6 +174,7 @@ _RUN_STEPS_END = (
     .where(t.run_steps.c.run_id == bindparam("b_run"), t.run_steps.c.status == "running")
     .values(status=bindparam("b_status"), finished_at=bindparam("b_at"))
 )
+_NODES_NAMED = select(t.nodes).where(t.nodes.c.name.in_(bindparam("names", expanding=True)))
 _NODE_FREE = (
     update(t.nodes).where(t.nodes.c.active_run_id == bindparam("b_run")).values(active_run_id=None)
 )
@@ -231,12 +233,20 @@ async def write_run_finishes(conn: AsyncConnection, finishes: Sequence[RunFinish
 async def write_run_changes(conn: AsyncConnection, changes: Sequence[RunChange]) -> None:
     """The run changes in one transaction: one UPDATE per set of columns."""
     for key, params in _grouped((x.run_id, x.values) for x in changes):
-        statement = (
-            update(t.runs)
-            .where(t.runs.c.id == bindparam("b_key"))
-            .values(**{k: bindparam(f"v_{k}") for k in key})
-        )
-        await conn.execute(statement, params)
+        await conn.execute(_change_of(t.runs, key), params)
+
+
+@cache
+def _change_of(table: Table, columns: tuple[str, ...]) -> Update:
+    """An executemany UPDATE of ``columns`` of the runs (by id) or nodes (by name, their
+    version counted up), built once per set of columns."""
+    changed: dict[str, Any] = {k: bindparam(f"v_{k}") for k in columns}
+    if table is t.nodes:
+        query = update(t.nodes).where(t.nodes.c.name == bindparam("b_key"))
+        changed["version"] = t.nodes.c.version + 1
+    else:
+        query = update(t.runs).where(t.runs.c.id == bindparam("b_key"))
+    return query.values(**changed)
 
 
 def _grouped(
@@ -264,8 +274,8 @@ async def write_node_changes(conn: AsyncConnection, changes: Sequence[NodeChange
     derived = sorted({x.name for x in changes if x.derive is not None})
     rows: dict[str, NodeRecord] = {}
     if derived:
-        query = select(t.nodes).where(t.nodes.c.name.in_(derived))
-        rows = {row.name: node_record(row) for row in await conn.execute(query)}
+        found = await conn.execute(_NODES_NAMED, {"names": derived})
+        rows = {row.name: node_record(row) for row in found}
     resolved: list[tuple[str, Mapping[str, Any]]] = []
     for change in changes:
         values = dict(change.values)
@@ -277,12 +287,7 @@ async def write_node_changes(conn: AsyncConnection, changes: Sequence[NodeChange
             rows[change.name] = replace(row, **values)
         resolved.append((change.name, values))
     for key, params in _grouped(resolved):
-        statement = (
-            update(t.nodes)
-            .where(t.nodes.c.name == bindparam("b_key"))
-            .values(version=t.nodes.c.version + 1, **{k: bindparam(f"v_{k}") for k in key})
-        )
-        await conn.execute(statement, params)
+        await conn.execute(_change_of(t.nodes, key), params)
 
 
 async def write_entries(conn: AsyncConnection, entries: Sequence[Entry]) -> None:
