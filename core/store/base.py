@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from core.errors import StoreError
@@ -67,6 +68,33 @@ def _migrate(connection: Connection) -> None:
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
+
+
+IDLE_PING = 1.0
+"""Seconds a PostgreSQL connection may have waited in the pool before it is asked whether
+it still works when taken out again (a restarted server or an idle timeout drops
+connections that wait; a broken one is replaced before anybody uses it). One returned
+less than that ago is not asked: under load that was a round trip per transaction."""
+
+
+def _ping_when_idle(idle_ping: float) -> tuple[Any, Any]:
+    """Pool listeners (checkin, checkout) that ping a connection taken out after more
+    than ``idle_ping`` seconds in the pool."""
+
+    def checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info["returned_at"] = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned = record.info.get("returned_at")
+        if returned is None or time.monotonic() - returned < idle_ping:
+            return  # just connected, or used a moment ago
+        try:
+            dbapi_connection.ping()
+        except Exception as exc:  # the pool replaces it and takes another
+            raise DisconnectionError(f"connection lost while idle: {exc}") from exc
+
+    return checkin, checkout
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -117,9 +145,12 @@ def audit_values(
 class StoreBase:
     """The engine and its transactions; every aggregate's methods run over these."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, *, connect_timeout: float = 10.0, idle_ping: float = IDLE_PING
+    ) -> None:
         self.url = url
         self._connect_timeout = connect_timeout
+        self._idle_ping = idle_ping
         self._engine: AsyncEngine | None = None
 
     @property
@@ -169,14 +200,20 @@ class StoreBase:
             kwargs["max_overflow"] = 0
             kwargs["pool_timeout"] = 120
         else:
-            kwargs["pool_pre_ping"] = True
             # thousands of runs at one update time queue for the pool's connections: a
             # statement waits its turn rather than failing its run after the default 30 s
             kwargs["pool_timeout"] = 120
-            kwargs["connect_args"] = {"timeout": self._connect_timeout}
+            kwargs["connect_args"] = {
+                "timeout": self._connect_timeout,
+                "server_settings": {"application_name": "tgops"},
+            }
         engine = create_async_engine(one_trip(url), **kwargs)
         if url.get_backend_name() == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            checkin, checkout = _ping_when_idle(self._idle_ping)
+            event.listen(engine.sync_engine.pool, "checkin", checkin)
+            event.listen(engine.sync_engine.pool, "checkout", checkout)
         try:
             async with asyncio.timeout(self._connect_timeout + 20):
                 async with engine.begin() as conn:
