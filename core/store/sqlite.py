@@ -112,8 +112,14 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
         return self._queued
 
     def _idle(self) -> bool:
-        """No transaction open and nothing of this connection still queued."""
-        return self._queued == self._finished and not self._connection._conn.in_transaction
+        """No transaction open and nothing of this connection still queued (a closed
+        connection is not idle: the trip reports it as SQLAlchemy expects)."""
+        if self._queued != self._finished:
+            return False
+        try:
+            return not self._connection._conn.in_transaction
+        except ValueError:  # aiosqlite: "no active connection"
+            return False
 
     def cursor(self, server_side: bool = False) -> AsyncAdapt_aiosqlite_cursor:
         if server_side:
