@@ -83,20 +83,27 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
   claim could take more than its limit (the choice ran again per row of the UPDATE); it
   now locks its choice first, then takes it.
 - after, same runner, 3,000 mails: 0.87-0.90 ms CPU per mail (1 and 2 connections), the
-  bare loop 0.50 ms in the same minutes. The full run above (other benchmarks ran
+  bare loop 0.50 ms in the same minutes. That pass's full run (other benchmarks ran
   meanwhile, load average up to 2.7 on the 2 vCPUs): the outbox 0.98 ms with 1 and 0.94 ms
   with 2 connections, the bare loop 0.57 and 0.47 ms (0.33 ms in the 00:20 UTC table of
   a quieter machine: under load every process needs more CPU per mail); ratios 0.78 x and
   0.77 x against 0.64 x and 0.48 x before, with single runs between 0.6 x and 1.3 x.
   Targets not met.
+- fifth pass of issue 15 (2026-12-05, a slower runner: the bare loop needs 0.63 ms of CPU
+  per mail): each store statement is one trip to the aiosqlite thread (four before:
+  `core/store/sqlite.py`), none for the end of a read, and the hot statements are built
+  once. 3,000 mails, the code before and after on the same runner in the same minutes:
+  1.28 -> 1.11 ms CPU per mail with 1 connection, 1.25 -> 1.02 ms with 2; ratios 0.72 ->
+  0.84 x and 0.65 -> 0.71 x. The full run above (10,000 mails): 0.73 x and 0.71 x, the
+  outbox 1.21 and 0.98 ms per mail. Targets not met.
 - what still limits the ratios: about half of the outbox's CPU is the SMTP client, as in
   the bare loop (address parsing per MAIL and RCPT, aiosmtplib's line-ending and
   dot-stuffing regexes over every message, one send per command); the store is about a
   quarter: one durable row, claim, marker, outcome and audit record per mail, each
-  recorder write (every ~10 mails) ~1-1.5 ms of event-loop CPU for its ~11 round trips
-  through SQLAlchemy's greenlets to the aiosqlite thread, plus ~60 us per mail on that
-  thread. Fewer round trips would need markers written further ahead (more mails left
-  uncertain after a crash) or a driver path beside SQLAlchemy; neither was done. The
+  recorder write (every ~10 mails) a transaction of several statements through
+  SQLAlchemy (about 0.3-0.6 ms of event-loop CPU each, one trip to the aiosqlite thread
+  each since the fifth pass), plus ~60 us per mail on that thread. Fewer statements would
+  need markers written further ahead (more mails left uncertain after a crash). The
   sink needs ~1.07 ms per mail of the same 2 vCPUs.
 - this machine's vCPUs are shared (other benchmarks ran meanwhile): single runs
   vary widely; the table keeps every run, the ratios use medians; user CPU varies far less
