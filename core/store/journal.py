@@ -233,14 +233,15 @@ async def write_run_finishes(conn: AsyncConnection, finishes: Sequence[RunFinish
 async def write_run_changes(conn: AsyncConnection, changes: Sequence[RunChange]) -> None:
     """The run changes in one transaction: one UPDATE per set of columns."""
     for key, params in _grouped((x.run_id, x.values) for x in changes):
-        await conn.execute(_change_of(t.runs, key), params)
+        await conn.execute(row_change(t.runs, key), params)
 
 
 @cache
-def _change_of(table: Table, columns: tuple[str, ...]) -> Update:
-    """An executemany UPDATE of ``columns`` of the runs (by id) or nodes (by name, their
-    version counted up), built once per set of columns."""
-    changed: dict[str, Any] = {k: bindparam(f"v_{k}") for k in columns}
+def row_change(table: Table, columns: tuple[str, ...]) -> Update:
+    """The UPDATE of ``columns`` (parameters ``v_<column>``) of the run (by id) or node (by
+    name, its version counted up) whose key is the parameter ``b_key``; built once per set
+    of columns (the journal's executemany and ``NodesStore.update_node`` use it)."""
+    changed: dict[str, Any] = {k: bindparam(f"v_{k}", type_=table.c[k].type) for k in columns}
     if table is t.nodes:
         query = update(t.nodes).where(t.nodes.c.name == bindparam("b_key"))
         changed["version"] = t.nodes.c.version + 1
@@ -287,7 +288,7 @@ async def write_node_changes(conn: AsyncConnection, changes: Sequence[NodeChange
             rows[change.name] = replace(row, **values)
         resolved.append((change.name, values))
     for key, params in _grouped(resolved):
-        await conn.execute(_change_of(t.nodes, key), params)
+        await conn.execute(row_change(t.nodes, key), params)
 
 
 async def write_entries(conn: AsyncConnection, entries: Sequence[Entry]) -> None:

@@ -26,13 +26,6 @@ _END_OPEN = (
     )
     .returning(*_m.c)
 )
-_REPLACE = (
-    update(_m)
-    .where(_m.c.node == bindparam("b_node"), _m.c.ended_at.is_(None))
-    .values(
-        ended_at=bindparam("b_at", type_=_AT), ended_by=bindparam("b_by"), end_reason="replaced"
-    )
-)
 _STARTED = (
     update(_m)
     .where(_m.c.id == bindparam("b_id"), _m.c.started_at.is_(None), _m.c.ended_at.is_(None))
@@ -56,7 +49,9 @@ class MaintenanceStore(StoreBase):
         """Schedule maintenance for a node, replacing an open one (which is ended)."""
         now = utcnow()
         async with self.transaction() as conn:
-            await conn.execute(_REPLACE, {"b_node": node, "b_at": now, "b_by": created_by})
+            await conn.execute(
+                _END_OPEN, {"b_node": node, "b_at": now, "b_by": created_by, "b_reason": "replaced"}
+            )
             new_id = (
                 await conn.execute(
                     insert(_m).returning(_m.c.id),

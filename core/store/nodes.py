@@ -11,6 +11,7 @@ from sqlalchemy import Update, bindparam, insert, select, update
 from core.errors import StoreError
 from core.store import tables as t
 from core.store.base import StoreBase, record_of
+from core.store.journal import row_change
 from core.store.records import NodeRecord
 
 _NODE = select(t.nodes).where(t.nodes.c.name == bindparam("name"))
@@ -22,11 +23,10 @@ _NODES_NAMED = _NODES.where(t.nodes.c.name.in_(bindparam("names", expanding=True
 def _change(columns: tuple[str, ...], expect_version: bool) -> Update:
     """A node's row changed in ``columns`` (and its version counted up), returning it; built
     once per set of columns."""
-    query = update(t.nodes).where(t.nodes.c.name == bindparam("b_name"))
+    query = row_change(t.nodes, columns)
     if expect_version:
         query = query.where(t.nodes.c.version == bindparam("b_version"))
-    changed = {name: bindparam(f"v_{name}", type_=t.nodes.c[name].type) for name in columns}
-    return query.values(version=t.nodes.c.version + 1, **changed).returning(t.nodes)
+    return query.returning(t.nodes)
 
 
 class NodesStore(StoreBase):
@@ -82,7 +82,7 @@ class NodesStore(StoreBase):
         changed the row since that version was read; otherwise the row is left as it is."""
         query = _change(tuple(sorted(values)), expect_version is not None)
         params = {f"v_{key}": value for key, value in values.items()}
-        params["b_name"] = name
+        params["b_key"] = name
         if expect_version is not None:
             params["b_version"] = expect_version
         async with self.transaction() as conn:

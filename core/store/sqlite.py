@@ -64,10 +64,7 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
 
     def execute(self, operation: Any, parameters: Any = None) -> Any:
         adapted = cast(_Connection, self._adapt_connection)
-        try:
-            description, rows, rowcount, lastrowid = adapted.trip(_execute, operation, parameters)
-        except Exception as error:
-            adapted._handle_exception(error)
+        description, rows, rowcount, lastrowid = adapted.trip(_execute, operation, parameters)
         self.description = description
         self.rowcount, self.lastrowid = rowcount, lastrowid
         self._rows.clear()
@@ -75,12 +72,8 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
 
     def executemany(self, operation: Any, seq_of_parameters: Any) -> Any:
         adapted = cast(_Connection, self._adapt_connection)
-        try:
-            rowcount, lastrowid = adapted.trip(_execute_many, operation, seq_of_parameters)
-        except Exception as error:
-            adapted._handle_exception(error)
+        self.rowcount, self.lastrowid = adapted.trip(_execute_many, operation, seq_of_parameters)
         self.description = None
-        self.rowcount, self.lastrowid = rowcount, lastrowid
 
 
 class _Connection(AsyncAdapt_aiosqlite_connection):
@@ -94,8 +87,8 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
         self._finished = 0
 
     def trip(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Run ``function(sqlite3_connection, *args)`` on aiosqlite's thread."""
-        conn = self._connection._conn
+        """Run ``function(sqlite3_connection, *args)`` on aiosqlite's thread; its errors
+        are raised as SQLAlchemy's adapter raises them."""
 
         def call() -> Any:
             try:
@@ -103,8 +96,12 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
             finally:
                 self._finished += 1
 
-        self._queued += 1
-        return self.await_(self._connection._execute(call))
+        try:
+            conn = self._connection._conn
+            self._queued += 1
+            return self.await_(self._connection._execute(call))
+        except Exception as error:
+            self._handle_exception(error)
 
     @property
     def trips(self) -> int:
@@ -127,20 +124,12 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
         return _Cursor(self)
 
     def rollback(self) -> None:
-        if self._idle():
-            return
-        try:
-            self.trip(lambda conn: conn.rollback())
-        except Exception as error:
-            self._handle_exception(error)
+        if not self._idle():
+            self.trip(sqlite3.Connection.rollback)
 
     def commit(self) -> None:
-        if self._idle():
-            return
-        try:
-            self.trip(lambda conn: conn.commit())
-        except Exception as error:
-            self._handle_exception(error)
+        if not self._idle():
+            self.trip(sqlite3.Connection.commit)
 
 
 class _DBAPI(AsyncAdapt_aiosqlite_dbapi):
