@@ -245,7 +245,7 @@ class EmailChannel:
             lost = SmtpConnectionLostError(s.host, s.port, _cause(exc))
             return Outcome(item=item, error=lost), False
         finally:
-            _drop(marked)
+            await _drop(marked)
         return Outcome(item=item), True
 
     async def _reset(self, client: aiosmtplib.SMTP) -> None:
@@ -270,11 +270,14 @@ class EmailChannel:
             raise
 
 
-def _drop(task: asyncio.Future[None]) -> None:
-    """Cancel a marker request no longer waited for (its failure is not news then)."""
+async def _drop(task: asyncio.Future[None]) -> None:
+    """Stop a marker request no longer waited for and wait until it has ended (its
+    statement is not left running on the store when the store closes); its failure is not
+    news then."""
     if not task.done():
         task.cancel()
-    elif not task.cancelled():
+        await asyncio.wait([task])
+    if not task.cancelled():
         task.exception()
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiosqlite
 import pytest
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -97,7 +99,7 @@ async def test_a_failed_statement_rolls_its_transaction_back(store: Store) -> No
 
 async def test_a_cancelled_write_is_rolled_back_once_it_ran(store: Store, tmp_path: Path) -> None:
     # another connection holds SQLite's write lock: the store's statement waits on the thread
-    other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    other = sqlite3.connect(tmp_path / "state.db", isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
 
     async def write() -> None:
@@ -107,11 +109,14 @@ async def test_a_cancelled_write_is_rolled_back_once_it_ran(store: Store, tmp_pa
     task = asyncio.create_task(write())
     await asyncio.sleep(0.3)
     assert not task.done()
+    # the lock is let go after the cancel: the waiting statement runs, then the rollback
+    # SQLAlchemy queued behind it (the cancelled task waits for both)
+    released = threading.Timer(0.3, lambda: (other.execute("ROLLBACK"), other.close()))
+    released.start()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    other.execute("ROLLBACK")  # the waiting statement now runs, then the rollback behind it
-    other.close()
+    released.join()
     async with asyncio.timeout(10):
         await store.update_node("n2", sessions=4)
     one, two = await store.node("n1"), await store.node("n2")
@@ -123,3 +128,48 @@ async def test_a_cancelled_write_is_rolled_back_once_it_ran(store: Store, tmp_pa
         probe.execute("ROLLBACK")
     finally:
         probe.close()
+
+
+async def test_closing_waits_for_what_a_stopped_task_left_running(tmp_path: Path) -> None:
+    """A task stopped twice while its statement waits for SQLite's lock (the second time
+    while SQLAlchemy closes the connection behind that statement) ends at once; the
+    statement and the close still run on aiosqlite's thread afterwards. Closing the store
+    waits for them: after it no thread of the store is left to hand a result to the event
+    loop (a thread that finds the loop closed dies with an error)."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/state.db"
+    other = sqlite3.connect(tmp_path / "state.db", isolation_level=None, check_same_thread=False)
+    released = threading.Timer(0.5, lambda: (other.execute("ROLLBACK"), other.close()))
+    before = set(threading.enumerate())
+    try:
+        async with Store(url) as store:
+            await store.sync_nodes([("n1", "c1", "sandbox")])
+            other.execute("BEGIN IMMEDIATE")  # the store's write waits for SQLite's lock
+
+            async def write() -> None:
+                async with store.transaction() as conn:
+                    await conn.execute(
+                        update(t.nodes).where(t.nodes.c.name == "n1").values(sessions=9)
+                    )
+
+            task = asyncio.create_task(write())
+            await asyncio.sleep(0.3)
+            task.cancel()
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            threads = [
+                thread
+                for thread in threading.enumerate()
+                if isinstance(thread, aiosqlite.Connection) and thread not in before
+            ]
+            assert any(thread.is_alive() for thread in threads)  # the statement still waits
+            released.start()
+        assert not any(thread.is_alive() for thread in threads)
+    finally:
+        released.cancel()
+        if released.ident is not None:
+            released.join()
+    async with Store(url) as store:
+        record = await store.node("n1")
+        assert record is not None and record.sessions == 0

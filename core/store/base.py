@@ -28,7 +28,7 @@ from core.printable import printable
 from core.private import create_private, make_private
 from core.store.journal import Entry, StepJournal
 from core.store.records import NodeRecord, node_record
-from core.store.sqlite import one_trip
+from core.store.sqlite import one_trip, settle
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,18 @@ def _ping_when_idle(idle_ping: float) -> tuple[Any, Any]:
             raise DisconnectionError(f"connection lost while idle: {exc}") from exc
 
     return checkin, checkout
+
+
+SETTLE = 15.0
+"""Seconds a closing store waits at most for SQLite statements a stopped task left running
+(longer than SQLite's busy timeout, 10 s, that such a statement can wait for a lock)."""
+
+
+async def _close(engine: AsyncEngine) -> None:
+    """Close the engine's pooled connections, then those a stopped task left open
+    (``core.store.sqlite.settle``)."""
+    await engine.dispose()
+    await settle(engine, SETTLE)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -222,7 +234,7 @@ class StoreBase:
                         await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(74470501)")
                     await conn.run_sync(_migrate)
         except (OSError, SQLAlchemyError, TimeoutError) as exc:
-            await engine.dispose()
+            await _close(engine)
             cause = str(getattr(exc, "orig", None) or exc).splitlines()[0] or type(exc).__name__
             raise StoreUnavailableError(self.display_url(), cause) from exc
         self._engine = engine
@@ -241,7 +253,7 @@ class StoreBase:
                         await asyncio.shield(self._journal.flush())
                 except Exception as problem:  # closing goes on
                     log.warning("run journal: not flushed before closing the store: %s", problem)
-            await asyncio.shield(self._engine.dispose())
+            await asyncio.shield(_close(self._engine))
             self._engine = None
 
     @asynccontextmanager

@@ -10,14 +10,20 @@ transaction open and nothing of this connection is still queued on its thread (n
 statement, so nothing to end).
 
 The store uses it for every ``sqlite+aiosqlite://`` URL; the URL users write is unchanged.
+When the store closes, ``settle`` closes what a stopped task left open on those threads and
+waits for them to end: none hands a result to an event loop after the store has closed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+import aiosqlite
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_connection,
@@ -26,6 +32,9 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     SQLiteDialect_aiosqlite,
 )
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+log = logging.getLogger(__name__)
 
 DRIVER = "tgops_aiosqlite"
 """The driver name of this dialect in an SQLAlchemy URL (``sqlite+tgops_aiosqlite``)."""
@@ -133,11 +142,47 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
 
 
 class _DBAPI(AsyncAdapt_aiosqlite_dbapi):
+    def __init__(self, module: Any, sqlite: Any) -> None:
+        super().__init__(module, sqlite)
+        self.threads: weakref.WeakSet[aiosqlite.Connection] = weakref.WeakSet()
+        """aiosqlite's connections (each a thread) made for this engine."""
+
     def connect(self, *arg: Any, **kw: Any) -> AsyncAdapt_aiosqlite_connection:
         adapted = super().connect(*arg, **kw)
         if type(adapted) is not AsyncAdapt_aiosqlite_connection:
             return adapted  # the synchronous fallback keeps SQLAlchemy's own adapter
+        self.threads.add(cast(aiosqlite.Connection, adapted._connection))
         return _Connection(self, adapted._connection)
+
+
+async def settle(engine: AsyncEngine, within: float) -> None:
+    """Once ``engine``'s pool is disposed: close the connections it made that are still
+    open (a task stopped while its statement ran can leave one open, its statement and the
+    close SQLAlchemy queued after it still to run on the thread) and wait, ``within``
+    seconds at most, until their threads have ended. Until they end they hand results to
+    this event loop, which must still be running then (a thread that finds it closed dies
+    with an error)."""
+    dbapi = engine.sync_engine.dialect.loaded_dbapi
+    if not isinstance(dbapi, _DBAPI):
+        return
+    threads = [thread for thread in dbapi.threads if thread.is_alive()]
+    try:
+        async with asyncio.timeout(within):
+            for thread in threads:
+                if thread._running and thread._connection is not None:
+                    try:  # queued after whatever is still to run on the thread
+                        await thread.close()
+                    except (sqlite3.Error, ValueError) as problem:
+                        log.debug("closing a store connection: %s", problem)
+            for _ in range(int(within / 0.005) + 1):
+                if not any(thread.is_alive() for thread in threads):
+                    break
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        pass
+    left = sum(thread.is_alive() for thread in threads)
+    if left:
+        log.warning("store: %d SQLite connection(s) still busy %.0f s after closing", left, within)
 
 
 class OneTripDialect(SQLiteDialect_aiosqlite):
@@ -147,7 +192,7 @@ class OneTripDialect(SQLiteDialect_aiosqlite):
 
     @classmethod
     def import_dbapi(cls) -> AsyncAdapt_aiosqlite_dbapi:
-        return _DBAPI(__import__("aiosqlite"), __import__("sqlite3"))
+        return _DBAPI(aiosqlite, sqlite3)
 
 
 registry.register(f"sqlite.{DRIVER}", __name__, "OneTripDialect")
