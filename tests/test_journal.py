@@ -9,9 +9,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, select
 
 from core.store import NewRun, NodeChange, RunChange, RunEnd, Store
+from core.store import tables as t
 from core.store.journal import LAZY_FLUSH
 from tests.databases import POSTGRES_URL, backends, reset_postgres
 
@@ -76,6 +77,97 @@ async def test_transitions_of_runs_in_flight_share_a_transaction(store: Store) -
         run = await store.run(run_id)
         assert run is not None and run.step == "slot" and run.status == "running"
         assert run.started_at == steps[0].started_at
+
+
+class Statements:
+    """Counts the statements the store sends, by their first word and table."""
+
+    def __init__(self, store: Store) -> None:
+        self.seen: list[str] = []
+        self._engine = store.engine.sync_engine
+        event.listen(self._engine, "before_cursor_execute", self._statement)
+
+    def _statement(self, _conn: object, _cursor: object, statement: str, *_: object) -> None:
+        words = statement.split()
+        table = next(
+            (words[i + 1] for i, w in enumerate(words[:-1]) if w in {"FROM", "INTO", "UPDATE"}),
+            "-",
+        )
+        self.seen.append(f"{words[0]} {table.strip(chr(34))}")
+
+    def close(self) -> None:
+        event.remove(self._engine, "before_cursor_execute", self._statement)
+
+
+async def test_a_transition_is_one_statement_and_the_run_end_writes_the_steps(
+    store: Store,
+) -> None:
+    [run_id, *_] = await _runs(store)
+    await store.begin_step(run_id, "download")  # the first one also marks the run running
+    statements = Statements(store)
+    try:
+        await store.begin_step(run_id, "slot", after="download")
+        await store.begin_step(run_id, "drain", after="slot")
+    finally:
+        statements.close()
+    # one INSERT of the step that begins; neither the step it ends nor the run is updated
+    assert statements.seen == ["INSERT run_steps", "INSERT run_steps"]
+    steps = await store.steps(run_id)
+    assert [(s.name, s.status) for s in steps] == [
+        ("download", "done"),
+        ("slot", "done"),
+        ("drain", "running"),
+    ]
+    assert steps[0].finished_at == steps[1].started_at
+    assert steps[1].finished_at == steps[2].started_at
+    run = await store.run(run_id)
+    assert run is not None and run.step == "drain" and run.status == "running"
+    await store.finish_run(
+        run_id, status="failed", error="drain: refused", end=RunEnd(kind="auto-update", node="n01")
+    )
+    # as stored, not only as read: the steps the run went past are done when the next one
+    # began, the one it ended in ends with it
+    async with store.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(t.run_steps.c.name, t.run_steps.c.status, t.run_steps.c.finished_at)
+                .where(t.run_steps.c.run_id == run_id)
+                .order_by(t.run_steps.c.id)
+            )
+        ).all()
+        step = await conn.scalar(select(t.runs.c.step).where(t.runs.c.id == run_id))
+    assert [(r.name, r.status) for r in rows] == [
+        ("download", "done"),
+        ("slot", "done"),
+        ("drain", "failed"),
+    ]
+    assert [r.finished_at for r in rows[:2]] == [steps[1].started_at, steps[2].started_at]
+    assert rows[2].finished_at is not None and rows[2].finished_at >= steps[2].started_at
+    assert step == "drain"
+
+
+async def test_a_step_begun_again_after_a_restart_is_not_done(store: Store) -> None:
+    [run_id, *_] = await _runs(store)
+    await store.begin_step(run_id, "download")
+    await store.begin_step(run_id, "drain", after="download")
+    # a restart: the run resumes at the step it was in (a new row of the same name)
+    async with Store(store.url) as again:
+        await again.begin_step(run_id, "drain")
+        steps = await again.steps(run_id)
+    assert [(s.name, s.status) for s in steps] == [
+        ("download", "done"),
+        ("drain", "running"),
+        ("drain", "running"),
+    ]
+    await store.begin_step(run_id, "notice", after="drain")
+    steps = await store.steps(run_id)
+    assert [(s.name, s.status) for s in steps] == [
+        ("download", "done"),
+        ("drain", "done"),
+        ("drain", "done"),
+        ("notice", "running"),
+    ]
+    assert steps[1].finished_at == steps[2].finished_at == steps[3].started_at
 
 
 async def test_a_transition_whose_caller_stopped_before_it_was_written_is_not_written(

@@ -36,6 +36,12 @@ async def _trips(conn: AsyncConnection) -> int:
     return int(raw.dbapi_connection.trips)  # type: ignore[union-attr]
 
 
+def _release(holder: sqlite3.Connection) -> None:
+    """Let go of SQLite's write lock (from a timer's thread)."""
+    holder.execute("ROLLBACK")
+    holder.close()
+
+
 async def test_the_store_uses_the_adapter(store: Store) -> None:
     assert isinstance(store.engine.dialect, OneTripDialect)
     assert store.display_url().startswith("sqlite+aiosqlite:///")
@@ -111,7 +117,7 @@ async def test_a_cancelled_write_is_rolled_back_once_it_ran(store: Store, tmp_pa
     assert not task.done()
     # the lock is let go after the cancel: the waiting statement runs, then the rollback
     # SQLAlchemy queued behind it (the cancelled task waits for both)
-    released = threading.Timer(0.3, lambda: (other.execute("ROLLBACK"), other.close()))
+    released = threading.Timer(0.3, lambda: _release(other))
     released.start()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -138,7 +144,7 @@ async def test_closing_waits_for_what_a_stopped_task_left_running(tmp_path: Path
     loop (a thread that finds the loop closed dies with an error)."""
     url = f"sqlite+aiosqlite:///{tmp_path}/state.db"
     other = sqlite3.connect(tmp_path / "state.db", isolation_level=None, check_same_thread=False)
-    released = threading.Timer(0.5, lambda: (other.execute("ROLLBACK"), other.close()))
+    released = threading.Timer(0.5, lambda: _release(other))
     before = set(threading.enumerate())
     try:
         async with Store(url) as store:

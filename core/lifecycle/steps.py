@@ -568,7 +568,9 @@ class UpdateSteps:
     async def step_disconnect(self, ctx: RunContext) -> None:
         ended = await self._driver(ctx).disconnect_sessions()
         await self._changed(ctx, f"sessions ended ({ended})", {"sessions": 0})
-        await self.store.step_detail(ctx.run_id, "disconnect", f"{ended} sessions ended")
+        await self.store.step_detail(
+            ctx.run_id, "disconnect", f"{ended} sessions ended", wait=not ctx.lazy
+        )
         await self._published(ctx, f"sessions ended ({ended})")
 
     async def step_install(self, ctx: RunContext) -> None:

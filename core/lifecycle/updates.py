@@ -306,12 +306,15 @@ class Lifecycle(UpdateSteps):
         detail = "\n".join([f"$ {output.command}  (exit {output.exit_status})", *more, *shown])[
             :OUTPUT_CHARS
         ]
+        # not waited for: written with the run's next record that is (its next step, its
+        # end), or within the journal's LAZY_FLUSH (0.1 s) when none comes sooner
         await self.engine.record(
             Actor(name="tgops", source="driver"),
             f"command {output.operation}",
             target=node,
             run_id=run_id,
             detail=detail,
+            wait=False,
         )
 
     def spawn(

@@ -6,37 +6,43 @@ running), the changes its steps made to its node, and audit records of what they
 Instead of one transaction each, what arrives while a transaction is being written waits
 for the next one (which starts ``GATHER`` seconds after the last one ended at the
 earliest, so that under load each gathers a few milliseconds' worth), and each
-transaction writes all that is waiting with one statement per kind (ends, starts, the
-runs' current steps, node changes with the same columns, audit records). A caller
+transaction writes all that is waiting with one statement per kind (steps that start,
+runs that start, node changes with the same columns, step details, audit records). A caller
 returns only once its own records are committed: a step starts after its record is
 durable, as with a transaction of its own (L15), but the store commits once per batch
 instead of once per record. The records one caller hands over together are committed in
 the same transaction.
+
+A transition is one statement: the row of the step that starts. The step before it is
+not updated; it is done once a later step of its run has begun (``done_steps`` reads it
+so, and the run's end writes it so); the run's status is set to running by its first
+transition only (the journal remembers which runs it has marked, until they end).
 
 A caller may also hand records over without waiting (``wait=False``): they are written
 with the next transaction anyone waits for, or after ``LAZY_FLUSH`` seconds at the
 latest, always in the order they were handed over (a record waited for is committed only
 after every record handed over before it). Runs do this only for steps that a restart
 simply carries out again (``Flow.lazy``): a crash may lose those records, and the
-step they belong to runs again after the restart.
+step they belong to runs again after the restart. The output of a driver's commands goes
+this way too: a crash can lose the last 0.1 s of it, never a step's record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence, Set
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Table, Update, bindparam, func, insert, select, update
+from sqlalchemy import Table, Update, bindparam, case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.store import tables as t
-from core.store.records import NodeRecord, node_record
+from core.store.records import NodeRecord, StepRecord, node_record
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +72,7 @@ class Transition:
     at: datetime
 
 
-_END = (
-    update(t.run_steps)
-    .where(
-        t.run_steps.c.run_id == bindparam("b_run"),
-        t.run_steps.c.name == bindparam("b_after"),
-        t.run_steps.c.status == "running",
-    )
-    .values(status="done", finished_at=bindparam("b_at"))
-)
-_CURRENT = (
+_RUNNING = (
     update(t.runs)
     .where(t.runs.c.id == bindparam("b_run"))
     .values(
@@ -164,15 +161,52 @@ _STEP_DETAIL = (
     )
     .values(detail=bindparam("b_detail"))
 )
+_LATER = t.run_steps.alias("later")
+
+
+def latest_step() -> Any:
+    """The name of the latest step of the run of the enclosing query on ``runs``."""
+    return (
+        select(_LATER.c.name)
+        .where(_LATER.c.run_id == t.runs.c.id)
+        .order_by(_LATER.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def _next_begun() -> Any:
+    """When the first later step of another name of the same run began (``None``: none)."""
+    return (
+        select(func.min(_LATER.c.started_at))
+        .where(
+            _LATER.c.run_id == t.run_steps.c.run_id,
+            _LATER.c.id > t.run_steps.c.id,
+            _LATER.c.name != t.run_steps.c.name,
+        )
+        .scalar_subquery()
+    )
+
+
 _RUN_END = (
     update(t.runs)
     .where(t.runs.c.id == bindparam("b_run"))
-    .values(status=bindparam("b_status"), error=bindparam("b_error"), finished_at=bindparam("b_at"))
+    .values(
+        status=bindparam("b_status"),
+        error=bindparam("b_error"),
+        finished_at=bindparam("b_at"),
+        step=func.coalesce(latest_step(), t.runs.c.step),
+    )
 )
 _RUN_STEPS_END = (
     update(t.run_steps)
     .where(t.run_steps.c.run_id == bindparam("b_run"), t.run_steps.c.status == "running")
-    .values(status=bindparam("b_status"), finished_at=bindparam("b_at"))
+    .values(
+        # a step followed by another was done when that one began; the last one ends
+        # with the run
+        status=case((_next_begun().is_(None), bindparam("b_status")), else_="done"),
+        finished_at=func.coalesce(_next_begun(), bindparam("b_at")),
+    )
 )
 _NODES_NAMED = select(t.nodes).where(t.nodes.c.name.in_(bindparam("names", expanding=True)))
 _NODE_FREE = (
@@ -291,11 +325,14 @@ async def write_node_changes(conn: AsyncConnection, changes: Sequence[NodeChange
         await conn.execute(row_change(t.nodes, key), params)
 
 
-async def write_entries(conn: AsyncConnection, entries: Sequence[Entry]) -> None:
-    """The entries in one transaction: one statement per kind for all of them."""
+async def write_entries(
+    conn: AsyncConnection, entries: Sequence[Entry], marked: Set[int] = frozenset()
+) -> None:
+    """The entries in one transaction: one statement per kind for all of them (``marked``:
+    runs already marked running, ``write_transitions``)."""
     transitions = [x for x in entries if isinstance(x, Transition)]
     if transitions:
-        await write_transitions(conn, transitions)
+        await write_transitions(conn, transitions, marked)
     changes = [x for x in entries if isinstance(x, NodeChange)]
     if changes:
         await write_node_changes(conn, changes)
@@ -314,22 +351,20 @@ async def write_entries(conn: AsyncConnection, entries: Sequence[Entry]) -> None
         await conn.execute(insert(t.audit), audits)
 
 
-async def write_transitions(conn: AsyncConnection, transitions: Sequence[Transition]) -> None:
-    """The transitions in one transaction: three statements for all of them. A step that
-    begins and ends within the same batch (a run's records handed over without waiting)
-    is inserted as done."""
+async def write_transitions(
+    conn: AsyncConnection, transitions: Sequence[Transition], marked: Set[int] = frozenset()
+) -> None:
+    """The transitions in one transaction: one INSERT of the steps that begin, and one
+    UPDATE for the runs not in ``marked`` (runs already marked running). The step a
+    transition ends is not written: a step followed by another of its run is done
+    (``done_steps``). A step that begins and ends within the same batch (a run's records
+    handed over without waiting) is inserted as done."""
     begun: set[tuple[int, str]] = set()
     ended_at: dict[tuple[int, str], datetime] = {}
-    ends = []
     for x in transitions:
-        if x.after is not None:
-            if (x.run_id, x.after) in begun:
-                ended_at[(x.run_id, x.after)] = x.at
-            else:
-                ends.append({"b_run": x.run_id, "b_after": x.after, "b_at": x.at})
+        if x.after is not None and (x.run_id, x.after) in begun:
+            ended_at[(x.run_id, x.after)] = x.at
         begun.add((x.run_id, x.name))
-    if ends:
-        await conn.execute(_END, ends)
     await conn.execute(
         insert(t.run_steps),
         [
@@ -344,9 +379,30 @@ async def write_transitions(conn: AsyncConnection, transitions: Sequence[Transit
             for x in transitions
         ],
     )
-    await conn.execute(
-        _CURRENT, [{"b_run": x.run_id, "b_name": x.name, "b_at": x.at} for x in transitions]
-    )
+    first: dict[int, Transition] = {}
+    for x in transitions:
+        if x.run_id not in marked:
+            first.setdefault(x.run_id, x)
+    if first:
+        await conn.execute(
+            _RUNNING,
+            [{"b_run": x.run_id, "b_name": x.name, "b_at": x.at} for x in first.values()],
+        )
+
+
+def done_steps(steps: Sequence[StepRecord]) -> list[StepRecord]:
+    """Steps (in the order they began) as they are: one still recorded as running is done,
+    since the first later step of another name began, when there is one (a transition
+    does not write the step it ends). A step begun again after a restart (the same name)
+    does not end the earlier row."""
+    result = list(steps)
+    for index, step in enumerate(result):
+        if step.status != "running":
+            continue
+        after = next((x for x in result[index + 1 :] if x.name != step.name), None)
+        if after is not None:
+            result[index] = replace(step, status="done", finished_at=after.started_at)
+    return result
 
 
 class StepJournal:
@@ -363,6 +419,8 @@ class StepJournal:
         """Transactions written so far (for the benchmarks and tests)."""
         self.lost = 0
         """Records handed over without waiting that could not be written (logged)."""
+        self._marked: set[int] = set()
+        """Runs this journal has marked running (committed) that have not ended since."""
 
     async def write(self, *entries: Entry, wait: bool = True) -> None:
         """Return once ``entries`` are committed (all in the same transaction). A caller
@@ -428,10 +486,13 @@ class StepJournal:
     async def _commit(
         self, batch: list[tuple[Sequence[Entry], asyncio.Future[None] | None]]
     ) -> None:
+        entries = [x for group, _ in batch for x in group]
         try:
             async with self._transaction() as conn:
-                await write_entries(conn, [x for group, _ in batch for x in group])
+                await write_entries(conn, entries, self._marked)
             self.commits += 1
+            self._marked.update(x.run_id for x in entries if isinstance(x, Transition))
+            self._marked.difference_update(x.run_id for x in entries if isinstance(x, RunFinish))
         except BaseException as exc:
             if len(batch) > 1 and isinstance(exc, Exception):
                 # one bad entry must not fail the others: each on its own

@@ -17,8 +17,21 @@ from core.store.base import (
     record_of,
     utcnow,
 )
-from core.store.journal import RunChange, RunFinish, StepEnd, Transition
+from core.store.journal import (
+    RunChange,
+    RunFinish,
+    StepEnd,
+    Transition,
+    done_steps,
+    latest_step,
+)
 from core.store.records import NewRun, RunEnd, RunRecord, StepRecord
+
+_RUNS = select(
+    *(c for c in t.runs.c if c.name != "step"),
+    # the run's current step: its latest step row (transitions do not update the run)
+    func.coalesce(latest_step(), t.runs.c.step).label("step"),
+)
 
 
 class RunsStore(StoreBase):
@@ -167,7 +180,7 @@ class RunsStore(StoreBase):
 
     async def run(self, run_id: int) -> RunRecord | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(select(t.runs).where(t.runs.c.id == run_id))).first()
+            row = (await conn.execute(_RUNS.where(t.runs.c.id == run_id))).first()
         return None if row is None else record_of(RunRecord, row)
 
     async def runs_of(self, run_ids: Sequence[int]) -> list[RunRecord]:
@@ -175,10 +188,7 @@ class RunsStore(StoreBase):
         if not run_ids:
             return []
         found = {
-            r.id: r
-            for r in await self._all(
-                select(t.runs).where(t.runs.c.id.in_(list(run_ids))), RunRecord
-            )
+            r.id: r for r in await self._all(_RUNS.where(t.runs.c.id.in_(list(run_ids))), RunRecord)
         }
         return [found[i] for i in run_ids if i in found]
 
@@ -189,7 +199,7 @@ class RunsStore(StoreBase):
         statuses: Sequence[str] | None = None,
         limit: int = 50,
     ) -> list[RunRecord]:
-        query = select(t.runs).order_by(t.runs.c.id.desc()).limit(limit)
+        query = _RUNS.order_by(t.runs.c.id.desc()).limit(limit)
         if node is not None:
             query = query.where(t.runs.c.node == node)
         if statuses is not None:
@@ -256,7 +266,7 @@ class RunsStore(StoreBase):
             .where(t.run_steps.c.run_id == run_id)
             .order_by(t.run_steps.c.id)
         )
-        return await self._all(query, StepRecord)
+        return done_steps(await self._all(query, StepRecord))
 
     async def finish_run(
         self,

@@ -99,6 +99,7 @@ runs = Table(
     Column("target", String(128), nullable=False),
     Column("actor", String(256), nullable=False),
     Column("status", String(16), nullable=False),  # queued running succeeded failed skipped
+    # the step it is at: read from run_steps (its latest row), written here when it ends
     Column("step", String(64), nullable=True),
     Column("progress_done", BigInteger, nullable=False, default=0),
     Column("progress_total", BigInteger, nullable=False, default=0),
