@@ -172,7 +172,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _json_bytes(value: Any) -> bytes:
+def _json_bytes(value: Any, *, one_line: bool = False) -> bytes:
+    """``value`` as JSON: indented for files people edit, on one line for the state the
+    driver writes at every operation (json's C encoder: indenting takes the pure-Python
+    one, about 2 % of the service's CPU in a 1,000-node update)."""
+    if one_line:
+        return (json.dumps(value, sort_keys=True) + "\n").encode()
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -338,7 +343,8 @@ class SandboxDriver:
         return state
 
     def _save_state(self, state: _State, operation: str) -> None:
-        self._write(self.state_file, _json_bytes(state.model_dump(mode="json")), operation)
+        state_json = _json_bytes(state.model_dump(mode="json"), one_line=True)
+        self._write(self.state_file, state_json, operation)
 
     def _sessions(self, operation: str, path: Path | None = None) -> tuple[Session, ...]:
         path = path or self.sessions_file
