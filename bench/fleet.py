@@ -267,7 +267,7 @@ async def measure(work: Path, label: str, database_url: str) -> dict[str, Any]:
         )
         settings = load_settings(config, {})
         started = time.perf_counter()
-        async with Service(settings) as service:
+        async with Service(settings, freeze=True) as service:  # as `tgops serve` runs it
             start_seconds = time.perf_counter() - started
             rss_started = proc_status_kib("VmRSS")
             base = f"http://127.0.0.1:{service.port}"

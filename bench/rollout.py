@@ -183,7 +183,7 @@ async def measure(
         )
         settings = load_settings(config, {})
         started = time.perf_counter()
-        async with Service(settings) as service:
+        async with Service(settings, freeze=True) as service:  # as `tgops serve` runs it
             start_seconds = time.perf_counter() - started
             rss_idle = proc_status_kib("VmRSS")
             drivers = DriverTime(service.engine.drivers)

@@ -338,7 +338,7 @@ async def measure(
     with repo_server(repo.root) as (url, _server):
         settings = load_settings(_config(work, database_url, url, repo.public_key, leads), {})
         started = time.perf_counter()
-        async with Service(settings) as service:
+        async with Service(settings, freeze=True) as service:  # as `tgops serve` runs it
             drivers = DriverTime(service.engine.drivers)
             start_seconds = time.perf_counter() - started
             rss_started = proc_status_kib("VmRSS")

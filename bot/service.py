@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -64,9 +65,17 @@ logged): 10,000 nodes starting at one update time queue up to about 5 each."""
 class Service:
     """``async with Service(settings) as service``: everything `tgops serve` runs."""
 
-    def __init__(self, settings: Settings, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, clock: Clock | None = None, freeze: bool = False
+    ) -> None:
+        """``freeze``: once started, what start-up made (settings, drivers, modules) is
+        left out of the garbage collector's later passes (``gc.freeze``): it lives as long
+        as the service, and with thousands of nodes a full pass over it stalls the event
+        loop. ``tgops serve`` sets it; a process that starts many services (the tests)
+        should not, as frozen objects are never collected."""
         self.settings = settings
         self.clock = clock or SystemClock()
+        self._freeze = freeze
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self._stack = AsyncExitStack()
         self.port: int | None = None
@@ -79,6 +88,9 @@ class Service:
         except BaseException:
             await stack.aclose()
             raise
+        if self._freeze:
+            gc.collect()
+            gc.freeze()
         return self
 
     async def _start(self, stack: AsyncExitStack) -> None:
@@ -334,7 +346,7 @@ async def serve(settings: Settings, *, ready: Path | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     raise_file_limit()
     with quiet_accept_errors():  # also for asyncio's accept retries due after the close
-        async with Service(settings) as service:
+        async with Service(settings, freeze=True) as service:
             if ready is not None:
                 await asyncio.to_thread(ready.write_text, str(service.port))
             await stop.wait()

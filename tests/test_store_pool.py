@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from core.store import Store
@@ -56,3 +57,21 @@ async def test_the_store_names_itself_to_the_server(store: Store) -> None:
     async with store.engine.connect() as conn:
         name = (await conn.exec_driver_sql("SHOW application_name")).scalar_one()
     assert name == "tgops"
+
+
+async def test_reads_open_no_transaction(store: Store) -> None:
+    """A read sends its statements alone: each is its own transaction (no BEGIN before the
+    first, no ROLLBACK when the connection goes back to the pool). Inside a transaction
+    ``now()`` stays the time the transaction began."""
+    since_begin = text("SELECT extract(epoch FROM statement_timestamp() - now())")
+    async with store.reading() as conn:
+        await conn.exec_driver_sql("SELECT 1")
+        await asyncio.sleep(0.1)
+        alone = await conn.scalar(since_begin)
+    assert alone is not None and alone < 0.05
+    async with store.transaction() as conn:  # a transaction, for comparison
+        await conn.exec_driver_sql("SELECT 1")
+        await asyncio.sleep(0.1)
+        inside = await conn.scalar(since_begin)
+    assert inside is not None and inside >= 0.1
+    assert (await store.node("n1")) is not None  # the store's reads go this way

@@ -254,14 +254,31 @@ class StoreBase:
                 except Exception as problem:  # closing goes on
                     log.warning("run journal: not flushed before closing the store: %s", problem)
             await asyncio.shield(_close(self._engine))
-            self._engine = None
+            self._engine = self._reader = None
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.begin() as conn:
             yield conn
 
+    _reader: AsyncEngine | None = None
+
+    def reading(self) -> AsyncConnection:
+        """A connection for reading (``async with store.reading() as conn``). On PostgreSQL
+        it opens no transaction: no BEGIN before the first statement and no ROLLBACK when
+        it goes back to the pool, two round trips of three for a read by key (each
+        statement sees what was committed when it began, as inside a transaction at the
+        default READ COMMITTED). On SQLite a read ends without a trip anyway
+        (``core.store.sqlite``)."""
+        engine = self.engine
+        if self._reader is None:
+            postgres = engine.dialect.name == "postgresql"
+            self._reader = (
+                engine.execution_options(isolation_level="AUTOCOMMIT") if postgres else engine
+            )
+        return self._reader.connect()
+
     async def _all(self, query: Any, cls: type[R], params: dict[str, Any] | None = None) -> list[R]:
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             rows = (await conn.execute(query, params)).all()
         return [record_of(cls, r) for r in rows]

@@ -61,7 +61,7 @@ class HotfixesStore(StoreBase):
         return removed
 
     async def selected_hotfixes(self) -> dict[str, list[str]]:
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     select(t.hotfix_selections).order_by(
@@ -94,7 +94,7 @@ class HotfixesStore(StoreBase):
         """Which of these hotfixes were announced before."""
         if not hotfix_ids:
             return set()
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             rows = await conn.execute(
                 select(t.announced_hotfixes.c.hotfix_id).where(
                     t.announced_hotfixes.c.hotfix_id.in_(list(hotfix_ids))
@@ -106,7 +106,7 @@ class HotfixesStore(StoreBase):
         """When each of these hotfixes was first seen (announced or recorded as known)."""
         if not hotfix_ids:
             return {}
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             rows = await conn.execute(
                 select(t.announced_hotfixes.c.hotfix_id, t.announced_hotfixes.c.announced_at).where(
                     t.announced_hotfixes.c.hotfix_id.in_(list(hotfix_ids))
@@ -135,7 +135,7 @@ class HotfixesStore(StoreBase):
 
     async def escalation(self, hotfix_id: str) -> dict[str, Any] | None:
         """The escalation row of a hotfix as a mapping of its columns, or None."""
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             row = (
                 await conn.execute(
                     select(t.escalations).where(t.escalations.c.hotfix_id == hotfix_id)
@@ -144,7 +144,7 @@ class HotfixesStore(StoreBase):
         return None if row is None else dict(row._mapping)
 
     async def escalations(self, *, statuses: Sequence[str]) -> list[dict[str, Any]]:
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     select(t.escalations)

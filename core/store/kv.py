@@ -18,7 +18,7 @@ class KvStore(StoreBase):
 
     async def kv_get(self, namespace: str, key: str) -> Any:
         """The stored value, or None."""
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             row = (
                 await conn.execute(
                     select(t.kv.c.value).where(t.kv.c.namespace == namespace, t.kv.c.key == key)
@@ -28,7 +28,7 @@ class KvStore(StoreBase):
 
     async def kv_items(self, namespace: str) -> dict[str, Any]:
         """Every stored value of a namespace, by key."""
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     select(t.kv.c.key, t.kv.c.value).where(t.kv.c.namespace == namespace)

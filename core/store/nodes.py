@@ -66,7 +66,7 @@ class NodesStore(StoreBase):
                     )
 
     async def node(self, name: str) -> NodeRecord | None:
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             row = (await conn.execute(_NODE, {"name": name})).first()
         return None if row is None else record_of(NodeRecord, row)
 

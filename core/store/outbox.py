@@ -311,7 +311,7 @@ class OutboxStore(StoreBase):
 
     async def next_outbox_due(self, *, channel: str) -> datetime | None:
         """When the next pending (or leased) notification of a channel is due."""
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             value = (
                 await conn.execute(
                     select(func.min(t.outbox.c.next_attempt_at)).where(
@@ -325,7 +325,7 @@ class OutboxStore(StoreBase):
         return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
     async def outbox_item(self, key: str) -> OutboxRecord | None:
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             row = (await conn.execute(select(t.outbox).where(t.outbox.c.key == key))).first()
         return None if row is None else record_of(OutboxRecord, row)
 
@@ -403,7 +403,7 @@ class OutboxStore(StoreBase):
         query = select(t.outbox.c.channel, t.outbox.c.status, func.count()).group_by(
             t.outbox.c.channel, t.outbox.c.status
         )
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             rows = (await conn.execute(query)).all()
         return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
 

@@ -179,7 +179,7 @@ class RunsStore(StoreBase):
                 raise NodeBusyError(node, int(busy))
 
     async def run(self, run_id: int) -> RunRecord | None:
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             row = (await conn.execute(_RUNS.where(t.runs.c.id == run_id))).first()
         return None if row is None else record_of(RunRecord, row)
 
@@ -303,6 +303,6 @@ class RunsStore(StoreBase):
             .where(t.runs.c.status.in_(list(statuses)))
             .group_by(t.runs.c.kind, t.runs.c.status)
         )
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             rows = (await conn.execute(query)).all()
         return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}

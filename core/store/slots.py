@@ -211,7 +211,7 @@ class SlotsStore(StoreBase):
             await conn.execute(_DEQUEUE, {"cluster": cluster, "node": node})
 
     async def slot_queue(self, cluster: str) -> list[str]:
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     select(t.slot_waiters.c.node)
@@ -223,7 +223,7 @@ class SlotsStore(StoreBase):
 
     async def slot_queues(self) -> dict[str, list[str]]:
         """Every cluster's queue in arrival order, read with one statement."""
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     select(t.slot_waiters.c.cluster, t.slot_waiters.c.node).order_by(
@@ -239,7 +239,7 @@ class SlotsStore(StoreBase):
     async def slot_state(self, cluster: str) -> tuple[list[SlotRecord], list[tuple[int, str]]]:
         """The cluster's held slots and its queue (place, node) in arrival order, read
         over one connection."""
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             held = [
                 record_of(SlotRecord, r)
                 for r in await conn.execute(_HELD_ROWS, {"cluster": cluster})
@@ -275,7 +275,7 @@ class SlotsStore(StoreBase):
             .where(t.slot_waiters.c.cluster.in_(names))
             .group_by(t.slot_waiters.c.cluster)
         )
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             rows = (await conn.execute(union_all(held, queued))).all()
         counts: dict[str, list[int]] = {name: [0, 0, 0] for name in names}
         for kind, cluster, n, places in rows:
@@ -291,6 +291,6 @@ class SlotsStore(StoreBase):
     async def slot_waiter_counts(self) -> dict[str, int]:
         """Nodes waiting for a slot, per cluster."""
         query = select(t.slot_waiters.c.cluster, func.count()).group_by(t.slot_waiters.c.cluster)
-        async with self.engine.connect() as conn:
+        async with self.reading() as conn:
             rows = (await conn.execute(query)).all()
         return {str(r[0]): int(r[1]) for r in rows}
