@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 
 from core.store import NewRun, NodeChange, RunChange, RunEnd, Store
 from core.store import tables as t
@@ -136,6 +136,13 @@ async def test_a_transition_is_one_statement_and_the_run_end_writes_the_steps(
             )
         ).all()
         step = await conn.scalar(select(t.runs.c.step).where(t.runs.c.id == run_id))
+        raw = (
+            await conn.execute(
+                text("SELECT finished_at FROM run_steps WHERE run_id = :run"), {"run": run_id}
+            )
+        ).all()
+    if store.dialect == "sqlite":  # times kept as the store writes them everywhere (UTC, no zone)
+        assert all(isinstance(r[0], str) and "+" not in r[0] for r in raw), raw
     assert [(r.name, r.status) for r in rows] == [
         ("download", "done"),
         ("slot", "done"),

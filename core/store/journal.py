@@ -72,13 +72,19 @@ class Transition:
     at: datetime
 
 
+def _at() -> Any:
+    """The time parameter ``b_at`` as the store keeps times (inside a function such as
+    coalesce a parameter does not take the column's type by itself)."""
+    return bindparam("b_at", type_=t.UTCDateTime())
+
+
 _RUNNING = (
     update(t.runs)
     .where(t.runs.c.id == bindparam("b_run"))
     .values(
         step=bindparam("b_name"),
         status="running",
-        started_at=func.coalesce(t.runs.c.started_at, bindparam("b_at")),
+        started_at=func.coalesce(t.runs.c.started_at, _at()),
     )
 )
 
@@ -144,7 +150,7 @@ _STEP_END = (
     )
     .values(
         status=func.coalesce(bindparam("b_status"), t.run_steps.c.status),
-        finished_at=func.coalesce(bindparam("b_at"), t.run_steps.c.finished_at),
+        finished_at=func.coalesce(_at(), t.run_steps.c.finished_at),
         detail=func.coalesce(bindparam("b_detail"), t.run_steps.c.detail),
     )
 )
@@ -205,7 +211,7 @@ _RUN_STEPS_END = (
         # a step followed by another was done when that one began; the last one ends
         # with the run
         status=case((_next_begun().is_(None), bindparam("b_status")), else_="done"),
-        finished_at=func.coalesce(_next_begun(), bindparam("b_at")),
+        finished_at=func.coalesce(_next_begun(), _at()),
     )
 )
 _NODES_NAMED = select(t.nodes).where(t.nodes.c.name.in_(bindparam("names", expanding=True)))
