@@ -81,11 +81,7 @@ def _at() -> Any:
 _RUNNING = (
     update(t.runs)
     .where(t.runs.c.id == bindparam("b_run"))
-    .values(
-        step=bindparam("b_name"),
-        status="running",
-        started_at=func.coalesce(t.runs.c.started_at, _at()),
-    )
+    .values(status="running", started_at=func.coalesce(t.runs.c.started_at, _at()))
 )
 
 
@@ -367,10 +363,13 @@ async def write_transitions(
     handed over without waiting) is inserted as done."""
     begun: set[tuple[int, str]] = set()
     ended_at: dict[tuple[int, str], datetime] = {}
+    first: dict[int, datetime] = {}  # runs to mark running: when their first step began
     for x in transitions:
         if x.after is not None and (x.run_id, x.after) in begun:
             ended_at[(x.run_id, x.after)] = x.at
         begun.add((x.run_id, x.name))
+        if x.run_id not in marked:
+            first.setdefault(x.run_id, x.at)
     await conn.execute(
         insert(t.run_steps),
         [
@@ -385,15 +384,8 @@ async def write_transitions(
             for x in transitions
         ],
     )
-    first: dict[int, Transition] = {}
-    for x in transitions:
-        if x.run_id not in marked:
-            first.setdefault(x.run_id, x)
     if first:
-        await conn.execute(
-            _RUNNING,
-            [{"b_run": x.run_id, "b_name": x.name, "b_at": x.at} for x in first.values()],
-        )
+        await conn.execute(_RUNNING, [{"b_run": r, "b_at": at} for r, at in first.items()])
 
 
 def done_steps(steps: Sequence[StepRecord]) -> list[StepRecord]:
