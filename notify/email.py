@@ -24,10 +24,13 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
+from aiosmtplib.response import SMTPResponse
+from aiosmtplib.typing import SMTPStatus
 from jinja2 import TemplateError
 
 from core.errors import ConfigError
@@ -79,6 +82,15 @@ class EmailChannel:
                     [f"smtp.ca_file: {settings.ca_file} is not a readable PEM file ({exc})"]
                 ) from exc
         self._local_hostname: str | None = None
+        try:
+            self._mail_from = b"MAIL FROM:" + quote_address(settings.sender).encode("ascii")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                [
+                    f"smtp.sender: {settings.sender!r} is not a plain ASCII e-mail address "
+                    "(user@example.org); internationalized addresses are not supported"
+                ]
+            ) from None
 
     def describe(self, item: OutboxRecord) -> str:
         name = item.payload.get("name")
@@ -151,9 +163,10 @@ class EmailChannel:
             return
         client = self._client(s.host, await self._hostname())
         try:
-            # connect: TCP, greeting, EHLO, STARTTLS, AUTH; each step bounded by smtp.timeout
-            async with asyncio.timeout(s.timeout * 6):
+            # connect: TCP, greeting, EHLO, STARTTLS, AUTH, EHLO; each bounded by smtp.timeout
+            async with asyncio.timeout(s.timeout * 7):
                 await client.connect()
+                await self._greet(client)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             unavailable = SmtpUnavailableError(s.host, s.port, _cause(exc))
             log.warning("%s", unavailable)
@@ -166,6 +179,17 @@ class EmailChannel:
         finally:
             await self._quit(client)
 
+    async def _greet(self, client: aiosmtplib.SMTP) -> None:
+        """EHLO (HELO when the server does not know EHLO) unless the connection has done
+        it (STARTTLS, AUTH): the commands below are written without aiosmtplib's checks."""
+        if client.is_ehlo_or_helo_needed:
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                if not client.is_connected:
+                    raise
+                await client.helo()
+
     async def _send_all(
         self,
         client: aiosmtplib.SMTP,
@@ -174,7 +198,9 @@ class EmailChannel:
         begin: Begin,
     ) -> None:
         """Send the batch in order. The next message is composed while the server answers
-        the current one (SMTP waits for each reply), so composing stays off the path."""
+        the current one's MAIL (SMTP waits for each reply), so composing stays off the
+        path."""
+        size = client.supports_extension("size")
         prepared = self._prepare(items[0]) if items else None
         for index, item in enumerate(items):
             current, prepared = prepared, None
@@ -182,44 +208,71 @@ class EmailChannel:
                 outcome, go_on = Outcome(item=item, error=current), True
             else:
                 assert current is not None
-                send = asyncio.ensure_future(self._send_one(client, item, current, begin))
-                try:
-                    if index + 1 < len(items):
-                        await asyncio.sleep(0)  # MAIL FROM is on its way before composing
-                        prepared = self._prepare(items[index + 1])
-                    outcome, go_on = await send
-                except BaseException:
-                    send.cancel()  # not left running on a connection about to be closed
-                    raise
+                nxt = items[index + 1] if index + 1 < len(items) else None
+
+                def meanwhile(nxt: OutboxRecord | None = nxt) -> None:
+                    nonlocal prepared
+                    if nxt is not None:
+                        prepared = self._prepare(nxt)
+
+                outcome, go_on = await self._send_one(
+                    client, item, current, begin, size=size, meanwhile=meanwhile
+                )
             if not report(outcome) or not go_on or not client.is_connected:
                 return  # the rest is released (and goes over a new connection)
+            if prepared is None and index + 1 < len(items):
+                prepared = self._prepare(items[index + 1])
 
-    def _prepare(self, item: OutboxRecord) -> bytes | DeliveryError:
+    def _prepare(self, item: OutboxRecord) -> _Wire | DeliveryError:
         try:
-            return self.compose(item)
+            return _Wire(item.recipient, self.compose(item))
         except DeliveryError as exc:
             return exc
 
     async def _send_one(
-        self, client: aiosmtplib.SMTP, item: OutboxRecord, data: bytes, begin: Begin
+        self,
+        client: aiosmtplib.SMTP,
+        item: OutboxRecord,
+        wire: _Wire,
+        begin: Begin,
+        *,
+        size: bool,
+        meanwhile: Callable[[], None],
     ) -> tuple[Outcome, bool]:
         """Send one message; the outcome, and whether the connection is still usable.
-        aiosmtplib bounds the wait for each reply (MAIL, RCPT, DATA, the message) by
-        ``smtp.timeout``; writes do not wait. ``begin`` is awaited between RCPT and DATA:
-        after it, a broken connection leaves the delivery uncertain."""
+        The commands are written on aiosmtplib's connection as its own ``mail``, ``rcpt``
+        and ``data`` write them, with what they compute per message done once (addresses
+        quoted, the message's lines ended and dot-stuffed when it was composed). Each
+        reply is awaited ``smtp.timeout`` at most; ``meanwhile`` runs while the server
+        answers MAIL. ``begin`` is awaited between RCPT and DATA: after it, a broken
+        connection leaves the delivery uncertain."""
         s = self.settings
         assert s.host is not None
-        options = [f"size={len(data)}"] if client.supports_extension("size") else []
         in_data = False
         # the marker is written while the server answers MAIL and RCPT (and, ahead, those of
         # the next messages)
         marked = asyncio.ensure_future(begin(item))
-        try:
-            await client.mail(s.sender, options=options)
-            await client.rcpt(item.recipient)
+
+        async def transact() -> None:
+            nonlocal in_data
+            mail = self._mail_from + (b" SIZE=%d\r\n" % wire.size if size else b"\r\n")
+            reply = await self._command(client, mail, meanwhile)
+            if reply.code != SMTPStatus.completed:
+                raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, s.sender)
+            reply = await self._command(client, wire.rcpt)
+            if reply.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
+                raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, item.recipient)
             await marked
             in_data = True
-            await client.data(data)
+            reply = await self._command(client, b"DATA\r\n")
+            if reply.code != SMTPStatus.start_input:
+                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+            reply = await self._command(client, wire.data)
+            if reply.code != SMTPStatus.completed:
+                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+
+        try:
+            await transact()
         except MarkerNotRecordedError as exc:
             await self._reset(client)
             return Outcome(item=item, error=exc), False
@@ -248,6 +301,27 @@ class EmailChannel:
             await _drop(marked)
         return Outcome(item=item), True
 
+    async def _command(
+        self, client: aiosmtplib.SMTP, line: bytes, meanwhile: Callable[[], None] | None = None
+    ) -> SMTPResponse:
+        """Write one command (or a message with its end mark) and read the reply, as
+        ``SMTP.execute_command`` does: a lost connection closes the client, and so does a
+        421 reply (the server is closing)."""
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+        try:
+            protocol.write(line)
+            if meanwhile is not None:
+                meanwhile()
+            reply = await protocol.read_response(timeout=self.settings.timeout)
+        except aiosmtplib.SMTPServerDisconnected:
+            client.close()
+            raise
+        if reply.code == SMTPStatus.domain_unavailable:
+            client.close()
+        return reply
+
     async def _reset(self, client: aiosmtplib.SMTP) -> None:
         """RSET after a refusal, so the connection goes on with the next message."""
         if not client.is_connected:
@@ -268,6 +342,20 @@ class EmailChannel:
         except asyncio.CancelledError:
             client.close()
             raise
+
+
+class _Wire:
+    """A message as it goes over the connection: its RCPT command and its DATA content
+    (CRLF line ends, lines starting with a dot doubled, the end mark ``.`` appended)."""
+
+    __slots__ = ("data", "rcpt", "size")
+
+    def __init__(self, recipient: str, message: bytes) -> None:
+        # ``mime.compose`` has checked the address (plain ASCII) and ended every line with
+        # CRLF, the last one too; a message never starts with a dot (its first header)
+        self.rcpt = b"RCPT TO:<" + recipient.encode("ascii") + b">\r\n"
+        self.size = len(message)
+        self.data = message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
 async def _drop(task: asyncio.Future[None]) -> None:

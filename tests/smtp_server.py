@@ -45,6 +45,7 @@ class Received:
     data: bytes
     message: EmailMessage
     session: int
+    mail_options: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class _Handler:
                 data=raw,
                 message=parsed,
                 session=id(session),
+                mail_options=list(envelope.mail_options),
             )
         )
         srv.count += 1

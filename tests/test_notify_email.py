@@ -29,6 +29,7 @@ from core.settings import SmtpSettings
 from core.store import OutboxRecord, Store
 from notify.email import EmailChannel
 from notify.errors import MessageComposeError
+from notify.outbox import Outcome
 from notify.render import Renderer
 from tests.notify_env import SENDER, audit_rows, notify_settings, outbox_rows, wait_until
 from tests.repository import Repo
@@ -441,6 +442,54 @@ def test_bodies_come_back_exactly_as_7bit_or_quoted_printable() -> None:
         text = part.get_content()
         expected = reason.replace("\r\n", "\n").replace("\r", "\n")
         assert f"has ended ({expected}); tg1 is available again" in text.replace("\r\n", "\n")
+
+
+async def test_lines_starting_with_a_dot_arrive_as_composed() -> None:
+    """The channel writes MAIL, RCPT and DATA itself on aiosmtplib's connection: a body
+    line that is a lone dot (which would end DATA) or starts with one arrives unchanged,
+    and the message's size is declared."""
+    async with smtp_server() as server:
+        channel = EmailChannel(
+            SmtpSettings(host="127.0.0.1", port=server.port, sender=SENDER),
+            renderer=Renderer(),
+            batch_size=10,
+        )
+        payload = record().payload
+        items = [
+            record(
+                id=n + 1,
+                key=f"ev{n}:email:jo@example.org",
+                payload={**payload, "vars": {**payload["vars"], "reason": reason}},
+            )
+            for n, reason in enumerate(["x\n.\n..\n.hidden line\nend", "plain"])
+        ]
+        outcomes: list[Outcome] = []
+
+        def report(outcome: Outcome) -> bool:
+            outcomes.append(outcome)
+            return True
+
+        async def begin(item: OutboxRecord) -> None:
+            return None
+
+        await channel.deliver(items, report, begin)
+        assert [(o.item.id, o.sent) for o in outcomes] == [(1, True), (2, True)]
+        received = await server.wait_messages(2)
+        composed = [channel.compose(item) for item in items]
+        assert b"\r\n.\r\n..\r\n.hidden line\r\n" in composed[0]  # sent as 7bit
+        assert [m.data for m in received] == composed
+        assert [m.mail_options for m in received] == [[f"SIZE={len(c)}"] for c in composed]
+        assert [m.rcpt_tos for m in received] == [["jo@example.org"]] * 2
+        assert server.connections == 1
+
+
+def test_a_sender_that_is_not_a_plain_address_stops_the_start() -> None:
+    with pytest.raises(ConfigError, match=r"smtp\.sender: 'jö@example\.org' is not a plain"):
+        EmailChannel(
+            SmtpSettings(host="127.0.0.1", sender="jö@example.org"),
+            renderer=Renderer(),
+            batch_size=10,
+        )
 
 
 def test_header_injection_and_bad_addresses_are_refused() -> None:
