@@ -96,15 +96,36 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
   1.28 -> 1.11 ms CPU per mail with 1 connection, 1.25 -> 1.02 ms with 2; ratios 0.72 ->
   0.84 x and 0.65 -> 0.71 x. The full run above (10,000 mails): 0.73 x and 0.71 x, the
   outbox 1.21 and 0.98 ms per mail. Targets not met.
-- what still limits the ratios: about half of the outbox's CPU is the SMTP client, as in
-  the bare loop (address parsing per MAIL and RCPT, aiosmtplib's line-ending and
-  dot-stuffing regexes over every message, one send per command); the store is about a
-  quarter: one durable row, claim, marker, outcome and audit record per mail, each
-  recorder write (every ~10 mails) a transaction of several statements through
-  SQLAlchemy (about 0.3-0.6 ms of event-loop CPU each, one trip to the aiosqlite thread
-  each since the fifth pass), plus ~60 us per mail on that thread. Fewer statements would
-  need markers written further ahead (more mails left uncertain after a crash). The
-  sink needs ~1.07 ms per mail of the same 2 vCPUs.
+- seventh pass of issue 15 (2026-12-05): profiled again (py-spy `--gil`, 6,000 mails, 1
+  connection): per mail the outbox held the interpreter 0.64 ms against the bare loop's
+  0.27 ms, and its SMTP part alone was 0.25 ms against the bare loop's 0.17 ms (the same
+  aiosmtplib calls: `mail`, `rcpt` and `data` each parse and quote the address or run
+  two regular expressions over the whole message, and each message was a task of its
+  own with a turn of the loop to let MAIL go out before the next was composed). Now the
+  sender is quoted once per channel, the recipient's RCPT line and the message's DATA
+  content (dot-stuffed with one `bytes.replace`: `mime.compose` already ends every line
+  with CRLF) are made when the message is composed, and MAIL, RCPT, DATA and the content
+  are written on aiosmtplib's connection directly, the next message composed right after
+  MAIL is written, without a task. The same runner, the code before and after
+  alternating, 3,000 mails, five runs each: CPU 1.36-1.70 -> 1.03-1.48 s with 1
+  connection (about -0.08 ms per mail), 1.19-1.33 -> 0.92-1.13 s with 2; throughput
+  against the bare loop run between them 0.71-0.84 -> 0.75-0.93 x (median 0.74 -> 0.89)
+  and 0.65-0.79 -> 0.68-0.80 x (0.71 -> 0.79). The full run above (10,000 mails, a faster
+  hour of this runner: the bare loop needed 0.23 ms of CPU per mail): **0.80 x and 0.79
+  x**. Targets not met. A test sends a body with a lone `.` line and lines starting with
+  a dot and compares what the server received byte for byte (it fails without the
+  dot-stuffing).
+- what still limits the ratios: the outbox needs about 0.18 ms more CPU per mail than
+  the bare loop (0.41 against 0.23 ms in the run above) and with 1 connection that time
+  adds to the wall time one to one: SMTP is a strict exchange of one command and one
+  reply, and the outbox's other work comes in pieces longer than the server's turn
+  (a recorder write of a marker, outcome and audit record statement through SQLAlchemy,
+  ~0.5-1 ms, every ~10 mails; a claim of 100 items per batch; `put`'s transactions of
+  1,000 rows, 0.33 s in all, inside the timed window), so it delays the next reply
+  instead of filling the wait for it. Of the 0.18 ms: the store about 0.1 ms, composing
+  0.04 ms, the outbox's own bookkeeping the rest. Fewer statements would need markers
+  written further ahead (more mails left uncertain after a crash): markers 60 ahead and
+  outcomes every 0.2 s instead of 20 and 0.05 s saved only 0.01-0.03 ms per mail.
 - this machine's vCPUs are shared (other benchmarks ran meanwhile): single runs
   vary widely; the table keeps every run, the ratios use medians; user CPU varies far less
   than time.
