@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import event, select, text
 
+from core.errors import TgopsError
+from core.events import LocalEventBus
+from core.lifecycle.runs import Flow, RunContext, execute
 from core.store import NewRun, NodeChange, RunChange, RunEnd, Store
 from core.store import tables as t
 from core.store.journal import LAZY_FLUSH
@@ -151,6 +154,57 @@ async def test_a_transition_is_one_statement_and_the_run_end_writes_the_steps(
     assert [r.finished_at for r in rows[:2]] == [steps[1].started_at, steps[2].started_at]
     assert rows[2].finished_at is not None and rows[2].finished_at >= steps[2].started_at
     assert step == "drain"
+
+
+async def _nothing(ctx: RunContext) -> None:
+    return None
+
+
+async def _refresh_fails(ctx: RunContext) -> None:
+    await asyncio.sleep(0.1)
+    raise TgopsError("node status not stored")
+
+
+@pytest.mark.parametrize("last_resumable", [True, False])
+async def test_the_last_step_is_recorded_done_with_the_run_end(
+    store: Store, last_resumable: bool
+) -> None:
+    """A resumable last step is recorded done by the run's end (no write of its own);
+    one that is not resumable is ended on its own first, as a crash before the run's end
+    must not carry it out again. Either stays done when only the success hook fails."""
+    [run_id, *_] = await _runs(store)
+    flow = Flow(
+        kind="auto-update",
+        steps=[("drain", _nothing), ("release", _nothing)],
+        resumable=frozenset({"drain", "release"} if last_resumable else {"drain"}),
+        on_success=_refresh_fails,
+    )
+    async with LocalEventBus() as bus:
+        ctx = RunContext(
+            run_id=run_id,
+            kind="auto-update",
+            node="n01",
+            actor="alice",
+            store=store,
+            events=bus,
+            params={},
+        )
+        statements = Statements(store)
+        try:
+            status = await execute(flow, ctx)
+        finally:
+            statements.close()
+    assert status == "failed"
+    ends = [s for s in statements.seen if s == "UPDATE run_steps"]
+    assert len(ends) == (1 if last_resumable else 2)  # the run's end (and the step's own)
+    steps = await store.steps(run_id)
+    assert [(s.name, s.status) for s in steps] == [("drain", "done"), ("release", "done")]
+    run = await store.run(run_id)
+    assert run is not None and run.status == "failed" and run.step == "release"
+    # the last step ended when it was done, not when the run ended after the hook
+    assert steps[1].finished_at is not None and run.finished_at is not None
+    assert run.finished_at - steps[1].finished_at >= timedelta(seconds=0.1)
+    assert run.error == "release: node status not stored"
 
 
 async def test_a_step_begun_again_after_a_restart_is_not_done(store: Store) -> None:

@@ -13,6 +13,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from sqlalchemy import event
+
 from core import events as ev
 from core.model import SYSTEM, PackageKind
 from tests.fleet import fleet
@@ -414,3 +416,34 @@ async def test_the_first_look_at_a_node_is_not_a_change(tmp_path: Path) -> None:
         assert (await api.status())["nodes"][3]["installed"] == {"tg-base": "0.9"}
         log = (await api.command("log 20"))["text"]
         assert "observed: installed packages changed" not in log
+
+
+async def test_a_run_done_compares_the_node_with_the_row_it_holds(tmp_path: Path) -> None:
+    """The refresh after a successful run compares the node's answer with the row the run
+    holds, without reading the row again; when the row changed meanwhile by another hand
+    (another version), the node's answer is compared with the stored row and still kept."""
+    async with fleet(tmp_path) as f:
+        engine, store = f.service.engine, f.service.store
+        (held,) = await engine.refresh(["solo1"])  # the row as the node is now
+        statements: list[str] = []
+
+        def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+            statements.append(" ".join(statement.split()[:3]))
+
+        sync = store.engine.sync_engine
+        event.listen(sync, "before_cursor_execute", seen)
+        try:
+            # the row held is the stored one and the node has not changed: nothing is read
+            assert await engine.refresh_held("solo1", held) == held
+            assert statements == []
+            # another hand changes the row, the node changes too: the answer is kept
+            other = await store.update_node("solo1", sessions=7)
+            (f.node("solo1") / "state.json").write_text(
+                json.dumps({"installed": {"tg-extra": "0.9"}})
+            )
+            after = await engine.refresh_held("solo1", held)
+        finally:
+            event.remove(sync, "before_cursor_execute", seen)
+        assert after.installed == {"tg-extra": "0.9"} and after.sessions == 0
+        assert after.version == other.version + 1
+        assert after == await store.node("solo1")

@@ -236,7 +236,15 @@ class Engine:
         if not task.cancelled() and task.exception() is None:
             self._asked_at[name] = asyncio.get_running_loop().time()
 
-    async def _refresh_one(self, name: str, before: NodeRecord | None) -> NodeRecord:
+    async def refresh_held(self, name: str, held: NodeRecord) -> NodeRecord:
+        """``refresh`` of a node whose row a run holds, without reading it first: the
+        node's answer is compared with the row held, and when the store's row is another
+        version by then (a change the run did not make), with the stored row."""
+        return await self._refresh_one(name, held, held=True)
+
+    async def _refresh_one(
+        self, name: str, before: NodeRecord | None, *, held: bool = False
+    ) -> NodeRecord:
         if before is None:
             before = await self.store.node(name)
         assert before is not None
@@ -266,12 +274,25 @@ class Engine:
             "lb": state.lb if state.lb is not None or before.cluster is None else before.lb,
             "restart_required": state.restart_required,
         }
+        after, current = await self._store_seen(name, before, seen)
+        if held and not current:
+            # the row held was older than the stored one: compare with that one instead
+            after, _ = await self._store_seen(name, after, seen)
+        return after
+
+    async def _store_seen(
+        self, name: str, before: NodeRecord, seen: dict[str, Any]
+    ) -> tuple[NodeRecord, bool]:
+        """Store what the node answered when it differs from ``before`` (the row as read,
+        or as a run holds it). Returns the row as stored then, and whether ``before`` was
+        that row's version (false: another change came first, and its write stands)."""
         if (
             before.reachable
             and before.last_error is None
             and all(getattr(before, key) == value for key, value in seen.items())
         ):
-            return before  # nothing changed: nothing to write (a status of 500 nodes is cheap)
+            # nothing changed: nothing to write (a status of 500 nodes is cheap)
+            return before, True
         # a run may have changed the row while the driver answered: its write wins
         now = self.clock.now()
         after = await self.store.update_node(
@@ -295,7 +316,8 @@ class Engine:
                 await self._observed(
                     name, "installed packages changed", _diff(before.installed, after.installed)
                 )
-        return after
+            return after, True
+        return after, False
 
     async def _observed(self, name: str, change: str, detail: str) -> None:
         """A change found by asking the node (not made by tgops): audited, published."""

@@ -133,6 +133,11 @@ async def _execute(flow: Flow, ctx: RunContext) -> str:
     ended: str | None = None
     """A step that is done but not yet recorded as done: that is written together with
     the start of the next step (one transaction per transition)."""
+    last: str | None = None
+    """The last step once it is carried out (at ``last_at``); the run's end records it
+    done (a resumable one is not ended on its own: a crash before the run's end carries
+    it out again)."""
+    last_at: datetime | None = None
     try:
         for name, step in flow.steps:
             if name in ctx.completed:
@@ -157,16 +162,18 @@ async def _execute(flow: Flow, ctx: RunContext) -> str:
             await step(ctx)
             ctx.completed.add(name)
             ended = name
-        if ended is not None:
+        if ended is not None and ended not in flow.resumable:
             await ctx.store.end_step(ctx.run_id, ended)
-            ended = None
+        # a resumable last step is recorded done with the run's end: one write less per run
+        last, last_at, ended = ended, datetime.now(UTC), None
         if flow.on_success is not None:
             await flow.on_success(ctx)
     except RunCancelledError as exc:
         status = "skipped" if isinstance(exc, RunSkippedError) else "cancelled"
         error = str(exc)
         ctx.message = str(exc)
-        await ctx.store.end_step(ctx.run_id, current, status="skipped", detail=str(exc))
+        if last is None:
+            await ctx.store.end_step(ctx.run_id, current, status="skipped", detail=str(exc))
         if flow.on_cancel is not None:
             await _shielded(flow.on_cancel(ctx), ctx, "cancel")
     except asyncio.CancelledError:
@@ -175,26 +182,44 @@ async def _execute(flow: Flow, ctx: RunContext) -> str:
         raise
     except Exception as exc:
         status = "failed"
-        cause = str(exc) if isinstance(exc, TgopsError) else f"{type(exc).__name__}: {exc}"
-        error = f"{current}: {cause}" if current else cause
-        ctx.message = error
-        if not isinstance(exc, TgopsError):
-            log.exception("run #%d on %s failed unexpectedly", ctx.run_id, ctx.node)
-        await _shielded(
-            ctx.store.end_step(ctx.run_id, current, status="failed", detail=cause), ctx, "record"
-        )
-        if flow.on_failure is not None:
-            await _shielded(flow.on_failure(ctx, current, exc), ctx, "failure handling")
+        error = await _failed(flow, ctx, current, exc, step_done=last is not None)
     await _shielded(
         ctx.store.finish_run(
             ctx.run_id,
             status=status,
             error=error,
             end=RunEnd(kind=flow.kind, node=ctx.node, message=ctx.message),
+            done=last,
+            done_at=last_at,
         ),
         ctx,
         "finish",
     )
+    await _announce_end(flow, ctx, status)
+    return status
+
+
+async def _failed(
+    flow: Flow, ctx: RunContext, current: str, exc: Exception, *, step_done: bool
+) -> str:
+    """Record that the run failed in step ``current`` (``step_done``: the step itself was
+    carried out, the success hook failed) and run the failure hook; returns the error."""
+    cause = str(exc) if isinstance(exc, TgopsError) else f"{type(exc).__name__}: {exc}"
+    error = f"{current}: {cause}" if current else cause
+    ctx.message = error
+    if not isinstance(exc, TgopsError):
+        log.exception("run #%d on %s failed unexpectedly", ctx.run_id, ctx.node)
+    if not step_done:
+        await _shielded(
+            ctx.store.end_step(ctx.run_id, current, status="failed", detail=cause), ctx, "record"
+        )
+    if flow.on_failure is not None:
+        await _shielded(flow.on_failure(ctx, current, exc), ctx, "failure handling")
+    return error
+
+
+async def _announce_end(flow: Flow, ctx: RunContext, status: str) -> None:
+    """Log the run's outcome and publish ``RunFinished``."""
     log.log(
         logging.WARNING if status == "failed" else logging.INFO,
         "run #%d %s on %s %s%s",
@@ -215,7 +240,6 @@ async def _execute(flow: Flow, ctx: RunContext) -> str:
             seconds=None if began is None else (datetime.now(UTC) - began).total_seconds(),
         )
     )
-    return status
 
 
 async def _shielded(work: Awaitable[Any], ctx: RunContext, what: str) -> None:

@@ -507,8 +507,8 @@ class ScheduledRuns:
                 ctx.node, actor=SCHEDULER, reason="scheduled update done"
             )
         if ctx.params.get("logon_disabled"):
-            await self.engine.set_logon(ctx.node, True, SCHEDULER)
-        await self.engine.refresh([ctx.node])
+            ctx.record = await self.engine.set_logon(ctx.node, True, SCHEDULER)
+        await self.life.refresh_node(ctx)
 
     async def _skipped(self, ctx: RunContext) -> None:
         self._opened.discard(ctx.run_id)

@@ -353,7 +353,8 @@ class UpdateSteps:
         if values or derive is not None:
             entries.append(NodeChange(name=ctx.node, values=dict(values or {}), derive=derive))
             if ctx.record is not None:
-                held = replace(ctx.record, **(values or {}))
+                # the store counts the row's version up with each change
+                held = replace(ctx.record, **(values or {}), version=ctx.record.version + 1)
                 ctx.record = replace(held, **derive(held)) if derive is not None else held
         if params:
             entries.append(RunChange(run_id=ctx.run_id, values={"params": dict(ctx.params)}))
@@ -648,7 +649,15 @@ class UpdateSteps:
 
     async def _update_succeeded(self, ctx: RunContext) -> None:
         # the outcome's audit record is written when the run ends (core.lifecycle.runs.execute)
-        await self.engine.refresh([ctx.node])
+        await self.refresh_node(ctx)
+
+    async def refresh_node(self, ctx: RunContext) -> None:
+        """Ask the run's node for its state once the run is done, and store what differs
+        from the row the run holds (not read again; ``Engine.refresh_held``)."""
+        if ctx.record is not None:
+            ctx.record = await self.engine.refresh_held(ctx.node, ctx.record)
+        else:
+            ctx.record = (await self.engine.refresh([ctx.node]))[0]
 
     async def undo_slot(self, ctx: RunContext) -> None:
         cluster = self._cluster(ctx)

@@ -38,7 +38,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Table, Update, bindparam, case, func, insert, select, update
+from sqlalchemy import String, Table, Update, and_, bindparam, case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.store import tables as t
@@ -72,10 +72,10 @@ class Transition:
     at: datetime
 
 
-def _at() -> Any:
-    """The time parameter ``b_at`` as the store keeps times (inside a function such as
+def _at(name: str = "b_at") -> Any:
+    """The time parameter ``name`` as the store keeps times (inside a function such as
     coalesce a parameter does not take the column's type by itself)."""
-    return bindparam("b_at", type_=t.UTCDateTime())
+    return bindparam(name, type_=t.UTCDateTime())
 
 
 _RUNNING = (
@@ -133,6 +133,11 @@ class RunFinish:
     error: str | None
     at: datetime
     audit: Mapping[str, Any] | None = None
+    done: str | None = None
+    """A step that is done though its row still says running (the run's last step, whose
+    end is written with the run's): it ends ``done`` at ``done_at`` whatever the run's
+    status."""
+    done_at: datetime | None = None
 
 
 Entry = Transition | Audited | NodeChange | RunChange | StepEnd | RunFinish
@@ -206,8 +211,21 @@ _RUN_STEPS_END = (
     .values(
         # a step followed by another was done when that one began; the last one ends
         # with the run
-        status=case((_next_begun().is_(None), bindparam("b_status")), else_="done"),
-        finished_at=func.coalesce(_next_begun(), _at()),
+        status=case(
+            (
+                and_(
+                    _next_begun().is_(None),
+                    t.run_steps.c.name != func.coalesce(bindparam("b_done", type_=String), ""),
+                ),
+                bindparam("b_status"),
+            ),
+            else_="done",
+        ),
+        finished_at=func.coalesce(
+            _next_begun(),
+            case((t.run_steps.c.name == bindparam("b_done", type_=String), _at("b_done_at"))),
+            _at(),
+        ),
     )
 )
 _NODES_NAMED = select(t.nodes).where(t.nodes.c.name.in_(bindparam("names", expanding=True)))
@@ -258,6 +276,8 @@ async def write_run_finishes(conn: AsyncConnection, finishes: Sequence[RunFinish
             {
                 "b_run": x.run_id,
                 "b_status": "failed" if x.status == "failed" else "done",
+                "b_done": x.done,
+                "b_done_at": x.done_at,
                 "b_at": x.at,
             }
             for x in finishes

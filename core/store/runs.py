@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -275,10 +276,13 @@ class RunsStore(StoreBase):
         status: str,
         error: str | None = None,
         end: RunEnd | None = None,
+        done: str | None = None,
+        done_at: datetime | None = None,
     ) -> None:
         """End a run and release the node it claimed, in one transaction; with ``end`` the
         outcome goes to the audit log too ("run KIND STATUS": the error, else the message;
-        L13)."""
+        L13). Its steps still running end with it, failed when it failed, except ``done``
+        (its last step, carried out but not yet recorded done: it ends done at ``done_at``)."""
         now = utcnow()
         audit = None
         if end is not None:
@@ -293,7 +297,15 @@ class RunsStore(StoreBase):
             )
         # through the run journal: the ends of many runs at once share one transaction
         await self.journal.write(
-            RunFinish(run_id=run_id, status=status, error=error, at=now, audit=audit)
+            RunFinish(
+                run_id=run_id,
+                status=status,
+                error=error,
+                at=now,
+                audit=audit,
+                done=done,
+                done_at=done_at,
+            )
         )
 
     async def run_counts(self, statuses: Sequence[str]) -> dict[tuple[str, str], int]:
