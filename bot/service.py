@@ -57,6 +57,13 @@ AUDIT_PRUNE_INTERVAL = 86400.0
 """How often audit records past ``[audit] retention`` are removed."""
 
 
+GC_YOUNG = 20_000
+"""With ``freeze``: the garbage collector's youngest generation is collected after this
+many new objects instead of CPython's 700. What a run's step makes (tasks, futures, rows)
+then mostly dies before it is promoted, and full passes over the whole heap become rare:
+10,000 nodes at one update time took 76 full passes (16 s, up to 0.59 s each, each one
+stalling the event loop) with 700 and 4 (0.8 s) with 20,000 (bench/RESULTS.md)."""
+
 EVENTS_PER_NODE = 20
 """Events a subscriber may fall behind per configured node before events are dropped (and
 logged): 10,000 nodes starting at one update time queue up to about 5 each."""
@@ -71,11 +78,14 @@ class Service:
         """``freeze``: once started, what start-up made (settings, drivers, modules) is
         left out of the garbage collector's later passes (``gc.freeze``): it lives as long
         as the service, and with thousands of nodes a full pass over it stalls the event
-        loop. ``tgops serve`` sets it; a process that starts many services (the tests)
-        should not, as frozen objects are never collected."""
+        loop; and the youngest generation is collected less often (``GC_YOUNG``; the
+        thresholds before are restored when the service ends). ``tgops serve`` sets it; a
+        process that starts many services (the tests) should not, as frozen objects are
+        never collected."""
         self.settings = settings
         self.clock = clock or SystemClock()
         self._freeze = freeze
+        self._thresholds: tuple[int, int, int] | None = None
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self._stack = AsyncExitStack()
         self.port: int | None = None
@@ -91,6 +101,8 @@ class Service:
         if self._freeze:
             gc.collect()
             gc.freeze()
+            self._thresholds = gc.get_threshold()
+            gc.set_threshold(GC_YOUNG, *self._thresholds[1:])
         return self
 
     async def _start(self, stack: AsyncExitStack) -> None:
@@ -335,7 +347,12 @@ class Service:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._stack.__aexit__(exc_type, exc, tb)
+        try:
+            await self._stack.__aexit__(exc_type, exc, tb)
+        finally:
+            if self._thresholds is not None:
+                gc.set_threshold(*self._thresholds)
+                self._thresholds = None
 
 
 async def serve(settings: Settings, *, ready: Path | None = None) -> None:
