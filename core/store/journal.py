@@ -38,7 +38,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import String, Table, Update, and_, bindparam, case, func, insert, select, update
+from sqlalchemy import String, Table, Update, bindparam, case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.store import tables as t
@@ -209,17 +209,13 @@ _RUN_STEPS_END = (
     update(t.run_steps)
     .where(t.run_steps.c.run_id == bindparam("b_run"), t.run_steps.c.status == "running")
     .values(
-        # a step followed by another was done when that one began; the last one ends
-        # with the run
+        # a step followed by another was done when that one began; the step ``b_done``
+        # (the run's last, carried out) was done at ``b_done_at``; any other ends with the
+        # run
         status=case(
-            (
-                and_(
-                    _next_begun().is_(None),
-                    t.run_steps.c.name != func.coalesce(bindparam("b_done", type_=String), ""),
-                ),
-                bindparam("b_status"),
-            ),
-            else_="done",
+            (_next_begun().is_not(None), "done"),
+            (t.run_steps.c.name == bindparam("b_done", type_=String), "done"),
+            else_=bindparam("b_status"),
         ),
         finished_at=func.coalesce(
             _next_begun(),
