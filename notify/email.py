@@ -203,12 +203,12 @@ class EmailChannel:
         size = client.supports_extension("size")
         prepared = self._prepare(items[0]) if items else None
         for index, item in enumerate(items):
+            nxt = items[index + 1] if index + 1 < len(items) else None
             current, prepared = prepared, None
             if isinstance(current, DeliveryError):
                 outcome, go_on = Outcome(item=item, error=current), True
             else:
                 assert current is not None
-                nxt = items[index + 1] if index + 1 < len(items) else None
 
                 def meanwhile(nxt: OutboxRecord | None = nxt) -> None:
                     nonlocal prepared
@@ -220,8 +220,8 @@ class EmailChannel:
                 )
             if not report(outcome) or not go_on or not client.is_connected:
                 return  # the rest is released (and goes over a new connection)
-            if prepared is None and index + 1 < len(items):
-                prepared = self._prepare(items[index + 1])
+            if prepared is None and nxt is not None:  # none sent: not composed meanwhile
+                prepared = self._prepare(nxt)
 
     def _prepare(self, item: OutboxRecord) -> _Wire | DeliveryError:
         try:

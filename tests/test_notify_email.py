@@ -472,8 +472,11 @@ async def test_lines_starting_with_a_dot_arrive_as_composed() -> None:
         async def begin(item: OutboxRecord) -> None:
             return None
 
-        await channel.deliver(items, report, begin)
-        assert [(o.item.id, o.sent) for o in outcomes] == [(1, True), (2, True)]
+        # a message that cannot be composed fails alone; the one after it still goes
+        bad = record(id=3, key="ev3:email:bad", recipient="jö@example.org")
+        await channel.deliver([items[0], bad, items[1]], report, begin)
+        assert [(o.item.id, o.sent) for o in outcomes] == [(1, True), (3, False), (2, True)]
+        assert isinstance(outcomes[1].error, MessageComposeError)
         received = await server.wait_messages(2)
         composed = [channel.compose(item) for item in items]
         assert b"\r\n.\r\n..\r\n.hidden line\r\n" in composed[0]  # sent as 7bit
