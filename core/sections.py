@@ -194,6 +194,16 @@ class SmtpSettings(_Section):
     connections: int = Field(default=1, ge=1, le=16)
     """SMTP connections used at once when many e-mails are due (each sends a batch)."""
 
+    @field_validator("sender")
+    @classmethod
+    def _ascii_sender(cls, value: str) -> str:
+        if not value.isascii():
+            raise ValueError(
+                "is not a plain ASCII e-mail address (user@example.org); "
+                "internationalized addresses are not supported"
+            )
+        return value
+
     @model_validator(mode="after")
     def _tls(self) -> SmtpSettings:
         if self.starttls and self.use_tls:

@@ -128,6 +128,16 @@ def test_one_line_per_problem(tmp_path: Path) -> None:
     assert any(line.startswith("smtp: starttls and use_tls exclude each other") for line in lines)
 
 
+def test_a_sender_address_that_is_not_ascii_is_named(tmp_path: Path) -> None:
+    """Such a sender could not be sent (MAIL FROM, the From header): `tgops config check`
+    says so, not the first e-mail."""
+    (line,) = problems(write(tmp_path, '[smtp]\nsender = "jö@example.org"\n'))
+    assert line == (
+        "smtp.sender: is not a plain ASCII e-mail address (user@example.org); "
+        "internationalized addresses are not supported (got 'jö@example.org')"
+    )
+
+
 def test_malformed_toml_is_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, "[http\nport = 1\n")
     (line,) = problems(path)
