@@ -316,6 +316,49 @@ async def test_maintenance_notices_logon_and_cancel(tmp_path: Path) -> None:
         assert reply["ok"] is False and "No maintenance was scheduled on tg1" in reply["text"]
 
 
+async def test_windows_that_start_together_are_marked_at_once_and_announced_once(
+    tmp_path: Path,
+) -> None:
+    """A scheduled update opens the maintenance of all its nodes for the same time: when
+    it comes, their windows are marked started by one statement (not one transaction
+    each, which kept the store busy for the whole update on a large fleet), and each
+    start is announced and audited once."""
+    nodes = [f"tg{i}" for i in range(1, 7)]
+    async with fleet(
+        tmp_path,
+        cluster_nodes=len(nodes),
+        sections={"maintenance": {"notice_lead": "1s", "reminder_interval": "0.5s"}},
+    ) as f:
+        marks: list[str] = []
+
+        def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            if statement.startswith("UPDATE maintenance SET started_at"):
+                marks.append(statement)
+
+        sync_engine = f.service.store.engine.sync_engine
+        event.listen(sync_engine, "before_cursor_execute", count)
+        try:
+            start = (datetime.now(ZoneInfo("Europe/Berlin")) + timedelta(seconds=2)).replace(
+                microsecond=0
+            )
+            when = start.strftime("%Y-%m-%d %H:%M:%S")
+            for node in nodes:
+                reply = await f.api.command(f"maintenance schedule {node} {when} Kernel update")
+                assert reply["ok"] is True, reply["text"]
+            started = await f.events.wait_count(
+                lambda e: isinstance(e, ev.MaintenanceStarted), len(nodes), within=20
+            )
+            for _ in range(3):  # a later tick marks nothing again
+                await f.service.maintenance.tick()
+        finally:
+            event.remove(sync_engine, "before_cursor_execute", count)
+        assert sorted(e.node for e in started) == nodes
+        assert len([e for e in f.events.events if isinstance(e, ev.MaintenanceStarted)]) == 6
+        assert len(marks) == 1, marks  # and the later ticks found nothing to mark
+        audit = await f.service.store.audit_log(limit=100)
+        assert sorted(a.target or "" for a in audit if a.action == "maintenance started") == nodes
+
+
 async def test_maintenance_bad_input(tmp_path: Path) -> None:
     async with fleet(tmp_path) as f:
         reply = await f.api.command(

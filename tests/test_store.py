@@ -261,6 +261,33 @@ async def test_a_maintenance_start_is_marked_once_and_survives_reopen(
     assert await store.mark_started(other.id, at) is False  # ended: never announced
 
 
+async def test_many_maintenance_starts_are_marked_together(store: Store) -> None:
+    """``mark_all_started`` marks every open window not yet started, past the limit of one
+    statement's parameters (1,000 ids each), and names only the windows it marked."""
+    start = datetime(2026, 12, 1, 21, 0, tzinfo=UTC)
+    windows = [
+        await store.open_maintenance(
+            node=f"n{i}",
+            start=start,
+            reason="Kernel",
+            origin="scheduled-update",
+            disable_logon=False,
+            created_by="tgops",
+        )
+        for i in range(1205)
+    ]
+    at = start + timedelta(seconds=1)
+    assert await store.mark_started(windows[0].id, at) is True
+    await store.end_maintenance("n1", by="bob", reason="cancelled")
+    ids = [w.id for w in windows]
+    marked = await store.mark_all_started(ids, at)
+    assert marked == set(ids[2:])
+    assert await store.mark_all_started(ids, at + timedelta(seconds=1)) == set()
+    assert await store.mark_all_started([], at) == set()
+    rows = {w.node: w for w in await store.maintenance()}
+    assert rows["n1204"].started_at == at and "n1" not in rows
+
+
 async def test_maintenance_audit_schedules_hotfixes(store: Store) -> None:
     start = datetime(2026, 12, 1, 21, 0, tzinfo=UTC)
     await store.open_maintenance(

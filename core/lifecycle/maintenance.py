@@ -228,6 +228,7 @@ class Maintenance:
         interval = timedelta(seconds=self.settings.reminder_interval)
         next_due = now + timedelta(seconds=MAX_SLEEP)
         due_now: list[MaintenanceRecord] = []
+        starting: list[MaintenanceRecord] = []
         for record in await engine.store.maintenance():
             if record.node not in engine.drivers:
                 continue
@@ -236,7 +237,7 @@ class Maintenance:
                 if record.disable_logon and record.logon_disabled_at is None:
                     await self._disable_logon(record, now)
                 if record.started_at is None:
-                    await self._started(record, now)
+                    starting.append(record)
                 continue
             if now < window_open:
                 next_due = min(next_due, window_open)
@@ -248,6 +249,8 @@ class Maintenance:
             else:
                 assert record.last_notice_at is not None
                 next_due = min(next_due, record.last_notice_at + interval, record.start)
+        if starting:
+            await self._started(starting, now)
         if due_now:
             await self._notify(due_now, now)
         return max(0.0, (next_due - engine.clock.now()).total_seconds())
@@ -273,29 +276,40 @@ class Maintenance:
             for record in records:
                 group.create_task(announce(record), name=f"notice-{record.node}")
 
-    async def _started(self, record: MaintenanceRecord, now: datetime) -> None:
-        # marked in the window's row first, so that it is published once (also across
-        # restarts and instances); a crash right after the mark loses the announcement
-        if not await self.engine.store.mark_started(record.id, now):
+    async def _started(self, records: Sequence[MaintenanceRecord], now: datetime) -> None:
+        """Windows whose start has come: marked in their rows first, so that each is
+        published once (also across restarts and instances; a crash right after the mark
+        loses the announcement), all in one transaction, and their audit records in one
+        more: a scheduled update starts the windows of all its nodes at once."""
+        store = self.engine.store
+        marked = await store.mark_all_started([r.id for r in records], now)
+        started = [r for r in records if r.id in marked]
+        if not started:
             return
-        engine = self.engine
-        await engine.record(
-            SYSTEM_ACTOR,
-            "maintenance started",
-            target=record.node,
-            detail=record.reason,
-        )
-        await engine.events.publish(
-            ev.MaintenanceStarted(
-                id=f"maintenance:{record.id}:started",
-                node=record.node,
-                start=record.start,
-                reason=record.reason,
-                origin=record.origin,
-                logon_disabled=record.disable_logon,
+        await store.commit(
+            *(
+                store.audit_entry(
+                    actor=SYSTEM_ACTOR.name,
+                    source=SYSTEM_ACTOR.source,
+                    action="maintenance started",
+                    target=record.node,
+                    detail=record.reason,
+                )
+                for record in started
             )
         )
-        log.info("maintenance %d on %s started", record.id, record.node)
+        for record in started:
+            await self.engine.events.publish(
+                ev.MaintenanceStarted(
+                    id=f"maintenance:{record.id}:started",
+                    node=record.node,
+                    start=record.start,
+                    reason=record.reason,
+                    origin=record.origin,
+                    logon_disabled=record.disable_logon,
+                )
+            )
+            log.info("maintenance %d on %s started", record.id, record.node)
 
     async def _disable_logon(self, record: MaintenanceRecord, now: datetime) -> None:
         await self.engine.store.mark_logon_disabled(record.id, now)

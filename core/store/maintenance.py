@@ -28,9 +28,16 @@ _END_OPEN = (
 )
 _STARTED = (
     update(_m)
-    .where(_m.c.id == bindparam("b_id"), _m.c.started_at.is_(None), _m.c.ended_at.is_(None))
+    .where(
+        _m.c.id.in_(bindparam("b_ids", expanding=True)),
+        _m.c.started_at.is_(None),
+        _m.c.ended_at.is_(None),
+    )
     .values(started_at=bindparam("b_at", type_=_AT))
+    .returning(_m.c.id)
 )
+STARTED_AT_ONCE = 1000
+"""Windows marked started by one statement at most (a statement's parameters are limited)."""
 
 
 class MaintenanceStore(StoreBase):
@@ -192,9 +199,20 @@ class MaintenanceStore(StoreBase):
     async def mark_started(self, maintenance_id: int, at: datetime) -> bool:
         """Record that an open window's start was announced; False if it already was
         (or the window ended): the one who gets True publishes MaintenanceStarted."""
+        return maintenance_id in await self.mark_all_started([maintenance_id], at)
+
+    async def mark_all_started(self, maintenance_ids: Sequence[int], at: datetime) -> set[int]:
+        """``mark_started`` for many windows in one transaction: the ids of those this
+        call marked (the others were announced already, or ended)."""
+        marked: set[int] = set()
+        if not maintenance_ids:
+            return marked
         async with self.transaction() as conn:
-            result = await conn.execute(_STARTED, {"b_id": maintenance_id, "b_at": at})
-        return bool(result.rowcount == 1)
+            for first in range(0, len(maintenance_ids), STARTED_AT_ONCE):
+                chunk = list(maintenance_ids[first : first + STARTED_AT_ONCE])
+                result = await conn.execute(_STARTED, {"b_ids": chunk, "b_at": at})
+                marked.update(row.id for row in result)
+        return marked
 
     async def mark_logon_disabled(self, maintenance_id: int, at: datetime) -> None:
         async with self.transaction() as conn:
