@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import event, select, text
@@ -205,6 +206,103 @@ async def test_the_last_step_is_recorded_done_with_the_run_end(
     assert steps[1].finished_at is not None and run.finished_at is not None
     assert run.finished_at - steps[1].finished_at >= timedelta(seconds=0.1)
     assert run.error == "release: node status not stored"
+
+
+async def test_what_a_step_records_is_committed_with_the_next_step_start(store: Store) -> None:
+    """The records of a step that is not resumable (an install: its audit line and the
+    node's new versions) are not committed on their own: the next step's start, which is
+    waited for after such a step, commits them, before that step does anything."""
+    [run_id, *_] = await _runs(store)
+    commits = Commits(store)
+    seen: dict[str, int] = {}
+
+    async def install(ctx: RunContext) -> None:
+        seen["before"] = commits.count
+        await ctx.store.commit(
+            NodeChange(name=ctx.node, values={"installed": {"tg-base": "1.0"}}),
+            ctx.store.audit_entry(
+                actor="tgops", source="lifecycle", action="install", target=ctx.node
+            ),
+            wait=not ctx.lazy,
+        )
+        seen["recorded"] = commits.count
+
+    async def verify(ctx: RunContext) -> None:
+        seen["verify"] = commits.count
+        async with store.reading() as conn:
+            query = text("SELECT count(*) FROM audit WHERE action = 'install'")
+            seen["audit"] = (await conn.execute(query)).scalar_one()
+            query = text("SELECT installed FROM nodes WHERE name = 'n01'")
+            seen["installed"] = int("tg-base" in str((await conn.execute(query)).scalar_one()))
+
+    flow = Flow(
+        kind="auto-update",
+        steps=[("install", install), ("verify", verify)],
+        resumable=frozenset({"verify"}),
+    )
+    async with LocalEventBus() as bus:
+        ctx = RunContext(
+            run_id=run_id,
+            kind="auto-update",
+            node="n01",
+            actor="alice",
+            store=store,
+            events=bus,
+            params={},
+        )
+        try:
+            assert await execute(flow, ctx) == "succeeded"
+        finally:
+            commits.close()
+    assert seen["recorded"] == seen["before"]  # not committed on its own
+    assert seen["verify"] == seen["before"] + 1  # but by the next step's start
+    assert (seen["audit"], seen["installed"]) == (1, 1)
+
+
+@pytest.mark.parametrize("idle", [True, False])
+async def test_a_step_that_does_nothing_on_the_node_starts_without_a_commit(
+    store: Store, idle: bool
+) -> None:
+    """A resumable step that the flow says does nothing on this node (a cluster node's
+    logon step) starts like a lazy one: its start goes with the next waited transition."""
+    [run_id, *_] = await _runs(store)
+    commits = Commits(store)
+    at_start: dict[str, int] = {}
+
+    def step(name: str) -> Any:
+        async def mark(ctx: RunContext) -> None:
+            at_start[name] = commits.count
+
+        return mark
+
+    flow = Flow(
+        kind="scheduled-update",
+        steps=[(name, step(name)) for name in ("drain", "logon", "disconnect")],
+        resumable=frozenset({"drain", "logon", "disconnect"}),
+        idle=(lambda name, ctx: name == "logon") if idle else None,
+    )
+    async with LocalEventBus() as bus:
+        ctx = RunContext(
+            run_id=run_id,
+            kind="scheduled-update",
+            node="n01",
+            actor="alice",
+            store=store,
+            events=bus,
+            params={},
+        )
+        try:
+            assert await execute(flow, ctx) == "succeeded"
+        finally:
+            commits.close()
+    assert at_start["logon"] == at_start["drain"] + (0 if idle else 1)
+    assert at_start["disconnect"] == at_start["logon"] + 1
+    steps = await store.steps(run_id)
+    assert [(s.name, s.status) for s in steps] == [
+        ("drain", "done"),
+        ("logon", "done"),
+        ("disconnect", "done"),
+    ]
 
 
 async def test_a_step_begun_again_after_a_restart_is_not_done(store: Store) -> None:

@@ -60,7 +60,8 @@ class RunContext:
     """When the node was asked for the state in ``record`` (``None``: not known)."""
     lazy: bool = False
     """The records the current step makes (audit lines, node and run changes) need not be
-    waited for (``core.store.journal``): its flow has ``lazy`` steps."""
+    waited for (``core.store.journal``): they are committed with the next transition or
+    the run's end, before anything else the run does."""
     began: datetime | None = None
     """When the run started (its ``started_at``; ``None``: when its first step begins)."""
     _progress_saved: float = field(default=float("-inf"), init=False, repr=False)
@@ -106,6 +107,12 @@ class Flow:
     resumable steps that touch neither the node's users nor its packages, which a restart
     simply runs again (``core.store.journal``); their records go with the next
     transaction. A step that leaves load balancing or touches the node waits for its own."""
+    idle: Callable[[str, RunContext], bool] | None = None
+    """Whether a step (by name) does nothing on the run's node (a cluster node's logon
+    step: its users leave through the load balancer): a resumable one is then carried out
+    like a lazy step, its start not waited for (each waited start holds the run until a
+    transaction of the journal ends: at a large update time one more hold per node and
+    round)."""
     on_failure: FailureHook | None = None
     on_success: Step | None = None
     on_cancel: Step | None = None
@@ -149,14 +156,19 @@ async def _execute(flow: Flow, ctx: RunContext) -> str:
             # after a resumable one, has it queued: a crash makes the run carry out the
             # previous step again): a stopping service treats the run as being in the
             # step the store says it is in
-            lazy = name in flow.lazy & flow.resumable and (ended is None or ended in flow.resumable)
+            lazy = (
+                name in flow.resumable
+                and (name in flow.lazy or (flow.idle is not None and flow.idle(name, ctx)))
+                and (ended is None or ended in flow.resumable)
+            )
             await ctx.store.begin_step(ctx.run_id, name, after=ended, wait=not lazy)
             ctx.step = name
             # what a step records need not be waited for: the next transition (waited
-            # for before any disruptive step) or the run's end commits it first; after a
-            # crash a resumable step runs again and records it again, and one that is not
-            # resumable is ended as interrupted whatever it had recorded
-            ctx.lazy = name in flow.resumable
+            # for before any disruptive step, and always after a step that is not
+            # resumable) or the run's end commits it first; after a crash a resumable
+            # step runs again and records it again, and one that is not resumable is
+            # ended as interrupted whatever it had recorded
+            ctx.lazy = True
             ended = None
             await ctx.events.publish(ev.RunProgress(run_id=ctx.run_id, node=ctx.node, step=name))
             await step(ctx)

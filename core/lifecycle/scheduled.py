@@ -281,10 +281,15 @@ class ScheduledRuns:
                 }
             ),
             lazy=LAZY_STEPS,
+            idle=self._idle,
             on_success=self._succeeded,
             on_failure=self._failed,
             on_cancel=self._skipped,
         )
+
+    def _idle(self, step: str, ctx: RunContext) -> bool:
+        # a cluster node's logon step only waits for the update time (``_logon``)
+        return step == "logon" and self.engine.cluster_of[ctx.node] is not None
 
     @staticmethod
     def _at(ctx: RunContext) -> datetime:

@@ -21,10 +21,13 @@ transition only (the journal remembers which runs it has marked, until they end)
 A caller may also hand records over without waiting (``wait=False``): they are written
 with the next transaction anyone waits for, or after ``LAZY_FLUSH`` seconds at the
 latest, always in the order they were handed over (a record waited for is committed only
-after every record handed over before it). Runs do this only for steps that a restart
-simply carries out again (``Flow.lazy``): a crash may lose those records, and the
-step they belong to runs again after the restart. The output of a driver's commands goes
-this way too: a crash can lose the last 0.1 s of it, never a step's record.
+after every record handed over before it). Runs do this for the start of steps that a
+restart simply carries out again (``Flow.lazy``) and for what any step records (audit
+lines, node and run changes): those records are committed with the run's next transition
+or its end, before the run does anything more. A crash may lose them: a resumable step
+runs again after the restart and records them again, one that is not resumable is ended
+as interrupted (and its node locked) whatever it had recorded. The output of a driver's
+commands goes this way too: a crash can lose the last 0.1 s of it, never a step's record.
 """
 
 from __future__ import annotations
