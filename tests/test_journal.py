@@ -208,6 +208,21 @@ async def test_the_last_step_is_recorded_done_with_the_run_end(
     assert run.error == "release: node status not stored"
 
 
+async def _carry_out(store: Store, flow: Flow, run_id: int) -> str:
+    """Run ``flow`` as run ``run_id`` on n01; its final status."""
+    async with LocalEventBus() as bus:
+        ctx = RunContext(
+            run_id=run_id,
+            kind=flow.kind,
+            node="n01",
+            actor="alice",
+            store=store,
+            events=bus,
+            params={},
+        )
+        return await execute(flow, ctx)
+
+
 async def test_what_a_step_records_is_committed_with_the_next_step_start(store: Store) -> None:
     """The records of a step that is not resumable (an install: its audit line and the
     node's new versions) are not committed on their own: the next step's start, which is
@@ -240,20 +255,10 @@ async def test_what_a_step_records_is_committed_with_the_next_step_start(store: 
         steps=[("install", install), ("verify", verify)],
         resumable=frozenset({"verify"}),
     )
-    async with LocalEventBus() as bus:
-        ctx = RunContext(
-            run_id=run_id,
-            kind="auto-update",
-            node="n01",
-            actor="alice",
-            store=store,
-            events=bus,
-            params={},
-        )
-        try:
-            assert await execute(flow, ctx) == "succeeded"
-        finally:
-            commits.close()
+    try:
+        assert await _carry_out(store, flow, run_id) == "succeeded"
+    finally:
+        commits.close()
     assert seen["recorded"] == seen["before"]  # not committed on its own
     assert seen["verify"] == seen["before"] + 1  # but by the next step's start
     assert (seen["audit"], seen["installed"]) == (1, 1)
@@ -281,20 +286,10 @@ async def test_a_step_that_does_nothing_on_the_node_starts_without_a_commit(
         resumable=frozenset({"drain", "logon", "disconnect"}),
         idle=(lambda name, ctx: name == "logon") if idle else None,
     )
-    async with LocalEventBus() as bus:
-        ctx = RunContext(
-            run_id=run_id,
-            kind="scheduled-update",
-            node="n01",
-            actor="alice",
-            store=store,
-            events=bus,
-            params={},
-        )
-        try:
-            assert await execute(flow, ctx) == "succeeded"
-        finally:
-            commits.close()
+    try:
+        assert await _carry_out(store, flow, run_id) == "succeeded"
+    finally:
+        commits.close()
     assert at_start["logon"] == at_start["drain"] + (0 if idle else 1)
     assert at_start["disconnect"] == at_start["logon"] + 1
     steps = await store.steps(run_id)
