@@ -628,7 +628,8 @@ def render_status(status: dict[str, Any], tz: ZoneInfo) -> str:
             )
         if node["run"]:
             run = node["run"]
-            lines.append(f"  run #{run['id']} {run['kind']}: {run['step']}")
+            # a run whose first step is not recorded yet (a moment after it began)
+            lines.append(f"  run #{run['id']} {run['kind']}: {run['step'] or 'starting'}")
         if node.get("held"):
             lines.append(f"  {held_text(node['held'], tz)}")
     for cluster in status["clusters"]:
