@@ -8,8 +8,13 @@ throwaway server the test session starts itself on first import of this module
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import pytest
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tests.postgres import MISSING, session_url
 
@@ -39,3 +44,19 @@ def backends() -> list[object]:
             ],
         ),
     ]
+
+
+@contextmanager
+def statements_sent(engine: AsyncEngine) -> Iterator[list[str]]:
+    """The SQL statements ``engine`` sends meanwhile (SQLAlchemy's cursor event)."""
+    sent: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(statement)
+
+    sync_engine = engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", count)
+    try:
+        yield sent
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", count)

@@ -17,6 +17,7 @@ from sqlalchemy import event
 
 from core import events as ev
 from core.model import SYSTEM, PackageKind
+from tests.databases import statements_sent
 from tests.fleet import fleet
 from tests.service import VIEWER_TOKEN, running, settings_for
 
@@ -329,15 +330,7 @@ async def test_windows_that_start_together_are_marked_at_once_and_announced_once
         cluster_nodes=len(nodes),
         sections={"maintenance": {"notice_lead": "1s", "reminder_interval": "0.5s"}},
     ) as f:
-        marks: list[str] = []
-
-        def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
-            if statement.startswith("UPDATE maintenance SET started_at"):
-                marks.append(statement)
-
-        sync_engine = f.service.store.engine.sync_engine
-        event.listen(sync_engine, "before_cursor_execute", count)
-        try:
+        with statements_sent(f.service.store.engine) as sent:
             start = (datetime.now(ZoneInfo("Europe/Berlin")) + timedelta(seconds=2)).replace(
                 microsecond=0
             )
@@ -350,8 +343,7 @@ async def test_windows_that_start_together_are_marked_at_once_and_announced_once
             )
             for _ in range(3):  # a later tick marks nothing again
                 await f.service.maintenance.tick()
-        finally:
-            event.remove(sync_engine, "before_cursor_execute", count)
+        marks = [s for s in sent if s.startswith("UPDATE maintenance SET started_at")]
         assert sorted(e.node for e in started) == nodes
         assert len([e for e in f.events.events if isinstance(e, ev.MaintenanceStarted)]) == 6
         assert len(marks) == 1, marks  # and the later ticks found nothing to mark

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import event
 
 from core.lifecycle.slots import RECHECK, SlotGate
 from core.store import Store
-from tests.databases import POSTGRES_URL, backends, reset_postgres
+from tests.databases import POSTGRES_URL, backends, reset_postgres, statements_sent
 
 
 @pytest.fixture(params=backends())
@@ -33,22 +30,6 @@ async def store(url: str) -> AsyncIterator[Store]:
         yield opened
 
 
-@contextmanager
-def statements(store: Store) -> Iterator[list[str]]:
-    """The SQL statements the store sends meanwhile (SQLAlchemy's cursor event)."""
-    sent: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        sent.append(statement)
-
-    engine = store.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", count)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
-
-
 async def settled(sent: list[str]) -> None:
     """Until no statement was sent for one RECHECK (bounded: 20 tries)."""
     for _ in range(20):
@@ -64,7 +45,7 @@ async def test_waiters_send_no_statements_until_a_slot_is_freed(store: Store) ->
     # own statements are counted
     gate = SlotGate(store, owner="a", remote_recheck=3600)
     assert await gate.acquire(cluster="c1", node="n1", limit=1, run_id=None) == 0
-    with statements(store) as sent:
+    with statements_sent(store.engine) as sent:
         waiters = []
         for n in ("n2", "n3", "n4"):  # one after the other: the queue is in arrival order
             waiters.append(
@@ -142,7 +123,7 @@ async def test_a_freed_slot_is_handed_to_the_head_of_the_queue(store: Store) -> 
             if n in await store.slot_queue("c1"):
                 break
             await asyncio.sleep(0.05)
-    with statements(store) as sent:
+    with statements_sent(store.engine) as sent:
         assert await gate.release(cluster="c1", node="n1", limit=1)
         async with asyncio.timeout(30):
             assert await waiters["n2"] == 0
