@@ -243,12 +243,12 @@ async def test_a_maintenance_start_is_marked_once_and_survives_reopen(
     )
     assert window.started_at is None
     at = start + timedelta(seconds=3)
-    assert await store.mark_started(window.id, at) is True
-    assert await store.mark_started(window.id, at + timedelta(seconds=1)) is False
+    assert await store.mark_started([window.id], at) == {window.id}
+    assert await store.mark_started([window.id], at + timedelta(seconds=1)) == set()
     async with Store(url) as reopened:
         (stored,) = await reopened.maintenance("n1")
         assert stored.started_at == at
-        assert await reopened.mark_started(window.id, at) is False
+        assert await reopened.mark_started([window.id], at) == set()
     other = await store.open_maintenance(
         node="n2",
         start=start,
@@ -258,11 +258,11 @@ async def test_a_maintenance_start_is_marked_once_and_survives_reopen(
         created_by="alice",
     )
     await store.end_maintenance("n2", by="bob", reason="cancelled")
-    assert await store.mark_started(other.id, at) is False  # ended: never announced
+    assert await store.mark_started([other.id], at) == set()  # ended: never announced
 
 
 async def test_many_maintenance_starts_are_marked_together(store: Store) -> None:
-    """``mark_all_started`` marks every open window not yet started, past the limit of one
+    """``mark_started`` marks every open window not yet started, past the limit of one
     statement's parameters (1,000 ids each), and names only the windows it marked."""
     start = datetime(2026, 12, 1, 21, 0, tzinfo=UTC)
     windows = [
@@ -277,13 +277,13 @@ async def test_many_maintenance_starts_are_marked_together(store: Store) -> None
         for i in range(1205)
     ]
     at = start + timedelta(seconds=1)
-    assert await store.mark_started(windows[0].id, at) is True
+    assert await store.mark_started([windows[0].id], at) == {windows[0].id}
     await store.end_maintenance("n1", by="bob", reason="cancelled")
     ids = [w.id for w in windows]
-    marked = await store.mark_all_started(ids, at)
+    marked = await store.mark_started(ids, at)
     assert marked == set(ids[2:])
-    assert await store.mark_all_started(ids, at + timedelta(seconds=1)) == set()
-    assert await store.mark_all_started([], at) == set()
+    assert await store.mark_started(ids, at + timedelta(seconds=1)) == set()
+    assert await store.mark_started([], at) == set()
     rows = {w.node: w for w in await store.maintenance()}
     assert rows["n1204"].started_at == at and "n1" not in rows
 

@@ -285,7 +285,7 @@ class Maintenance:
         loses the announcement), all in one transaction, and their audit records in one
         more: a scheduled update starts the windows of all its nodes at once."""
         store = self.engine.store
-        marked = await store.mark_all_started([r.id for r in records], now)
+        marked = await store.mark_started([r.id for r in records], now)
         started = [r for r in records if r.id in marked]
         if not started:
             return

@@ -103,10 +103,11 @@ class Flow:
     steps: Sequence[tuple[str, Step]]
     resumable: frozenset[str]
     lazy: frozenset[str] = frozenset()
-    """Steps whose start (and whose own records) a run need not wait to be committed:
-    resumable steps that touch neither the node's users nor its packages, which a restart
-    simply runs again (``core.store.journal``); their records go with the next
-    transaction. A step that leaves load balancing or touches the node waits for its own."""
+    """Steps whose start a run need not wait to be committed: resumable steps that touch
+    neither the node's users nor its packages, which a restart simply runs again
+    (``core.store.journal``); their start goes with the next transaction (what any step
+    records does). A step that leaves load balancing or touches the node waits for its
+    start."""
     idle: Callable[[str, RunContext], bool] | None = None
     """Whether a step (by name) does nothing on the run's node (a cluster node's logon
     step: its users leave through the load balancer): a resumable one is then carried out

@@ -196,14 +196,10 @@ class MaintenanceStore(StoreBase):
                 .values(last_notice_at=at)
             )
 
-    async def mark_started(self, maintenance_id: int, at: datetime) -> bool:
-        """Record that an open window's start was announced; False if it already was
-        (or the window ended): the one who gets True publishes MaintenanceStarted."""
-        return maintenance_id in await self.mark_all_started([maintenance_id], at)
-
-    async def mark_all_started(self, maintenance_ids: Sequence[int], at: datetime) -> set[int]:
-        """``mark_started`` for many windows in one transaction: the ids of those this
-        call marked (the others were announced already, or ended)."""
+    async def mark_started(self, maintenance_ids: Sequence[int], at: datetime) -> set[int]:
+        """Record that open windows' starts were announced, in one transaction: the ids of
+        those this call marked, not those announced already or ended (who marks a window
+        publishes its MaintenanceStarted, once)."""
         marked: set[int] = set()
         if not maintenance_ids:
             return marked
