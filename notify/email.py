@@ -10,12 +10,17 @@ again after a crash is the same message.
 Failures: no session (connect, TLS, greeting, login) → every item of the batch is retried
 later; the server refusing one message (MAIL, RCPT, DATA) → 4xx retried, 5xx final, and
 the connection goes on with the next; the connection lost mid-batch → the message in
-flight is retried if its DATA had not begun, the untried rest is released for the next
-connection.
+flight is retried if its content had not begun to go out, the untried rest is released
+for the next connection.
 
 No duplicates: before a message's DATA the outbox records it as ``transmitting``
-(``begin``); from then on it is never sent again. The connection lost or a timeout after
-DATA began (the server may have taken the message) makes it "delivery uncertain".
+(``begin``); from then on it is never sent again. The connection lost or a timeout once
+the content is under way (the server may have taken the message) makes it "delivery
+uncertain"; before that (the server has not answered DATA with 354) the server cannot
+have taken it.
+
+With a server that offers PIPELINING (RFC 2920) a message's MAIL, RCPT and DATA are one
+write (``notify/smtp_session.py`` reads the replies however they arrive).
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from typing import Any
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
-from aiosmtplib.response import SMTPResponse
 from aiosmtplib.typing import SMTPStatus
 from jinja2 import TemplateError
 
@@ -49,9 +53,12 @@ from notify.errors import (
 )
 from notify.outbox import Begin, Outcome, Report
 from notify.render import Renderer
+from notify.smtp_session import SmtpSession
 
 log = logging.getLogger(__name__)
 
+_TAKEN = (SMTPStatus.completed, SMTPStatus.will_forward)
+"""Replies to RCPT that take the recipient."""
 LEASE_FACTOR = 10
 """A claimed batch may take ``LEASE_FACTOR * smtp.timeout`` (then the rest is retried)."""
 
@@ -167,10 +174,14 @@ class EmailChannel:
                 if not report(Outcome(item=item, error=unavailable)):
                     return
             return
+        transport = client.transport
+        assert isinstance(transport, asyncio.Transport)
+        session = SmtpSession(transport, timeout=s.timeout)
         try:
-            await self._send_all(client, items, report, begin)
+            await self._send_all(session, client.supports_extension, items, report, begin)
         finally:
-            await self._quit(client)
+            await self._quit(session)
+            client.close()  # aiosmtplib's own state (its reader no longer sees the connection)
 
     async def _greet(self, client: aiosmtplib.SMTP) -> None:
         """EHLO (HELO when the server does not know EHLO) unless the connection has done
@@ -185,15 +196,16 @@ class EmailChannel:
 
     async def _send_all(
         self,
-        client: aiosmtplib.SMTP,
+        session: SmtpSession,
+        supports: Callable[[str], bool],
         items: Sequence[OutboxRecord],
         report: Report,
         begin: Begin,
     ) -> None:
         """Send the batch in order. The next message is composed while the server answers
-        the current one's MAIL (SMTP waits for each reply), so composing stays off the
+        the current one's envelope (SMTP waits for each reply), so composing stays off the
         path."""
-        size = client.supports_extension("size")
+        size, pipelining = supports("size"), supports("pipelining")
         prepared = self._prepare(items[0]) if items else None
         for index, item in enumerate(items):
             nxt = items[index + 1] if index + 1 < len(items) else None
@@ -209,9 +221,15 @@ class EmailChannel:
                         prepared = self._prepare(nxt)
 
                 outcome, go_on = await self._send_one(
-                    client, item, current, begin, size=size, meanwhile=meanwhile
+                    session,
+                    item,
+                    current,
+                    begin,
+                    size=size,
+                    pipelining=pipelining,
+                    meanwhile=meanwhile,
                 )
-            if not report(outcome) or not go_on or not client.is_connected:
+            if not report(outcome) or not go_on or not session.open:
                 return  # the rest is released (and goes over a new connection)
             if prepared is None and nxt is not None:  # none sent: not composed meanwhile
                 prepared = self._prepare(nxt)
@@ -224,21 +242,25 @@ class EmailChannel:
 
     async def _send_one(
         self,
-        client: aiosmtplib.SMTP,
+        session: SmtpSession,
         item: OutboxRecord,
         wire: _Wire,
         begin: Begin,
         *,
         size: bool,
+        pipelining: bool,
         meanwhile: Callable[[], None],
     ) -> tuple[Outcome, bool]:
         """Send one message; the outcome, and whether the connection is still usable.
-        The commands are written on aiosmtplib's connection as its own ``mail``, ``rcpt``
-        and ``data`` write them, with what they compute per message done once (addresses
-        quoted, the message's lines ended and dot-stuffed when it was composed). Each
-        reply is awaited ``smtp.timeout`` at most; ``meanwhile`` runs while the server
-        answers MAIL. ``begin`` is awaited between RCPT and DATA: after it, a broken
-        connection leaves the delivery uncertain."""
+        The commands are written as aiosmtplib's ``mail``, ``rcpt`` and ``data`` write
+        them, with what they compute per message done once (addresses quoted, the
+        message's lines ended and dot-stuffed when it was composed). When the server
+        offers PIPELINING, MAIL, RCPT and DATA go as one group and their replies are read
+        together (two exchanges per message instead of four). ``meanwhile`` runs while
+        the server answers MAIL. ``begin`` is awaited before DATA is written (a group
+        holds DATA only when the marker is durable already, as it mostly is: markers are
+        written ahead); once the content has begun, a broken connection leaves the
+        delivery uncertain."""
         s = self.settings
         assert s.host is not None
         in_data = False
@@ -248,41 +270,34 @@ class EmailChannel:
 
         async def transact() -> None:
             nonlocal in_data
-            mail = self._mail_from + (b" SIZE=%d\r\n" % wire.size if size else b"\r\n")
-            reply = await self._command(client, mail, meanwhile)
-            if reply.code != SMTPStatus.completed:
-                raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, s.sender)
-            reply = await self._command(client, wire.rcpt)
-            if reply.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
-                raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, item.recipient)
-            await marked
+            await self._envelope(
+                session, item, wire, marked, size=size, pipelining=pipelining, meanwhile=meanwhile
+            )
             in_data = True
-            reply = await self._command(client, b"DATA\r\n")
-            if reply.code != SMTPStatus.start_input:
-                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-            reply = await self._command(client, wire.data)
+            (reply,) = await session.exchange(wire.data)
             if reply.code != SMTPStatus.completed:
                 raise aiosmtplib.SMTPDataError(reply.code, reply.message)
 
         try:
             await transact()
         except MarkerNotRecordedError as exc:
-            await self._reset(client)
+            await self._reset(session)
             return Outcome(item=item, error=exc), False
         except aiosmtplib.SMTPRecipientRefused as exc:
-            await self._reset(client)
+            await self._reset(session)
             error = SmtpRefusedError("recipient", exc.code, exc.message)
-            return Outcome(item=item, error=error), client.is_connected
+            return Outcome(item=item, error=error), session.open
         except aiosmtplib.SMTPSenderRefused as exc:
-            await self._reset(client)
+            await self._reset(session)
             error = SmtpRefusedError("sender", exc.code, exc.message)
-            return Outcome(item=item, error=error), client.is_connected
+            return Outcome(item=item, error=error), session.open
         except aiosmtplib.SMTPResponseException as exc:
             # a reply: the server did not take the message (safe to try again if 4xx)
-            await self._reset(client)
+            await self._reset(session)
             error = SmtpRefusedError("message", exc.code, exc.message)
-            return Outcome(item=item, error=error), exc.code != 421 and client.is_connected
+            return Outcome(item=item, error=error), session.open
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            session.close()
             if in_data:
                 uncertain = DeliveryUncertainError(
                     f"SMTP server {s.host}:{s.port}: {_cause(exc)} during DATA"
@@ -294,47 +309,71 @@ class EmailChannel:
             await _drop(marked)
         return Outcome(item=item), True
 
-    async def _command(
-        self, client: aiosmtplib.SMTP, line: bytes, meanwhile: Callable[[], None] | None = None
-    ) -> SMTPResponse:
-        """Write one command (or a message with its end mark) and read the reply, as
-        ``SMTP.execute_command`` does: a lost connection closes the client, and so does a
-        421 reply (the server is closing)."""
-        protocol = client.protocol
-        if protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("Server not connected")
-        try:
-            protocol.write(line)
-            if meanwhile is not None:
-                meanwhile()
-            reply = await protocol.read_response(timeout=self.settings.timeout)
-        except aiosmtplib.SMTPServerDisconnected:
-            client.close()
-            raise
-        if reply.code == SMTPStatus.domain_unavailable:
-            client.close()
-        return reply
+    async def _envelope(
+        self,
+        session: SmtpSession,
+        item: OutboxRecord,
+        wire: _Wire,
+        marked: asyncio.Future[None],
+        *,
+        size: bool,
+        pipelining: bool,
+        meanwhile: Callable[[], None],
+    ) -> None:
+        """MAIL, RCPT and DATA, until the server waits for the content (or raises)."""
+        s = self.settings
+        mail = self._mail_from + (b" SIZE=%d\r\n" % wire.size if size else b"\r\n")
+        if pipelining:
+            group = [mail, wire.rcpt]
+            if _recorded(marked):
+                group.append(b"DATA\r\n")
+            replies = await session.exchange(b"".join(group), len(group), meanwhile)
+            if (
+                len(replies) == 3
+                and replies[2].code == SMTPStatus.start_input
+                and (replies[0].code != SMTPStatus.completed or replies[1].code not in _TAKEN)
+            ):
+                # DATA taken without a sender or recipient (RFC 2920 says it must not
+                # be): the server waits for content it must not get, so hang up
+                session.close()
+        else:
+            replies = await session.exchange(mail, 1, meanwhile)
+        # replies are checked in order; one missing follows a 421, which fails its check
+        if replies[0].code != SMTPStatus.completed:
+            raise aiosmtplib.SMTPSenderRefused(replies[0].code, replies[0].message, s.sender)
+        if not pipelining:
+            replies += await session.exchange(wire.rcpt)
+        if replies[1].code not in _TAKEN:
+            raise aiosmtplib.SMTPRecipientRefused(
+                replies[1].code, replies[1].message, item.recipient
+            )
+        if len(replies) < 3:
+            await marked
+            replies += await session.exchange(b"DATA\r\n")
+        if replies[2].code != SMTPStatus.start_input:
+            raise aiosmtplib.SMTPDataError(replies[2].code, replies[2].message)
 
-    async def _reset(self, client: aiosmtplib.SMTP) -> None:
+    async def _reset(self, session: SmtpSession) -> None:
         """RSET after a refusal, so the connection goes on with the next message."""
-        if not client.is_connected:
+        if not session.open:
             return
         try:
-            await client.rset()
+            (reply,) = await session.exchange(b"RSET\r\n")
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            client.close()
+            session.close()
+            return
+        if reply.code != SMTPStatus.completed:
+            session.close()
 
-    async def _quit(self, client: aiosmtplib.SMTP) -> None:
-        if not client.is_connected:
+    async def _quit(self, session: SmtpSession) -> None:
+        if not session.open:
             return
         try:
-            async with asyncio.timeout(self.settings.timeout):
-                await asyncio.shield(client.quit())
+            await session.exchange(b"QUIT\r\n")  # bounded by smtp.timeout
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            client.close()
-        except asyncio.CancelledError:
-            client.close()
-            raise
+            pass
+        finally:
+            session.close()
 
 
 class _Wire:
@@ -360,6 +399,11 @@ async def _drop(task: asyncio.Future[None]) -> None:
         await asyncio.wait([task])
     if not task.cancelled():
         task.exception()
+
+
+def _recorded(marked: asyncio.Future[None]) -> bool:
+    """The marker is durable already (its request ended without an error)."""
+    return marked.done() and not marked.cancelled() and marked.exception() is None
 
 
 def _cause(exc: BaseException) -> str:

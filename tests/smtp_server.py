@@ -7,13 +7,14 @@
         server.refuse_sender = "550 5.7.1 sender rejected"   # answer every MAIL FROM so
         server.refuse_recipients["x@example.org"] = "550 5.1.1 no such user"
         server.drop_at = {2}             # close the connection at the 2nd MAIL FROM
+        smtp_server(pipelining=True)     # PIPELINING offered; server.reads (record_reads)
         server.hold = asyncio.Event()    # a message is taken, its reply waits until set
         await server.holding.wait()      # (a message is being held)
         await server.stop(); await server.start()   # down (connections cut), up again
 
 ``tls``: "none", "starttls" (offered and required before AUTH and MAIL) or "implicit".
-Run ``python -m tests.smtp_server PORT`` for a sink in its own process that accepts and
-discards everything (the e-mail benchmark uses it).
+Run ``python -m tests.smtp_server PORT [--pipelining]`` for a sink in its own process
+that accepts and discards everything (the e-mail benchmark uses it).
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ class Received:
 @dataclass
 class _Handler:
     server: SmtpServer
+
+    async def handle_EHLO(
+        self, smtp: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.server.pipelining:  # before the last line ("250 HELP")
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(
         self, smtp: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -112,6 +121,11 @@ class SmtpServer:
     auth: Mapping[str, str] | None = None
     port: int = 0
     discard: bool = False
+    pipelining: bool = False
+    """Offer PIPELINING (RFC 2920) in the EHLO reply, as Postfix and Exim do."""
+    reads: list[bytes] = field(default_factory=list)
+    """What the server read from its connections, one entry per read (``record_reads``)."""
+    record_reads: bool = False
     messages: list[Received] = field(default_factory=list)
     count: int = 0
     mail_commands: int = 0
@@ -157,6 +171,11 @@ class SmtpServer:
                     server._open.add(self)
                     server.max_open = max(server.max_open, len(server._open))
                 super().connection_made(transport)
+
+            def data_received(self, data: bytes) -> None:
+                if server.record_reads:
+                    server.reads.append(bytes(data))
+                super().data_received(data)
 
             def connection_lost(self, exc: Exception | None) -> None:
                 server._open.discard(self)
@@ -207,8 +226,9 @@ async def smtp_server(
     tls: Tls = "none",
     context: ssl.SSLContext | None = None,
     auth: Mapping[str, str] | None = None,
+    pipelining: bool = False,
 ) -> AsyncIterator[SmtpServer]:
-    server = SmtpServer(tls=tls, context=context, auth=auth)
+    server = SmtpServer(tls=tls, context=context, auth=auth, pipelining=pipelining)
     await server.start()
     try:
         yield server
@@ -216,8 +236,8 @@ async def smtp_server(
         await server.stop()
 
 
-async def _sink(port: int) -> None:
-    server = SmtpServer(port=port, discard=True)
+async def _sink(port: int, pipelining: bool) -> None:
+    server = SmtpServer(port=port, discard=True, pipelining=pipelining)
     await server.start()
     print(server.port, flush=True)
     stop = asyncio.Event()
@@ -232,4 +252,6 @@ async def _sink(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="an SMTP sink on 127.0.0.1 (discards mail)")
     parser.add_argument("port", type=int, nargs="?", default=0)
-    asyncio.run(_sink(parser.parse_args().port))
+    parser.add_argument("--pipelining", action="store_true", help="offer PIPELINING")
+    arguments = parser.parse_args()
+    asyncio.run(_sink(arguments.port, arguments.pipelining))

@@ -264,8 +264,9 @@ async def test_server_down_then_up_delivers_exactly_once(tmp_path: Path) -> None
             assert len(await audit_rows(service.store, "notification sent")) == 3
 
 
-async def test_sender_refused_for_good_and_for_now(tmp_path: Path) -> None:
-    async with smtp_server() as server:
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+async def test_sender_refused_for_good_and_for_now(tmp_path: Path, pipelining: bool) -> None:
+    async with smtp_server(pipelining=pipelining) as server:
         server.refuse_sender = "550 5.7.1 sender not allowed"
         settings = notify_settings(tmp_path, smtp=smtp(server.port), notify={"users_list": USERS})
         async with running(settings) as (service, api):
@@ -292,8 +293,11 @@ async def test_sender_refused_for_good_and_for_now(tmp_path: Path) -> None:
             assert rows[1].attempts >= 2
 
 
-async def test_connection_dropped_mid_batch_loses_and_repeats_nothing(tmp_path: Path) -> None:
-    async with smtp_server() as server:
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+async def test_connection_dropped_mid_batch_loses_and_repeats_nothing(
+    tmp_path: Path, pipelining: bool
+) -> None:
+    async with smtp_server(pipelining=pipelining) as server:
         server.drop_at = {3}
         settings = notify_settings(
             tmp_path,
@@ -312,8 +316,9 @@ async def test_connection_dropped_mid_batch_loses_and_repeats_nothing(tmp_path: 
             assert sorted(r.attempts for r in rows) == [1] * 7 + [2]
 
 
-async def test_refused_recipient_does_not_stop_the_batch(tmp_path: Path) -> None:
-    async with smtp_server() as server:
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+async def test_refused_recipient_does_not_stop_the_batch(tmp_path: Path, pipelining: bool) -> None:
+    async with smtp_server(pipelining=pipelining) as server:
         server.refuse_recipients["bad@example.org"] = "550 5.1.1 no such user"
         settings = notify_settings(
             tmp_path,
@@ -483,6 +488,37 @@ async def test_lines_starting_with_a_dot_arrive_as_composed() -> None:
         assert [m.data for m in received] == composed
         assert [m.mail_options for m in received] == [[f"SIZE={len(c)}"] for c in composed]
         assert [m.rcpt_tos for m in received] == [["jo@example.org"]] * 2
+        assert server.connections == 1
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+async def test_a_server_offering_pipelining_gets_each_envelope_in_one_write(
+    tmp_path: Path, pipelining: bool
+) -> None:
+    """RFC 2920: MAIL, RCPT and (once the message's marker is durable) DATA go to a server
+    that offers PIPELINING in one write, and only to such a server."""
+    admins = [f"admin{i}@example.org" for i in range(6)]
+    async with smtp_server(pipelining=pipelining) as server:
+        server.record_reads = True
+        settings = notify_settings(
+            tmp_path, smtp=smtp(server.port), notify={"admin_emails": admins}
+        )
+        async with running(settings) as (service, _):
+            await service.bus.publish(WarningFlagSet(node="tg1", reason="download failed"))
+            received = await server.wait_messages(6)
+            rows = await wait_until(lambda: settled(service.store), what="all settled")
+        assert sorted(m.rcpt_tos[0] for m in received) == admins
+        assert [r.status for r in rows] == ["sent"] * 6
+        envelopes = [r for r in server.reads if r.startswith(b"MAIL FROM:")]
+        assert len(envelopes) == 6
+        grouped = [r for r in envelopes if b"\r\nRCPT TO:<" in r]
+        with_data = [r for r in grouped if r.endswith(b">\r\nDATA\r\n")]
+        if pipelining:
+            # the first message's marker is written while its envelope goes (its DATA
+            # follows on its own); the markers of the others were written with it
+            assert (len(grouped), len(with_data)) == (6, 5)
+        else:
+            assert (len(grouped), len(with_data)) == (0, 0)
         assert server.connections == 1
 
 
