@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiosmtplib
 
+from bench.common import POSTGRES_ENV, reset_postgres
 from core.settings import SmtpSettings
 from core.store import Store, utcnow
 from notify import mime
@@ -55,6 +56,9 @@ from notify.outbox import Backoff, Notification, Outbox, Outcome
 from notify.render import Renderer
 
 HEADING = "## E-mail (issues 8, 15)"
+Variant = tuple[str, int, bool, str]
+"""What is measured: the path, connections at once, whether the sink offers PIPELINING,
+and the outbox's store ("sqlite", "postgresql"; "" for the bare loops)."""
 TARGETS = {1: 0.9, 2: 0.8}
 """Least throughput of the outbox against the bare loop, per connections at once."""
 NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of the outbox process,
@@ -237,9 +241,11 @@ async def child_bare(
 
 
 async def child_outbox(
-    port: int, count: int, batch: int, parallel: int, directory: Path
+    port: int, count: int, batch: int, parallel: int, database: str
 ) -> dict[str, Any]:
-    async with Store(f"sqlite+aiosqlite:///{directory}/bench.db") as store:
+    if database.startswith("postgresql"):
+        await reset_postgres(database)  # a fresh schema: every run queues the same keys
+    async with Store(database) as store:
         smtp = SmtpSettings(
             host="127.0.0.1", port=port, sender=SENDER, timeout=30.0, connections=parallel
         )
@@ -314,8 +320,9 @@ def child_main(args: argparse.Namespace) -> None:
     parallel = int(args.parallel)
     if args.child == "outbox":
         with tempfile.TemporaryDirectory(prefix="tgops-bench-") as tmp:
+            database = args.database or f"sqlite+aiosqlite:///{tmp}/bench.db"
             result = asyncio.run(
-                child_outbox(args.port, args.count, args.batch, parallel, Path(tmp))
+                child_outbox(args.port, args.count, args.batch, parallel, database)
             )
     else:
         result = asyncio.run(
@@ -327,10 +334,13 @@ def child_main(args: argparse.Namespace) -> None:
 # -- parent --------------------------------------------------------------------------------
 
 
-def run_child(kind: str, port: int, count: int, batch: int, parallel: int) -> dict[str, Any]:
+def run_child(
+    kind: str, port: int, count: int, batch: int, parallel: int, *, database: str
+) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, "--port", str(port), "--count", str(count),
-         "--batch", str(batch), "--parallel", str(parallel)],
+         "--batch", str(batch), "--parallel", str(parallel)]
+        + (["--database", database] if database else []),
         cwd=ROOT, check=True, capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -365,32 +375,65 @@ def main() -> None:
     )
     parser.add_argument("--child", choices=["bare", "bare+compose", "outbox"])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--database", default="", help="(child) the outbox's store URL")
+    parser.add_argument(
+        "--servers",
+        choices=["plain", "pipelining", "both"],
+        default="both",
+        help="the sink as aiosmtpd is (no PIPELINING), offering PIPELINING, or each in turn",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
     if args.child:
         child_main(args)
         return
     lanes = [int(p) for p in args.parallel.split(",")]
-    variants = [("bare", 1), ("bare+compose", 1), ("outbox", 1)] if 1 in lanes else []
-    variants += [(kind, p) for p in lanes if p != 1 for kind in ("bare", "outbox")]
+    servers = {"plain": [False], "pipelining": [True], "both": [False, True]}[args.servers]
+    stores = {"sqlite": ""} | (
+        {"postgresql": os.environ[POSTGRES_ENV]} if os.environ.get(POSTGRES_ENV) else {}
+    )
+    variants: list[Variant] = []
+    for pipelining in servers:
+        for p in lanes:
+            variants += [("bare", p, pipelining, "")]
+            if p == 1 and not pipelining:
+                variants += [("bare+compose", 1, pipelining, "")]
+            variants += [("outbox", p, pipelining, store) for store in stores]
 
-    sink = subprocess.Popen(
-        [sys.executable, "-m", "tests.smtp_server", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert sink.stdout is not None
-    port = int(sink.stdout.readline())
+    sinks = {
+        pipelining: subprocess.Popen(
+            [sys.executable, "-m", "tests.smtp_server", "0"]
+            + (["--pipelining"] if pipelining else []),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for pipelining in servers
+    }
+    ports = {}
+    for pipelining, sink in sinks.items():
+        assert sink.stdout is not None
+        ports[pipelining] = int(sink.stdout.readline())
     load = os.getloadavg()
-    results: dict[tuple[str, int], list[dict[str, Any]]] = {v: [] for v in variants}
+    results: dict[Variant, list[dict[str, Any]]] = {v: [] for v in variants}
     try:
         for run in range(args.runs):
-            for (kind, lanes_), found in results.items():
-                result = run_child(kind, port, args.count, args.batch, lanes_)
+            for (kind, lanes_, pipelining, store), found in results.items():
+                result = run_child(
+                    kind,
+                    ports[pipelining],
+                    args.count,
+                    args.batch,
+                    lanes_,
+                    database=stores.get(store, ""),
+                )
                 found.append(result)
-                print(f"run {run + 1} {kind} x{lanes_}: {result}", flush=True)
+                offer = " (server offers PIPELINING)" if pipelining else ""
+                print(f"run {run + 1} {kind} {store} x{lanes_}{offer}: {result}", flush=True)
     finally:
-        sink.terminate()
-        sink.wait(10)
+        for sink in sinks.values():
+            sink.terminate()
+            sink.wait(10)
     text = report(args, results, load)
     print(text)
     if not args.no_write:
@@ -399,13 +442,13 @@ def main() -> None:
 
 def report(
     args: argparse.Namespace,
-    results: dict[tuple[str, int], list[dict[str, Any]]],
+    results: dict[Variant, list[dict[str, Any]]],
     load: tuple[float, float, float],
 ) -> str:
-    def median(variant: tuple[str, int], field: str = "seconds") -> float:
-        return statistics.median(r[field] for r in results[variant])
+    def median(variant: Variant, field: str = "seconds") -> float:
+        return float(statistics.median(r[field] for r in results[variant]))
 
-    def runs(variant: tuple[str, int]) -> str:
+    def runs(variant: Variant) -> str:
         return ", ".join(f"{r['seconds']:.2f}" for r in results[variant])
 
     labels = {
@@ -414,25 +457,26 @@ def report(
         "outbox": "outbox (store first, then worker; templates per message)",
     }
     table = "\n".join(
-        f"| {labels[kind]} | {lanes} | {median((kind, lanes)):.2f} | "
-        f"{args.count / median((kind, lanes)):.0f} | {runs((kind, lanes))} | "
-        f"{median((kind, lanes), 'user_seconds'):.2f} + "
-        f"{median((kind, lanes), 'sys_seconds'):.2f} |"
-        for kind, lanes in results
+        f"| {labels[kind]}{f' on {store}' if store else ''} | {'yes' if offer else 'no'} | "
+        f"{lanes} | {median(v):.2f} | {args.count / median(v):.0f} | {runs(v)} | "
+        f"{median(v, 'user_seconds'):.2f} + {median(v, 'sys_seconds'):.2f} |"
+        for v in results
+        for kind, lanes, offer, store in [v]
     )
     verdicts = []
-    for kind, lanes in results:
+    for kind, lanes, offer, store in results:
         if kind != "outbox":
             continue
-        ratio = median(("bare", lanes)) / median(("outbox", lanes))
+        ratio = median(("bare", lanes, offer, "")) / median(("outbox", lanes, offer, store))
         target = TARGETS.get(lanes, 0.8)
         verdict = "met" if ratio >= target else "NOT met"
+        server = "a server offering PIPELINING" if offer else "aiosmtpd as it is (no PIPELINING)"
         verdicts.append(
-            f"- throughput outbox vs bare loop, {lanes} connection(s) at once: "
-            f"**{ratio:.2f} x** (target >= {target}) — {verdict}"
+            f"- throughput outbox on {store} vs bare loop, {lanes} connection(s) at once, "
+            f"{server}: **{ratio:.2f} x** (target >= {target}) — {verdict}"
         )
-    if ("bare+compose", 1) in results:
-        ratio = median(("bare+compose", 1)) / median(("outbox", 1))
+    if ("bare+compose", 1, False, "") in results:
+        ratio = median(("bare+compose", 1, False, "")) / median(("outbox", 1, False, "sqlite"))
         verdicts.append(
             f"- throughput outbox vs bare loop composing with `EmailMessage`: {ratio:.2f} x"
         )
@@ -461,8 +505,9 @@ def report(
   connections of {args.batch} messages in every variant, one or more at once; each variant
   in a fresh process; every message accepted and (outbox) recorded: {"yes" if ok else "NO"}
 
-| path | connections at once | seconds (median) | mails/s | runs | CPU s, user + system (medians) |
-|---|---|---|---|---|---|
+| path | server offers PIPELINING | connections at once | seconds (median) | mails/s | runs \
+| CPU s, user + system (medians) |
+|---|---|---|---|---|---|---|
 {table}
 
 {verdict_lines}
@@ -472,7 +517,7 @@ def report(
   {mib(last["rss_start_kib"])} MiB, half sent {mib(last["rss_middle_kib"])} MiB, end
   {mib(last["rss_end_kib"])} MiB; peak (VmHWM) {mib(last["vm_hwm_kib"])} MiB (the bare loop
   with all {args.count} messages prebuilt: peak
-  {mib(results[("bare", first[1])][-1]["vm_hwm_kib"])} MiB)
+  {mib(results[("bare", first[1], first[2], "")][-1]["vm_hwm_kib"])} MiB)
 {NOTE}"""
 
 
