@@ -47,7 +47,6 @@ sys.path.insert(0, str(ROOT))
 
 import aiosmtplib
 
-from bench.common import POSTGRES_ENV, reset_postgres
 from core.settings import SmtpSettings
 from core.store import Store, utcnow
 from notify import mime
@@ -244,7 +243,11 @@ async def child_outbox(
     port: int, count: int, batch: int, parallel: int, database: str
 ) -> dict[str, Any]:
     if database.startswith("postgresql"):
-        await reset_postgres(database)  # a fresh schema: every run queues the same keys
+        # a fresh schema: every run queues the same keys (imported here: bench.common
+        # brings the whole service, which would weigh on the RSS figures of every run)
+        from bench.common import reset_postgres  # noqa: PLC0415
+
+        await reset_postgres(database)
     async with Store(database) as store:
         smtp = SmtpSettings(
             host="127.0.0.1", port=port, sender=SENDER, timeout=30.0, connections=parallel
@@ -389,9 +392,8 @@ def main() -> None:
         return
     lanes = [int(p) for p in args.parallel.split(",")]
     servers = {"plain": [False], "pipelining": [True], "both": [False, True]}[args.servers]
-    stores = {"sqlite": ""} | (
-        {"postgresql": os.environ[POSTGRES_ENV]} if os.environ.get(POSTGRES_ENV) else {}
-    )
+    postgres = os.environ.get("TGOPS_TEST_DATABASE_URL")
+    stores = {"sqlite": ""} | ({"postgresql": postgres} if postgres else {})
     variants: list[Variant] = []
     for pipelining in servers:
         for p in lanes:
