@@ -147,20 +147,24 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
   connection and 0.75-0.76 -> 0.89-0.96 x with 2; against aiosmtpd as it is no change
   beyond the noise (0.81-0.93 -> 0.89-1.04 x, 0.68-0.71 -> 0.69-0.80 x). The full run
   above: with PIPELINING offered the targets are met on SQLite and with 1 connection on
-  PostgreSQL; PostgreSQL with 2 connections measured 0.69-0.89 x in five runs of 5,000
-  mails this evening and 0.75 x in the full run.
+  PostgreSQL; PostgreSQL with 2 connections is at the edge: 0.79 x in the full run, 0.75 x
+  in a full run half an hour earlier, 0.69-0.89 x in four runs of 5,000 mails.
 - what limits 2 connections is the SMTP server, a single Python process: the bare loop
-  keeps it 93-97 % of a core busy (about 4.5 s of CPU while it sends 10,000 mails in 4.6
-  to 4.7 s), so that baseline runs at the server's own speed, and the outbox gets the
-  same server 71-82 % busy. With PostgreSQL three processes share the 2 cores: the sink
-  4.7 s, the outbox 3.6 s and PostgreSQL 1.4 s of CPU in 6.6 s (1.46 cores on average);
-  at the bare loop's rate they would need 2.1 cores.
+  keeps it 93-98 % of a core busy (the table: 5.1-5.2 s of its CPU while the loop sends
+  10,000 mails in 5.2-5.3 s), so that baseline runs at the server's own speed, and the
+  outbox gets the same server 72-85 % busy. With PostgreSQL three processes share the 2
+  cores: the sink 4.8 s, the outbox 3.7 s and PostgreSQL 1.4 s of CPU in 6.6 s (1.5
+  cores on average, the rest of the time a process waits for another); at the bare
+  loop's rate they would need 1.9 cores.
 - tried and dropped: claiming the next batch while every connection is busy, so that a
   connection that frees goes on without the claim's trip to the store (the claims took
   0.4 s on SQLite and 1.0 s on PostgreSQL in 10,000 mails, 3 and 9 ms each at the
   median; the waits for a batch's first marker 0.27 and 0.35 s): four alternating runs
-  each, no difference beyond the noise (SQLite 5.0-5.9 s before, 5.1-6.2 s after;
-  PostgreSQL 6.1-7.3 and 5.8-7.7 s). Not done: writing the next message's envelope
+  each with 2 connections, no difference beyond the noise (SQLite 5.0-5.9 s before,
+  5.1-6.2 s after; PostgreSQL 6.1-7.3 and 5.8-7.7 s), nor with 1 connection beyond the
+  spread of single runs (three runs of 5,000 mails each way and sink; medians on SQLite
+  5.79 -> 5.29 s and 6.60 -> 5.69 s, single runs 4.7-7.3 s; on PostgreSQL, whose claims
+  take longest, 5.73 -> 6.02 s and 7.36 -> 7.34 s). Not done: writing the next message's envelope
   behind the current one's content (RFC 2920 allows the content to open a group: one
   exchange per message instead of two); the stop and failure paths would then have to
   deal with a server that waits for content.
