@@ -19,8 +19,9 @@ the content is under way (the server may have taken the message) makes it "deliv
 uncertain"; before that (the server has not answered DATA with 354) the server cannot
 have taken it.
 
-With a server that offers PIPELINING (RFC 2920) a message's MAIL, RCPT and DATA are one
-write (``notify/smtp_session.py`` reads the replies however they arrive).
+With a server that offers PIPELINING (RFC 2920) a message's content and the next
+message's MAIL, RCPT and DATA are one write, one exchange per message
+(``notify/smtp_session.py`` reads the replies however they arrive).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
+from aiosmtplib.response import SMTPResponse
 from aiosmtplib.typing import SMTPStatus
 from jinja2 import TemplateError
 
@@ -203,36 +205,74 @@ class EmailChannel:
         begin: Begin,
     ) -> None:
         """Send the batch in order. The next message is composed while the server answers
-        the current one's envelope (SMTP waits for each reply), so composing stays off the
-        path."""
+        the current one (SMTP waits for each reply), so composing stays off the path.
+        With PIPELINING, a message's content goes in one write with the next message's
+        envelope (RFC 2920 lets the content open a group): one exchange per message."""
         size, pipelining = supports("size"), supports("pipelining")
-        prepared = self._prepare(items[0]) if items else None
+        prepared: dict[int, _Wire | DeliveryError] = {}
+
+        def prepare(index: int) -> _Wire | DeliveryError | None:
+            if index >= len(items):
+                return None
+            if index not in prepared:
+                prepared[index] = self._prepare(items[index])
+            return prepared[index]
+
+        ahead: _Envelope | None = None  # the next message's, to go behind the content
         for index, item in enumerate(items):
-            nxt = items[index + 1] if index + 1 < len(items) else None
-            current, prepared = prepared, None
+            current = prepare(index)
+            prepared.pop(index, None)
+            envelope, ahead = ahead, None
             if isinstance(current, DeliveryError):
                 outcome, go_on = Outcome(item=item, error=current), True
             else:
                 assert current is not None
+                if envelope is None:
+                    envelope = _Envelope(begin(item), pipelined=pipelining)
+                behind: tuple[_Envelope, _Wire] | None = None
+                nxt = prepare(index + 1) if pipelining else None
+                if isinstance(nxt, _Wire):
+                    ahead = _Envelope(begin(items[index + 1]), pipelined=True)
+                    behind = (ahead, nxt)
 
-                def meanwhile(nxt: OutboxRecord | None = nxt) -> None:
-                    nonlocal prepared
-                    if nxt is not None:
-                        prepared = self._prepare(nxt)
+                def meanwhile(index: int = index) -> None:
+                    prepare(index + 1)
+                    prepare(index + 2)
 
                 outcome, go_on = await self._send_one(
-                    session,
-                    item,
-                    current,
-                    begin,
-                    size=size,
-                    pipelining=pipelining,
-                    meanwhile=meanwhile,
+                    session, item, current, envelope, size=size, behind=behind, meanwhile=meanwhile
                 )
-            if not report(outcome) or not go_on or not session.open:
+            reported = report(outcome)
+            if not reported or not go_on or not session.open:
+                if ahead is not None:
+                    await self._give_up(
+                        session, items[index + 1], ahead, report, stopping=not reported
+                    )
                 return  # the rest is released (and goes over a new connection)
-            if prepared is None and nxt is not None:  # none sent: not composed meanwhile
-                prepared = self._prepare(nxt)
+
+    async def _give_up(
+        self,
+        session: SmtpSession,
+        item: OutboxRecord,
+        envelope: _Envelope,
+        report: Report,
+        *,
+        stopping: bool,
+    ) -> None:
+        """The batch ends before ``item``, whose marker was requested and whose envelope
+        may have gone behind the previous content: it is released (not tried), or, when
+        its envelope went and the connection broke, the connection counts as lost for it.
+        A server that got its envelope may wait for its content: hang up, not QUIT."""
+        s = self.settings
+        assert s.host is not None
+        if envelope.written:
+            session.close()
+        await _drop(envelope.marked)
+        if envelope.written and not stopping:
+            cause = "the connection ended before this message's content"
+            report(Outcome(item=item, error=SmtpConnectionLostError(s.host, s.port, cause)))
+        else:
+            report(Outcome(item=item, released=True))
 
     def _prepare(self, item: OutboxRecord) -> _Wire | DeliveryError:
         try:
@@ -245,41 +285,34 @@ class EmailChannel:
         session: SmtpSession,
         item: OutboxRecord,
         wire: _Wire,
-        begin: Begin,
+        envelope: _Envelope,
         *,
         size: bool,
-        pipelining: bool,
+        behind: tuple[_Envelope, _Wire] | None,
         meanwhile: Callable[[], None],
     ) -> tuple[Outcome, bool]:
         """Send one message; the outcome, and whether the connection is still usable.
         The commands are written as aiosmtplib's ``mail``, ``rcpt`` and ``data`` write
         them, with what they compute per message done once (addresses quoted, the
-        message's lines ended and dot-stuffed when it was composed). When the server
-        offers PIPELINING, MAIL, RCPT and DATA go as one group and their replies are read
-        together (two exchanges per message instead of four). ``meanwhile`` runs while
-        the server answers MAIL. ``begin`` is awaited before DATA is written (a group
-        holds DATA only when the marker is durable already, as it mostly is: markers are
-        written ahead); once the content has begun, a broken connection leaves the
-        delivery uncertain."""
+        message's lines ended and dot-stuffed when it was composed). With PIPELINING,
+        MAIL, RCPT and DATA go as one group (or went already, behind the previous
+        message's content: ``envelope.replies`` holds what came back), and ``behind``,
+        the next message's envelope, goes in one write with this one's content.
+        ``meanwhile`` runs while the server answers. DATA is written only once the
+        message's marker is stored (a group holds it when the marker is stored already,
+        as it mostly is: markers are written ahead); once the content has begun, a broken
+        connection leaves the delivery uncertain."""
         s = self.settings
         assert s.host is not None
-        in_data = False
-        # the marker is written while the server answers MAIL and RCPT (and, ahead, those of
-        # the next messages)
-        marked = asyncio.ensure_future(begin(item))
-
-        async def transact() -> None:
-            nonlocal in_data
-            await self._envelope(
-                session, item, wire, marked, size=size, pipelining=pipelining, meanwhile=meanwhile
-            )
-            in_data = True
-            (reply,) = await session.exchange(wire.data)
-            if reply.code != SMTPStatus.completed:
-                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-
+        got: list[SMTPResponse] = []
         try:
-            await transact()
+            await self._envelope(session, item, wire, envelope, size=size, meanwhile=meanwhile)
+            data = wire.data
+            count = 1
+            if behind is not None:
+                group, replies = behind[0].commands(self._mail_from, behind[1], size=size)
+                data, count = data + group, count + replies
+            await session.exchange(data, count, meanwhile, into=got)
         except MarkerNotRecordedError as exc:
             await self._reset(session)
             return Outcome(item=item, error=exc), False
@@ -292,66 +325,73 @@ class EmailChannel:
             error = SmtpRefusedError("sender", exc.code, exc.message)
             return Outcome(item=item, error=error), session.open
         except aiosmtplib.SMTPResponseException as exc:
-            # a reply: the server did not take the message (safe to try again if 4xx)
+            # a reply to DATA: the server did not take the message (4xx: try again)
             await self._reset(session)
             error = SmtpRefusedError("message", exc.code, exc.message)
             return Outcome(item=item, error=error), session.open
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             session.close()
-            if in_data:
+            if envelope.in_data and not got:
                 uncertain = DeliveryUncertainError(
                     f"SMTP server {s.host}:{s.port}: {_cause(exc)} during DATA"
                 )
                 return Outcome(item=item, uncertain=True, error=uncertain), False
-            lost = SmtpConnectionLostError(s.host, s.port, _cause(exc))
-            return Outcome(item=item, error=lost), False
+            if not envelope.in_data:
+                lost = SmtpConnectionLostError(s.host, s.port, _cause(exc))
+                return Outcome(item=item, error=lost), False
         finally:
-            await _drop(marked)
-        return Outcome(item=item), True
+            await _drop(envelope.marked)
+        if behind is not None:
+            behind[0].replies.extend(got[1:])
+        reply = got[0]
+        if reply.code != SMTPStatus.completed:
+            # refused at its end: the transaction is over (no RSET: the next one's
+            # envelope may be under way behind it); 4xx is tried again
+            error = SmtpRefusedError("message", reply.code, reply.message)
+            return Outcome(item=item, error=error), session.open
+        return Outcome(item=item), session.open
 
     async def _envelope(
         self,
         session: SmtpSession,
         item: OutboxRecord,
         wire: _Wire,
-        marked: asyncio.Future[None],
+        envelope: _Envelope,
         *,
         size: bool,
-        pipelining: bool,
         meanwhile: Callable[[], None],
     ) -> None:
         """MAIL, RCPT and DATA, until the server waits for the content (or raises)."""
         s = self.settings
-        mail = self._mail_from + (b" SIZE=%d\r\n" % wire.size if size else b"\r\n")
-        if pipelining:
-            group = [mail, wire.rcpt]
-            if _recorded(marked):
-                group.append(b"DATA\r\n")
-            replies = await session.exchange(b"".join(group), len(group), meanwhile)
-            if (
-                len(replies) == 3
-                and replies[2].code == SMTPStatus.start_input
-                and (replies[0].code != SMTPStatus.completed or replies[1].code not in _TAKEN)
-            ):
-                # DATA taken without a sender or recipient (RFC 2920 says it must not
-                # be): the server waits for content it must not get, so hang up
-                session.close()
-        else:
-            replies = await session.exchange(mail, 1, meanwhile)
-        # replies are checked in order; one missing follows a 421, which fails its check
+        replies = envelope.replies
+        if not envelope.written:
+            group, count = envelope.commands(self._mail_from, wire, size=size)
+            await session.exchange(group, count, meanwhile, into=replies)
+        if (
+            len(replies) == 3
+            and replies[2].code == SMTPStatus.start_input
+            and (replies[0].code != SMTPStatus.completed or replies[1].code not in _TAKEN)
+        ):
+            # DATA taken without a sender or recipient (RFC 2920 says it must not be):
+            # the server waits for content it must not get, so hang up
+            session.close()
+        # replies are checked in order; one missing follows a 421 or a lost connection
+        if not replies:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         if replies[0].code != SMTPStatus.completed:
             raise aiosmtplib.SMTPSenderRefused(replies[0].code, replies[0].message, s.sender)
-        if not pipelining:
-            replies += await session.exchange(wire.rcpt)
+        if len(replies) < 2:
+            await session.exchange(wire.rcpt, into=replies)
         if replies[1].code not in _TAKEN:
             raise aiosmtplib.SMTPRecipientRefused(
                 replies[1].code, replies[1].message, item.recipient
             )
         if len(replies) < 3:
-            await marked
-            replies += await session.exchange(b"DATA\r\n")
+            await envelope.marked
+            await session.exchange(b"DATA\r\n", into=replies)
         if replies[2].code != SMTPStatus.start_input:
             raise aiosmtplib.SMTPDataError(replies[2].code, replies[2].message)
+        envelope.in_data = True
 
     async def _reset(self, session: SmtpSession) -> None:
         """RSET after a refusal, so the connection goes on with the next message."""
@@ -374,6 +414,31 @@ class EmailChannel:
             pass
         finally:
             session.close()
+
+
+class _Envelope:
+    """A message's MAIL, RCPT and DATA: the request for its ``transmitting`` marker, the
+    replies read so far, and whether its content has begun (``in_data``)."""
+
+    __slots__ = ("in_data", "marked", "pipelined", "replies", "written")
+
+    def __init__(self, marker: Awaitable[None], *, pipelined: bool) -> None:
+        self.marked = asyncio.ensure_future(marker)
+        self.pipelined = pipelined
+        self.replies: list[SMTPResponse] = []
+        self.written = False
+        self.in_data = False
+
+    def commands(self, mail_from: bytes, wire: _Wire, *, size: bool) -> tuple[bytes, int]:
+        """What to write and how many replies it brings: MAIL alone, or (pipelined) MAIL,
+        RCPT and, with the marker stored, DATA."""
+        self.written = True
+        mail = mail_from + (b" SIZE=%d\r\n" % wire.size if size else b"\r\n")
+        if not self.pipelined:
+            return mail, 1
+        if _recorded(self.marked):
+            return mail + wire.rcpt + b"DATA\r\n", 3
+        return mail + wire.rcpt, 2
 
 
 class _Wire:

@@ -309,6 +309,9 @@ class Outbox:
         async with asyncio.TaskGroup() as group:
             while not self._stopping.is_set():
                 await slots.acquire()
+                if self._stopping.is_set():  # began while a batch had every slot
+                    slots.release()
+                    break
                 wake.clear()
                 delay = self.idle
                 batch: list[OutboxRecord] = []

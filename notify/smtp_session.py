@@ -53,18 +53,25 @@ class SmtpSession(asyncio.Protocol):
             self._transport.close()
 
     async def exchange(
-        self, commands: bytes, replies: int = 1, meanwhile: Callable[[], None] | None = None
+        self,
+        commands: bytes,
+        replies: int = 1,
+        meanwhile: Callable[[], None] | None = None,
+        *,
+        into: list[SMTPResponse] | None = None,
     ) -> list[SMTPResponse]:
         """Write ``commands`` (one, or a pipelined group of ``replies`` commands, each
-        ending with CRLF) and read their replies, in order. ``meanwhile`` runs after the
-        write, while the server answers. A 421 reply closes the session and ends the
-        list early; a lost connection or a timeout raises (and closes it)."""
+        ending with CRLF) and read their replies, in order, into ``into`` (a new list by
+        default), which is returned. ``meanwhile`` runs after the write, while the server
+        answers. A 421 reply closes the session and ends the list early; a lost
+        connection or a timeout raises (and closes it), the replies read before it are in
+        ``into``."""
         if not self.open:
             raise self._broken or SMTPServerDisconnected("Connection lost")
         self._transport.write(commands)
         if meanwhile is not None:
             meanwhile()
-        got: list[SMTPResponse] = []
+        got: list[SMTPResponse] = [] if into is None else into
         for _ in range(replies):
             reply = await self._read()
             got.append(reply)

@@ -6,6 +6,7 @@
         await server.wait_messages(3)    # until 3 were accepted (bounded)
         server.refuse_sender = "550 5.7.1 sender rejected"   # answer every MAIL FROM so
         server.refuse_recipients["x@example.org"] = "550 5.1.1 no such user"
+        server.refuse_content["y@example.org"] = "554 5.7.1 rejected"  # at the end of DATA
         server.drop_at = {2}             # close the connection at the 2nd MAIL FROM
         smtp_server(pipelining=True)     # PIPELINING offered; server.reads (record_reads)
         server.hold = asyncio.Event()    # a message is taken, its reply waits until set
@@ -86,6 +87,9 @@ class _Handler:
 
     async def handle_DATA(self, smtp: Any, session: Any, envelope: Any) -> str:
         srv = self.server
+        for rcpt in envelope.rcpt_tos:
+            if rcpt in srv.refuse_content:
+                return srv.refuse_content[rcpt]
         hold = srv.hold is not None and not srv.hold.is_set()
         if srv.discard:
             srv.count += 1
@@ -134,6 +138,8 @@ class SmtpServer:
     logins: list[str] = field(default_factory=list)
     refuse_sender: str | None = None
     refuse_recipients: dict[str, str] = field(default_factory=dict)
+    refuse_content: dict[str, str] = field(default_factory=dict)
+    """Recipient -> the reply to the end of a message to it (instead of taking it)."""
     drop_at: set[int] = field(default_factory=set)
     hold: asyncio.Event | None = None
     holding: asyncio.Event = field(default_factory=asyncio.Event)

@@ -492,11 +492,12 @@ async def test_lines_starting_with_a_dot_arrive_as_composed() -> None:
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
-async def test_a_server_offering_pipelining_gets_each_envelope_in_one_write(
+async def test_a_server_offering_pipelining_gets_one_write_per_message(
     tmp_path: Path, pipelining: bool
 ) -> None:
-    """RFC 2920: MAIL, RCPT and (once the message's marker is durable) DATA go to a server
-    that offers PIPELINING in one write, and only to such a server."""
+    """RFC 2920: to a server that offers PIPELINING, and only to such a server, a
+    message's content goes in one write with the next message's MAIL, RCPT and (its
+    marker stored) DATA; the first message's envelope goes alone."""
     admins = [f"admin{i}@example.org" for i in range(6)]
     async with smtp_server(pipelining=pipelining) as server:
         server.record_reads = True
@@ -509,16 +510,18 @@ async def test_a_server_offering_pipelining_gets_each_envelope_in_one_write(
             rows = await wait_until(lambda: settled(service.store), what="all settled")
         assert sorted(m.rcpt_tos[0] for m in received) == admins
         assert [r.status for r in rows] == ["sent"] * 6
-        envelopes = [r for r in server.reads if r.startswith(b"MAIL FROM:")]
+        envelopes = [r for r in server.reads if b"MAIL FROM:" in r]
         assert len(envelopes) == 6
+        alone = [r for r in envelopes if r.startswith(b"MAIL FROM:")]
+        behind = [r for r in envelopes if b"\r\n.\r\nMAIL FROM:" in r]
         grouped = [r for r in envelopes if b"\r\nRCPT TO:<" in r]
         with_data = [r for r in grouped if r.endswith(b">\r\nDATA\r\n")]
         if pipelining:
             # the first message's marker is written while its envelope goes (its DATA
             # follows on its own); the markers of the others were written with it
-            assert (len(grouped), len(with_data)) == (6, 5)
+            assert (len(alone), len(behind), len(grouped), len(with_data)) == (1, 5, 6, 5)
         else:
-            assert (len(grouped), len(with_data)) == (0, 0)
+            assert (len(alone), len(behind), len(grouped), len(with_data)) == (6, 0, 0, 0)
         assert server.connections == 1
 
 

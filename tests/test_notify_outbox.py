@@ -241,6 +241,66 @@ async def test_outcomes_the_store_refuses_are_not_written_twice(
         assert "outcomes not recorded" in caplog.text
 
 
+async def test_pipelined_a_refused_message_does_not_disturb_the_next_one(tmp_path: Path) -> None:
+    """The next message's envelope goes behind a message's content: when the server
+    refuses that content, the next one still goes on the same connection."""
+    async with smtp_server(pipelining=True) as server:
+        server.refuse_content["user1@example.org"] = "554 5.7.1 content rejected (test)"
+        server.record_reads = True
+        async with outbox_for(tmp_path, server) as (outbox, store):
+            await outbox.put(*(mail(i) for i in range(4)))
+
+            async def settled() -> list[tuple[str, int]] | None:
+                rows = [(r.status, r.attempts) for r in await outbox_rows(store)]
+                return rows if all(status in {"sent", "failed"} for status, _ in rows) else None
+
+            rows = await wait_until(settled, what="all settled")
+        assert rows == [("sent", 1), ("failed", 1), ("sent", 1), ("sent", 1)]
+        assert sorted(m.rcpt_tos[0] for m in server.messages) == [
+            "user0@example.org",
+            "user2@example.org",
+            "user3@example.org",
+        ]
+        assert server.connections == 1
+        # user2's envelope went in one write behind user1's refused content
+        assert any(
+            b"\r\n.\r\nMAIL FROM:" in r and b"<user2@example.org>" in r for r in server.reads
+        )
+
+
+async def test_pipelined_a_stop_releases_the_message_whose_envelope_went_ahead(
+    tmp_path: Path,
+) -> None:
+    """The outbox stops while a message's content is at the server and the next one's
+    envelope went behind it: that one is released untried (no attempt counted, not
+    uncertain, its marker cleared) and the connection is closed at once rather than
+    answered with QUIT (the server may be waiting for its content)."""
+    async with smtp_server(pipelining=True) as server:
+        server.hold = asyncio.Event()
+        async with outbox_for(tmp_path, server, start=False) as (outbox, store):
+            await outbox.put(*(mail(i) for i in range(3)))
+            task = asyncio.create_task(outbox.run(), name="test-outbox")
+            try:
+                async with asyncio.timeout(10):
+                    await server.holding.wait()  # user0's content is at the server
+                stopping = asyncio.create_task(outbox.stop(5.0))
+                await asyncio.sleep(0.1)
+                server.hold.set()
+                async with asyncio.timeout(1.5):  # less than smtp.timeout (2 s)
+                    assert await stopping
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            rows = await outbox_rows(store)
+        assert [(r.status, r.attempts) for r in rows] == [
+            ("sent", 1),
+            ("pending", 0),
+            ("pending", 0),
+        ]
+        assert not any(r.transmitting for r in rows[1:])
+        assert [m.rcpt_tos[0] for m in server.messages] == ["user0@example.org"]
+
+
 async def test_a_connection_lost_during_data_is_uncertain_not_sent_again(tmp_path: Path) -> None:
     async with smtp_server() as server, outbox_for(tmp_path, server) as (outbox, store):
         server.hold = asyncio.Event()
