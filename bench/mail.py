@@ -133,22 +133,34 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
 - ninth pass of issue 15 (2026-12-05, evening): **SMTP pipelining** (RFC 2920).
   aiosmtpd, the sink here, does not offer PIPELINING; Postfix, Exim, Exchange and most
   servers a customer's mail goes through do. Where the server offers it, a message's
-  MAIL, RCPT and DATA now go in one write and their replies are read together
-  (`notify/smtp_session.py` takes the connection over from aiosmtplib once the session
-  is open: aiosmtplib's reader keeps one reply and drops what arrives while that one is
-  not read). DATA joins the group only when the message's `transmitting` marker is
-  stored (every message of a batch but the first); the replies are checked in order.
+  content now goes in one write with the next message's MAIL, RCPT and DATA (RFC 2920
+  lets the content open a group), and their replies are read together: one exchange per
+  message instead of four (`notify/smtp_session.py` takes the connection over from
+  aiosmtplib once the session is open: aiosmtplib's reader keeps one reply and drops
+  what arrives while that one is not read). DATA joins the group only when that
+  message's `transmitting` marker is stored (every message of a batch but the first);
+  the replies are checked in order. First built with MAIL, RCPT and DATA of one message
+  as the group (two exchanges per message); the figures below marked "two exchanges" are
+  that step's.
   The benchmark now runs every variant against both sinks (`python -m tests.smtp_server
   --pipelining` adds the keyword to aiosmtpd's EHLO reply; the bare aiosmtplib loop does
   not pipeline either way), the outbox on SQLite and on PostgreSQL, and reads the CPU of
   the sink and of PostgreSQL's processes from /proc.
-- same runner, the code before and after alternating, 3,000 mails, two runs each, on
-  SQLite: against the sink offering PIPELINING 0.85-0.86 -> 1.01-1.06 x with 1
+- over a round trip of 10 ms (the table above; a sink that holds every reply back 10
+  ms), 300 mails, 1 connection: the bare loop and the outbox without PIPELINING need 43
+  ms per mail (four exchanges), the outbox with it about 12 (one); with two exchanges per
+  message it needed 22.3 ms (6.69 s for the 300 mails, measured once beside 13.0 s and
+  3.58 s).
+- two exchanges, same runner, the code before and after alternating, 3,000 mails, two
+  runs each, on SQLite: against the sink offering PIPELINING 0.85-0.86 -> 1.01-1.06 x with 1
   connection and 0.75-0.76 -> 0.89-0.96 x with 2; against aiosmtpd as it is no change
-  beyond the noise (0.81-0.93 -> 0.89-1.04 x, 0.68-0.71 -> 0.69-0.80 x). The full run
-  above: with PIPELINING offered the targets are met on SQLite and with 1 connection on
-  PostgreSQL; PostgreSQL with 2 connections is at the edge: 0.79 x in the full run, 0.75 x
-  in a full run half an hour earlier, 0.69-0.89 x in four runs of 5,000 mails.
+  beyond the noise (0.81-0.93 -> 0.89-1.04 x, 0.68-0.71 -> 0.69-0.80 x). Two full runs
+  of that step (18:10 and 18:31 UTC): with PIPELINING 1.03 and 1.11 / 0.93 and 0.93 x on
+  SQLite, 0.94 and 0.98 / 0.75 and 0.79 x on PostgreSQL. One exchange against two, 10,000
+  mails, three alternating runs each on a slower hour (medians): SQLite 7.07 -> 7.01 s
+  with 1 connection and 6.19 -> 5.08 s with 2, PostgreSQL 8.47 -> 8.21 s and 7.28 ->
+  7.02 s: on loopback a round trip costs little, what one exchange saves is mostly the
+  server's and the outbox's work per read.
 - what limits 2 connections is the SMTP server, a single Python process: the bare loop
   keeps it 93-98 % of a core busy (the table: 5.1-5.2 s of its CPU while the loop sends
   10,000 mails in 5.2-5.3 s), so that baseline runs at the server's own speed, and the
@@ -164,10 +176,11 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
   5.1-6.2 s after; PostgreSQL 6.1-7.3 and 5.8-7.7 s), nor with 1 connection beyond the
   spread of single runs (three runs of 5,000 mails each way and sink; medians on SQLite
   5.79 -> 5.29 s and 6.60 -> 5.69 s, single runs 4.7-7.3 s; on PostgreSQL, whose claims
-  take longest, 5.73 -> 6.02 s and 7.36 -> 7.34 s). Not done: writing the next message's envelope
-  behind the current one's content (RFC 2920 allows the content to open a group: one
-  exchange per message instead of two); the stop and failure paths would then have to
-  deal with a server that waits for content.
+  take longest, 5.73 -> 6.02 s and 7.36 -> 7.34 s).
+- found on the way: when the outbox stopped while a batch held every connection, the
+  claim loop, already waiting for a free one, claimed and sent one more batch once it
+  got it; it now looks again after the wait (the test of a stop with an envelope under
+  way failed without that).
 - this machine's vCPUs are shared (other benchmarks ran meanwhile): single runs
   vary widely; the table keeps every run, the ratios use medians; user CPU varies far less
   than time.
@@ -433,7 +446,7 @@ def mib(kib: int) -> str:
     return f"{kib / 1024:.0f}"
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=100, help="messages per connection")
@@ -450,8 +463,19 @@ def main() -> None:
         default="both",
         help="the sink as aiosmtpd is (no PIPELINING), offering PIPELINING, or each in turn",
     )
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=10.0,
+        help="also run bare loop and outbox against sinks this far away (0: not)",
+    )
+    parser.add_argument("--latency-count", type=int, default=300, help="mails in those runs")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments()
     if args.child:
         child_main(args)
         return
@@ -467,26 +491,19 @@ def main() -> None:
                 variants += [("bare+compose", 1, pipelining, "")]
             variants += [("outbox", p, pipelining, store) for store in stores]
 
-    sinks = {
-        pipelining: subprocess.Popen(
-            [sys.executable, "-m", "tests.smtp_server", "0"]
-            + (["--pipelining"] if pipelining else []),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for pipelining in servers
-    }
-    ports = {}
-    for pipelining, sink in sinks.items():
-        assert sink.stdout is not None
-        ports[pipelining] = int(sink.stdout.readline())
+    sinks = {pipelining: start_sink(pipelining) for pipelining in servers}
+    ports = {pipelining: port for pipelining, (_, port) in sinks.items()}
+    far = {pipelining: start_sink(pipelining, args.latency_ms) for pipelining in servers}
     load = os.getloadavg()
     results: dict[Variant, list[dict[str, Any]]] = {v: [] for v in variants}
+    distant: dict[tuple[str, bool], list[float]] = {
+        (kind, pipelining): [] for pipelining in servers for kind in ("bare", "outbox")
+    }
     try:
         for run in range(args.runs):
             for (kind, lanes_, pipelining, store), found in results.items():
-                sink_before, postgres_before = process_cpu(sinks[pipelining].pid), postgres_cpu()
+                sink = sinks[pipelining][0]
+                sink_before, postgres_before = process_cpu(sink.pid), postgres_cpu()
                 result = run_child(
                     kind,
                     ports[pipelining],
@@ -495,25 +512,71 @@ def main() -> None:
                     lanes_,
                     database=stores.get(store, ""),
                 )
-                result["sink_cpu_seconds"] = process_cpu(sinks[pipelining].pid) - sink_before
+                result["sink_cpu_seconds"] = process_cpu(sink.pid) - sink_before
                 result["postgres_cpu_seconds"] = postgres_cpu() - postgres_before
                 found.append(result)
                 offer = " (server offers PIPELINING)" if pipelining else ""
                 print(f"run {run + 1} {kind} {store} x{lanes_}{offer}: {result}", flush=True)
+            if not args.latency_ms:
+                continue
+            for (kind, pipelining), seconds in distant.items():
+                port = far[pipelining][1]
+                far_run = run_child(kind, port, args.latency_count, args.batch, 1, database="")
+                seconds.append(far_run["seconds"])
+                print(f"run {run + 1} {kind} {args.latency_ms} ms away: {far_run}", flush=True)
     finally:
-        for sink in sinks.values():
+        for sink, _ in [*sinks.values(), *far.values()]:
             sink.terminate()
             sink.wait(10)
-    text = report(args, results, load)
+    text = report(args, results, load, far=far_report(args, distant))
     print(text)
     if not args.no_write:
         print(f"written to {write_results(text)}")
+
+
+def start_sink(pipelining: bool, delay_ms: float = 0.0) -> tuple[subprocess.Popen[str], int]:
+    """An SMTP sink in its own process and its port: as aiosmtpd is or offering
+    PIPELINING, its replies held back ``delay_ms`` (a server that far away)."""
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "tests.smtp_server", "0", "--reply-delay", str(delay_ms)]
+        + (["--pipelining"] if pipelining else []),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert sink.stdout is not None
+    return sink, int(sink.stdout.readline())
+
+
+def far_report(args: argparse.Namespace, distant: dict[tuple[str, bool], list[float]]) -> str:
+    """The runs against a server whose replies take ``--latency-ms`` to come back."""
+    if not args.latency_ms or not any(distant.values()):
+        return ""
+    rows = "\n".join(
+        f"| {kind} | {'yes' if offer else 'no'} | {statistics.median(seconds):.2f} | "
+        f"{statistics.median(seconds) / args.latency_count * 1000:.1f} | "
+        f"{', '.join(f'{x:.2f}' for x in seconds)} |"
+        for (kind, offer), seconds in distant.items()
+    )
+    return f"""
+Over a round trip of {args.latency_ms:g} ms (the sink holds every reply back that
+long, as a server that far away; several replies in flight wait together):
+{args.latency_count} mails, batches of {args.batch}, 1 connection, the outbox on SQLite,
+{args.runs} runs each.
+
+| path | server offers PIPELINING | seconds (median) | ms per mail | runs |
+|---|---|---|---|---|
+{rows}
+
+"""
 
 
 def report(
     args: argparse.Namespace,
     results: dict[Variant, list[dict[str, Any]]],
     load: tuple[float, float, float],
+    *,
+    far: str,
 ) -> str:
     def median(variant: Variant, field: str = "seconds") -> float:
         return float(statistics.median(r[field] for r in results[variant]))
@@ -590,7 +653,7 @@ def report(
   {mib(last["rss_end_kib"])} MiB; peak (VmHWM) {mib(last["vm_hwm_kib"])} MiB (the bare loop
   with all {args.count} messages prebuilt: peak
   {mib(results[("bare", first[1], first[2], "")][-1]["vm_hwm_kib"])} MiB)
-{NOTE}"""
+{far}{NOTE}"""
 
 
 if __name__ == "__main__":

@@ -14,14 +14,15 @@
         await server.stop(); await server.start()   # down (connections cut), up again
 
 ``tls``: "none", "starttls" (offered and required before AUTH and MAIL) or "implicit".
-Run ``python -m tests.smtp_server PORT [--pipelining]`` for a sink in its own process
-that accepts and discards everything (the e-mail benchmark uses it).
+Run ``python -m tests.smtp_server PORT [--pipelining] [--reply-delay MS]`` for a sink in
+its own process that accepts and discards everything (the e-mail benchmark uses it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import email
 import email.policy
@@ -130,6 +131,9 @@ class SmtpServer:
     reads: list[bytes] = field(default_factory=list)
     """What the server read from its connections, one entry per read (``record_reads``)."""
     record_reads: bool = False
+    reply_delay: float = 0.0
+    """Seconds every reply takes to reach the client, as over a network with that round
+    trip (replies are held back, not the server: several in flight wait together)."""
     messages: list[Received] = field(default_factory=list)
     count: int = 0
     mail_commands: int = 0
@@ -176,6 +180,8 @@ class SmtpServer:
                     server.connections += 1
                     server._open.add(self)
                     server.max_open = max(server.max_open, len(server._open))
+                if server.reply_delay and isinstance(transport, asyncio.WriteTransport):
+                    _delay_writes(transport, server.reply_delay)
                 super().connection_made(transport)
 
             def data_received(self, data: bytes) -> None:
@@ -242,8 +248,34 @@ async def smtp_server(
         await server.stop()
 
 
-async def _sink(port: int, pipelining: bool) -> None:
-    server = SmtpServer(port=port, discard=True, pipelining=pipelining)
+def _delay_writes(transport: asyncio.WriteTransport, delay: float) -> None:
+    """Make what is written on ``transport`` leave ``delay`` seconds later, in order."""
+    loop = asyncio.get_running_loop()
+    write, close = transport.write, transport.close
+    waiting: collections.deque[tuple[float, bytes | None]] = collections.deque()
+
+    def flush() -> None:
+        now = loop.time()
+        while waiting and waiting[0][0] <= now:
+            data = waiting.popleft()[1]
+            if data is None:  # closed after what was written before
+                close()
+            elif not transport.is_closing():
+                write(data)
+        if waiting:
+            loop.call_at(waiting[0][0], flush)
+
+    def later(data: bytes | None) -> None:
+        waiting.append((loop.time() + delay, data))
+        if len(waiting) == 1:
+            loop.call_at(waiting[0][0], flush)
+
+    transport.write = lambda data: later(bytes(data))  # type: ignore[method-assign]
+    transport.close = lambda: later(None)  # type: ignore[method-assign]
+
+
+async def _sink(port: int, pipelining: bool, reply_delay: float) -> None:
+    server = SmtpServer(port=port, discard=True, pipelining=pipelining, reply_delay=reply_delay)
     await server.start()
     print(server.port, flush=True)
     stop = asyncio.Event()
@@ -259,5 +291,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="an SMTP sink on 127.0.0.1 (discards mail)")
     parser.add_argument("port", type=int, nargs="?", default=0)
     parser.add_argument("--pipelining", action="store_true", help="offer PIPELINING")
+    parser.add_argument(
+        "--reply-delay", type=float, default=0.0, help="milliseconds each reply is held back"
+    )
     arguments = parser.parse_args()
-    asyncio.run(_sink(arguments.port, arguments.pipelining))
+    asyncio.run(_sink(arguments.port, arguments.pipelining, arguments.reply_delay / 1000))
