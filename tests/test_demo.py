@@ -16,6 +16,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import aiohttp
+import aiosmtplib
 import pytest
 
 from bot.demo.demo import (
@@ -129,6 +130,15 @@ async def test_demo_starts_serves_and_stops(tmp_path: Path) -> None:
         # both hotfixes e-mailed to both contacts; the urgent one phoned and acknowledged
         await until(announced, within=30)
         assert "[phone] calling +4915100000001" in out.read_text()
+        # the mail capture offers PIPELINING, as real sites' servers do (the mails above
+        # went pipelined)
+        capture = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=config["smtp"]["port"], start_tls=False, timeout=10
+        )
+        await capture.connect()
+        await capture.ehlo()
+        assert capture.supports_extension("pipelining")
+        await capture.quit()
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)

@@ -7,7 +7,8 @@ Everything is built in the demo directory (default ``./tgops-demo``):
   iBus input-method modules, and an ``oldstable`` channel; served on loopback;
 - a 3-node sandbox cluster and one sandbox single system (simulated nodes: see
   ``core/drivers/sandbox.py``) with older versions installed and users logged in;
-- a mail capture (SMTP on loopback) writing every message into ``mail/`` (a Maildir);
+- a mail capture (SMTP on loopback, offering PIPELINING) writing every message into
+  ``mail/`` (a Maildir);
 - a phone gateway standing in for Twilio's API: it prints the calls and SMS it would
   place, and the first callee of an urgent hotfix presses 1 a few seconds later;
 - the service itself, and an interactive ``/tg`` console.
@@ -191,6 +192,19 @@ class _Mailbox:
         self.maildir = mailbox.Maildir(path, create=True)
         self.path = path
         self.say = say
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Offer PIPELINING, as the mail servers of real sites do (aiosmtpd reads the
+        commands of a group in order anyway): the demo shows the path they get."""
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.content if isinstance(envelope.content, bytes) else b""
