@@ -651,7 +651,7 @@ def render(results: list[dict[str, Any]], alone: dict[str, Any] | None) -> str:
         f"{results[0].get('measured_at', now_text()) if results else now_text()}",
         "",
         f"- machine: {machine_line()}",
-        f"- {NODES} sandbox nodes in {CLUSTERS} generated clusters of {PER_CLUSTER} "
+        f"- {NODES:,} sandbox nodes in {CLUSTERS} generated clusters of {PER_CLUSTER} "
         f"(`max_parallel_updates = {PARALLEL}`), one .deb pending per node, each install",
         f"  delayed {INSTALL_SECONDS:g} s by `faults.json`; `schedule update all on daily "
         f"HH:MM:SS` for a time S ~{AHEAD:g} s ahead (Europe/Berlin);",
@@ -688,7 +688,7 @@ def _alone_lines(alone: dict[str, Any] | None, ideal: float) -> list[str]:
         return []
     return [
         "- the driver alone, the floor on this machine (measured first, in a child of its own): "
-        f"the same {NODES} nodes' operations inside a slot (drain, notice, disconnect,",
+        f"the same {NODES:,} nodes' operations inside a slot (drain, notice, disconnect,",
         "  install, reboot, post-update check, undrain) by `SandboxDriver`, "
         f"{PARALLEL} at a time per cluster and all clusters at once, nothing else in the",
         f"  process: **{alone['makespan']:.2f} s, {alone['makespan'] / ideal:.2f} x the ideal**; "
