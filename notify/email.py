@@ -339,6 +339,9 @@ class EmailChannel:
             if not envelope.in_data:
                 lost = SmtpConnectionLostError(s.host, s.port, _cause(exc))
                 return Outcome(item=item, error=lost), False
+            # the reply to this content was read; the error came with the next message's
+            # envelope behind it, which the batch settles (``_give_up``): this one's
+            # outcome is its reply, below
         finally:
             await _drop(envelope.marked)
         if behind is not None:
