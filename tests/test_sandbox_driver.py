@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from core.drivers import SandboxDriver, make_driver
-from core.drivers.sandbox import OPERATIONS
+from core.drivers.sandbox import OPERATIONS, Unpacks
 from core.errors import DriverError, NodeUnreachableError
 from core.interfaces import NodeDriver
 from core.model import PackageKind, Session, StagedPackage
@@ -173,6 +173,27 @@ async def test_stage_and_install_a_real_deb(debs: Path, root: Path) -> None:
     assert all(e.exit_status == 0 and e.operation == "install" for e in output.entries)
 
 
+async def test_install_of_several_packages_at_once(debs: Path, root: Path) -> None:
+    output = OutputLog()
+    driver = SandboxDriver("tg1", root, clustered=True, output=output)
+    first = staged_package(debs, "tg-a", "1.0", {"usr/lib/tg/a": b"a"})
+    second = staged_package(debs, "tg-b", "2.0", {"usr/lib/tg/b": b"b"})
+    await driver.stage([first, second])
+
+    result = await driver.install([first, second])
+
+    assert dict(result.installed) == {"tg-a": "1.0", "tg-b": "2.0"}
+    assert (root / "fs" / "usr/lib/tg/a").read_bytes() == b"a"
+    assert (root / "fs" / "usr/lib/tg/b").read_bytes() == b"b"
+    assert list((root / "staged").iterdir()) == []
+    assert [e.command.split()[:3] for e in output.entries] == [
+        ["dpkg-deb", "-f", str(root / "staged" / "tg-a_1.0.deb")],
+        ["dpkg-deb", "-X", str(root / "staged" / "tg-a_1.0.deb")],
+        ["dpkg-deb", "-f", str(root / "staged" / "tg-b_2.0.deb")],
+        ["dpkg-deb", "-X", str(root / "staged" / "tg-b_2.0.deb")],
+    ]
+
+
 async def test_upgrade_replaces_files_and_removes_stale_ones(
     driver: SandboxDriver, debs: Path, root: Path
 ) -> None:
@@ -252,6 +273,49 @@ async def test_a_cached_file_of_another_size_is_copied_and_hashed(
     staged = root / "staged" / "tg-x_1.0.deb"
     assert staged.stat().st_ino != package.path.stat().st_ino
     assert staged.read_bytes() == package.path.read_bytes()
+
+
+async def _install_on(nodes: int, debs: Path, root: Path, unpacks: Unpacks) -> list[str]:
+    """Stage one package on each of ``nodes`` sandbox nodes, then install on all at once."""
+    drivers = [
+        SandboxDriver(f"tg{i}", root / f"n{i}", clustered=True, unpacks=unpacks)
+        for i in range(nodes)
+    ]
+    packages = [
+        staged_package(debs / f"n{i}", "tg-x", "1.0", {"usr/lib/tg/x": b"%d" % i})
+        for i in range(nodes)
+    ]
+    for driver, package in zip(drivers, packages, strict=True):
+        await driver.stage([package])
+    results = await asyncio.gather(
+        *(d.install([p]) for d, p in zip(drivers, packages, strict=True))
+    )
+    return [r.installed["tg-x"] for r in results]
+
+
+async def test_installs_on_many_nodes_unpack_at_most_the_limit_at_once(
+    debs: Path, tmp_path: Path
+) -> None:
+    limited = Unpacks(2)
+    assert await _install_on(6, debs / "a", tmp_path / "a", limited) == ["1.0"] * 6
+    assert limited.peak == 2
+    # the same six installs with room for all: every one unpacks at the same time
+    roomy = Unpacks(6)
+    assert await _install_on(6, debs / "b", tmp_path / "b", roomy) == ["1.0"] * 6
+    assert roomy.peak == 6
+
+
+async def test_one_unpack_limit_serves_several_event_loops(debs: Path, tmp_path: Path) -> None:
+    shared = Unpacks(1)
+    here = _install_on(3, debs / "a", tmp_path / "a", shared)
+    there = asyncio.to_thread(asyncio.run, _install_on(3, debs / "b", tmp_path / "b", shared))
+    assert await asyncio.gather(here, there) == [["1.0"] * 3, ["1.0"] * 3]
+    assert shared.peak <= 2  # one at a time in each loop
+
+
+def test_an_unpack_limit_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="1 or more, not 0"):
+        Unpacks(0)
 
 
 async def test_install_of_something_not_staged(driver: SandboxDriver, debs: Path) -> None:
@@ -448,10 +512,12 @@ async def test_state_is_replaced_atomically(driver: SandboxDriver, root: Path) -
     before = path.stat().st_ino
     with path.open() as reader:  # a reader that opened the old file keeps a whole file
         await driver.set_logon(True)
+        await driver.drain()  # however often it is written meanwhile
         assert json.loads(reader.read())["logon_enabled"] is False
     assert path.stat().st_ino != before
     assert json.loads(path.read_text())["logon_enabled"] is True
-    assert names(root) == ["state.json"]  # no temporary files
+    assert json.loads(path.read_text())["lb"] == "drained"
+    assert names(root) == ["state.json"]  # no temporary files, no old file left
 
 
 @pytest.fixture
