@@ -19,7 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.store import Store
 from core.store import tables as t
-from core.store.sqlite import OneTripDialect
+from core.store.journal import NodeChange, StepJournal
+from core.store.sqlite import KEEP_CHANGES, OneTripDialect
 
 NOW = datetime(2026, 12, 5, 8, 0, tzinfo=UTC)
 
@@ -83,6 +84,86 @@ async def test_rows_counts_and_many_parameter_sets(store: Store) -> None:
         assert (await conn.execute(by_key, {"key": "k1"})).scalar_one() == {"i": -1}
         assert (await conn.execute(by_key, {"key": "k4"})).scalar_one() == {"i": 4}
         assert (await conn.execute(by_key, {"key": "nope"})).first() is None
+
+
+def _kv_rows(keys: range) -> list[dict[str, object]]:
+    return [
+        {"namespace": "test", "key": f"k{i}", "value": {"i": i}, "updated_at": NOW} for i in keys
+    ]
+
+
+async def _kv_keys(store: Store) -> list[str]:
+    async with store.engine.connect() as conn:
+        return [r.key for r in await conn.execute(select(t.kv.c.key).order_by(t.kv.c.key))]
+
+
+async def test_with_keep_changes_writes_go_with_the_next_trip(
+    store: Store,
+) -> None:
+    by_key = select(t.kv.c.value).where(t.kv.c.key == bindparam("key"))
+    async with store.engine.begin() as conn:
+        await conn.execution_options(**KEEP_CHANGES)
+        before = await _trips(conn)
+        await conn.execute(insert(t.kv), _kv_rows(range(5)))
+        await conn.execute(
+            update(t.kv).where(t.kv.c.key == bindparam("b_key")).values(value=bindparam("v")),
+            [{"b_key": "k1", "v": {"i": -1}}, {"b_key": "k2", "v": {"i": -2}}],
+        )
+        await conn.execute(update(t.kv).where(t.kv.c.key == "k3").values(value={"i": -3}))
+        assert await _trips(conn) == before  # kept, not run yet
+        # the next statement runs them first, in the order they came, in the same trip
+        assert (await conn.execute(by_key, {"key": "k2"})).scalar_one() == {"i": -2}
+        assert await _trips(conn) == before + 1
+        await conn.execute(insert(t.kv), _kv_rows(range(5, 7)))
+    async with store.engine.connect() as conn:
+        assert await _trips(conn) == before + 2  # the commit ran the last one
+    assert await _kv_keys(store) == [f"k{i}" for i in range(7)]
+    async with store.engine.connect() as conn:
+        assert (await conn.execute(by_key, {"key": "k3"})).scalar_one() == {"i": -3}
+
+
+async def test_a_kept_statement_that_fails_fails_its_transaction(store: Store) -> None:
+    async def change_then_fail() -> None:
+        async with store.engine.begin() as conn:
+            await conn.execution_options(**KEEP_CHANGES)
+            await conn.execute(update(t.nodes).where(t.nodes.c.name == "n1").values(sessions=7))
+            await conn.execute(insert(t.kv), _kv_rows(range(2)) + _kv_rows(range(1, 2)))
+
+    with pytest.raises(IntegrityError, match="UNIQUE constraint failed"):
+        await change_then_fail()  # raised by the commit's trip
+    record = await store.node("n1")
+    assert record is not None and record.sessions == 0
+    assert await _kv_keys(store) == []
+
+
+async def test_a_rolled_back_transaction_drops_what_it_kept(store: Store) -> None:
+    async with store.engine.connect() as conn:
+        before = await _trips(conn)
+
+    async def keep_then_fail() -> None:
+        async with store.engine.begin() as conn:
+            await conn.execution_options(**KEEP_CHANGES)
+            await conn.execute(insert(t.kv), _kv_rows(range(3)))
+            raise RuntimeError("changed my mind")
+
+    with pytest.raises(RuntimeError, match="changed my mind"):
+        await keep_then_fail()
+    async with store.engine.connect() as conn:
+        assert await _trips(conn) == before  # neither the rows nor a rollback went
+    assert await _kv_keys(store) == []
+
+
+async def test_a_journal_transaction_is_one_trip(store: Store) -> None:
+    journal = StepJournal(store.transaction)
+    async with store.engine.connect() as conn:
+        before = await _trips(conn)
+    await journal.write(
+        NodeChange(name="n1", values={"sessions": 4}),
+        NodeChange(name="n2", values={"sessions": 5, "lb": "drained"}),
+    )
+    async with store.engine.connect() as conn:
+        assert await _trips(conn) == before + 1
+    assert [(await store.node(n)).sessions for n in ("n1", "n2")] == [4, 5]  # type: ignore[union-attr]
 
 
 async def test_a_failed_statement_rolls_its_transaction_back(store: Store) -> None:

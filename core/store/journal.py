@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.store import tables as t
 from core.store.records import NodeRecord, StepRecord, node_record
+from core.store.sqlite import KEEP_CHANGES
 
 log = logging.getLogger(__name__)
 
@@ -506,6 +507,7 @@ class StepJournal:
         entries = [x for group, _ in batch for x in group]
         try:
             async with self._transaction() as conn:
+                await conn.execution_options(**KEEP_CHANGES)  # SQLite: one trip (core.store.sqlite)
                 await write_entries(conn, entries, self._marked)
             self.commits += 1
             self._marked.update(x.run_id for x in entries if isinstance(x, Transition))

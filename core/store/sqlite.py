@@ -9,6 +9,15 @@ trip, and does not make the trip for a commit or a rollback when SQLite has no
 transaction open and nothing of this connection is still queued on its thread (no
 statement, so nothing to end).
 
+On a connection given the execution options ``KEEP_CHANGES`` (the run journal's), a
+statement that changes rows and returns none (INSERT, UPDATE or DELETE without RETURNING,
+for one parameter set or many) makes no trip of its own: it is kept and run on the
+thread, in order, at the start of the connection's next trip (the next statement, or the
+commit), so that a transaction of such statements costs one trip instead of one per
+statement. Its error, if any, is raised by that trip, inside the same transaction; a
+rollback drops what was kept. Its ``rowcount`` and ``lastrowid`` are -1 (not known): such
+a connection is for writes whose results nobody reads.
+
 The store uses it for every ``sqlite+aiosqlite://`` URL; the URL users write is unchanged.
 When the store closes, ``settle`` closes what a stopped task left open on those threads and
 waits for them to end: none hands a result to an event loop after the store has closed.
@@ -40,6 +49,15 @@ DRIVER = "tgops_aiosqlite"
 """The driver name of this dialect in an SQLAlchemy URL (``sqlite+tgops_aiosqlite``)."""
 
 _Description = tuple[tuple[Any, ...], ...] | None
+
+KEEP_CHANGES = {"tgops_keep_changes": True}
+"""Execution options under which statements that change rows wait for the next trip
+(module doc); other dialects ignore them."""
+
+
+async def _nothing() -> None:
+    """Awaited where no trip is made: SQLAlchemy requires each statement to await something,
+    and this returns without a turn of the event loop."""
 
 
 def _execute(
@@ -84,23 +102,40 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
         self.rowcount, self.lastrowid = adapted.trip(_execute_many, operation, seq_of_parameters)
         self.description = None
 
+    def keep(self, function: Callable[..., Any], operation: Any, parameters: Any) -> None:
+        """``function(connection, operation, parameters)`` at the start of the next trip."""
+        adapted = cast(_Connection, self._adapt_connection)
+        adapted.keep(function, operation, parameters)
+        adapted.await_(_nothing())
+        self.rowcount = self.lastrowid = -1
+        self.description = None
+        self._rows.clear()
+
 
 class _Connection(AsyncAdapt_aiosqlite_connection):
     # trips queued (written on the event loop's thread only) and finished (written on
     # aiosqlite's thread only): a trip of a cancelled statement can still be running
-    __slots__ = ("_finished", "_queued")
+    __slots__ = ("_finished", "_kept", "_queued")
 
     def __init__(self, dbapi: Any, connection: Any) -> None:
         super().__init__(dbapi, connection)
         self._queued = 0
         self._finished = 0
+        self._kept: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def keep(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run ``function(sqlite3_connection, *args)`` at the start of the next trip."""
+        self._kept.append((function, args))
 
     def trip(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Run ``function(sqlite3_connection, *args)`` on aiosqlite's thread; its errors
-        are raised as SQLAlchemy's adapter raises them."""
+        """Run what was kept, then ``function(sqlite3_connection, *args)``, on aiosqlite's
+        thread; their errors are raised as SQLAlchemy's adapter raises them."""
+        kept, self._kept = self._kept, []
 
         def call() -> Any:
             try:
+                for earlier, earlier_args in kept:
+                    earlier(conn, *earlier_args)
                 return function(conn, *args)
             finally:
                 self._finished += 1
@@ -133,12 +168,17 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
         return _Cursor(self)
 
     def rollback(self) -> None:
+        self._kept.clear()  # never run: nothing to undo
         if not self._idle():
             self.trip(sqlite3.Connection.rollback)
 
     def commit(self) -> None:
-        if not self._idle():
+        if self._kept or not self._idle():
             self.trip(sqlite3.Connection.commit)
+
+    def close(self) -> None:
+        self._kept.clear()
+        super().close()
 
 
 class _DBAPI(AsyncAdapt_aiosqlite_dbapi):
@@ -185,10 +225,36 @@ async def settle(engine: AsyncEngine, within: float) -> None:
         log.warning("store: %d SQLite connection(s) still busy %.0f s after closing", left, within)
 
 
+def _kept(cursor: Any, context: Any) -> bool:
+    """Whether this statement waits for the next trip: it changes rows, returns none and
+    runs on a connection with ``KEEP_CHANGES``."""
+    return (
+        isinstance(cursor, _Cursor)
+        and context is not None
+        and bool(context.execution_options.get("tgops_keep_changes"))
+        and bool(context.is_crud)
+        and not context.compiled.effective_returning
+    )
+
+
 class OneTripDialect(SQLiteDialect_aiosqlite):
     """SQLAlchemy's aiosqlite dialect with the adapter above."""
 
     supports_statement_cache = True
+
+    def do_executemany(
+        self, cursor: Any, statement: Any, parameters: Any, context: Any = None
+    ) -> None:
+        if _kept(cursor, context):
+            cursor.keep(_execute_many, statement, list(parameters))
+        else:
+            cursor.executemany(statement, parameters)
+
+    def do_execute(self, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
+        if _kept(cursor, context):
+            cursor.keep(_execute, statement, parameters)
+        else:
+            cursor.execute(statement, parameters)
 
     @classmethod
     def import_dbapi(cls) -> AsyncAdapt_aiosqlite_dbapi:
