@@ -11,7 +11,8 @@ runs that start, node changes with the same columns, step details, audit records
 returns only once its own records are committed: a step starts after its record is
 durable, as with a transaction of its own (L15), but the store commits once per batch
 instead of once per record. The records one caller hands over together are committed in
-the same transaction.
+the same transaction. On SQLite such a transaction is one trip to the database's thread
+(``core.store.sqlite.KEEP_CHANGES``): the journal reads nothing its writes return.
 
 A transition is one statement: the row of the step that starts. The step before it is
 not updated; it is done once a later step of its run has begun (``done_steps`` reads it
