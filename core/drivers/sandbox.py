@@ -220,8 +220,8 @@ _exchange: Any = _renameat2()
 
 def _exchanged(tmp: str, path: Path) -> bool:
     """Exchange the names ``tmp`` and ``path`` atomically; False (nothing changed) where
-    ``path`` does not exist yet or the exchange is not available, which is then not tried
-    again."""
+    ``path`` does not exist yet, the exchange is refused, or the file system or kernel has
+    no exchange (then it is not tried again in this process)."""
     global _exchange  # noqa: PLW0603 - learnt once per process
     if _exchange is None:
         return False

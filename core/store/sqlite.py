@@ -50,7 +50,8 @@ DRIVER = "tgops_aiosqlite"
 
 _Description = tuple[tuple[Any, ...], ...] | None
 
-KEEP_CHANGES = {"tgops_keep_changes": True}
+_KEEP = "tgops_keep_changes"
+KEEP_CHANGES = {_KEEP: True}
 """Execution options under which statements that change rows wait for the next trip
 (module doc); other dialects ignore them."""
 
@@ -231,7 +232,7 @@ def _kept(cursor: Any, context: Any) -> bool:
     return (
         isinstance(cursor, _Cursor)
         and context is not None
-        and bool(context.execution_options.get("tgops_keep_changes"))
+        and bool(context.execution_options.get(_KEEP))
         and bool(context.is_crud)
         and not context.compiled.effective_returning
     )
