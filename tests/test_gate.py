@@ -133,11 +133,12 @@ async def test_a_firing_alert_holds_a_manual_auto_update_until_it_clears(tmp_pat
         await f.events.wait_for(held("solo1", "released"))
         # released by the first check after the alert cleared (one in flight may still
         # have seen it): within one check_interval
-        after = [
-            e.result
-            for e in f.events.events
-            if isinstance(e, ev.GateChecked) and e.node == "solo1" and e.at >= cleared_at
-        ]
+        checks = [e for e in f.events.events if isinstance(e, ev.GateChecked) and e.node == "solo1"]
+        after = [e.result for e in checks if e.at >= cleared_at]
+        if not after:
+            # the gate saw the alert clear before this test's own poll of Prometheus did:
+            # the check that released it is the last one before that poll
+            after = [checks[-1].result]
         assert after in (["clear"], ["blocked", "clear"]), after
         assert sessions(f, "solo1") == []
         log = (await f.api.command("log solo1 40"))["text"]

@@ -317,6 +317,37 @@ async def test_maintenance_notices_logon_and_cancel(tmp_path: Path) -> None:
         assert reply["ok"] is False and "No maintenance was scheduled on tg1" in reply["text"]
 
 
+async def test_an_ended_window_does_not_make_the_reminder_loop_look_again(
+    tmp_path: Path,
+) -> None:
+    """Ending a window gives the reminder loop nothing to do, so it does not read the open
+    windows again for it (at a large update time each run's end ends its node's window:
+    the loop read the whole table after every end). Scheduling one does wake it."""
+    async with fleet(tmp_path, sections={"maintenance": {"notice_lead": "3s"}}) as f:
+        tz = ZoneInfo("Europe/Berlin")
+        when = (datetime.now(tz) + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S")
+
+        def looks(sent: list[str]) -> list[str]:
+            return [
+                x for x in sent if x.lstrip().upper().startswith("SELECT") and "maintenance" in x
+            ]
+
+        with statements_sent(f.service.store.engine) as sent:
+            reply = await f.api.command(f"maintenance schedule tg1 {when} Kernel update")
+            assert reply["ok"] is True, reply["text"]
+            after_reply = len(sent)
+            await asyncio.sleep(0.5)  # five times the loop's settling time after a change
+        assert looks(sent[after_reply:]), "scheduling a window wakes the reminder loop"
+
+        with statements_sent(f.service.store.engine) as sent:
+            reply = await f.api.command("maintenance cancel tg1")
+            assert reply["ok"] is True, reply["text"]
+            after_reply = len(sent)
+            await asyncio.sleep(0.5)
+        assert looks(sent[after_reply:]) == []
+        assert (await f.node_status("tg1"))["maintenance"] is None
+
+
 async def test_windows_that_start_together_are_marked_at_once_and_announced_once(
     tmp_path: Path,
 ) -> None:

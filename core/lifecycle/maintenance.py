@@ -78,6 +78,11 @@ class Maintenance:
         return background("maintenance-reminders", self._loop)
 
     def changed(self) -> None:
+        """A window was scheduled, moved or opened: the reminder loop looks at the store
+        again (``WAKE_SETTLE`` later). A window that ends does not call this: the loop has
+        nothing to do for it and no longer sees it at its next look, while a look at
+        every open window after each end kept the loop reading the whole table during a
+        large update time (each run's end ends its node's window)."""
         self._wake.set()
 
     # -- commands ----------------------------------------------------------------------
@@ -136,7 +141,6 @@ class Maintenance:
         for name in names:
             ended = await self.end_for(name, actor=actor, reason=reason, problems=problems)
             (done if ended else none).append(name)
-        self.changed()
         return Cancelled(nodes=done, none=none, problems=problems)
 
     async def open_for(
@@ -218,7 +222,6 @@ class Maintenance:
         await engine.events.publish(
             ev.MaintenanceEnded(node=name, reason=reason, by=actor.name, start=record.start)
         )
-        self.changed()
         return True
 
     # -- reminders ---------------------------------------------------------------------
