@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import event
 
 from core import events as ev
+from core.lifecycle.maintenance import WAKE_SETTLE
 from core.model import SYSTEM, PackageKind
 from tests.databases import statements_sent
 from tests.fleet import fleet
@@ -336,14 +337,14 @@ async def test_an_ended_window_does_not_make_the_reminder_loop_look_again(
             reply = await f.api.command(f"maintenance schedule tg1 {when} Kernel update")
             assert reply["ok"] is True, reply["text"]
             after_reply = len(sent)
-            await asyncio.sleep(0.5)  # five times the loop's settling time after a change
+            await asyncio.sleep(5 * WAKE_SETTLE)  # the loop looks WAKE_SETTLE after a change
         assert looks(sent[after_reply:]), "scheduling a window wakes the reminder loop"
 
         with statements_sent(f.service.store.engine) as sent:
             reply = await f.api.command("maintenance cancel tg1")
             assert reply["ok"] is True, reply["text"]
             after_reply = len(sent)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(5 * WAKE_SETTLE)
         assert looks(sent[after_reply:]) == []
         assert (await f.node_status("tg1"))["maintenance"] is None
 
