@@ -106,6 +106,42 @@ def cpu_children() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds of a process and of its children it has waited for (/proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu() -> float:
+    """CPU seconds of the machine's PostgreSQL processes (the server's own, and through
+    its ``cutime`` those of the connections' backends that have ended)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            program = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
+        except OSError:
+            continue
+        if program.startswith(b"postgres") or program.endswith(b"/postgres"):
+            total += process_cpu(int(entry.name))
+    return total
+
+
+def machine_busy() -> float:
+    """CPU seconds all of the machine's cores have spent busy since boot (/proc/stat:
+    everything but idle and iowait); over a window, divided by its length, the cores
+    that were busy on average."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(f) for f in fields]
+    busy = sum(ticks[:8]) - ticks[3] - ticks[4]  # user..steal, less idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def proc_status_kib(field: str) -> int:
     """A ``kB`` field of /proc/self/status (VmHWM: peak RSS since exec, VmRSS: now)."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -201,32 +201,6 @@ VARS: dict[str, Any] = {
 }
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds of a process and of its children it has waited for (/proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def postgres_cpu() -> float:
-    """CPU seconds of the machine's PostgreSQL processes (the server's own, and through
-    its ``cutime`` those of the connections' backends that have ended)."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            program = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
-        except OSError:
-            continue
-        if program.startswith(b"postgres") or program.endswith(b"/postgres"):
-            total += process_cpu(int(entry.name))
-    return total
-
-
 def rss_kib(field: str = "VmRSS") -> int:
     status = Path("/proc/self/status").read_text()
     return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(field))
@@ -479,6 +453,9 @@ def main() -> None:
     if args.child:
         child_main(args)
         return
+    # the parent only: a child (the measured process) does not load the fleet helpers
+    from bench.common import postgres_cpu, process_cpu  # noqa: PLC0415
+
     lanes = [int(p) for p in args.parallel.split(",")]
     servers = {"plain": [False], "pipelining": [True], "both": [False, True]}[args.servers]
     postgres = os.environ.get("TGOPS_TEST_DATABASE_URL")

@@ -70,9 +70,11 @@ from bench.common import (  # noqa: E402
     fleet_toml,
     log_problems,
     log_to,
+    machine_busy,
     machine_line,
     now_text,
     percentile,
+    postgres_cpu,
     prepare_nodes,
     proc_status_kib,
     profiled,
@@ -281,7 +283,13 @@ async def _scheduled_runs(
     async def mark_s() -> None:
         """The statement count and CPU time at S: what the time after S costs."""
         await asyncio.sleep(max(0.0, _seconds(datetime.now(UTC), at)))
-        at_s.update(statements=sql.total, cpu=time.process_time(), t=time.perf_counter())
+        at_s.update(
+            statements=sql.total,
+            cpu=time.process_time(),
+            t=time.perf_counter(),
+            machine=machine_busy(),
+            postgres=postgres_cpu(),
+        )
 
     marker = asyncio.create_task(mark_s(), name="bench-mark-s")
     with profiled(profile):
@@ -299,6 +307,10 @@ async def _scheduled_runs(
         "statements_after_s": sql.total - at_s["statements"] if at_s else None,
         "cpu_after_s": time.process_time() - at_s["cpu"] if at_s else None,
         "seconds_after_s": time.perf_counter() - at_s["t"] if at_s else None,
+        # every core of the machine, and the PostgreSQL server's processes, after S: how
+        # much of the 2 cores the update had, and what the database's server took of them
+        "machine_after_s": machine_busy() - at_s["machine"] if at_s else None,
+        "postgres_after_s": postgres_cpu() - at_s["postgres"] if at_s else None,
     }
     await lag.stop()
     statements, by_key = sql.snapshot()

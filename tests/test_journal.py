@@ -516,3 +516,47 @@ async def test_closing_the_store_writes_what_was_handed_over(tmp_path: Path) -> 
     async with Store(url) as again:
         assert [s.name for s in await again.steps(run_id)] == ["download"]
         assert any(r.action == "noted" for r in await again.audit_log())
+
+
+async def test_every_journal_write_finds_its_rows_by_key(tmp_path: Path) -> None:
+    """SQLite's plan of each statement the journal writes with searches an index; none
+    reads a whole table. A run's end once freed its node by ``active_run_id`` (no index):
+    every run's end read every node, at 10,000 nodes 100 million rows per update time."""
+    async with Store(f"sqlite+aiosqlite:///{tmp_path}/state.db") as store:
+        await store.sync_nodes([(name, "c1", "sandbox") for name in NODES])
+        ids = await _runs(store)
+        sent: list[tuple[str, Any]] = []
+
+        def seen(_conn: object, _cursor: object, statement: str, params: Any, *_: object) -> None:
+            if statement.split(maxsplit=1)[0].upper() in {"INSERT", "UPDATE", "DELETE"}:
+                sent.append((statement, params[0] if isinstance(params, list) else params))
+
+        engine = store.engine.sync_engine
+        event.listen(engine, "before_cursor_execute", seen)
+        try:
+            for run_id, name in zip(ids[:2], NODES, strict=False):
+                await store.begin_step(run_id, "download")
+                await store.step_detail(run_id, "download", "1 of 2 files")
+                await store.commit(
+                    NodeChange(name=name, values={"lb": "drained"}),
+                    NodeChange(name=name, values={}, derive=lambda row: {"staged": {}}),
+                    RunChange(run_id=run_id, values={"params": {"plan": []}}),
+                )
+                await store.begin_step(run_id, "install", after="download")
+                await store.end_step(run_id, "install", detail="installed")
+            await store.finish_run(
+                ids[0], status="succeeded", error=None, end=RunEnd(kind="auto-update", node="n01")
+            )
+            await store.finish_run(
+                ids[1], status="failed", error="x", end=RunEnd(kind="auto-update", node="n02")
+            )
+        finally:
+            event.remove(engine, "before_cursor_execute", seen)
+        plans: dict[str, list[str]] = {}
+        async with store.engine.connect() as conn:
+            for statement, params in dict(sent).items():
+                rows = await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)
+                plans[statement] = [row[-1] for row in rows]
+    assert any(s.startswith("UPDATE nodes SET active_run_id") for s in plans), plans
+    scans = {s: p for s, p in plans.items() if any(line.startswith("SCAN") for line in p)}
+    assert not scans, scans

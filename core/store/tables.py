@@ -123,7 +123,7 @@ run_steps = Table(
     Column("detail", Text, nullable=True),
     Column("started_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=True),
-    Index("ix_run_steps_run", "run_id"),
+    Index("ix_run_steps_run", "run_id", "id"),  # a run's steps in order (0005)
 )
 
 audit = Table(
