@@ -142,6 +142,35 @@ def machine_busy() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads by kind (/proc/self/task): the event loop
+    (``main``), SQLite's connection thread (``sqlite``), the threads that start the
+    drivers' commands (``commands``: the sandbox's ``dpkg-deb``), the default executor's
+    threads (``executor``: file reads, hashing) and any other (``other``)."""
+    import threading  # noqa: PLC0415 - only the fleet benchmarks need it
+
+    by_id = {thread.native_id: thread for thread in threading.enumerate()}
+    found = dict.fromkeys(("main", "sqlite", "commands", "executor", "other"), 0.0)
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        thread = by_id.get(int(task.name))
+        if thread is threading.main_thread():
+            kind = "main"
+        elif type(thread).__module__.startswith("aiosqlite"):
+            kind = "sqlite"
+        elif thread is not None and thread.name.startswith("tgops-process"):
+            kind = "commands"
+        elif thread is not None and thread.name.startswith("asyncio_"):
+            kind = "executor"
+        else:
+            kind = "other"
+        found[kind] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return found
+
+
 def proc_status_kib(field: str) -> int:
     """A ``kB`` field of /proc/self/status (VmHWM: peak RSS since exec, VmRSS: now)."""
     for line in Path("/proc/self/status").read_text().splitlines():

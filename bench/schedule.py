@@ -82,6 +82,7 @@ from bench.common import (  # noqa: E402
     repo_server,
     reset_postgres,
     run_child,
+    thread_cpu,
     verdict,
     write_section,
 )
@@ -279,6 +280,7 @@ async def _scheduled_runs(
     lag = LoopLag()
     lag.start()
     at_s: dict[str, float] = {}
+    threads_at_s: dict[str, float] = {}
 
     async def mark_s() -> None:
         """The statement count and CPU time at S: what the time after S costs."""
@@ -290,6 +292,7 @@ async def _scheduled_runs(
             machine=machine_busy(),
             postgres=postgres_cpu(),
         )
+        threads_at_s.update(thread_cpu())
 
     marker = asyncio.create_task(mark_s(), name="bench-mark-s")
     with profiled(profile):
@@ -311,6 +314,9 @@ async def _scheduled_runs(
         # much of the 2 cores the update had, and what the database's server took of them
         "machine_after_s": machine_busy() - at_s["machine"] if at_s else None,
         "postgres_after_s": postgres_cpu() - at_s["postgres"] if at_s else None,
+        "threads_after_s": {
+            kind: seconds - threads_at_s.get(kind, 0.0) for kind, seconds in thread_cpu().items()
+        },
     }
     await lag.stop()
     statements, by_key = sql.snapshot()
@@ -466,6 +472,25 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _cores_line(r: dict[str, Any]) -> str:
+    """Where the machine's 2 cores went after S (older figures lack it)."""
+    threads = r.get("threads_after_s")
+    if not threads or r.get("machine_after_s") is None:
+        return "  - the machine's cores after S: not measured"
+    window = r["seconds_after_s"] or 1.0
+    postgres = r.get("postgres_after_s") or 0.0
+    return (
+        f"  - the machine's cores after S: busy {r['machine_after_s']:.1f} s in {window:.1f} s "
+        f"({r['machine_after_s'] / window:.2f} of 2 cores); of it this process "
+        f"{r['cpu_after_s']:.1f} s (event loop {threads['main']:.1f}, SQLite's thread "
+        f"{threads['sqlite']:.1f}, threads starting commands {threads.get('commands', 0.0):.1f}, "
+        f"executor threads {threads['executor']:.1f}, others "
+        f"{threads['other']:.1f} s)"
+        + (f", the PostgreSQL server {postgres:.1f} s" if postgres else "")
+        + "; the rest: `dpkg-deb`, the repository server, the kernel, other work"
+    )
+
+
 SLOT_KEYS = ("SELECT slot_waiters", "SELECT cluster_slots")
 
 
@@ -543,6 +568,7 @@ def _details(r: dict[str, Any]) -> list[str]:
         f"({(r['statements_after_s'] or 0) / NODES:.0f} per node, "
         f"{(r['statements_after_s'] or 0) / (r['seconds_after_s'] or 1):.0f} per second), "
         f"process CPU {_fmt(r['cpu_after_s'], '.1f')} s in {_fmt(r['seconds_after_s'], '.0f')} s",
+        _cores_line(r),
         "  - statements that raised: "
         + (", ".join(f"{k}: {n}" for k, n in r["statement_errors"].items()) or "none"),
         f"  - load average (1 min) {r['load'][0]:.2f} at the start, {r['load'][1]:.2f} at the "

@@ -8,6 +8,7 @@ replies, status, the nodes' own files.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import event
 
 from core import events as ev
-from core.lifecycle.maintenance import WAKE_SETTLE
+from core.lifecycle.maintenance import NOTICES_AT_ONCE, WAKE_SETTLE
 from core.model import SYSTEM, PackageKind
 from tests.databases import statements_sent
 from tests.fleet import fleet
@@ -347,6 +348,45 @@ async def test_an_ended_window_does_not_make_the_reminder_loop_look_again(
             await asyncio.sleep(5 * WAKE_SETTLE)
         assert looks(sent[after_reply:]) == []
         assert (await f.node_status("tg1"))["maintenance"] is None
+
+
+async def test_a_ticks_notices_leave_the_event_loop_turns_between_them(tmp_path: Path) -> None:
+    """The reminders of many nodes are not all sent in one turn of the event loop: a
+    simulated node's notice never waits, and 1,000 of them in one turn (0.1 to 0.2 s) held
+    up every run's step meanwhile. At most ``NOTICES_AT_ONCE`` go out per turn."""
+    nodes = [f"tg{i}" for i in range(1, 41)]
+    async with fleet(
+        tmp_path,
+        cluster_nodes=len(nodes),
+        # the windows open for notices together, 4 s after they were scheduled
+        sections={"maintenance": {"notice_lead": "3596s", "reminder_interval": "1h"}},
+    ) as f:
+        files = [f.root / "nodes" / node / "messages.log" for node in nodes]
+        turns: list[int] = []
+
+        def notices() -> int:
+            return sum(len(x.read_bytes().splitlines()) for x in files if x.exists())
+
+        async def probe() -> None:  # one count per turn of the loop, until all are told
+            while not turns or turns[-1] < len(nodes):
+                turns.append(notices())
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(probe())
+        when = (datetime.now(ZoneInfo("Europe/Berlin")) + timedelta(hours=1)).strftime(
+            "%Y-%m-%d %H:%M:%S"
+        )
+        reply = await f.api.command(f"maintenance schedule c1 {when} Kernel update")
+        assert reply["ok"] is True, reply["text"]
+        try:
+            async with asyncio.timeout(20):
+                await watcher
+        finally:
+            watcher.cancel()
+    steps = [after - before for before, after in itertools.pairwise(turns)]
+    assert turns[-1] == len(nodes)
+    assert max(steps) <= NOTICES_AT_ONCE, steps
+    assert len([x for x in steps if x]) >= len(nodes) // NOTICES_AT_ONCE
 
 
 async def test_windows_that_start_together_are_marked_at_once_and_announced_once(

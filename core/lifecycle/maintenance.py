@@ -270,6 +270,11 @@ class Maintenance:
 
         async def announce(record: MaintenanceRecord) -> None:
             async with gate:
+                # a turn of the loop first: an announce that never waits (a simulated
+                # node) ends before the next task asks the gate, which then never holds
+                # one back, and all of a tick's notices ran in one turn of the loop
+                # (1,000 nodes: 0.1 to 0.2 s in which no run's step went on)
+                await asyncio.sleep(0)
                 try:
                     async with asyncio.timeout(30):
                         await self.engine.drivers[record.node].announce(
