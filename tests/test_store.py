@@ -7,7 +7,6 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from alembic import command
@@ -19,6 +18,15 @@ from core.store.base import POOL_SIZE
 from tests.databases import NO_POSTGRES, POSTGRES_URL, backends, reset_postgres
 
 MIGRATIONS = Path(__file__).parent.parent / "core" / "store" / "migrations"
+
+
+def downgrade_to(connection: Connection, revision: str) -> None:
+    """Migrate the store on ``connection`` down to ``revision`` (opening it again migrates
+    it up to the head)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    command.downgrade(config, revision)
 
 
 @pytest.fixture(params=backends())
@@ -402,14 +410,8 @@ async def test_migration_0003_gives_existing_windows_and_schedules_a_calendar_ui
                 node=node, kind="update", days="daily", start="03:00", end=None, by="t"
             )
 
-        def back_to_0002(connection: Connection) -> None:
-            config = Config()
-            config.set_main_option("script_location", str(MIGRATIONS))
-            config.attributes["connection"] = connection
-            command.downgrade(config, "0002")
-
         async with store.engine.begin() as conn:
-            await conn.run_sync(back_to_0002)
+            await conn.run_sync(downgrade_to, "0002")
     async with Store(url) as store:  # migrated to the head again at opening
         uids = [w.uid for w in await store.maintenance()]
         uids += [s.uid for s in await store.schedules()]
@@ -434,20 +436,11 @@ async def test_the_run_steps_index_orders_a_runs_steps_and_migrates_both_ways(ur
         found = inspect(connection).get_indexes("run_steps")
         return next(i["column_names"] for i in found if i["name"] == "ix_run_steps_run")
 
-    def migrate(target: str) -> Any:
-        def run(connection: Connection) -> None:
-            config = Config()
-            config.set_main_option("script_location", str(MIGRATIONS))
-            config.attributes["connection"] = connection
-            (command.downgrade if target == "0004" else command.upgrade)(config, target)
-
-        return run
-
     async with Store(url) as store:
         async with store.engine.connect() as conn:
             assert await conn.run_sync(run_steps_index) == ["run_id", "id"]
         async with store.engine.begin() as conn:
-            await conn.run_sync(migrate("0004"))
+            await conn.run_sync(downgrade_to, "0004")
         async with store.engine.connect() as conn:
             assert await conn.run_sync(run_steps_index) == ["run_id"]
     async with Store(url) as store, store.engine.connect() as conn:  # migrated again
