@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event, inspect, text
+from sqlalchemy import Connection, inspect
 
 from core.store import NodeBusyError, Store, StoreUnavailableError
-from core.store.base import POOL_SIZE
-from tests.databases import NO_POSTGRES, POSTGRES_URL, backends, reset_postgres
+from tests.databases import POSTGRES_URL, backends, reset_postgres
 
 MIGRATIONS = Path(__file__).parent.parent / "core" / "store" / "migrations"
 
@@ -445,29 +444,3 @@ async def test_the_run_steps_index_orders_a_runs_steps_and_migrates_both_ways(ur
             assert await conn.run_sync(run_steps_index) == ["run_id"]
     async with Store(url) as store, store.engine.connect() as conn:  # migrated again
         assert await conn.run_sync(run_steps_index) == ["run_id", "id"]
-
-
-@pytest.mark.postgres
-@pytest.mark.skipif(POSTGRES_URL is None, reason=NO_POSTGRES)
-async def test_postgres_connections_stay_open_between_bursts() -> None:
-    """Two bursts of more reads at once than the pool holds open no connection beyond the
-    pool's size: one that comes back is kept, not closed and opened again for the next
-    statement (a server process and asyncpg's look at the server's types each time)."""
-    assert POSTGRES_URL is not None
-    await reset_postgres(POSTGRES_URL)
-    async with Store(POSTGRES_URL) as store:
-        opened: list[object] = []
-        listener = lambda *_args: opened.append(None)  # noqa: E731
-        event.listen(store.engine.sync_engine, "connect", listener)
-
-        async def read() -> None:
-            async with store.reading() as conn:
-                await conn.execute(text("SELECT pg_sleep(0.05)"))
-
-        try:
-            for _ in range(2):
-                async with asyncio.timeout(30):
-                    await asyncio.gather(*(read() for _ in range(POOL_SIZE * 2)))
-        finally:
-            event.remove(store.engine.sync_engine, "connect", listener)
-    assert 0 < len(opened) <= POOL_SIZE

@@ -1,6 +1,6 @@
-"""PostgreSQL connections in the store's pool: one that waited longer than ``idle_ping``
-is asked whether it still works before it is used, and replaced if the server dropped it;
-one used a moment ago is taken as it is."""
+"""PostgreSQL connections in the store's pool: kept once opened (up to ``POOL_SIZE``);
+one that waited longer than ``idle_ping`` is asked whether it still works before it is
+used, and replaced if the server dropped it; one used a moment ago is taken as it is."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from core.store import Store
+from core.store.base import POOL_SIZE
 from tests.databases import NO_POSTGRES, POSTGRES_URL, reset_postgres
 
 pytestmark = [
@@ -75,3 +76,27 @@ async def test_reads_open_no_transaction(store: Store) -> None:
         inside = await conn.scalar(since_begin)
     assert inside is not None and inside >= 0.1
     assert (await store.node("n1")) is not None  # the store's reads go this way
+
+
+async def test_postgres_connections_stay_open_between_bursts() -> None:
+    """Two bursts of more reads at once than the pool holds open no connection beyond the
+    pool's size: one that comes back is kept, not closed and opened again for the next
+    statement (a server process and asyncpg's look at the server's types each time)."""
+    assert POSTGRES_URL is not None
+    await reset_postgres(POSTGRES_URL)
+    async with Store(POSTGRES_URL) as store:
+        opened: list[object] = []
+        listener = lambda *_args: opened.append(None)  # noqa: E731
+        event.listen(store.engine.sync_engine, "connect", listener)
+
+        async def read() -> None:
+            async with store.reading() as conn:
+                await conn.execute(text("SELECT pg_sleep(0.05)"))
+
+        try:
+            for _ in range(2):
+                async with asyncio.timeout(30):
+                    await asyncio.gather(*(read() for _ in range(POOL_SIZE * 2)))
+        finally:
+            event.remove(store.engine.sync_engine, "connect", listener)
+    assert 0 < len(opened) <= POOL_SIZE
