@@ -181,6 +181,14 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
   claim loop, already waiting for a free one, claimed and sent one more batch once it
   got it; it now looks again after the wait (the test of a stop with an envelope under
   way failed without that).
+- thirteenth pass of issue 15 (2026-12-06): the table above is the first full run since
+  the store keeps its PostgreSQL connections open (`core/store/base.py`; the fleet
+  benchmarks' "Thirteenth pass"). Nothing of the outbox changed. Against the run of
+  2026-12-05 19:13 UTC the ratios on PostgreSQL rose (2 connections with PIPELINING 0.71
+  -> 0.82 x, 1 connection without it 0.69 -> 0.87 x), but the bare loop itself was slower
+  in this hour (11.68 against 7.95 s with 1 connection; its system CPU 1.24 against 0.31
+  s), which raises every ratio; the runs were not alternated with the code before, so
+  the table says nothing of what the kept connections did here.
 - this machine's vCPUs are shared (other benchmarks ran meanwhile): single runs
   vary widely; the table keeps every run, the ratios use medians; user CPU varies far less
   than time.
