@@ -106,14 +106,20 @@ def cpu_children() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds of a process and of its children it has waited for (/proc)."""
+def _cpu_seconds(stat: Path, fields: int) -> float:
+    """CPU seconds of a ``/proc/.../stat`` file: its first ``fields`` time fields (2:
+    utime and stime; 4: also cutime and cstime, the children waited for); 0 when the
+    process or thread has ended."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        values = stat.read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return sum(int(v) for v in values[11 : 11 + fields]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of a process and of its children it has waited for (/proc)."""
+    return _cpu_seconds(Path(f"/proc/{pid}/stat"), 4)
 
 
 def postgres_cpu() -> float:
@@ -152,10 +158,6 @@ def thread_cpu() -> dict[str, float]:
     by_id = {thread.native_id: thread for thread in threading.enumerate()}
     found = dict.fromkeys(("main", "sqlite", "commands", "executor", "other"), 0.0)
     for task in Path("/proc/self/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended meanwhile
         thread = by_id.get(int(task.name))
         if thread is threading.main_thread():
             kind = "main"
@@ -167,7 +169,7 @@ def thread_cpu() -> dict[str, float]:
             kind = "executor"
         else:
             kind = "other"
-        found[kind] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        found[kind] += _cpu_seconds(task / "stat", 2)
     return found
 
 

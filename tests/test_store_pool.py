@@ -78,25 +78,24 @@ async def test_reads_open_no_transaction(store: Store) -> None:
     assert (await store.node("n1")) is not None  # the store's reads go this way
 
 
-async def test_postgres_connections_stay_open_between_bursts() -> None:
+async def test_postgres_connections_stay_open_between_bursts(store: Store) -> None:
     """Two bursts of more reads at once than the pool holds open no connection beyond the
     pool's size: one that comes back is kept, not closed and opened again for the next
     statement (a server process and asyncpg's look at the server's types each time)."""
-    assert POSTGRES_URL is not None
-    await reset_postgres(POSTGRES_URL)
-    async with Store(POSTGRES_URL) as store:
-        opened: list[object] = []
-        listener = lambda *_args: opened.append(None)  # noqa: E731
-        event.listen(store.engine.sync_engine, "connect", listener)
+    opened: list[object] = []
 
-        async def read() -> None:
-            async with store.reading() as conn:
-                await conn.execute(text("SELECT pg_sleep(0.05)"))
+    def connected(*_args: object) -> None:
+        opened.append(None)
 
-        try:
-            for _ in range(2):
-                async with asyncio.timeout(30):
-                    await asyncio.gather(*(read() for _ in range(POOL_SIZE * 2)))
-        finally:
-            event.remove(store.engine.sync_engine, "connect", listener)
+    async def read() -> None:
+        async with store.reading() as conn:
+            await conn.execute(text("SELECT pg_sleep(0.05)"))
+
+    event.listen(store.engine.sync_engine, "connect", connected)
+    try:
+        for _ in range(2):
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(read() for _ in range(POOL_SIZE * 2)))
+    finally:
+        event.remove(store.engine.sync_engine, "connect", connected)
     assert 0 < len(opened) <= POOL_SIZE
