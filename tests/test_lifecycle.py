@@ -10,17 +10,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import event
 
 from core import events as ev
+from core.lifecycle.engine import REFRESH_PARALLEL
 from core.lifecycle.maintenance import NOTICES_AT_ONCE, WAKE_SETTLE
+from core.lifecycle.runs import STARTED_PER_TURN
 from core.model import SYSTEM, PackageKind
 from tests.databases import statements_sent
-from tests.fleet import fleet
+from tests.fleet import fleet, run_ids
 from tests.service import VIEWER_TOKEN, running, settings_for
 
 
@@ -387,6 +391,68 @@ async def test_a_ticks_notices_leave_the_event_loop_turns_between_them(tmp_path:
     assert turns[-1] == len(nodes)
     assert max(steps) <= NOTICES_AT_ONCE, steps
     assert len([x for x in steps if x]) >= len(nodes) // NOTICES_AT_ONCE
+
+
+async def _turns_while(work: asyncio.Task[Any], count: Callable[[], int]) -> list[int]:
+    """``count()`` once per turn of the event loop until ``work`` is done."""
+    turns = [count()]
+    async with asyncio.timeout(30):
+        while not work.done():
+            await asyncio.sleep(0)
+            turns.append(count())
+    await work
+    return turns
+
+
+async def test_a_large_refresh_leaves_the_event_loop_turns_between_the_nodes(
+    tmp_path: Path,
+) -> None:
+    """A simulated node's status never waits, so the refresh of a fleet (every update
+    time starts with one) once ran in one turn of the event loop: 10,000 nodes kept it
+    from anything else for about a second. Each refresh now takes a turn before it asks
+    its node, so at most ``REFRESH_PARALLEL`` nodes are asked per turn (the nodes' real
+    ``status`` is called; the test only counts the calls)."""
+    nodes = [f"tg{i}" for i in range(1, 161)]
+    async with fleet(tmp_path, cluster_nodes=len(nodes)) as f:
+        engine = f.service.engine
+        await engine.refresh(nodes)  # what the nodes say now is stored: nothing changes next
+        asked: list[str] = []
+        for name in nodes:
+            driver = engine.drivers[name]
+
+            async def status(real: Any = driver.status, name: str = name) -> Any:
+                asked.append(name)
+                return await real()
+
+            driver.status = status  # type: ignore[method-assign]
+        work = asyncio.create_task(engine.refresh(nodes))
+        turns = await _turns_while(work, lambda: len(asked))
+    assert sorted(r.name for r in work.result()) == sorted(nodes)
+    steps = [after - before for before, after in itertools.pairwise(turns)]
+    assert sorted(asked) == sorted(nodes)
+    assert max(steps) <= REFRESH_PARALLEL, steps
+
+
+async def test_runs_started_together_take_their_first_steps_in_turns(tmp_path: Path) -> None:
+    """A command for many nodes starts their runs ``STARTED_PER_TURN`` at a time, each
+    group taking its first steps before the next is started: 10,000 runs started at once
+    kept the event loop from everything else for about a second."""
+    nodes = [f"tg{i}" for i in range(1, 161)]
+    async with fleet(tmp_path, cluster_nodes=len(nodes)) as f:
+        started = f.events.wait_count(lambda e: isinstance(e, ev.RunStarted), len(nodes))
+        command = asyncio.create_task(f.api.command("download c1"))
+        turns = await _turns_while(
+            asyncio.create_task(started),
+            lambda: sum(isinstance(e, ev.RunStarted) for e in f.events.events),
+        )
+        reply = await command
+        assert reply["ok"] is True, reply["text"]
+        await f.service.lifecycle.wait(run_ids(reply["text"]), limit=60)
+    steps = [after - before for before, after in itertools.pairwise(turns)]
+    assert turns[-1] == len(nodes)
+    # the recorder takes each turn's events in the turn after: two groups may meet in one
+    assert max(steps) <= 2 * STARTED_PER_TURN, steps
+    assert len([x for x in steps if x]) >= len(nodes) // (2 * STARTED_PER_TURN) + 1, steps
 
 
 async def test_windows_that_start_together_are_marked_at_once_and_announced_once(

@@ -39,7 +39,13 @@ from typing import TYPE_CHECKING, TypeVar
 from core.errors import DownloadFailedError, DriverError, TgopsError
 from core.lifecycle.engine import preparation_due
 from core.lifecycle.look import Look
-from core.lifecycle.runs import Flow, RunCancelledError, RunContext, RunSkippedError
+from core.lifecycle.runs import (
+    Flow,
+    RunCancelledError,
+    RunContext,
+    RunSkippedError,
+    in_turns,
+)
 from core.lifecycle.steps import DISRUPTIVE_STEPS, LAZY_STEPS
 from core.localtime import local_text
 from core.model import Actor
@@ -124,7 +130,7 @@ class ScheduledRuns:
             )
             self._opened.update(started[n] for n in opened)
         self.life.share_look(list(started.values()), look)
-        for spec in specs:
+        async for spec in in_turns(specs):
             run_id = started.get(spec.node)
             if run_id is not None:
                 self.life.spawn(

@@ -28,6 +28,7 @@ from core.lifecycle.runs import (
     FlowSource,
     RunContext,
     execute,
+    in_turns,
 )
 from core.lifecycle.steps import (
     LAZY_STEPS,
@@ -214,7 +215,7 @@ class Lifecycle(UpdateSteps):
             raise RefusedError(f"{exc}; nothing was started") from exc
         self.share_look(ids, look)
         runs: list[tuple[str, int]] = []
-        for spec, run_id in zip(specs, ids, strict=True):
+        async for spec, run_id in in_turns(list(zip(specs, ids, strict=True))):
             runs.append((spec.node, run_id))
             self.spawn(
                 run_id=run_id,
