@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, event, insert, inspect
 
 from core.store import NodeBusyError, Store, StoreUnavailableError
+from core.store import tables as t
 from tests.databases import POSTGRES_URL, backends, reset_postgres
 
 MIGRATIONS = Path(__file__).parent.parent / "core" / "store" / "migrations"
@@ -444,3 +445,76 @@ async def test_the_run_steps_index_orders_a_runs_steps_and_migrates_both_ways(ur
             assert await conn.run_sync(run_steps_index) == ["run_id"]
     async with Store(url) as store, store.engine.connect() as conn:  # migrated again
         assert await conn.run_sync(run_steps_index) == ["run_id", "id"]
+
+
+async def test_open_and_recently_ended_windows_are_found_by_index_and_migrate_both_ways(
+    url: str,
+) -> None:
+    """Windows are kept after they end, so the reads of the open ones (every reminder
+    tick, ``status``) and of those ended since a time (the calendar feed) must not read
+    the whole history: with 3,000 ended windows (PostgreSQL's statistics gathered), both
+    stores plan them through the index on ``ended_at`` (migration 0006), not a scan."""
+
+    def maintenance_indexes(connection: Connection) -> set[str | None]:
+        return {i["name"] for i in inspect(connection).get_indexes("maintenance")}
+
+    start = datetime(2026, 1, 1, 3, tzinfo=UTC)
+    ended = [
+        {
+            "node": f"n{i % 1000}",
+            "start": start + timedelta(days=i // 1000),
+            "reason": "update",
+            "origin": "scheduled-update",
+            "disable_logon": False,
+            "created_by": "t",
+            "created_at": start,
+            "ended_at": start + timedelta(days=i // 1000, minutes=20),
+            "ended_by": "t",
+            "end_reason": "done",
+        }
+        for i in range(3000)
+    ]
+    async with Store(url) as store:
+        async with store.engine.begin() as conn:
+            await conn.execute(insert(t.maintenance), ended)
+        for node in ("n1", "n2"):
+            await store.open_maintenance(
+                node=node,
+                start=datetime.now(UTC) + timedelta(hours=1),
+                reason="update",
+                origin="manual",
+                disable_logon=False,
+                created_by="t",
+            )
+        sent: list[tuple[str, object]] = []
+
+        def seen(
+            _conn: object, _cursor: object, statement: str, params: object, *_: object
+        ) -> None:
+            sent.append((statement, params))
+
+        engine = store.engine.sync_engine
+        postgres = store.engine.dialect.name == "postgresql"
+        if postgres:  # as its autovacuum does; tgops gathers no statistics on SQLite
+            async with store.engine.begin() as conn:
+                await conn.exec_driver_sql("ANALYZE")
+        event.listen(engine, "before_cursor_execute", seen)
+        try:
+            assert [w.node for w in await store.maintenance()] == ["n1", "n2"]
+            assert await store.maintenance_called_off(datetime.now(UTC)) == []
+        finally:
+            event.remove(engine, "before_cursor_execute", seen)
+        explain = "EXPLAIN " if postgres else "EXPLAIN QUERY PLAN "
+        async with store.engine.connect() as conn:
+            for statement, params in sent:
+                rows = await conn.exec_driver_sql(explain + statement, params)
+                plan = " / ".join(str(row[0] if postgres else row[-1]) for row in rows)
+                assert "SCAN maintenance" not in plan and "Seq Scan" not in plan, plan
+                assert "ix_maintenance_ended" in plan, plan
+            assert "ix_maintenance_ended" in await conn.run_sync(maintenance_indexes)
+        async with store.engine.begin() as conn:
+            await conn.run_sync(downgrade_to, "0005")
+        async with store.engine.connect() as conn:
+            assert "ix_maintenance_ended" not in await conn.run_sync(maintenance_indexes)
+    async with Store(url) as store, store.engine.connect() as conn:  # migrated again
+        assert "ix_maintenance_ended" in await conn.run_sync(maintenance_indexes)

@@ -173,6 +173,9 @@ maintenance = Table(
     Column("end_reason", Text, nullable=True),
     Column("uid", String(36), nullable=True, default=new_uid),  # the calendar event's UID
     Index("ix_maintenance_node_open", "node", "ended_at"),
+    # the open windows (ended_at IS NULL) and those ended since a time (0006): the table
+    # keeps every window ever opened
+    Index("ix_maintenance_ended", "ended_at"),
 )
 
 hotfix_selections = Table(
