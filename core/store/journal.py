@@ -39,10 +39,21 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence, Set
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
-from sqlalchemy import String, Table, Update, bindparam, case, func, insert, select, update
+from sqlalchemy import (
+    Boolean,
+    String,
+    Table,
+    Update,
+    bindparam,
+    case,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.store import tables as t
@@ -336,7 +347,8 @@ def _grouped(
 
 async def write_node_changes(conn: AsyncConnection, changes: Sequence[NodeChange]) -> None:
     """The node changes in one transaction: one SELECT for those that derive their values,
-    one UPDATE per set of columns (a node's later change in a later statement)."""
+    and one UPDATE for all (an executemany in their order: a node's later change after its
+    earlier one)."""
     derived = sorted({x.name for x in changes if x.derive is not None})
     rows: dict[str, NodeRecord] = {}
     if derived:
@@ -352,8 +364,40 @@ async def write_node_changes(conn: AsyncConnection, changes: Sequence[NodeChange
             values.update(change.derive(row))
             rows[change.name] = replace(row, **values)
         resolved.append((change.name, values))
-    for key, params in _grouped(resolved):
+    groups = _grouped(resolved)
+    if len(groups) > 1:
+        # changes of several sets of columns: one statement for all, in their order
+        columns = tuple(sorted({c for key, _ in groups for c in key}))
+        await conn.execute(_nodes_change(columns), [_flagged(columns, *x) for x in resolved])
+        return
+    for key, params in groups:
         await conn.execute(row_change(t.nodes, key), params)
+
+
+@lru_cache(maxsize=128)
+def _nodes_change(columns: tuple[str, ...]) -> Update:
+    """One UPDATE for node changes of different sets of ``columns``: each row of the
+    executemany says per column whether it changes it (``k_<column>``) and to what
+    (``v_<column>``); its version is counted up as ``row_change`` does."""
+    n = t.nodes.c
+    changed: dict[str, Any] = {
+        c: case(
+            (bindparam(f"k_{c}", type_=Boolean), bindparam(f"v_{c}", type_=n[c].type)),
+            else_=n[c],
+        )
+        for c in columns
+    }
+    changed["version"] = n.version + 1
+    return update(t.nodes).where(n.name == bindparam("b_key")).values(**changed)
+
+
+def _flagged(columns: tuple[str, ...], name: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    params: dict[str, Any] = {"b_key": name}
+    for c in columns:
+        given = c in values
+        params[f"k_{c}"] = given
+        params[f"v_{c}"] = values[c] if given else None
+    return params
 
 
 async def write_entries(
