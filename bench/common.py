@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import functools
+import gc
 import json
 import logging
 import os
@@ -22,7 +23,10 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import tomllib
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -495,6 +499,97 @@ class LoopLag:
             "lag_p99": percentile(self.lags, 99),
             "lag_max": max(self.lags, default=float("nan")),
             "lag_over_1s": float(sum(1 for x in self.lags if x > 1.0)),
+        }
+
+
+class StallRecorder:
+    """Where the event loop's thread is when the loop stalls, and the collector's passes.
+
+    A thread of its own looks every 20 ms at when the loop last ran a 20 ms ticker; while
+    the ticker is more than ``threshold`` late it samples the loop thread's stack
+    (``sys._current_frames``). ``gc.callbacks`` times every collection. Diagnostic only:
+    the benchmarks turn it on with ``--stalls``.
+    """
+
+    def __init__(self, threshold: float = 0.3) -> None:
+        self.threshold = threshold
+        self.stalls: list[dict[str, Any]] = []
+        self.gc_passes: list[tuple[int, float]] = []
+        self._beat = 0.0
+        self._gc_started = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop_thread = threading.get_ident()
+
+    def _gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_passes.append((info["generation"], time.perf_counter() - self._gc_started))
+
+    async def _tick(self) -> None:
+        while True:
+            self._beat = time.perf_counter()
+            await asyncio.sleep(0.02)
+
+    def _watch(self) -> None:
+        current: dict[str, Any] | None = None
+        while not self._stop.wait(0.02):
+            late = time.perf_counter() - self._beat
+            if late < self.threshold:
+                if current is not None:
+                    current["seconds"] = late if late > current["seconds"] else current["seconds"]
+                    self.stalls.append(current)
+                    current = None
+                continue
+            frame = sys._current_frames().get(self._loop_thread)
+            stack = traceback.format_stack(frame, limit=14) if frame is not None else []
+            where = "".join(line for line in stack if "/bench/" not in line)
+            if current is None:
+                current = {"at": time.time(), "seconds": late, "samples": {}}
+            current["seconds"] = late
+            current["samples"][where] = current["samples"].get(where, 0) + 1
+
+    def start(self) -> None:
+        self._loop_thread = threading.get_ident()
+        self._beat = time.perf_counter()
+        gc.callbacks.append(self._gc)
+        self._task = asyncio.create_task(self._tick(), name="bench-stall-ticker")
+        self._thread = threading.Thread(target=self._watch, name="bench-stalls", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
+        if self._gc in gc.callbacks:
+            gc.callbacks.remove(self._gc)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def summary(self) -> dict[str, Any]:
+        longest = sorted(self.stalls, key=lambda s: -s["seconds"])[:8]
+        slow_gc = sorted(self.gc_passes, key=lambda g: -g[1])[:8]
+        return {
+            "stalls": [
+                {
+                    "seconds": s["seconds"],
+                    "at": s["at"],
+                    "samples": sorted(s["samples"].items(), key=lambda kv: -kv[1])[:3],
+                }
+                for s in longest
+            ],
+            "stall_count": len(self.stalls),
+            "gc_passes": {
+                str(g): [
+                    sum(1 for x in self.gc_passes if x[0] == g),
+                    sum(x[1] for x in self.gc_passes if x[0] == g),
+                ]
+                for g in (0, 1, 2)
+            },
+            "gc_slowest": slow_gc,
         }
 
 

@@ -51,6 +51,7 @@ from bench.common import (  # noqa: E402
     FinishedCounter,
     LoopLag,
     SqlCounter,
+    StallRecorder,
     api_command,
     backends,
     cpu_children,
@@ -201,6 +202,9 @@ async def _window(
     sql = SqlCounter(service.store.engine)
     lag = LoopLag()
     lag.start()
+    stalls = StallRecorder() if os.environ.get("TGOPS_BENCH_STALLS") else None
+    if stalls is not None:
+        stalls.start()
     command_probe = Prober(session, base, command=True)
     api_probe = Prober(session, base, command=False)
     command_probe.start()
@@ -217,6 +221,8 @@ async def _window(
     await command_probe.stop()
     await api_probe.stop()
     await lag.stop()
+    if stalls is not None:
+        await stalls.stop()
     statements, by_key = sql.snapshot()
     sql.close()
     return {
@@ -229,6 +235,7 @@ async def _window(
         "status_command": command_probe.summary(),
         "status_api": api_probe.summary(),
         **lag.summary(),
+        **(stalls.summary() if stalls is not None else {}),
     }
 
 
@@ -411,7 +418,14 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the child's temp dir")
     parser.add_argument("--save-json", type=Path, help="also write the raw figures here")
     parser.add_argument("--render-json", type=Path, help="only render figures saved before")
+    parser.add_argument(
+        "--stalls",
+        action="store_true",
+        help="diagnostic: sample the event loop's stack while it stalls, time the collector",
+    )
     args = parser.parse_args()
+    if args.stalls:
+        os.environ["TGOPS_BENCH_STALLS"] = "1"  # the child inherits it
     if args.child:
         label, url = args.child
         child(label, None if url == "-" else url, args.keep)

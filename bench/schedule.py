@@ -112,6 +112,7 @@ VARIANTS = {
 TARGET_RATIO = 1.5
 TARGET_LATE = 0.1
 TARGET_RSS_MB = 200.0
+TARGET_CPU_MS = 15.0
 AFTER_S_LIMIT = 120.0
 """Seconds after S the child waits for the runs before it gives up (bounded)."""
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -494,7 +495,8 @@ def _cores_line(r: dict[str, Any]) -> str:
 SLOT_KEYS = ("SELECT slot_waiters", "SELECT cluster_slots")
 
 
-def _row(r: dict[str, Any], ideal: float, floor: float | None) -> str:
+def _row(r: dict[str, Any], ideal: float, alone: dict[str, Any] | None) -> str:
+    floor = alone["makespan"] if alone else None
     makespan = r["makespan"]
     complete = r["statuses"] == {"succeeded": NODES} and not r["timed_out"]
     ratio = makespan / ideal if makespan is not None and complete else None
@@ -517,8 +519,18 @@ def _row(r: dict[str, Any], ideal: float, floor: float | None) -> str:
         f"{r['fired_p99']:.3f} s ({r['fired']} timers, max "
         f"{r['fired_max']:.3f} s) | {marks[1]} | {rss_mb:.0f} MB | {marks[2]} | "
         f"{r['told']} of {NODES} | {marks[3]} | {r['cpu'] / NODES * 1000:.0f} ms | "
+        f"{_own_cpu(r, alone)} | "
         f"{r['statements'] / NODES:.0f} | {statuses}{' (TIMED OUT)' if r['timed_out'] else ''} |"
     )
+
+
+def _own_cpu(r: dict[str, Any], alone: dict[str, Any] | None) -> str:
+    """Process CPU per node less what the simulated nodes' in-slot operations took alone."""
+    if alone is None:
+        return "n/a"
+    own = (r["cpu"] - alone["cpu"]) / NODES * 1000
+    mark = verdict(own <= TARGET_CPU_MS) if r["variant"] == "product" else "diagnostic"
+    return f"{own:.0f} ms ({mark})"
 
 
 def _details(r: dict[str, Any]) -> list[str]:
@@ -680,7 +692,6 @@ def _analysis(results: list[dict[str, Any]]) -> list[str]:
 
 def render(results: list[dict[str, Any]], alone: dict[str, Any] | None) -> str:
     ideal = PER_CLUSTER / PARALLEL * INSTALL_SECONDS
-    floor = alone["makespan"] if alone else None
     flag = " --diagnostics" if any(r["variant"] != "product" for r in results) else ""
     lines = [
         HEADING,
@@ -708,9 +719,10 @@ def render(results: list[dict[str, Any]], alone: dict[str, Any] | None) -> str:
         "| backend | makespan from S | ratio to ideal | target | over the driver alone "
         "| timers late (p99) | target "
         "| peak RSS | target | users told before their sessions ended | target | CPU per node "
+        "| of it the service's (less the driver alone's), target 15 ms "
         "| statements per node | runs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        *(_row(r, ideal, floor) for r in results),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *(_row(r, ideal, alone) for r in results),
         "",
         "Measured detail:",
         "",
@@ -732,6 +744,11 @@ def _alone_lines(alone: dict[str, Any] | None, ideal: float) -> list[str]:
         f"  process: **{alone['makespan']:.2f} s, {alone['makespan'] / ideal:.2f} x the ideal**; "
         f"process CPU {alone['cpu']:.1f} s ({alone['cpu'] / NODES * 1000:.1f} ms per node), "
         f"dpkg-deb {alone['children_cpu']:.1f} s; load average {alone['load']:.2f}",
+        "- the service's CPU per node: the process's CPU from the timers to the end less the "
+        "driver alone's: the simulated nodes' in-slot operations run in the service's "
+        "process here and on the nodes in a real fleet; what the simulated nodes do outside "
+        "the slot (state reads, staging, every notice but the slot's) stays counted. "
+        f"Target <= {TARGET_CPU_MS:g} ms (dpkg-deb excluded)",
     ]
 
 
