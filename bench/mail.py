@@ -181,14 +181,19 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
   claim loop, already waiting for a free one, claimed and sent one more batch once it
   got it; it now looks again after the wait (the test of a stop with an envelope under
   way failed without that).
-- thirteenth pass of issue 15 (2026-12-06): the table above is the first full run since
-  the store keeps its PostgreSQL connections open (`core/store/base.py`; the fleet
-  benchmarks' "Thirteenth pass"). Nothing of the outbox changed. Against the run of
-  2026-12-05 19:13 UTC the ratios on PostgreSQL rose (2 connections with PIPELINING 0.71
-  -> 0.82 x, 1 connection without it 0.69 -> 0.87 x), but the bare loop itself was slower
-  in this hour (11.68 against 7.95 s with 1 connection; its system CPU 1.24 against 0.31
-  s), which raises every ratio; the runs were not alternated with the code before, so
-  the table says nothing of what the kept connections did here.
+- thirteenth pass of issue 15 (2026-12-06 06:34 UTC): the first full run since the store
+  keeps its PostgreSQL connections open (`core/store/base.py`; the fleet benchmarks'
+  "Thirteenth pass"), in a slow hour (the bare loop 11.68 s with 1 connection against
+  7.95 s the evening before): on PostgreSQL 1.37 / 0.82 x with PIPELINING (1 / 2
+  connections) and 0.87 / 0.72 x without; on SQLite 1.47 / 1.18 x and 0.96 / 0.81 x.
+- fourteenth pass (the table above, 08:42 UTC, a new machine of the same kind; nothing of
+  the outbox changed): PostgreSQL 1.30 /
+  0.92 x with PIPELINING and 0.89 / 0.69 x without; SQLite 1.50 / 1.13 x and 0.98 /
+  0.79 x. Against a server without PIPELINING the ratios stay at the targets' edge and
+  move by a few hundredths from run to run. With 2 connections and PostgreSQL three
+  processes share the 2 cores (the outbox 4.2 s, the sink 5.6 s, PostgreSQL 1.6 s of CPU
+  in 8.1 s); each message's four exchanges with the sink wait for whichever of them is
+  not running.
 - this machine's vCPUs are shared (other benchmarks ran meanwhile): single runs
   vary widely; the table keeps every run, the ratios use medians; user CPU varies far less
   than time.

@@ -561,3 +561,44 @@ async def test_every_journal_write_finds_its_rows_by_key(tmp_path: Path) -> None
     assert any(s.startswith("UPDATE nodes SET active_run_id") for s in plans), plans
     scans = {s: p for s, p in plans.items() if any(line.startswith("SCAN") for line in p)}
     assert not scans, scans
+
+
+async def test_node_changes_of_different_columns_in_one_statement_keep_their_order(
+    store: Store,
+) -> None:
+    """A transaction's node changes are one UPDATE whatever columns each changes (times,
+    text, JSON, a value set back to NULL): each row changes only its own columns, a node's
+    later change applies after its earlier one, and the version counts every change."""
+    since = datetime(2026, 12, 6, 7, tzinfo=UTC)
+    await store.update_node(NODES[1], lb="drained", installed={"tgpro": "1"})
+    before = {name: await store.node(name) for name in NODES[:2]}
+    statements: list[str] = []
+
+    def sent(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement)
+
+    engine = store.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", sent)
+    try:
+        await store.commit(
+            NodeChange(
+                name=NODES[0],
+                values={"update_lock_since": since, "update_lock_reason": "install failed"},
+            ),
+            NodeChange(name=NODES[1], values={"lb": None}),
+            NodeChange(name=NODES[1], values={"installed": {"tgpro": "2"}, "lb": "active"}),
+            NodeChange(name=NODES[0], values={"update_lock_reason": "install failed twice"}),
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", sent)
+    updates = [s for s in statements if s.lstrip().upper().startswith("UPDATE NODES")]
+    assert len(updates) == 1, updates
+    first, second = await store.node(NODES[0]), await store.node(NODES[1])
+    assert first is not None and second is not None
+    assert first.update_lock_since == since
+    assert first.update_lock_reason == "install failed twice"
+    assert first.lb == before[NODES[0]].lb and first.installed == before[NODES[0]].installed
+    assert second.lb == "active" and second.installed == {"tgpro": "2"}
+    assert second.update_lock_since is None
+    assert first.version == before[NODES[0]].version + 2
+    assert second.version == before[NODES[1]].version + 2
