@@ -132,6 +132,26 @@ async def test_one_active_run_per_node(store: Store) -> None:
     assert [(s.name, s.status, s.detail) for s in steps] == [("fetch", "done", "3 packages")]
 
 
+async def test_active_runs_of_other_owners_are_read_without_this_instances_own(
+    store: Store,
+) -> None:
+    """What another instance may have left (the leader looks every quarter of
+    ``leader.takeover``): active runs owned by someone else or by nobody, not this
+    instance's own (an update time of 10,000 nodes has that many in flight)."""
+    mine = await store.create_run(kind="download", node="n1", target="n1", actor="a", owner="me")
+    theirs = await store.create_run(
+        kind="download", node="n2", target="n2", actor="a", owner="gone"
+    )
+    nobodys = await store.create_run(kind="download", node="n3", target="n3", actor="a")
+    done = await store.create_run(kind="download", node="solo", target="solo", actor="a")
+    await store.finish_run(done, status="succeeded")
+    active = ("queued", "running")
+    others = await store.runs(statuses=active, limit=100, not_owner="me")
+    assert [r.id for r in others] == [nobodys, theirs]
+    every = await store.runs(statuses=active, limit=100)
+    assert [r.id for r in every] == [nobodys, theirs, mine]
+
+
 async def test_cluster_slots_hold_the_limit_under_concurrency(store: Store) -> None:
     results = await asyncio.gather(
         *(

@@ -465,7 +465,12 @@ class Lifecycle(UpdateSteps):
         one PostgreSQL); without it every run not running here is taken over.
         """
         notes = []
-        for run in reversed(await self.store.runs(statuses=("queued", "running"), limit=10_000)):
+        # with ``alive``, this instance's own runs count as alive: they are not read (the
+        # leader looks every quarter of ``leader.takeover``, and an update time of 10,000
+        # nodes has 10,000 runs of its own in flight)
+        mine = self.owner if alive is not None else None
+        active = await self.store.runs(statuses=("queued", "running"), limit=10_000, not_owner=mine)
+        for run in reversed(active):
             if run.id in self._tasks:
                 continue
             if alive is not None and await alive(run.owner):

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import StoreError
@@ -199,12 +199,18 @@ class RunsStore(StoreBase):
         node: str | None = None,
         statuses: Sequence[str] | None = None,
         limit: int = 50,
+        not_owner: str | None = None,
     ) -> list[RunRecord]:
+        """The newest runs first; with ``not_owner``, only those another instance (or
+        none) owns."""
         query = _RUNS.order_by(t.runs.c.id.desc()).limit(limit)
         if node is not None:
             query = query.where(t.runs.c.node == node)
         if statuses is not None:
             query = query.where(t.runs.c.status.in_(list(statuses)))
+        if not_owner is not None:
+            owner = t.runs.c.owner
+            query = query.where(or_(owner.is_(None), owner != not_owner))
         return await self._all(query, RunRecord)
 
     async def update_run(self, run_id: int, **values: Any) -> None:
