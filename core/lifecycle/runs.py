@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from core import events as ev
 from core import logfields
@@ -24,21 +24,9 @@ from core.store import NodeRecord, RunEnd, Store
 log = logging.getLogger(__name__)
 
 STARTED_PER_TURN = 50
-"""Runs started together at most before the event loop takes a turn (``in_turns``)."""
-
-
-T = TypeVar("T")
-
-
-async def in_turns(items: Sequence[T], per_turn: int = STARTED_PER_TURN) -> AsyncIterator[T]:
-    """``items``, with a turn of the event loop after each ``per_turn`` of them: the runs
-    started so far take their first steps before more are started. Each run's first
-    steps take some 0.1 ms until it first waits; 10,000 runs started at once kept the
-    loop from everything else (status answers, timers) for about a second."""
-    for index, item in enumerate(items):
-        if index and index % per_turn == 0:
-            await asyncio.sleep(0)
-        yield item
+"""Runs started together at most before the event loop takes a turn (``core.turns``): the
+runs started so far take their first steps (some 0.1 ms each until they first wait)
+before more are started."""
 
 
 class RunCancelledError(TgopsError):

@@ -40,16 +40,17 @@ from core.errors import DownloadFailedError, DriverError, TgopsError
 from core.lifecycle.engine import preparation_due
 from core.lifecycle.look import Look
 from core.lifecycle.runs import (
+    STARTED_PER_TURN,
     Flow,
     RunCancelledError,
     RunContext,
     RunSkippedError,
-    in_turns,
 )
 from core.lifecycle.steps import DISRUPTIVE_STEPS, LAZY_STEPS
 from core.localtime import local_text
 from core.model import Actor
 from core.store import NewRun, NodeBusyError
+from core.turns import in_turns
 
 if TYPE_CHECKING:
     from core.lifecycle.maintenance import Maintenance
@@ -130,7 +131,7 @@ class ScheduledRuns:
             )
             self._opened.update(started[n] for n in opened)
         self.life.share_look(list(started.values()), look)
-        async for spec in in_turns(specs):
+        async for spec in in_turns(specs, STARTED_PER_TURN):
             run_id = started.get(spec.node)
             if run_id is not None:
                 self.life.spawn(

@@ -24,11 +24,11 @@ from core.interfaces import RepositoryClient
 from core.lifecycle.engine import PREPARING_STEPS, Engine
 from core.lifecycle.look import Look
 from core.lifecycle.runs import (
+    STARTED_PER_TURN,
     Flow,
     FlowSource,
     RunContext,
     execute,
-    in_turns,
 )
 from core.lifecycle.steps import (
     LAZY_STEPS,
@@ -42,6 +42,7 @@ from core.localtime import local_text
 from core.model import Actor, CommandOutput
 from core.repository.retry import RetryPolicy
 from core.store import NewRun, NodeBusyError, RunEnd, RunRecord
+from core.turns import in_turns
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ class Lifecycle(UpdateSteps):
             raise RefusedError(f"{exc}; nothing was started") from exc
         self.share_look(ids, look)
         runs: list[tuple[str, int]] = []
-        async for spec, run_id in in_turns(list(zip(specs, ids, strict=True))):
+        async for spec, run_id in in_turns(list(zip(specs, ids, strict=True)), STARTED_PER_TURN):
             runs.append((spec.node, run_id))
             self.spawn(
                 run_id=run_id,
