@@ -538,8 +538,7 @@ class StallRecorder:
         while not self._stop.wait(0.02):
             late = time.perf_counter() - self._beat
             if late < self.threshold:
-                if current is not None:
-                    current["seconds"] = late if late > current["seconds"] else current["seconds"]
+                if current is not None:  # ended: its length is the last lateness seen
                     self.stalls.append(current)
                     current = None
                 continue

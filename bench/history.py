@@ -33,7 +33,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, insert
 
 from bench.common import (
@@ -46,19 +45,16 @@ from bench.common import (
 )
 from core.store import Store
 from core.store import tables as t
+from core.store.base import migrations_config
 
 HEADING = "## Maintenance history (issue 15)"
-MIGRATIONS = Path(__file__).resolve().parent.parent / "core" / "store" / "migrations"
 FLEET = 1000
 CHUNK = 5000
 START = datetime(2025, 12, 1, 3, tzinfo=UTC)
 
 
 def _downgrade(connection: Connection, revision: str) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes["connection"] = connection
-    command.downgrade(config, revision)
+    command.downgrade(migrations_config(connection), revision)
 
 
 def _window(i: int, *, ended: bool) -> dict[str, Any]:

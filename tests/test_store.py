@@ -10,23 +10,18 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, event, insert, inspect
 
 from core.store import NodeBusyError, Store, StoreUnavailableError
 from core.store import tables as t
+from core.store.base import migrations_config
 from tests.databases import POSTGRES_URL, backends, reset_postgres
-
-MIGRATIONS = Path(__file__).parent.parent / "core" / "store" / "migrations"
 
 
 def downgrade_to(connection: Connection, revision: str) -> None:
     """Migrate the store on ``connection`` down to ``revision`` (opening it again migrates
     it up to the head)."""
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes["connection"] = connection
-    command.downgrade(config, revision)
+    command.downgrade(migrations_config(connection), revision)
 
 
 @pytest.fixture(params=backends())

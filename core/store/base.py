@@ -63,11 +63,16 @@ def record_of(cls: type[R], row: Any) -> R:
     return cls(**dict(row._mapping))
 
 
-def _migrate(connection: Connection) -> None:
+def migrations_config(connection: Connection) -> Config:
+    """Alembic's configuration of the store's migrations, run on ``connection``."""
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     config.attributes["connection"] = connection
-    command.upgrade(config, "head")
+    return config
+
+
+def _migrate(connection: Connection) -> None:
+    command.upgrade(migrations_config(connection), "head")
 
 
 IDLE_PING = 1.0
