@@ -389,7 +389,7 @@ class CommandService:
         tz = self.engine.settings.tz
         lead = self.engine.settings.maintenance
         text = (
-            f"Maintenance scheduled on {', '.join(done.nodes)} at {local_text(done.start, tz)}: "
+            f"Maintenance scheduled on {', '.join(done.nodes)} at {zoned_text(done.start, tz)}: "
             f"{cmd.reason}. Users get notices from {format_duration(lead.notice_lead)} "
             f"before, every {format_duration(lead.reminder_interval)}."
         )
@@ -632,15 +632,33 @@ def render_status(status: dict[str, Any], tz: ZoneInfo) -> str:
             lines.append(f"  run #{run['id']} {run['kind']}: {run['step'] or 'starting'}")
         if node.get("held"):
             lines.append(f"  {held_text(node['held'], tz)}")
+    by_name = {node["name"]: node for node in status["nodes"]}
     for cluster in status["clusters"]:
-        lines.append(
-            f"cluster {cluster['name']}: {len(cluster['updating'])}/"
-            f"{cluster['max_parallel_updates']} updating"
-            + (f", waiting: {', '.join(cluster['waiting'])}" if cluster["waiting"] else "")
-        )
+        lines.append(cluster_text(cluster, by_name))
     if "instance" in status:
         lines.append(leadership_text(status["instance"], status["leader"]))
     return "\n".join(lines)
+
+
+def cluster_text(cluster: dict[str, Any], shown: dict[str, dict[str, Any]]) -> str:
+    """``cluster c1: 1/2 updating``; a slot held by a node that an update left locked and
+    out of load balancing (L12: it is not back yet) is named apart, with what frees it."""
+    held = [
+        name
+        for name in cluster["updating"]
+        if name in shown and shown[name]["update_lock"] is not None and not shown[name]["run"]
+    ]
+    busy = len(cluster["updating"]) - len(held)
+    text = f"cluster {cluster['name']}: {busy}/{cluster['max_parallel_updates']} updating"
+    if held:
+        text += (
+            f", {len(held)} slot{'s' if len(held) != 1 else ''} held by "
+            f"{', '.join(held)} (update lock, out of load balancing; `remove-lock` frees "
+            f"{'it' if len(held) == 1 else 'them'})"
+        )
+    if cluster["waiting"]:
+        text += f", waiting: {', '.join(cluster['waiting'])}"
+    return text
 
 
 def leadership_text(instance: str, leader: str | None) -> str:

@@ -89,10 +89,12 @@ async def test_maintenance_reply_and_status_header_in_local_time(tmp_path: Path)
     )
     async with running(settings) as (_, api):
         tomorrow = (datetime.now(BERLIN) + timedelta(days=1)).strftime("%Y-%m-%d")
+        # the reply names the zone (CET or CEST) of the time it shows
+        zone = datetime.fromisoformat(f"{tomorrow} 22:00").replace(tzinfo=BERLIN).tzname()
         reply = await api.command(f"maintenance schedule tg1 {tomorrow} 22:00 Kernel update")
         assert reply == {
             "ok": True,
-            "text": f"Maintenance scheduled on tg1 at {tomorrow} 22:00: Kernel update. "
+            "text": f"Maintenance scheduled on tg1 at {tomorrow} 22:00 {zone}: Kernel update. "
             "Users get notices from 2h before, every 20s.",
         }
         text = (await api.command("status", VIEWER_TOKEN))["text"]

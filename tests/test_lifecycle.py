@@ -122,6 +122,11 @@ async def test_cluster_rollout_stops_at_a_failing_node(tmp_path: Path) -> None:
         assert reply["ok"] is False and "update lock set" in reply["text"]
         text = (await f.api.command("status"))["text"]
         assert "!! Update lock set: tg2" in text
+        # the slot is held by a node that no run updates: the line says so and what frees it
+        assert (
+            "cluster c1: 0/1 updating, 1 slot held by tg2 (update lock, out of load "
+            "balancing; `remove-lock` frees it)"
+        ) in text.splitlines()
 
         reply = await f.api.command("remove-lock tg2")
         assert reply["ok"] is True
@@ -297,7 +302,10 @@ async def test_maintenance_notices_logon_and_cancel(tmp_path: Path) -> None:
         )
         assert reply["ok"] is True, reply["text"]
         shown = when.removesuffix(":00")  # times are shown with seconds only when set
-        assert reply["text"].startswith(f"Maintenance scheduled on tg1 at {shown}: Kernel update.")
+        zone = start.tzname()
+        assert reply["text"].startswith(
+            f"Maintenance scheduled on tg1 at {shown} {zone}: Kernel update."
+        )
         listing = (await f.api.command("maintenance"))["text"]
         assert f"tg1: {shown} (manual, logon disabled at the start): Kernel update" in listing
         status = await f.node_status("tg1")
