@@ -254,6 +254,78 @@ async def test_outbox_claims_in_due_order_marks_and_settles(store: Store) -> Non
     assert [i.key for i in taken] == ["c0"]
 
 
+async def test_outbox_settles_a_batch_of_sent_items_with_their_markers_and_audit(
+    store: Store,
+) -> None:
+    # the common outcome of a batch: sent, with the markers of the items after it; on
+    # PostgreSQL one statement that commits on its own, on SQLite one transaction
+    await store.enqueue_many(
+        [{"key": f"k{i}", "channel": "email", "recipient": f"r{i}@x"} for i in range(5)]
+    )
+    now = datetime.now(UTC)
+    lease = now + timedelta(seconds=60)
+    k0, k1, k2, _k3 = await store.claim_outbox(channel="email", now=now, lease_until=lease, limit=4)
+    audits = [
+        {"actor": "notify", "source": "system", "action": "notification sent", "target": "t"},
+        {"actor": "notify", "source": "system", "action": "notification sent", "detail": "d"},
+    ]
+    await store.settle_outbox(
+        [{"id": k0.id, "status": "sent"}, {"id": k1.id, "status": "sent"}],
+        audits,
+        transmitting=[k0.id, k1.id, k2.id],
+    )
+    rows = {r.key: r for r in await store.outbox(limit=10)}
+    for key in ("k0", "k1"):
+        row = rows[key]
+        assert (row.status, row.attempts, row.transmitting, row.last_error) == (
+            "sent",
+            1,
+            True,
+            None,
+        )
+        assert row.sent_at is not None and row.sent_at >= now
+    assert (rows["k2"].status, rows["k2"].transmitting, rows["k2"].sent_at) == (
+        "sending",
+        True,
+        None,
+    )
+    assert (rows["k3"].status, rows["k3"].transmitting) == ("sending", False)
+    assert (rows["k4"].status, rows["k4"].transmitting) == ("pending", False)
+    # a marker for an item no longer sending changes nothing; a batch without audit records
+    await store.settle_outbox(
+        [{"id": k2.id, "status": "sent"}], transmitting=[rows["k4"].id, k1.id]
+    )
+    rows = {r.key: r for r in await store.outbox(limit=10)}
+    assert (rows["k2"].status, rows["k2"].attempts) == ("sent", 1)
+    assert (rows["k4"].status, rows["k4"].transmitting) == ("pending", False)
+    assert (rows["k1"].status, rows["k1"].attempts) == ("sent", 1)
+    records = sorted(await store.audit_log(), key=lambda a: a.id)
+    assert [(a.action, a.target, a.detail, a.run_id) for a in records] == [
+        ("notification sent", "t", "", None),
+        ("notification sent", None, "d", None),
+    ]
+    assert all(a.at >= now for a in records)
+
+
+async def test_outbox_claims_at_once_take_each_item_once_within_their_limits(
+    store: Store,
+) -> None:
+    await store.enqueue_many(
+        [{"key": f"k{i}", "channel": "email", "recipient": f"r{i}@x"} for i in range(50)]
+    )
+    now = datetime.now(UTC)
+    lease = now + timedelta(seconds=60)
+    claims = await asyncio.gather(
+        *(
+            store.claim_outbox(channel="email", now=now, lease_until=lease, limit=12)
+            for _ in range(5)
+        )
+    )
+    assert all(len(claim) <= 12 for claim in claims)
+    taken = [item.key for claim in claims for item in claim]
+    assert len(taken) == len(set(taken)) == 50
+
+
 async def test_a_maintenance_start_is_marked_once_and_survives_reopen(
     url: str, store: Store
 ) -> None:

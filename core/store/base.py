@@ -277,6 +277,20 @@ class StoreBase:
         async with self.engine.begin() as conn:
             yield conn
 
+    @asynccontextmanager
+    async def single_statement(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for a write that is one statement (``async with``): on PostgreSQL
+        the statement commits on its own, without the BEGIN and COMMIT that a transaction
+        sends each as a round trip of its own (a statement is atomic: PostgreSQL runs it
+        in a transaction of its own, data-modifying CTEs included); on SQLite a
+        transaction as ``transaction`` (one trip there anyway)."""
+        if self.engine.dialect.name != "postgresql":
+            async with self.transaction() as conn:
+                yield conn
+            return
+        async with self.reading() as conn:
+            yield conn
+
     _reader: AsyncEngine | None = None
 
     def reading(self) -> AsyncConnection:

@@ -7,7 +7,18 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, insert, or_, select, union_all, update
+from sqlalchemy import (
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from core.store import tables as t
@@ -59,6 +70,35 @@ _RELEASED = (
     )
 )
 _AUDIT = insert(t.audit)
+_SETTLE_PG = text(
+    """
+    WITH settled AS (
+        UPDATE outbox SET
+            transmitting = CASE WHEN id = ANY(CAST(:marks AS BIGINT[])) AND status = 'sending'
+                THEN true ELSE transmitting END,
+            status = CASE WHEN id = ANY(CAST(:sent AS BIGINT[])) THEN 'sent' ELSE status END,
+            last_error = CASE WHEN id = ANY(CAST(:sent AS BIGINT[])) THEN NULL ELSE last_error END,
+            attempts = CASE WHEN id = ANY(CAST(:sent AS BIGINT[])) THEN attempts + 1
+                ELSE attempts END,
+            sent_at = CASE WHEN id = ANY(CAST(:sent AS BIGINT[])) THEN CAST(:now AS TIMESTAMPTZ)
+                ELSE sent_at END
+        WHERE id = ANY(CAST(:ids AS BIGINT[]))
+    )
+    INSERT INTO audit (at, actor, source, action, target, detail, run_id)
+    SELECT * FROM unnest(
+        CAST(:at AS TIMESTAMPTZ[]), CAST(:actor AS VARCHAR[]), CAST(:source AS VARCHAR[]),
+        CAST(:action AS VARCHAR[]), CAST(:target AS VARCHAR[]), CAST(:detail AS TEXT[]),
+        CAST(:run_id AS BIGINT[])
+    )
+    """
+)
+"""``settle_outbox`` on PostgreSQL when every outcome is "sent": the ``transmitting``
+markers, the outcomes and the audit records in one statement, which commits on its own
+(one round trip where a transaction was five: BEGIN, three statements, COMMIT). One
+UPDATE sets both marker and outcome, reading the row as it was (a row may be updated only
+once per statement): a row is marked only while ``sending``, as ``_MARK`` before
+``_SENT`` does in the transaction."""
+_AUDIT_COLUMNS = ("at", "actor", "source", "action", "target", "detail", "run_id")
 
 
 class OutboxStore(StoreBase):
@@ -199,38 +239,13 @@ class OutboxStore(StoreBase):
         (their sender died) unless their transmission had begun (``transmitting``: those
         are never sent again). Until ``lease_until`` no one else takes them.
         """
-        async with self.transaction() as conn:
-            if self.dialect == "sqlite":
-                rows = (
-                    await conn.execute(
-                        _claim_sqlite(channel, limit), {"now": now, "lease": lease_until}
-                    )
-                ).all()
-            else:
-                # chosen and locked first, then taken: as a subquery of the UPDATE,
-                # PostgreSQL may run the choice again for every row, skipping the rows
-                # the statement has just taken, and so take more than ``limit``
-                due = (t.outbox.c.channel == channel, _TAKEABLE, t.outbox.c.next_attempt_at <= now)
-                chosen = (
-                    await conn.execute(
-                        select(t.outbox.c.id)
-                        .where(*due)
-                        .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
-                        .limit(limit)
-                        .with_for_update(skip_locked=True)
-                    )
-                ).all()
-                if not chosen:
-                    return []
-                # read back what is not known already (no dates but one parsed per row)
-                rows = (
-                    await conn.execute(
-                        update(t.outbox)
-                        .where(t.outbox.c.id.in_([r[0] for r in chosen]))
-                        .values(status="sending", next_attempt_at=lease_until)
-                        .returning(*_CLAIMED)
-                    )
-                ).all()
+        params = {"now": now, "lease": lease_until}
+        if self.dialect == "sqlite":
+            claim = _claim_sqlite(channel, limit)
+        else:
+            claim = _claim_postgresql(channel, limit)
+        async with self.single_statement() as conn:
+            rows = (await conn.execute(claim, params)).all()
         return sorted(
             (
                 OutboxRecord(
@@ -360,6 +375,19 @@ class OutboxStore(StoreBase):
             ):
                 released.setdefault(r["retry_at"], []).append(r["id"])
         done = set(sent).union(*released.values())
+        if self.dialect == "postgresql" and not released and all(r["id"] in done for r in results):
+            rows = [_audit_row(now, a) for a in audits]
+            params: dict[str, Any] = {
+                "marks": list(transmitting),
+                "sent": sent,
+                "ids": [*transmitting, *sent],
+                "now": now,
+            }
+            for column in _AUDIT_COLUMNS:
+                params[column] = [row[column] for row in rows]
+            async with self.single_statement() as conn:
+                await conn.execute(_SETTLE_PG, params)
+            return
         async with self.transaction() as conn:
             if transmitting:
                 await conn.execute(_MARK, {"ids": list(transmitting)})
@@ -451,6 +479,36 @@ def _claim_sqlite(channel: str, limit: int) -> Any:
     return (
         update(t.outbox)
         .where(t.outbox.c.id.in_(chosen.scalar_subquery()))
+        .values(status="sending", next_attempt_at=bindparam("lease", type_=_o.next_attempt_at.type))
+        .returning(*_CLAIMED)
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _claim_postgresql(channel: str, limit: int) -> Any:
+    """The claim on PostgreSQL, one statement that commits on its own (one round trip;
+    a transaction of a SELECT and an UPDATE was four): the first ``limit`` due items are
+    chosen and locked (``FOR UPDATE SKIP LOCKED``: another instance's claim takes others)
+    in a CTE evaluated once (``MATERIALIZED``: as a subquery of the UPDATE, PostgreSQL may
+    run the choice again for every row, skipping the rows the statement has just taken,
+    and so take more than ``limit``), then taken. Built once per channel and size;
+    parameters ``now`` and ``lease``; reads back the columns of ``_CLAIMED``."""
+    chosen = (
+        select(t.outbox.c.id)
+        .where(
+            t.outbox.c.channel == channel,
+            _TAKEABLE,
+            t.outbox.c.next_attempt_at <= bindparam("now", type_=_o.next_attempt_at.type),
+        )
+        .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("chosen")
+        .prefix_with("MATERIALIZED")
+    )
+    return (
+        update(t.outbox)
+        .where(t.outbox.c.id == chosen.c.id)
         .values(status="sending", next_attempt_at=bindparam("lease", type_=_o.next_attempt_at.type))
         .returning(*_CLAIMED)
     )
