@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from core.store import tables as t
 from core.store.base import StoreBase, audit_values, record_of, utcnow
 from core.store.records import OutboxRecord
+from core.store.sqlite import KEEP_CHANGES
 
 _o = t.outbox.c
 _TAKEABLE = or_(_o.status == "pending", and_(_o.status == "sending", _o.transmitting.is_(False)))
@@ -286,7 +287,7 @@ class OutboxStore(StoreBase):
         e-mail's DATA): from now on they are never sent again automatically."""
         if not ids:
             return
-        async with self.transaction() as conn:
+        async with self.single_statement() as conn:
             await conn.execute(_MARK, {"ids": list(ids)})
 
     async def transmitting_outbox(
@@ -389,6 +390,8 @@ class OutboxStore(StoreBase):
                 await conn.execute(_SETTLE_PG, params)
             return
         async with self.transaction() as conn:
+            # SQLite: the statements below go in the commit's trip (core.store.sqlite)
+            await conn.execution_options(**KEEP_CHANGES)
             if transmitting:
                 await conn.execute(_MARK, {"ids": list(transmitting)})
             if sent:  # the common case in one statement
