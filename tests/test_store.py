@@ -15,6 +15,7 @@ from sqlalchemy import Connection, event, insert, inspect
 from core.store import NodeBusyError, Store, StoreUnavailableError
 from core.store import tables as t
 from core.store.base import migrations_config
+from core.store.outbox import ENQUEUE_ROWS
 from tests.databases import POSTGRES_URL, backends, reset_postgres
 
 
@@ -252,6 +253,31 @@ async def test_outbox_claims_in_due_order_marks_and_settles(store: Store) -> Non
     assert (audit.action, audit.target) == ("notification sent", "t")
     taken = await store.claim_outbox(channel="call", now=later, lease_until=lease, limit=10)
     assert [i.key for i in taken] == ["c0"]
+
+
+async def test_outbox_queues_each_key_once_whoever_queues_it(store: Store) -> None:
+    def item(i: int, recipient: str = "new@x") -> dict[str, object]:
+        return {"key": f"k{i}", "channel": "email", "recipient": recipient}
+
+    assert await store.enqueue_many([item(1, "first@x"), item(3, "first@x")]) == ["k1", "k3"]
+    # keys queued before are left as they are; a key given twice is queued once (the
+    # first); more rows than one INSERT takes
+    count = ENQUEUE_ROWS + 20
+    given = [item(i) for i in range(count)] + [item(0, "twice@x")]
+    fresh = await store.enqueue_many(given)
+    assert fresh == [f"k{i}" for i in range(count) if i not in (1, 3)]
+    rows = {r.key: r for r in await store.outbox(limit=count + 10)}
+    assert len(rows) == count
+    assert rows["k1"].recipient == rows["k3"].recipient == "first@x"
+    assert rows["k0"].recipient == "new@x"
+    # two callers at the same moment with overlapping keys (two connections on
+    # PostgreSQL): each key queued once, by one of them, and neither fails
+    first, second = await asyncio.gather(
+        store.enqueue_many([item(i) for i in range(count, count + 60)]),
+        store.enqueue_many([item(i) for i in range(count + 30, count + 90)]),
+    )
+    assert sorted(first + second) == sorted(f"k{i}" for i in range(count, count + 90))
+    assert len(await store.outbox(limit=count + 200)) == count + 90
 
 
 async def test_outbox_settles_a_batch_of_sent_items_with_their_markers_and_audit(

@@ -19,6 +19,8 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from core.store import tables as t
@@ -99,6 +101,8 @@ markers, the outcomes and the audit records in one statement, which commits on i
 UPDATE sets both marker and outcome, reading the row as it was (a row may be updated only
 once per statement): a row is marked only while ``sending``, as ``_MARK`` before
 ``_SENT`` does in the transaction."""
+ENQUEUE_ROWS = 500
+"""Rows of one INSERT of ``enqueue_many`` (each with its nine parameters)."""
 _AUDIT_COLUMNS = ("at", "actor", "source", "action", "target", "detail", "run_id")
 
 
@@ -182,54 +186,29 @@ class OutboxStore(StoreBase):
         if not items:
             return []
         now = utcnow()
-        keys = [str(item["key"]) for item in items]
-        rows = [
-            {
-                "key": str(item["key"]),
-                "channel": item["channel"],
-                "recipient": item["recipient"],
-                "subject": item.get("subject", ""),
-                "payload": dict(item.get("payload") or {}),
-                "status": "pending",
-                "attempts": 0,
-                "next_attempt_at": item.get("not_before") or now,
-                "created_at": now,
-            }
-            for item in items
-        ]
-        try:
-            async with self.transaction() as conn:
-                have: set[str] = set()
-                for start in range(0, len(keys), 500):
-                    chunk = keys[start : start + 500]
-                    have.update(
-                        r.key
-                        for r in await conn.execute(
-                            select(t.outbox.c.key).where(t.outbox.c.key.in_(chunk))
-                        )
-                    )
-                fresh: dict[str, dict[str, Any]] = {}
-                for row in rows:
-                    if row["key"] not in have:
-                        fresh.setdefault(row["key"], row)
-                new_rows = list(fresh.values())
-                for start in range(0, len(new_rows), 500):
-                    await conn.execute(insert(t.outbox), new_rows[start : start + 500])
-                return list(fresh)
-        except IntegrityError:
-            # another instance queued some of them meanwhile: one at a time
-            return [
-                str(item["key"])
-                for item in items
-                if await self.enqueue(
-                    key=str(item["key"]),
-                    channel=item["channel"],
-                    recipient=item["recipient"],
-                    subject=item.get("subject", ""),
-                    payload=item.get("payload"),
-                    not_before=item.get("not_before"),
-                )
-            ]
+        rows: dict[str, dict[str, Any]] = {}  # by key, the first of a key given twice
+        for item in items:
+            key = str(item["key"])
+            if key not in rows:
+                rows[key] = {
+                    "key": key,
+                    "channel": item["channel"],
+                    "recipient": item["recipient"],
+                    "subject": item.get("subject", ""),
+                    "payload": dict(item.get("payload") or {}),
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": item.get("not_before") or now,
+                    "created_at": now,
+                }
+        values = list(rows.values())
+        fresh: set[str] = set()
+        statement = _enqueue(self.dialect)
+        async with self.transaction() as conn:
+            for start in range(0, len(values), ENQUEUE_ROWS):
+                result = await conn.execute(statement, values[start : start + ENQUEUE_ROWS])
+                fresh.update(str(r[0]) for r in result)
+        return [key for key in rows if key in fresh]
 
     async def claim_outbox(
         self, *, channel: str, now: datetime, lease_until: datetime, limit: int
@@ -514,4 +493,17 @@ def _claim_postgresql(channel: str, limit: int) -> Any:
         .where(t.outbox.c.id == chosen.c.id)
         .values(status="sending", next_attempt_at=bindparam("lease", type_=_o.next_attempt_at.type))
         .returning(*_CLAIMED)
+    )
+
+
+@functools.cache
+def _enqueue(dialect: str) -> Any:
+    """The INSERT of ``enqueue_many``: rows whose key is queued already (by anyone, also
+    by another instance at the same moment) are left out by the database
+    (``ON CONFLICT DO NOTHING``); reads back the keys of the rows it inserted."""
+    build = sqlite_insert if dialect == "sqlite" else postgresql_insert
+    return (
+        build(t.outbox)
+        .on_conflict_do_nothing(index_elements=[t.outbox.c.key])
+        .returning(t.outbox.c.key)
     )
