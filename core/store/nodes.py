@@ -85,11 +85,14 @@ class NodesStore(StoreBase):
         params["b_key"] = name
         if expect_version is not None:
             params["b_version"] = expect_version
-        async with self.transaction() as conn:
+        async with self.single_statement() as conn:  # PostgreSQL: one round trip
             changed = (await conn.execute(query, params)).first()
-            if changed is None:
-                if expect_version is None:
-                    raise StoreError(f"node {name} is not in the store")
-                row = (await conn.execute(_NODE, {"name": name})).one()
-                return record_of(NodeRecord, row)
-        return record_of(NodeRecord, changed)
+        if changed is not None:
+            return record_of(NodeRecord, changed)
+        if expect_version is None:
+            raise StoreError(f"node {name} is not in the store")
+        # changed by someone else since it was read: the row as it is now
+        found = await self.node(name)
+        if found is None:
+            raise StoreError(f"node {name} is not in the store")
+        return found

@@ -214,7 +214,7 @@ class RunsStore(StoreBase):
         return await self._all(query, RunRecord)
 
     async def update_run(self, run_id: int, **values: Any) -> None:
-        async with self.transaction() as conn:
+        async with self.single_statement() as conn:
             await conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
 
     async def change_run(self, run_id: int, *, wait: bool = True, **values: Any) -> None:

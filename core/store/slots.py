@@ -151,7 +151,7 @@ class SlotsStore(StoreBase):
                 if handed is not None:
                     return handed
                 break
-        async with self.transaction() as conn:
+        async with self.single_statement() as conn:
             result = await conn.execute(_FREE, {"cluster": cluster, "node": node})
         return SlotRelease(released=bool(result.rowcount))
 
