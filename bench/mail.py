@@ -194,6 +194,19 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
   processes share the 2 cores (the outbox 4.2 s, the sink 5.6 s, PostgreSQL 1.6 s of CPU
   in 8.1 s); each message's four exchanges with the sink wait for whichever of them is
   not running.
+- fifteenth pass of issue 15 (2026-12-06, the table above at 11:29 UTC, a slow hour: the
+  bare loop 12.25 s with 1 connection against 9.95 s at 08:42): on PostgreSQL a claim
+  and a batch's sent outcomes, markers and audit records are each one statement that
+  commits on its own (one round trip instead of four and five; RESULTS "Fifteenth pass"
+  of the fleet section has the profile), queueing is one `INSERT ... ON CONFLICT DO
+  NOTHING` per 500 rows, and on SQLite a batch's outcomes go in the commit's trip.
+  Alternating with the code before, 5,000 mails, 2 connections, no PIPELINING: PostgreSQL
+  4.87 against 5.15 s (median of six), SQLite 5.48 against 5.73 s. Full runs: PostgreSQL
+  0.74 x with 2 connections (0.73 at 10:37 with the claim and outcome change alone, 0.69 at
+  08:42 without), 0.85 x with 1; SQLite 0.80 x (0.799: missed by a hair) and 0.88 x; with
+  PIPELINING all met (1.03 to 1.50 x). In slow hours the outbox loses more than the bare
+  loop: it does more per mail in the same lockstep of one command and one reply, and the
+  sink, the outbox and PostgreSQL wait for each other's turn on the 2 cores.
 - this machine's vCPUs are shared (other benchmarks ran meanwhile): single runs
   vary widely; the table keeps every run, the ratios use medians; user CPU varies far less
   than time.
