@@ -255,6 +255,15 @@ async def test_outbox_claims_in_due_order_marks_and_settles(store: Store) -> Non
     assert [i.key for i in taken] == ["c0"]
 
 
+async def queue_emails(store: Store, count: int) -> tuple[datetime, datetime]:
+    """E-mails ``k0`` ... queued; now, and a lease that runs out a minute later."""
+    await store.enqueue_many(
+        [{"key": f"k{i}", "channel": "email", "recipient": f"r{i}@x"} for i in range(count)]
+    )
+    now = datetime.now(UTC)
+    return now, now + timedelta(seconds=60)
+
+
 async def test_outbox_queues_each_key_once_whoever_queues_it(store: Store) -> None:
     def item(i: int, recipient: str = "new@x") -> dict[str, object]:
         return {"key": f"k{i}", "channel": "email", "recipient": recipient}
@@ -285,11 +294,7 @@ async def test_outbox_settles_a_batch_of_sent_items_with_their_markers_and_audit
 ) -> None:
     # the common outcome of a batch: sent, with the markers of the items after it; on
     # PostgreSQL one statement that commits on its own, on SQLite one transaction
-    await store.enqueue_many(
-        [{"key": f"k{i}", "channel": "email", "recipient": f"r{i}@x"} for i in range(5)]
-    )
-    now = datetime.now(UTC)
-    lease = now + timedelta(seconds=60)
+    now, lease = await queue_emails(store, 5)
     k0, k1, k2, _k3 = await store.claim_outbox(channel="email", now=now, lease_until=lease, limit=4)
     audits = [
         {"actor": "notify", "source": "system", "action": "notification sent", "target": "t"},
@@ -336,11 +341,7 @@ async def test_outbox_settles_a_batch_of_sent_items_with_their_markers_and_audit
 async def test_outbox_claims_at_once_take_each_item_once_within_their_limits(
     store: Store,
 ) -> None:
-    await store.enqueue_many(
-        [{"key": f"k{i}", "channel": "email", "recipient": f"r{i}@x"} for i in range(50)]
-    )
-    now = datetime.now(UTC)
-    lease = now + timedelta(seconds=60)
+    now, lease = await queue_emails(store, 50)
     claims = await asyncio.gather(
         *(
             store.claim_outbox(channel="email", now=now, lease_until=lease, limit=12)
