@@ -123,6 +123,33 @@ async def test_a_reply_that_does_not_come_times_out_and_closes_the_session() -> 
         assert not session.open
 
 
+async def test_each_reply_has_the_whole_timeout_and_a_late_one_still_times_out() -> None:
+    # every reply comes 0.25 s after its command, 0.75 s for the three: each is waited
+    # for 0.4 s at most, not the three together; then one that does not come times out
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(3):
+            await lines(reader, 1)
+            await asyncio.sleep(0.25)
+            writer.write(b"250 OK\r\n")
+            await writer.drain()
+        await lines(reader, 1)
+        await reader.read()  # never answers; until the client hangs up
+
+    async with session_with(script, reply_timeout=0.4) as session:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for _ in range(3):
+            (reply,) = await session.exchange(b"NOOP\r\n")
+            assert reply.code == 250
+        assert loop.time() - began > 0.7
+        began = loop.time()
+        with pytest.raises(SMTPReadTimeoutError):
+            async with asyncio.timeout(5):  # a session that never times out fails here
+                await session.exchange(b"NOOP\r\n")
+        assert loop.time() - began >= 0.4
+        assert not session.open
+
+
 async def test_a_server_that_hangs_up_is_a_lost_connection() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await lines(reader, 1)  # then closes
