@@ -53,9 +53,7 @@ class SmtpSession(asyncio.Protocol):
     def close(self) -> None:
         if self._broken is None:
             self._broken = SMTPServerDisconnected("Connection closed")
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        self._stop_watchdog()
         if not self._transport.is_closing():
             self._transport.close()
 
@@ -122,6 +120,11 @@ class SmtpSession(asyncio.Protocol):
         else:
             self._watchdog = self._loop.call_at(self._deadline, self._late)
 
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -148,9 +151,7 @@ class SmtpSession(asyncio.Protocol):
         if self._broken is None:
             self._broken = SMTPServerDisconnected("Connection lost")
             self._broken.__cause__ = exc
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        self._stop_watchdog()
         self._wake()
 
     def _take_reply(self) -> SMTPResponse | None:

@@ -21,7 +21,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
 
 from core.store import tables as t
 from core.store.base import StoreBase, audit_values, record_of, utcnow
@@ -120,25 +119,15 @@ class OutboxStore(StoreBase):
         not_before: datetime | None = None,
     ) -> bool:
         """Queue one notification; ``False`` when its idempotency key is already queued."""
-        now = utcnow()
-        try:
-            async with self.transaction() as conn:
-                await conn.execute(
-                    insert(t.outbox).values(
-                        key=key,
-                        channel=channel,
-                        recipient=recipient,
-                        subject=subject,
-                        payload=dict(payload or {}),
-                        status="pending",
-                        attempts=0,
-                        next_attempt_at=not_before or now,
-                        created_at=now,
-                    )
-                )
-        except IntegrityError:
-            return False
-        return True
+        item = {
+            "key": key,
+            "channel": channel,
+            "recipient": recipient,
+            "subject": subject,
+            "payload": payload,
+            "not_before": not_before,
+        }
+        return bool(await self.enqueue_many([item]))
 
     async def due_outbox(self, *, now: datetime, limit: int = 100) -> list[OutboxRecord]:
         query = (
