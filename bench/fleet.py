@@ -54,6 +54,7 @@ from bench.common import (  # noqa: E402
     StallRecorder,
     api_command,
     backends,
+    calls_text,
     cpu_children,
     first_notices,
     fleet_toml,
@@ -231,6 +232,7 @@ async def _window(
         "cpu": cpu,
         "children_cpu": children,
         "statements": statements,
+        "calls": sql.calls,
         "statements_by_key": dict(sorted(by_key.items(), key=lambda kv: -kv[1])[:10]),
         "status_command": command_probe.summary(),
         "status_api": api_probe.summary(),
@@ -402,7 +404,7 @@ def render(results: list[dict[str, Any]]) -> str:
             + f"; `GET /api/v1/status` {a['n']} asked, {a['failures']} failed"
             + (f" (first: {a['first_failure']})" if a["first_failure"] else ""),
             f"  - SQL statements: {r['statements']} ({r['statements'] / r['nodes']:.1f} per "
-            "node); most frequent: "
+            f"node{calls_text(r)}); most frequent: "
             + ", ".join(f"{k} {v}" for k, v in r["statements_by_key"].items()),
             f"  - log: {r['errors']} ERROR lines"
             + (f" (first: {r['first_error']})" if r["first_error"] else ""),

@@ -53,6 +53,7 @@ from bench.common import (  # noqa: E402
     LoopLag,
     SqlCounter,
     backends,
+    calls_text,
     cpu_children,
     fleet_toml,
     log_problems,
@@ -233,6 +234,7 @@ async def measure(
         "rss_idle_kib": rss_idle,
         "vm_hwm_kib": proc_status_kib("VmHWM"),
         "statements": statements,
+        "calls": sql.calls,
         "statements_by_key": dict(sorted(by_key.items(), key=lambda kv: -kv[1])[:12]),
         "statement_errors": sql.errors,
         **lag.summary(),
@@ -312,7 +314,7 @@ def _details(r: dict[str, Any]) -> list[str]:
         f"{r['lag_p99'] * 1000:.0f} ms, max {r['lag_max']:.2f} s "
         f"({r['lag_over_1s']:.0f} times more than 1 s)",
         f"  - SQL statements: {r['statements']} ({r['statements'] / NODES:.0f} per node, "
-        f"{r['statements'] / r['wall']:.0f} per second), of "
+        f"{r['statements'] / r['wall']:.0f} per second{calls_text(r)}), of "
         f"which {slot_queries} ({slot_queries / max(1, r['statements']) * 100:.0f} %) are the "
         f"slot waiters' polling SELECTs; most frequent: {top}",
         "  - statements that raised: "

@@ -65,6 +65,7 @@ from bench.common import (  # noqa: E402
     SqlCounter,
     api_command,
     backends,
+    calls_text,
     cpu_children,
     first_notices,
     fleet_toml,
@@ -339,6 +340,7 @@ async def _scheduled_runs(
         "window": window,
         **after_s,
         "statements": statements,
+        "calls": sql.calls,
         "statements_by_key": dict(sorted(by_key.items(), key=lambda kv: -kv[1])[:12]),
         "statement_errors": sql.errors,
         **lag.summary(),
@@ -573,7 +575,8 @@ def _details(r: dict[str, Any]) -> list[str]:
         + f"; first notice {_fmt(r['notice_ahead_min'], '.1f')} s (least) / "
         f"{_fmt(r['notice_ahead_median'], '.1f')} s (median) before the sessions ended",
         f"  - SQL statements: {r['statements']} ({r['statements'] / NODES:.0f} per node, "
-        f"{r['statements'] / r['window']:.0f} per second over the {r['window']:.0f} s window), of "
+        f"{r['statements'] / r['window']:.0f} per second over the {r['window']:.0f} s window"
+        f"{calls_text(r)}), of "
         f"which {slot_queries} ({slot_queries / max(1, r['statements']) * 100:.0f} %) are the "
         f"slot waiters' polling SELECTs; most frequent: {top}",
         f"  - after S: {_fmt(r['statements_after_s'], '.0f')} statements "

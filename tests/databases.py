@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from core.store.journal_pg import FUNCTION, statements_in
 from tests.postgres import MISSING, session_url
 
 POSTGRES_URL = session_url()
@@ -46,13 +47,26 @@ def backends() -> list[object]:
     ]
 
 
+JOURNAL_CALL = f"{FUNCTION}("
+"""How a call of the run journal's function on PostgreSQL begins (``core.store.journal_pg``:
+a journal transaction's statements sent together, committed on their own)."""
+
+
+def statements_of(statement: str, parameters: Any) -> list[str]:
+    """The statements that ``statement`` (with ``parameters``, as SQLAlchemy's cursor
+    events give them) runs: itself, or those the run journal's function runs."""
+    inner = statements_in(statement, parameters)
+    return [statement] if inner is None else inner
+
+
 @contextmanager
 def statements_sent(engine: AsyncEngine) -> Iterator[list[str]]:
-    """The SQL statements ``engine`` sends meanwhile (SQLAlchemy's cursor event)."""
+    """The SQL statements ``engine`` runs meanwhile (SQLAlchemy's cursor event; those of
+    the run journal's function one by one, ``statements_of``)."""
     sent: list[str] = []
 
-    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        sent.append(statement)
+    def count(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+        sent.extend(statements_of(statement, parameters))
 
     sync_engine = engine.sync_engine
     event.listen(sync_engine, "before_cursor_execute", count)

@@ -17,8 +17,18 @@ from core.events import LocalEventBus
 from core.lifecycle.runs import Flow, RunContext, execute
 from core.store import NewRun, NodeChange, RunChange, RunEnd, Store
 from core.store import tables as t
-from core.store.journal import LAZY_FLUSH
-from tests.databases import POSTGRES_URL, backends, reset_postgres
+from core.store.journal import LAZY_FLUSH, RunFinish, StepEnd, Transition
+from core.store.journal_pg import ONE_CALL_ENTRIES
+from core.store.records import NodeRecord
+from tests.databases import (
+    JOURNAL_CALL,
+    NO_POSTGRES,
+    POSTGRES_URL,
+    backends,
+    reset_postgres,
+    statements_of,
+    statements_sent,
+)
 
 NODES = [f"n{i:02d}" for i in range(1, 21)]
 
@@ -46,18 +56,25 @@ async def _runs(store: Store) -> list[int]:
 
 
 class Commits:
-    """Counts the transactions the store commits."""
+    """Counts the transactions the store commits (on PostgreSQL a journal transaction is
+    one call of its function, which commits on its own: ``core.store.journal_pg``)."""
 
     def __init__(self, store: Store) -> None:
         self.count = 0
         self._engine = store.engine.sync_engine
         event.listen(self._engine, "commit", self._commit)
+        event.listen(self._engine, "after_cursor_execute", self._statement)
 
     def _commit(self, _conn: object) -> None:
         self.count += 1
 
+    def _statement(self, _conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if JOURNAL_CALL in statement:
+            self.count += 1
+
     def close(self) -> None:
         event.remove(self._engine, "commit", self._commit)
+        event.remove(self._engine, "after_cursor_execute", self._statement)
 
 
 async def test_transitions_of_runs_in_flight_share_a_transaction(store: Store) -> None:
@@ -91,13 +108,16 @@ class Statements:
         self._engine = store.engine.sync_engine
         event.listen(self._engine, "before_cursor_execute", self._statement)
 
-    def _statement(self, _conn: object, _cursor: object, statement: str, *_: object) -> None:
-        words = statement.split()
-        table = next(
-            (words[i + 1] for i, w in enumerate(words[:-1]) if w in {"FROM", "INTO", "UPDATE"}),
-            "-",
-        )
-        self.seen.append(f"{words[0]} {table.strip(chr(34))}")
+    def _statement(
+        self, _conn: object, _cursor: object, statement: str, parameters: object, *_: object
+    ) -> None:
+        for one in statements_of(statement, parameters):
+            words = one.split()
+            table = next(
+                (w for i, w in enumerate(words[1:]) if words[i] in {"FROM", "INTO", "UPDATE"}),
+                "-",
+            )
+            self.seen.append(f"{words[0]} {table.strip(chr(34))}")
 
     def close(self) -> None:
         event.remove(self._engine, "before_cursor_execute", self._statement)
@@ -388,8 +408,10 @@ async def test_node_and_run_changes_of_runs_in_flight_share_a_transaction(store:
     await store.update_node(NODES[0], staged={"old": "1"})
     statements: list[str] = []
 
-    def sent(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
-        statements.append(statement)
+    def sent(
+        _conn: object, _cursor: object, statement: str, parameters: object, *_args: object
+    ) -> None:
+        statements.extend(statements_of(statement, parameters))
 
     engine = store.engine.sync_engine
     commits = Commits(store)
@@ -574,8 +596,10 @@ async def test_node_changes_of_different_columns_in_one_statement_keep_their_ord
     before = {name: await store.node(name) for name in NODES[:2]}
     statements: list[str] = []
 
-    def sent(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
-        statements.append(statement)
+    def sent(
+        _conn: object, _cursor: object, statement: str, parameters: object, *_args: object
+    ) -> None:
+        statements.extend(statements_of(statement, parameters))
 
     engine = store.engine.sync_engine
     event.listen(engine, "before_cursor_execute", sent)
@@ -602,3 +626,92 @@ async def test_node_changes_of_different_columns_in_one_statement_keep_their_ord
     assert second.update_lock_since is None
     assert first.version == before[NODES[0]].version + 2
     assert second.version == before[NODES[1]].version + 2
+
+
+async def _journal_script(store: Store) -> dict[str, list[tuple[Any, ...]]]:
+    """The same journal transactions of every kind of entry, on ``store``; the rows they
+    leave (every column but the times the store sets from its clock: a run's creation,
+    an audit record's)."""
+    await store.sync_nodes([(name, "c1", "sandbox") for name in NODES])
+    a, b, c, *_ = await _runs(store)
+    start = datetime(2026, 12, 6, 8, tzinfo=UTC)
+
+    def at(seconds: float) -> datetime:
+        return start + timedelta(seconds=seconds)
+
+    def staged(row: NodeRecord) -> dict[str, Any]:
+        return {"staged": {**row.staged, "tgpro": "2"}}
+
+    await store.journal.write(
+        Transition(run_id=a, name="download", detail="1 file", after=None, at=at(1)),
+        # begins and ends in the same transaction: inserted done
+        Transition(run_id=a, name="slot", detail=None, after="download", at=at(2)),
+        Transition(run_id=a, name="drain", detail=None, after="slot", at=at(3)),
+        Transition(run_id=b, name="download", detail=None, after=None, at=at(1)),
+        NodeChange(name=NODES[0], values={"lb": "drained", "sessions": 3}),
+        NodeChange(name=NODES[0], values={}, derive=staged),
+        NodeChange(name=NODES[0], values={"lb": None}),  # back to NULL, after the others
+        NodeChange(name=NODES[1], values={"update_lock_since": at(3), "update_lock_reason": "x"}),
+        NodeChange(name=NODES[1], values={}, derive=staged),
+        NodeChange(name="absent", values={}, derive=staged),  # not in the store: nothing
+        RunChange(run_id=a, values={"params": {"plan": [1, 2]}}),
+        RunChange(run_id=a, values={"progress_done": 5, "progress_total": 9}),
+        RunChange(run_id=b, values={"progress_done": 1}),
+        StepEnd(run_id=b, name="download", status=None, detail="first", at=at(3)),
+        StepEnd(run_id=b, name="download", status=None, detail="second", at=at(4)),
+        store.audit_entry(actor="tgops", source="lifecycle", action="drain", target=NODES[0]),
+        store.audit_entry(actor="tgops", source="lifecycle", action="note", detail="ünïcode"),
+    )
+    await store.journal.write(
+        StepEnd(run_id=b, name="download", status="failed", detail=None, at=at(5)),
+        StepEnd(run_id=b, name="download", status="done", detail="late", at=at(6)),
+        Transition(run_id=c, name="install", detail=None, after=None, at=at(5)),
+        NodeChange(name=NODES[0], values={}, derive=staged),
+        RunFinish(
+            run_id=a,
+            status="succeeded",
+            error=None,
+            at=at(7),
+            audit=store.audit_entry(actor="tgops", source="system", action="run done").values,
+            done="drain",
+            done_at=at(6.5),
+        ),
+        RunFinish(run_id=c, status="failed", error="boom", at=at(8)),
+    )
+    tables = {
+        "runs": select(*(c for c in t.runs.c if c.name != "created_at")).order_by(t.runs.c.id),
+        "run_steps": select(t.run_steps).order_by(t.run_steps.c.id),
+        "nodes": select(t.nodes).order_by(t.nodes.c.name),
+        "audit": select(*(c for c in t.audit.c if c.name != "at")).order_by(t.audit.c.id),
+    }
+    rows: dict[str, list[tuple[Any, ...]]] = {}
+    async with store.reading() as conn:
+        for name, query in tables.items():
+            rows[name] = [tuple(row) for row in await conn.execute(query)]
+    return rows
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(POSTGRES_URL is None, reason=NO_POSTGRES)
+async def test_a_journal_transaction_leaves_the_same_rows_on_every_store(tmp_path: Path) -> None:
+    """On PostgreSQL a small journal transaction is one call of the store's function
+    (``core.store.journal_pg``), a larger one goes statement by statement as on SQLite:
+    the same entries leave the same rows either way (a step begun and ended in one
+    transaction, node changes merged in order and derived from the row, details of which
+    the last counts, a step's first end, run ends with their steps, node and audit)."""
+    assert POSTGRES_URL is not None
+    async with Store(f"sqlite+aiosqlite:///{tmp_path}/state.db") as sqlite:
+        expected = await _journal_script(sqlite)
+    seen: dict[int, dict[str, list[tuple[Any, ...]]]] = {}
+    for limit in (ONE_CALL_ENTRIES, 0):
+        await reset_postgres(POSTGRES_URL)
+        async with Store(POSTGRES_URL) as store:
+            store.journal.one_call_entries = limit
+            with statements_sent(store.engine) as sent:
+                seen[limit] = await _journal_script(store)
+        inner = [s for s in sent if "json_to_recordset" in s]  # the function's statements
+        assert (len(inner) > 0) == (limit > 0), sent
+    assert expected["run_steps"][1][2:4] == ("slot", "done")
+    assert [r[5] for r in expected["runs"][:3]] == ["succeeded", "running", "failed"]
+    assert seen[ONE_CALL_ENTRIES] == expected
+    assert seen[0] == expected

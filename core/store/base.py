@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from core.errors import StoreError
 from core.printable import printable
 from core.private import create_private, make_private
+from core.store import journal_pg
 from core.store.journal import Entry, StepJournal
 from core.store.records import NodeRecord, node_record
 from core.store.sqlite import one_trip, settle
@@ -184,7 +185,14 @@ class StoreBase:
     def journal(self) -> StepJournal:
         """The group commit of step transitions and audit records (``core.store.journal``)."""
         if self._journal is None:
-            self._journal = StepJournal(self.transaction)
+            if self.engine.dialect.name == "postgresql":
+                # a transaction's statements in one round trip (core.store.journal_pg)
+                self._journal = StepJournal(
+                    self.transaction,
+                    (self.single_statement, journal_pg.write_entries, journal_pg.ONE_CALL_ENTRIES),
+                )
+            else:
+                self._journal = StepJournal(self.transaction)
         return self._journal
 
     async def commit(self, *entries: Entry, wait: bool = True) -> None:

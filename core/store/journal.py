@@ -12,7 +12,9 @@ returns only once its own records are committed: a step starts after its record 
 durable, as with a transaction of its own (L15), but the store commits once per batch
 instead of once per record. The records one caller hands over together are committed in
 the same transaction. On SQLite such a transaction is one trip to the database's thread
-(``core.store.sqlite.KEEP_CHANGES``): the journal reads nothing its writes return.
+(``core.store.sqlite.KEEP_CHANGES``): the journal reads nothing its writes return. On
+PostgreSQL a small transaction is one call of a function that runs its statements
+(``core.store.journal_pg``), a large one goes statement by statement.
 
 A transition is one statement: the row of the step that starts. The step before it is
 not updated; it is done once a later step of its run has begun (``done_steps`` reads it
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence, Set
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -240,7 +242,7 @@ _RUN_STEPS_END = (
         ),
     )
 )
-_NODES_NAMED = select(t.nodes).where(t.nodes.c.name.in_(bindparam("names", expanding=True)))
+NODES_NAMED = select(t.nodes).where(t.nodes.c.name.in_(bindparam("names", expanding=True)))
 _NODE_FREE = (
     # the run's node found by its name (the key), not by ``active_run_id`` (no index: each
     # run's end read every node, at 1,000 nodes a million rows per update time)
@@ -352,8 +354,25 @@ async def write_node_changes(conn: AsyncConnection, changes: Sequence[NodeChange
     derived = sorted({x.name for x in changes if x.derive is not None})
     rows: dict[str, NodeRecord] = {}
     if derived:
-        found = await conn.execute(_NODES_NAMED, {"names": derived})
+        found = await conn.execute(NODES_NAMED, {"names": derived})
         rows = {row.name: node_record(row) for row in found}
+    resolved = resolve_node_changes(changes, rows)
+    groups = _grouped(resolved)
+    if len(groups) > 1:
+        # changes of several sets of columns: one statement for all, in their order
+        columns = tuple(sorted({c for key, _ in groups for c in key}))
+        await conn.execute(_nodes_change(columns), [_flagged(columns, *x) for x in resolved])
+        return
+    for key, params in groups:
+        await conn.execute(row_change(t.nodes, key), params)
+
+
+def resolve_node_changes(
+    changes: Sequence[NodeChange], rows: dict[str, NodeRecord]
+) -> list[tuple[str, Mapping[str, Any]]]:
+    """The node changes as (name, columns), those that derive their values computed from
+    ``rows`` (the nodes' rows as read in the transaction, updated here change by change);
+    a change of a node not in ``rows`` that derives is left out (not in the store)."""
     resolved: list[tuple[str, Mapping[str, Any]]] = []
     for change in changes:
         values = dict(change.values)
@@ -364,14 +383,7 @@ async def write_node_changes(conn: AsyncConnection, changes: Sequence[NodeChange
             values.update(change.derive(row))
             rows[change.name] = replace(row, **values)
         resolved.append((change.name, values))
-    groups = _grouped(resolved)
-    if len(groups) > 1:
-        # changes of several sets of columns: one statement for all, in their order
-        columns = tuple(sorted({c for key, _ in groups for c in key}))
-        await conn.execute(_nodes_change(columns), [_flagged(columns, *x) for x in resolved])
-        return
-    for key, params in groups:
-        await conn.execute(row_change(t.nodes, key), params)
+    return resolved
 
 
 @lru_cache(maxsize=128)
@@ -434,31 +446,38 @@ async def write_transitions(
     transition ends is not written: a step followed by another of its run is done
     (``done_steps``). A step that begins and ends within the same batch (a run's records
     handed over without waiting) is inserted as done."""
+    steps, first = transition_rows(transitions, marked)
+    await conn.execute(insert(t.run_steps), steps)
+    if first:
+        await conn.execute(_RUNNING, [{"b_run": r, "b_at": at} for r, at in first.items()])
+
+
+def transition_rows(
+    transitions: Sequence[Transition], marked: Set[int] = frozenset()
+) -> tuple[list[dict[str, Any]], dict[int, datetime]]:
+    """The rows of the steps that begin (``write_transitions``), and the runs to mark
+    running (not in ``marked``) with the time their first step began."""
     begun: set[tuple[int, str]] = set()
     ended_at: dict[tuple[int, str], datetime] = {}
-    first: dict[int, datetime] = {}  # runs to mark running: when their first step began
+    first: dict[int, datetime] = {}
     for x in transitions:
         if x.after is not None and (x.run_id, x.after) in begun:
             ended_at[(x.run_id, x.after)] = x.at
         begun.add((x.run_id, x.name))
         if x.run_id not in marked:
             first.setdefault(x.run_id, x.at)
-    await conn.execute(
-        insert(t.run_steps),
-        [
-            {
-                "run_id": x.run_id,
-                "name": x.name,
-                "status": "done" if (x.run_id, x.name) in ended_at else "running",
-                "detail": x.detail,
-                "started_at": x.at,
-                "finished_at": ended_at.get((x.run_id, x.name)),
-            }
-            for x in transitions
-        ],
-    )
-    if first:
-        await conn.execute(_RUNNING, [{"b_run": r, "b_at": at} for r, at in first.items()])
+    steps = [
+        {
+            "run_id": x.run_id,
+            "name": x.name,
+            "status": "done" if (x.run_id, x.name) in ended_at else "running",
+            "detail": x.detail,
+            "started_at": x.at,
+            "finished_at": ended_at.get((x.run_id, x.name)),
+        }
+        for x in transitions
+    ]
+    return steps, first
 
 
 def done_steps(steps: Sequence[StepRecord]) -> list[StepRecord]:
@@ -476,12 +495,29 @@ def done_steps(steps: Sequence[StepRecord]) -> list[StepRecord]:
     return result
 
 
+Writer = Callable[[AsyncConnection, Sequence[Entry], Set[int]], Awaitable[object]]
+"""Writes a transaction's entries on a connection (``write_entries`` by default)."""
+
+
+async def _write_in_one_trip(
+    conn: AsyncConnection, entries: Sequence[Entry], marked: Set[int]
+) -> None:
+    await conn.execution_options(**KEEP_CHANGES)  # SQLite: one trip (core.store.sqlite)
+    await write_entries(conn, entries, marked)
+
+
 class StepJournal:
     """Writes the step transitions and audit records of all runs in flight, in batches
     (group commit)."""
 
-    def __init__(self, transaction: Transaction) -> None:
+    def __init__(
+        self, transaction: Transaction, one_call: tuple[Transaction, Writer, int] | None = None
+    ) -> None:
         self._transaction = transaction
+        self._one_call = one_call[:2] if one_call is not None else None
+        self.one_call_entries = one_call[2] if one_call is not None else 0
+        """Entries of a transaction written by ``one_call`` at most (PostgreSQL:
+        ``core.store.journal_pg``); a larger one is written statement by statement."""
         self._waiting: list[tuple[Sequence[Entry], asyncio.Future[None] | None]] = []
         self._writer: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -559,9 +595,12 @@ class StepJournal:
     ) -> None:
         entries = [x for group, _ in batch for x in group]
         try:
-            async with self._transaction() as conn:
-                await conn.execution_options(**KEEP_CHANGES)  # SQLite: one trip (core.store.sqlite)
-                await write_entries(conn, entries, self._marked)
+            if self._one_call is not None and len(entries) <= self.one_call_entries:
+                opened, writer = self._one_call
+            else:
+                opened, writer = self._transaction, _write_in_one_trip
+            async with opened() as conn:
+                await writer(conn, entries, self._marked)
             self.commits += 1
             self._marked.update(x.run_id for x in entries if isinstance(x, Transition))
             self._marked.difference_update(x.run_id for x in entries if isinstance(x, RunFinish))
