@@ -442,7 +442,7 @@ def calls_text(r: Mapping[str, Any]) -> str:
     calls = r.get("calls")
     if calls is None or calls == r["statements"]:
         return ""
-    return f", sent in {calls} calls (a journal transaction's statements in one)"
+    return f", sent in {calls} calls: a journal transaction's statements in one"
 
 
 class SqlCounter:
