@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, select, text
+from sqlalchemy.exc import IntegrityError
 
 from core.errors import TgopsError
 from core.events import LocalEventBus
 from core.lifecycle.runs import Flow, RunContext, execute
-from core.store import NewRun, NodeChange, RunChange, RunEnd, Store
+from core.store import NewRun, NodeChange, RunChange, RunEnd, Store, journal_pg
 from core.store import tables as t
 from core.store.journal import LAZY_FLUSH, RunFinish, StepEnd, Transition
 from core.store.journal_pg import ONE_CALL_ENTRIES
@@ -715,3 +716,28 @@ async def test_a_journal_transaction_leaves_the_same_rows_on_every_store(tmp_pat
     assert [r[5] for r in expected["runs"][:3]] == ["succeeded", "running", "failed"]
     assert seen[ONE_CALL_ENTRIES] == expected
     assert seen[0] == expected
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(POSTGRES_URL is None, reason=NO_POSTGRES)
+async def test_a_journal_call_that_failed_leaves_its_connection_usable() -> None:
+    """The function prepares each statement once per connection and notes it in a
+    setting; a call that fails sets the setting back but not the prepared statement, so
+    the next call on the same connection must find it prepared rather than prepare it
+    again (which PostgreSQL refuses)."""
+    assert POSTGRES_URL is not None
+    await reset_postgres(POSTGRES_URL)
+    async with Store(POSTGRES_URL) as store:
+        await store.sync_nodes([(name, "c1", "sandbox") for name in NODES])
+        [run_id, *_] = await _runs(store)
+        now = datetime.now(UTC)
+        async with store.single_statement() as conn:
+            with pytest.raises(IntegrityError):  # no such run: its step cannot be inserted
+                await journal_pg.write_entries(
+                    conn,
+                    [Transition(run_id=99999, name="download", detail=None, after=None, at=now)],
+                )
+            await journal_pg.write_entries(
+                conn, [Transition(run_id=run_id, name="download", detail=None, after=None, at=now)]
+            )
+        assert [s.name for s in await store.steps(run_id)] == ["download"]
