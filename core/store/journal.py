@@ -283,6 +283,21 @@ async def write_step_ends(conn: AsyncConnection, ends: Sequence[StepEnd]) -> Non
         )
 
 
+def run_steps_end_rows(finishes: Iterable[RunFinish]) -> list[dict[str, Any]]:
+    """The parameters of the update that ends the steps of the runs that end (on
+    PostgreSQL also the rows of ``core.store.journal_pg``'s)."""
+    return [
+        {
+            "b_run": x.run_id,
+            "b_status": "failed" if x.status == "failed" else "done",
+            "b_done": x.done,
+            "b_done_at": x.done_at,
+            "b_at": x.at,
+        }
+        for x in finishes
+    ]
+
+
 async def write_run_finishes(conn: AsyncConnection, finishes: Sequence[RunFinish]) -> None:
     """Three statements for all of them (their audit records go with the others')."""
     await conn.execute(
@@ -292,19 +307,7 @@ async def write_run_finishes(conn: AsyncConnection, finishes: Sequence[RunFinish
             for x in finishes
         ],
     )
-    await conn.execute(
-        _RUN_STEPS_END,
-        [
-            {
-                "b_run": x.run_id,
-                "b_status": "failed" if x.status == "failed" else "done",
-                "b_done": x.done,
-                "b_done_at": x.done_at,
-                "b_at": x.at,
-            }
-            for x in finishes
-        ],
-    )
+    await conn.execute(_RUN_STEPS_END, run_steps_end_rows(finishes))
     await conn.execute(_NODE_FREE, [{"b_run": x.run_id} for x in finishes])
 
 

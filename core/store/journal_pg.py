@@ -55,6 +55,7 @@ from core.store.journal import (
     StepEnd,
     Transition,
     resolve_node_changes,
+    run_steps_end_rows,
     transition_rows,
 )
 from core.store.records import node_record
@@ -158,22 +159,23 @@ _NEXT_BEGUN = (
     "AND l.id > run_steps.id AND l.name <> run_steps.name)"
 )
 _RUN_STEPS_END = _statement(
-    # a step followed by another was done when that one began; the step ``done`` (the
-    # run's last, carried out) was done at ``done_at``; any other ends with the run
+    # a step followed by another was done when that one began; the step ``b_done`` (the
+    # run's last, carried out) was done at ``b_done_at``; any other ends with the run
     "UPDATE run_steps SET "
     "status = CASE WHEN {next} IS NOT NULL THEN 'done' "
-    "WHEN run_steps.name = x.done THEN 'done' ELSE x.status END, "
-    "finished_at = coalesce({next}, CASE WHEN run_steps.name = x.done THEN x.done_at END, x.at) "
-    "FROM {rows} WHERE run_steps.run_id = x.run AND run_steps.status = 'running'".replace(
+    "WHEN run_steps.name = x.b_done THEN 'done' ELSE x.b_status END, "
+    "finished_at = coalesce({next}, "
+    "CASE WHEN run_steps.name = x.b_done THEN x.b_done_at END, x.b_at) "
+    "FROM {rows} WHERE run_steps.run_id = x.b_run AND run_steps.status = 'running'".replace(
         "{next}", _NEXT_BEGUN
     ),
     t.run_steps,
     (
-        ("run", "run_id"),
-        ("status", "status"),
-        ("done", "name"),
-        ("done_at", "finished_at"),
-        ("at", "finished_at"),
+        ("b_run", "run_id"),
+        ("b_status", "status"),
+        ("b_done", "name"),
+        ("b_done_at", "finished_at"),
+        ("b_at", "finished_at"),
     ),
 )
 _NODE_FREE = _statement(
@@ -340,19 +342,7 @@ async def write_entries(
         _RUN_END,
         [{"run": x.run_id, "status": x.status, "error": x.error, "at": x.at} for x in ended],
     )
-    batch.add(
-        _RUN_STEPS_END,
-        [
-            {
-                "run": x.run_id,
-                "status": "failed" if x.status == "failed" else "done",
-                "done": x.done,
-                "done_at": x.done_at,
-                "at": x.at,
-            }
-            for x in ended
-        ],
-    )
+    batch.add(_RUN_STEPS_END, run_steps_end_rows(ended))
     batch.add(_NODE_FREE, [{"run": x.run_id} for x in ended])
     audits = [dict(x.values) for x in entries if isinstance(x, Audited)]
     audits += [dict(x.audit) for x in ended if x.audit is not None]
