@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from core.store.journal_pg import FUNCTION, statements_in
+from core.store.journal_pg import statements_in
 from tests.postgres import MISSING, session_url
 
 POSTGRES_URL = session_url()
@@ -45,11 +45,6 @@ def backends() -> list[object]:
             ],
         ),
     ]
-
-
-JOURNAL_CALL = f"{FUNCTION}("
-"""How a call of the run journal's function on PostgreSQL begins (``core.store.journal_pg``:
-a journal transaction's statements sent together, committed on their own)."""
 
 
 def statements_of(statement: str, parameters: Any) -> list[str]:

@@ -19,10 +19,9 @@ from core.lifecycle.runs import Flow, RunContext, execute
 from core.store import NewRun, NodeChange, RunChange, RunEnd, Store, journal_pg
 from core.store import tables as t
 from core.store.journal import LAZY_FLUSH, RunFinish, StepEnd, Transition
-from core.store.journal_pg import ONE_CALL_ENTRIES
+from core.store.journal_pg import ONE_CALL_ENTRIES, statements_in
 from core.store.records import NodeRecord
 from tests.databases import (
-    JOURNAL_CALL,
     NO_POSTGRES,
     POSTGRES_URL,
     backends,
@@ -69,8 +68,10 @@ class Commits:
     def _commit(self, _conn: object) -> None:
         self.count += 1
 
-    def _statement(self, _conn: object, _cursor: object, statement: str, *_: object) -> None:
-        if JOURNAL_CALL in statement:
+    def _statement(
+        self, _conn: object, _cursor: object, statement: str, parameters: object, *_: object
+    ) -> None:
+        if statements_in(statement, parameters) is not None:
             self.count += 1
 
     def close(self) -> None:

@@ -111,13 +111,18 @@ def _statement(template: str, table: Table, columns: Iterable[tuple[str, str]]) 
     return template.format(rows=rows)
 
 
-_STEP_COLUMNS = ("run_id", "name", "status", "detail", "started_at", "finished_at")
-_INSERT_STEPS = _statement(
-    "INSERT INTO run_steps (run_id, name, status, detail, started_at, finished_at) "
-    "SELECT run_id, name, status, detail, started_at, finished_at FROM {rows} ORDER BY o",
-    t.run_steps,
-    ((c, c) for c in _STEP_COLUMNS),
-)
+def _insert(table: Table) -> str:
+    """The INSERT of the rows of ``table`` (every column but its id), in their order."""
+    columns = [c.name for c in table.c if not c.primary_key]
+    names = ", ".join(columns)
+    return _statement(
+        f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {{rows}} ORDER BY o",  # noqa: S608
+        table,
+        ((c, c) for c in columns),
+    )
+
+
+_INSERT_STEPS = _insert(t.run_steps)
 _RUNNING = _statement(
     "UPDATE runs SET status = 'running', started_at = coalesce(runs.started_at, x.at) "
     "FROM {rows} WHERE runs.id = x.run",
@@ -185,13 +190,7 @@ _NODE_FREE = _statement(
     t.runs,
     (("run", "id"),),
 )
-_AUDIT_COLUMNS = ("at", "actor", "source", "action", "target", "detail", "run_id")
-_INSERT_AUDIT = _statement(
-    "INSERT INTO audit (at, actor, source, action, target, detail, run_id) "
-    "SELECT at, actor, source, action, target, detail, run_id FROM {rows} ORDER BY o",
-    t.audit,
-    ((c, c) for c in _AUDIT_COLUMNS),
-)
+_INSERT_AUDIT = _insert(t.audit)
 
 
 @cache

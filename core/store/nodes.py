@@ -89,10 +89,8 @@ class NodesStore(StoreBase):
             changed = (await conn.execute(query, params)).first()
         if changed is not None:
             return record_of(NodeRecord, changed)
-        if expect_version is None:
-            raise StoreError(f"node {name} is not in the store")
-        # changed by someone else since it was read: the row as it is now
-        found = await self.node(name)
+        # with a version: changed by someone else since it was read, the row as it is now
+        found = None if expect_version is None else await self.node(name)
         if found is None:
             raise StoreError(f"node {name} is not in the store")
         return found
