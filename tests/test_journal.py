@@ -630,12 +630,56 @@ async def test_node_changes_of_different_columns_in_one_statement_keep_their_ord
     assert second.version == before[NODES[1]].version + 2
 
 
+async def test_a_run_end_frees_its_node_in_the_statement_of_the_node_changes(
+    store: Store,
+) -> None:
+    """Runs that end in a transaction with node changes release their nodes in the same
+    UPDATE: a node only from the run that holds it, its version counted only for its
+    changes; a transaction without node changes releases them on its own."""
+    a, b, c, d, *_ = await _runs(store)
+    # n04 is held by run b (as after a recovery gave it to another run): d's end must
+    # leave it alone
+    await store.update_node(NODES[3], active_run_id=b)
+    before = {name: await store.node(name) for name in NODES[:4]}
+    now = datetime.now(UTC)
+    statements = Statements(store)
+    try:
+        await store.journal.write(
+            NodeChange(name=NODES[0], values={"lb": "active", "left_drained_by_run": None}),
+            NodeChange(name=NODES[1], values={"sessions": 2}),
+            RunFinish(run_id=a, status="succeeded", error=None, at=now, node=NODES[0]),
+            RunFinish(run_id=c, status="failed", error="boom", at=now, node=NODES[2]),
+            RunFinish(run_id=d, status="cancelled", error=None, at=now, node=NODES[3]),
+        )
+        together = statements.seen.count("UPDATE nodes")
+        statements.seen.clear()
+        await store.journal.write(
+            RunFinish(run_id=b, status="succeeded", error=None, at=now, node=NODES[1])
+        )
+        alone = statements.seen.count("UPDATE nodes")
+    finally:
+        statements.close()
+    assert (together, alone) == (1, 1)
+    held: dict[str, int | None] = {}
+    counted: dict[str, int] = {}
+    for name in NODES[:4]:
+        node, earlier = await store.node(name), before[name]
+        assert node is not None and earlier is not None
+        held[name], counted[name] = node.active_run_id, node.version - earlier.version
+    assert held == {NODES[0]: None, NODES[1]: None, NODES[2]: None, NODES[3]: b}
+    assert counted == {NODES[0]: 1, NODES[1]: 1, NODES[2]: 0, NODES[3]: 0}
+    for run_id, status in ((a, "succeeded"), (b, "succeeded"), (c, "failed"), (d, "cancelled")):
+        run = await store.run(run_id)
+        assert run is not None and run.status == status
+
+
 async def _journal_script(store: Store) -> dict[str, list[tuple[Any, ...]]]:
     """The same journal transactions of every kind of entry, on ``store``; the rows they
     leave (every column but the times the store sets from its clock: a run's creation,
     an audit record's)."""
     await store.sync_nodes([(name, "c1", "sandbox") for name in NODES])
-    a, b, c, *_ = await _runs(store)
+    a, b, c, d, *_ = await _runs(store)
+    await store.update_node(NODES[3], active_run_id=b)  # d's end must leave it to b
     start = datetime(2026, 12, 6, 8, tzinfo=UTC)
 
     def at(seconds: float) -> datetime:
@@ -677,8 +721,11 @@ async def _journal_script(store: Store) -> dict[str, list[tuple[Any, ...]]]:
             audit=store.audit_entry(actor="tgops", source="system", action="run done").values,
             done="drain",
             done_at=at(6.5),
+            node=NODES[0],  # released in the statement of the node changes
         ),
-        RunFinish(run_id=c, status="failed", error="boom", at=at(8)),
+        RunFinish(run_id=c, status="failed", error="boom", at=at(8), node=NODES[2]),
+        RunFinish(run_id=d, status="cancelled", error=None, at=at(8), node=NODES[3]),
+        RunFinish(run_id=b, status="failed", error="not named", at=at(9)),  # on its own
     )
     tables = {
         "runs": select(*(c for c in t.runs.c if c.name != "created_at")).order_by(t.runs.c.id),
@@ -714,7 +761,9 @@ async def test_a_journal_transaction_leaves_the_same_rows_on_every_store(tmp_pat
         inner = [s for s in sent if "json_to_recordset" in s]  # the function's statements
         assert (len(inner) > 0) == (limit > 0), sent
     assert expected["run_steps"][1][2:4] == ("slot", "done")
-    assert [r[5] for r in expected["runs"][:3]] == ["succeeded", "running", "failed"]
+    assert [r[5] for r in expected["runs"][:4]] == ["succeeded", "failed", "failed", "cancelled"]
+    held = [r[list(t.nodes.c.keys()).index("active_run_id")] for r in expected["nodes"][:4]]
+    assert held == [None, None, None, expected["runs"][1][0]]  # run b's
     assert seen[ONE_CALL_ENTRIES] == expected
     assert seen[0] == expected
 

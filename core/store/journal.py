@@ -156,6 +156,9 @@ class RunFinish:
     end is written with the run's): it ends ``done`` at ``done_at`` whatever the run's
     status."""
     done_at: datetime | None = None
+    node: str | None = None
+    """The run's node (``RunEnd.node``) when the caller names it: its release then goes
+    in the statement of the transaction's node changes, if it has any."""
 
 
 Entry = Transition | Audited | NodeChange | RunChange | StepEnd | RunFinish
@@ -298,8 +301,11 @@ def run_steps_end_rows(finishes: Iterable[RunFinish]) -> list[dict[str, Any]]:
     ]
 
 
-async def write_run_finishes(conn: AsyncConnection, finishes: Sequence[RunFinish]) -> None:
-    """Three statements for all of them (their audit records go with the others')."""
+async def write_run_finishes(
+    conn: AsyncConnection, finishes: Sequence[RunFinish], *, freed: Set[int] = frozenset()
+) -> None:
+    """Three statements for all of them (their audit records go with the others'); two
+    when the node changes' statement has released every node (``freed``: those runs)."""
     await conn.execute(
         _RUN_END,
         [
@@ -308,7 +314,9 @@ async def write_run_finishes(conn: AsyncConnection, finishes: Sequence[RunFinish
         ],
     )
     await conn.execute(_RUN_STEPS_END, run_steps_end_rows(finishes))
-    await conn.execute(_NODE_FREE, [{"b_run": x.run_id} for x in finishes])
+    unfreed = [{"b_run": x.run_id} for x in finishes if x.run_id not in freed]
+    if unfreed:
+        await conn.execute(_NODE_FREE, unfreed)
 
 
 async def write_run_changes(conn: AsyncConnection, changes: Sequence[RunChange]) -> None:
@@ -350,10 +358,13 @@ def _grouped(
     return groups
 
 
-async def write_node_changes(conn: AsyncConnection, changes: Sequence[NodeChange]) -> None:
+async def write_node_changes(
+    conn: AsyncConnection, changes: Sequence[NodeChange], freed: Sequence[RunFinish] = ()
+) -> None:
     """The node changes in one transaction: one SELECT for those that derive their values,
     and one UPDATE for all (an executemany in their order: a node's later change after its
-    earlier one)."""
+    earlier one), which also releases the nodes of the runs that end, ``freed``
+    (``nodes_freed_with_changes``), after every change."""
     derived = sorted({x.name for x in changes if x.derive is not None})
     rows: dict[str, NodeRecord] = {}
     if derived:
@@ -361,13 +372,36 @@ async def write_node_changes(conn: AsyncConnection, changes: Sequence[NodeChange
         rows = {row.name: node_record(row) for row in found}
     resolved = resolve_node_changes(changes, rows)
     groups = _grouped(resolved)
-    if len(groups) > 1:
-        # changes of several sets of columns: one statement for all, in their order
+    if len(groups) > 1 or freed:
+        # changes of several sets of columns, or releases: one statement for all, in
+        # their order
         columns = tuple(sorted({c for key, _ in groups for c in key}))
-        await conn.execute(_nodes_change(columns), [_flagged(columns, *x) for x in resolved])
+        params = [_flagged(columns, *x) for x in resolved]
+        if freed:
+            for row in params:
+                row.update(f_run=None, n=1)
+            params += [
+                {**_flagged(columns, x.node, {}), "f_run": x.run_id, "n": 0}
+                for x in freed
+                if x.node is not None
+            ]
+        await conn.execute(_nodes_change(columns, bool(freed)), params)
         return
-    for key, params in groups:
-        await conn.execute(row_change(t.nodes, key), params)
+    for key, group in groups:
+        await conn.execute(row_change(t.nodes, key), group)
+
+
+def nodes_freed_with_changes(
+    changes: Sequence[NodeChange], finishes: Sequence[RunFinish]
+) -> list[RunFinish]:
+    """The runs that end whose node is released in the statement of the node changes:
+    those that name their node, unless a change sets ``active_run_id`` itself or two
+    runs that end name the same node (then each release goes on its own, after the
+    changes, as ``_NODE_FREE``)."""
+    if any("active_run_id" in x.values for x in changes):
+        return []
+    named = [x.node for x in finishes]
+    return [x for x in finishes if x.node is not None and named.count(x.node) == 1]
 
 
 def resolve_node_changes(
@@ -390,10 +424,12 @@ def resolve_node_changes(
 
 
 @lru_cache(maxsize=128)
-def _nodes_change(columns: tuple[str, ...]) -> Update:
+def _nodes_change(columns: tuple[str, ...], freeing: bool = False) -> Update:
     """One UPDATE for node changes of different sets of ``columns``: each row of the
     executemany says per column whether it changes it (``k_<column>``) and to what
-    (``v_<column>``); its version is counted up as ``row_change`` does."""
+    (``v_<column>``); its version is counted up as ``row_change`` does. With ``freeing``
+    a row may instead release the node from the run ``f_run`` (as ``_NODE_FREE``: only if
+    that run holds it, its version unchanged: ``n`` is 0)."""
     n = t.nodes.c
     changed: dict[str, Any] = {
         c: case(
@@ -403,6 +439,12 @@ def _nodes_change(columns: tuple[str, ...]) -> Update:
         for c in columns
     }
     changed["version"] = n.version + 1
+    if freeing:
+        changed["active_run_id"] = case(
+            (n.active_run_id == bindparam("f_run", type_=n.active_run_id.type), None),
+            else_=n.active_run_id,
+        )
+        changed["version"] = n.version + bindparam("n", type_=n.version.type)
     return update(t.nodes).where(n.name == bindparam("b_key")).values(**changed)
 
 
@@ -424,17 +466,19 @@ async def write_entries(
     if transitions:
         await write_transitions(conn, transitions, marked)
     changes = [x for x in entries if isinstance(x, NodeChange)]
+    finishes = [x for x in entries if isinstance(x, RunFinish)]
+    freed: list[RunFinish] = []
     if changes:
-        await write_node_changes(conn, changes)
+        freed = nodes_freed_with_changes(changes, finishes)
+        await write_node_changes(conn, changes, freed)
     runs = [x for x in entries if isinstance(x, RunChange)]
     if runs:
         await write_run_changes(conn, runs)
     ends = [x for x in entries if isinstance(x, StepEnd)]
     if ends:
         await write_step_ends(conn, ends)
-    finishes = [x for x in entries if isinstance(x, RunFinish)]
     if finishes:
-        await write_run_finishes(conn, finishes)
+        await write_run_finishes(conn, finishes, freed=frozenset(x.run_id for x in freed))
     audits = [dict(x.values) for x in entries if isinstance(x, Audited)]
     audits += [dict(x.audit) for x in finishes if x.audit is not None]
     if audits:

@@ -54,6 +54,7 @@ from core.store.journal import (
     RunFinish,
     StepEnd,
     Transition,
+    nodes_freed_with_changes,
     resolve_node_changes,
     run_steps_end_rows,
     transition_rows,
@@ -194,11 +195,15 @@ _INSERT_AUDIT = _insert(t.audit)
 
 
 @cache
-def _rows_change(table: Table, columns: tuple[str, ...], flagged: bool) -> str:
+def _rows_change(
+    table: Table, columns: tuple[str, ...], flagged: bool, freeing: bool = False
+) -> str:
     """The UPDATE of ``columns`` of the runs (by id) or nodes (by name) named by the rows'
     ``b_key``: a row's value of column ``c`` is ``v_c``; with ``flagged``, a row changes
     ``c`` only where ``k_c`` is true (rows of different columns in one statement). A
-    node's version goes up by the row's ``n``, the changes merged into it."""
+    node's version goes up by the row's ``n``, the changes merged into it. With
+    ``freeing`` a node is also released from the run ``f_run`` that ends, if that run
+    holds it (``_NODE_FREE``)."""
     key = "name" if table is t.nodes else "id"
     typed = [("b_key", key)]
     changed = []
@@ -209,6 +214,12 @@ def _rows_change(table: Table, columns: tuple[str, ...], flagged: bool) -> str:
             changed.append(f"{c} = CASE WHEN x.k_{c} THEN x.v_{c} ELSE {table.name}.{c} END")
         else:
             changed.append(f"{c} = x.v_{c}")
+    if freeing:
+        typed.append(("f_run", "active_run_id"))
+        changed.append(
+            "active_run_id = CASE WHEN nodes.active_run_id = x.f_run THEN NULL "
+            "ELSE nodes.active_run_id END"
+        )
     if table is t.nodes:
         typed.append(("n", "version"))
         changed.append("version = nodes.version + x.n")
@@ -217,15 +228,23 @@ def _rows_change(table: Table, columns: tuple[str, ...], flagged: bool) -> str:
 
 
 def _add_changes(
-    batch: Batch, table: Table, changes: Iterable[tuple[Hashable, Mapping[str, Any]]]
+    batch: Batch,
+    table: Table,
+    changes: Iterable[tuple[Hashable, Mapping[str, Any]]],
+    freed: Sequence[RunFinish] = (),
 ) -> None:
     """Row changes as one statement: each row's changes merged into one in the place of
     its first (a later value of a column replaces an earlier one, as a later UPDATE
-    would; a node's version counts every change), since a statement updates a row once."""
+    would; a node's version counts every change), since a statement updates a row once.
+    The nodes of the runs that end, ``freed`` (``nodes_freed_with_changes``), are
+    released in it, after the changes."""
     merged: dict[Hashable, tuple[dict[str, Any], int]] = {}
     for key, values in changes:
         known, count = merged.get(key, ({}, 0))
         merged[key] = ({**known, **values}, count + 1)
+    frees = {x.node: x.run_id for x in freed}
+    for node in frees:
+        merged.setdefault(node, ({}, 0))
     if not merged:
         return
     columns = tuple(sorted({c for values, _ in merged.values() for c in values}))
@@ -237,8 +256,10 @@ def _add_changes(
             row[f"v_{c}"] = values.get(c)
             if flagged:
                 row[f"k_{c}"] = c in values
+        if frees:
+            row["f_run"] = frees.get(str(key))
         rows.append(row)
-    batch.add(_rows_change(table, columns, flagged), rows)
+    batch.add(_rows_change(table, columns, flagged, bool(frees)), rows)
 
 
 def _json_value(value: Any) -> Any:
@@ -301,13 +322,17 @@ async def write_entries(
         batch.add(_INSERT_STEPS, steps)
         batch.add(_RUNNING, [{"run": r, "at": at} for r, at in first.items()])
     changes = [x for x in entries if isinstance(x, NodeChange)]
+    # a run ends once: a second end of it in the same transaction is left out
+    ended = _first((x.run_id, x) for x in entries if isinstance(x, RunFinish))
+    freed: list[RunFinish] = []
     if changes:
         derived = sorted({x.name for x in changes if x.derive is not None})
         rows = {}
         if derived:
             found = await conn.execute(NODES_NAMED, {"names": derived})
             rows = {row.name: node_record(row) for row in found}
-        _add_changes(batch, t.nodes, resolve_node_changes(changes, rows))
+        freed = nodes_freed_with_changes(changes, ended)
+        _add_changes(batch, t.nodes, resolve_node_changes(changes, rows), freed)
     _add_changes(batch, t.runs, ((x.run_id, x.values) for x in entries if isinstance(x, RunChange)))
     ends = [x for x in entries if isinstance(x, StepEnd)]
     batch.add(
@@ -335,14 +360,13 @@ async def write_entries(
             if x.status is not None
         ),
     )
-    # a run ends once: a second end of it in the same transaction is left out
-    ended = _first((x.run_id, x) for x in entries if isinstance(x, RunFinish))
     batch.add(
         _RUN_END,
         [{"run": x.run_id, "status": x.status, "error": x.error, "at": x.at} for x in ended],
     )
     batch.add(_RUN_STEPS_END, run_steps_end_rows(ended))
-    batch.add(_NODE_FREE, [{"run": x.run_id} for x in ended])
+    released = {x.run_id for x in freed}
+    batch.add(_NODE_FREE, [{"run": x.run_id} for x in ended if x.run_id not in released])
     audits = [dict(x.values) for x in entries if isinstance(x, Audited)]
     audits += [dict(x.audit) for x in ended if x.audit is not None]
     batch.add(_INSERT_AUDIT, audits)

@@ -311,6 +311,7 @@ class RunsStore(StoreBase):
                 audit=audit,
                 done=done,
                 done_at=done_at,
+                node=None if end is None else end.node,
             )
         )
 
