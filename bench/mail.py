@@ -14,7 +14,10 @@ discarding every message: ``python -m tests.smtp_server``) runs in its own proce
   (``Outbox.put``), then delivered by the outbox worker (claims, one connection per batch
   of ``--batch``, templates filled in per message, outcomes and audit records written as they
   come). Timed from the first ``put`` until the last outcome is recorded; RSS of the
-  process at the start, at half and at the end, and its peak (VmHWM).
+  process at the start, at half and at the end, and its peak (VmHWM). The garbage
+  collector is set as `tgops serve` sets it once started (``core.heap``: what exists
+  then frozen, the youngest generation collected less often); ``--default-gc`` leaves
+  CPython's settings (a diagnostic).
 
 Targets (issue 15): the outbox at >= 0.9 x the bare loop with 1 connection and >= 0.8 x
 with 2. The figures go to bench/RESULTS.md under "## E-mail"; other sections are kept.
@@ -47,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiosmtplib
 
+from core import heap
 from core.settings import SmtpSettings
 from core.store import Store, utcnow
 from notify import mime
@@ -326,7 +330,7 @@ async def child_bare(
 
 
 async def child_outbox(
-    port: int, count: int, batch: int, parallel: int, database: str
+    port: int, count: int, batch: int, parallel: int, database: str, *, service_gc: bool = True
 ) -> dict[str, Any]:
     if database.startswith("postgresql"):
         # a fresh schema: every run queues the same keys (imported here: bench.common
@@ -357,6 +361,10 @@ async def child_outbox(
                 done.set()
 
         outbox.listen(listener)
+        if service_gc:
+            # as `tgops serve` runs the notifier (bot.service): what start-up made frozen,
+            # the youngest generation collected after core.heap.GC_YOUNG new objects
+            thresholds = heap.settle_start_up()
         notes = [
             Notification(
                 key=f"hotfix:stable:HF-2026-001:email:{recipient(i)}",
@@ -386,6 +394,8 @@ async def child_outbox(
         split = cpu_split(usage)
         samples["rss_end_kib"] = rss_kib()
         samples["vm_hwm_kib"] = rss_kib("VmHWM")  # before the checks below read everything
+        if service_gc:
+            heap.restore(thresholds)
         await outbox.stop(10.0)
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
@@ -411,7 +421,14 @@ def child_main(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory(prefix="tgops-bench-") as tmp:
             database = args.database or f"sqlite+aiosqlite:///{tmp}/bench.db"
             result = asyncio.run(
-                child_outbox(args.port, args.count, args.batch, parallel, database)
+                child_outbox(
+                    args.port,
+                    args.count,
+                    args.batch,
+                    parallel,
+                    database,
+                    service_gc=not args.default_gc,
+                )
             )
     else:
         result = asyncio.run(
@@ -479,6 +496,11 @@ def arguments() -> argparse.Namespace:
     )
     parser.add_argument("--latency-count", type=int, default=300, help="mails in those runs")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument(
+        "--default-gc",
+        action="store_true",
+        help="(child, diagnostic) the outbox with CPython's collector settings, not the service's",
+    )
     return parser.parse_args()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import secrets
@@ -25,6 +24,7 @@ from bot.http import build_app
 from bot.metrics import ServiceMetrics
 from bot.slack.app import slack_bot
 from bot.statuspage import StatusPage
+from core import heap
 from core.background import background
 from core.clock import SystemClock
 from core.drivers import make_driver
@@ -57,13 +57,6 @@ AUDIT_PRUNE_INTERVAL = 86400.0
 """How often audit records past ``[audit] retention`` are removed."""
 
 
-GC_YOUNG = 20_000
-"""With ``freeze``: the garbage collector's youngest generation is collected after this
-many new objects instead of CPython's 700. What a run's step makes (tasks, futures, rows)
-then mostly dies before it is promoted, and full passes over the whole heap become rare:
-10,000 nodes at one update time took 76 full passes (16 s, up to 0.59 s each, each one
-stalling the event loop) with 700 and 4 (0.8 s) with 20,000 (bench/RESULTS.md)."""
-
 EVENTS_PER_NODE = 20
 """Events a subscriber may fall behind per configured node before events are dropped (and
 logged): 10,000 nodes starting at one update time queue up to about 5 each."""
@@ -78,7 +71,7 @@ class Service:
         """``freeze``: once started, what start-up made (settings, drivers, modules) is
         left out of the garbage collector's later passes (``gc.freeze``): it lives as long
         as the service, and with thousands of nodes a full pass over it stalls the event
-        loop; and the youngest generation is collected less often (``GC_YOUNG``; the
+        loop; and the youngest generation is collected less often (``core.heap``; the
         thresholds before are restored when the service ends). ``tgops serve`` sets it; a
         process that starts many services (the tests) should not, as frozen objects are
         never collected."""
@@ -99,10 +92,7 @@ class Service:
             await stack.aclose()
             raise
         if self._freeze:
-            gc.collect()
-            gc.freeze()
-            self._thresholds = gc.get_threshold()
-            gc.set_threshold(GC_YOUNG, *self._thresholds[1:])
+            self._thresholds = heap.settle_start_up()
         return self
 
     async def _start(self, stack: AsyncExitStack) -> None:
@@ -351,7 +341,7 @@ class Service:
             await self._stack.__aexit__(exc_type, exc, tb)
         finally:
             if self._thresholds is not None:
-                gc.set_threshold(*self._thresholds)
+                heap.restore(self._thresholds)
                 self._thresholds = None
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-from bot.service import GC_YOUNG, Service
+from bot.service import Service
+from core.heap import GC_YOUNG
 from tests.service import settings_for
 
 
