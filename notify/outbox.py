@@ -21,9 +21,10 @@ one transaction:
 Before a channel starts the transmission of an item (``begin``: an e-mail's DATA), the
 item is marked ``transmitting`` in the store. Markers are written ahead (``MARK_AHEAD``
 items of a batch, the first ones while the server answers the first message's envelope,
-the next ones while it answers earlier messages), in the recorder's transactions, so they
-cost no waiting. An item marked ``transmitting`` is never sent again automatically: after a crash
-(``recover``, or its lease running out on a store several instances share) it becomes
+the next ones while it answers earlier messages, and topped up by any write for another
+batch), in the recorder's transactions, so they cost no waiting. An item marked
+``transmitting`` is never sent again automatically: after a crash (``recover``, or its
+lease running out on a store several instances share) it becomes
 ``uncertain``, is audited as "delivery uncertain" and the listeners are told (the notifier
 alerts the admins). A crash therefore leaves uncertain: the messages under way, those
 sent whose outcome was not written yet, and at most ``MARK_AHEAD`` marked ahead per batch.
@@ -75,8 +76,9 @@ SETTLE_TIMEOUT = 10.0
 """Bound for recording outcomes while the service stops."""
 MARK_AHEAD = 20
 """Items of a batch marked ``transmitting`` ahead of the one being sent (written when
-fewer than half of that are left): the marker of a message is durable before its turn
-without a wait, and a crash leaves at most this many marked that had not begun."""
+fewer than half of that are left, and topped up whenever the recorder writes for
+another batch): the marker of a message is durable before its turn without a wait, and
+a crash leaves at most this many per batch marked that had not begun."""
 CRASHED = "the service stopped while it was being transmitted; the server may have taken it"
 """Why an item found ``transmitting`` after a crash is uncertain."""
 
@@ -523,13 +525,17 @@ class _Marks:
 class _Recorder:
     """Writes the outcomes of a channel's batches: all that came within ``RECORD_DELAY``
     in one transaction, at once when a batch has ended (its listeners wait for it), and
-    the ``transmitting`` markers at once (with the outcomes that came meanwhile)."""
+    the ``transmitting`` markers at once (with the outcomes that came meanwhile). Each
+    write also tops up the markers of the other batches being sent, so that batches
+    sent at once share their marker writes instead of each writing its own."""
 
     def __init__(self, outbox: Outbox, channel: Channel) -> None:
         self._outbox = outbox
         self._channel = channel
         self._pending: list[tuple[_Batch, Outcome]] = []
         self._marks: list[tuple[_Batch, _Marks]] = []
+        self.sending: set[_Batch] = set()
+        """Batches whose items are being sent (``_Batch.begin`` called, not detached)."""
         self._more = asyncio.Event()
         self._now = asyncio.Event()
         self._closing = False
@@ -546,6 +552,7 @@ class _Recorder:
         """Drop the batch's outcomes and markers not written yet (the batch writes its
         outcomes itself; markers are no longer needed)."""
         self._pending = [entry for entry in self._pending if entry[0] is not batch]
+        self.sending.discard(batch)
         for owner, marks in self._marks:
             if owner is batch:
                 marks.settle("the batch has ended")
@@ -574,6 +581,10 @@ class _Recorder:
             self._more.clear()
             self._now.clear()
             chunk, self._pending = self._pending, []
+            if chunk or self._marks:
+                for batch in list(self.sending):
+                    if (topped := batch.top_up()) is not None:
+                        self._marks.append((batch, topped))
             marks, self._marks = self._marks, []
             if chunk or marks:
                 await self._write(chunk, marks)
@@ -652,6 +663,8 @@ class _Batch:
         self._index = {item.id: n for n, item in enumerate(items)}
         self._requested = 0
         """``items[:_requested]`` have their ``transmitting`` marker requested."""
+        self._position: int | None = None
+        """The item whose ``begin`` came last (None: none yet)."""
         self._marks: list[_Marks] = []
         self.begun: set[int] = set()
         """Items whose transmission may have begun (``begin`` returned for them)."""
@@ -663,16 +676,33 @@ class _Batch:
             return
         if self._requested - position > MARK_AHEAD // 2:
             return
+        self._recorder.mark(self, self._request(position))
+
+    def top_up(self) -> _Marks | None:
+        """Markers up to ``MARK_AHEAD`` items past the item being sent that are not
+        requested yet, for a write the recorder makes anyway (none before the batch's
+        first ``begin``: its connection may not come)."""
+        position = self._position
+        if self.detached or position is None or self._requested >= len(self.items):
+            return None
+        if self._requested >= position + MARK_AHEAD:
+            return None
+        return self._request(position)
+
+    def _request(self, position: int) -> _Marks:
         end = min(len(self.items), position + MARK_AHEAD)
         marks = _Marks([i.id for i in self.items[self._requested : end]], end)
         self._requested = end
         self._marks.append(marks)
-        self._recorder.mark(self, marks)
+        return marks
 
     def begin(self, item: OutboxRecord) -> asyncio.Future[None]:
         """``Begin`` for this batch: done at once when the item's marker is written
         already (the common case: markers are written ahead), otherwise once it is."""
         position = self._index[item.id]
+        if self._position is None and not self.detached:
+            self._recorder.sending.add(self)
+        self._position = position
         self.mark_ahead(position)
         marks = next((m for m in self._marks if m.upto > position), None)
         if marks is None:
@@ -727,6 +757,7 @@ class _Batch:
 
     def finish(self) -> None:
         self.finished = True
+        self._recorder.sending.discard(self)
         self._recorder.flush()
         self.check_recorded()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from core.settings import SmtpSettings
-from core.store import Store, utcnow
+from core.store import OutboxRecord, Store, utcnow
 from notify.email import EmailChannel
-from notify.outbox import Backoff, Notification, Outbox
+from notify.outbox import MARK_AHEAD, Backoff, Begin, Notification, Outbox, Outcome, Report
 from notify.render import Renderer
 from tests.notify_env import SENDER, audit_rows, outbox_rows, wait_until
 from tests.smtp_server import SmtpServer, smtp_server
@@ -325,3 +325,88 @@ async def test_a_connection_lost_during_data_is_uncertain_not_sent_again(tmp_pat
         "user1@example.org",
         "user2@example.org",
     ]
+
+
+class SteppedChannel:
+    """A channel of this test's own: it delivers each batch item by item, as far as the
+    test lets it (``allow``), awaiting ``begin`` before each item as e-mail's DATA does."""
+
+    name = "stepped"
+    lease = 60.0
+    batch_size = 40
+    parallel = 2
+
+    def __init__(self) -> None:
+        self.allowed: list[int] = []
+        self.begun: list[int] = []
+        self.batches: list[list[int]] = []
+        self._changed = asyncio.Event()
+
+    def describe(self, item: OutboxRecord) -> str:
+        return item.key
+
+    def allow(self, batch: int, upto: int) -> None:
+        self.allowed[batch] = upto
+        self._changed.set()
+
+    async def deliver(self, items: Sequence[OutboxRecord], report: Report, begin: Begin) -> None:
+        batch = len(self.batches)
+        self.batches.append([item.id for item in items])
+        self.allowed.append(0)
+        self.begun.append(-1)
+        for position, item in enumerate(items):
+            while self.allowed[batch] < position:
+                self._changed.clear()
+                await self._changed.wait()
+            await begin(item)
+            self.begun[batch] = position
+            report(Outcome(item=item))
+
+
+async def test_batches_sent_at_once_share_their_marker_writes(tmp_path: Path) -> None:
+    """Every write of the recorder (outcomes, or one batch's ``transmitting`` markers) tops
+    up the markers of each batch being sent to ``MARK_AHEAD`` past the item that batch is
+    at, never further: batches sent at once share their writes, and a crash still leaves
+    at most ``MARK_AHEAD`` per batch marked that had not begun."""
+    channel = SteppedChannel()
+    async with Store(f"sqlite+aiosqlite:///{tmp_path}/outbox.db") as store:
+        outbox = Outbox(store, [channel], Backoff(base=0.05, cap=0.2, max_attempts=5))
+        notes = [
+            Notification(key=f"k{i:02d}", channel="stepped", recipient=f"r{i}") for i in range(80)
+        ]
+        await outbox.put(*notes)
+        task = asyncio.create_task(outbox.run(), name="test-outbox")
+
+        async def counts() -> list[tuple[int, int]]:
+            """(sent, marked ``transmitting``) per batch; a sent item keeps its mark."""
+            rows = {r.id: r for r in await outbox_rows(store)}
+            return [
+                (
+                    sum(1 for i in ids if rows[i].status == "sent"),
+                    sum(1 for i in ids if rows[i].transmitting),
+                )
+                for ids in channel.batches
+            ]
+
+        async def recorded(first: int, second: int) -> bool:
+            return [sent for sent, _ in await counts()] == [first, second]
+
+        try:
+            await wait_until(lambda: len(channel.batches) == 2, what="both batches claimed")
+            for batch in (0, 1):
+                channel.allow(batch, 3)
+            await wait_until(lambda: recorded(4, 4), what="both batches' first 4 recorded")
+            # the write of those outcomes topped both up from the first 20 (their first
+            # begin) to 20 past the item each is at
+            assert await counts() == [(4, 3 + MARK_AHEAD), (4, 3 + MARK_AHEAD)]
+            channel.allow(0, 11)
+            await wait_until(lambda: recorded(12, 4), what="the first batch's 12 recorded")
+            assert await counts() == [(12, 11 + MARK_AHEAD), (4, 3 + MARK_AHEAD)]
+            for batch in (0, 1):
+                channel.allow(batch, 40)
+            await wait_until(lambda: sent(store, 80), what="all sent")
+        finally:
+            await outbox.stop(5.0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert {r.attempts for r in await outbox_rows(store)} == {1}

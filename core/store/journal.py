@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence, Set
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
@@ -400,8 +401,8 @@ def nodes_freed_with_changes(
     changes, as ``_NODE_FREE``)."""
     if any("active_run_id" in x.values for x in changes):
         return []
-    named = [x.node for x in finishes]
-    return [x for x in finishes if x.node is not None and named.count(x.node) == 1]
+    named = Counter(x.node for x in finishes)
+    return [x for x in finishes if x.node is not None and named[x.node] == 1]
 
 
 def resolve_node_changes(
