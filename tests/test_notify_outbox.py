@@ -64,13 +64,20 @@ async def outbox_for(
         if not start:
             yield outbox, store
             return
-        task = asyncio.create_task(outbox.run(), name="test-outbox")
-        try:
+        async with running(outbox):
             yield outbox, store
-        finally:
-            await outbox.stop(5.0)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+
+
+@asynccontextmanager
+async def running(outbox: Outbox) -> AsyncIterator[None]:
+    """The outbox's workers run inside the block; stopped (5 s at most) when it ends."""
+    task = asyncio.create_task(outbox.run(), name="test-outbox")
+    try:
+        yield
+    finally:
+        await outbox.stop(5.0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def sent(store: Store, count: int) -> bool:
@@ -375,7 +382,6 @@ async def test_batches_sent_at_once_share_their_marker_writes(tmp_path: Path) ->
             Notification(key=f"k{i:02d}", channel="stepped", recipient=f"r{i}") for i in range(80)
         ]
         await outbox.put(*notes)
-        task = asyncio.create_task(outbox.run(), name="test-outbox")
 
         async def counts() -> list[tuple[int, int]]:
             """(sent, marked ``transmitting``) per batch; a sent item keeps its mark."""
@@ -391,7 +397,7 @@ async def test_batches_sent_at_once_share_their_marker_writes(tmp_path: Path) ->
         async def recorded(first: int, second: int) -> bool:
             return [sent for sent, _ in await counts()] == [first, second]
 
-        try:
+        async with running(outbox):
             await wait_until(lambda: len(channel.batches) == 2, what="both batches claimed")
             for batch in (0, 1):
                 channel.allow(batch, 3)
@@ -405,8 +411,4 @@ async def test_batches_sent_at_once_share_their_marker_writes(tmp_path: Path) ->
             for batch in (0, 1):
                 channel.allow(batch, 40)
             await wait_until(lambda: sent(store, 80), what="all sent")
-        finally:
-            await outbox.stop(5.0)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
         assert {r.attempts for r in await outbox_rows(store)} == {1}
