@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 from sqlalchemy import event as sa_event  # noqa: E402 - after the path is set
 
 from core.events import Event, LocalEventBus, RunFinished  # noqa: E402
-from core.store.journal_pg import statements_in  # noqa: E402
+from core.store.journal_pg import statements_of  # noqa: E402
 from tests.service import ADMIN_TOKEN  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -464,7 +464,7 @@ class SqlCounter:
 
     def _count(self, _conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
         self.calls += 1
-        for one in statements_in(statement, parameters) or [statement]:
+        for one in statements_of(statement, parameters):
             self.total += 1
             match = self._TABLE.search(one)
             key = f"{one.split(None, 1)[0].upper()} {match.group(1) if match else '-'}"

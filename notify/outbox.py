@@ -76,8 +76,8 @@ SETTLE_TIMEOUT = 10.0
 """Bound for recording outcomes while the service stops."""
 MARK_AHEAD = 20
 """Items of a batch marked ``transmitting`` ahead of the one being sent (written when
-fewer than half of that are left, and topped up whenever the recorder writes for
-another batch): the marker of a message is durable before its turn without a wait, and
+fewer than half of that are left, and topped up whenever the recorder writes): the
+marker of a message is durable before its turn without a wait, and
 a crash leaves at most this many per batch marked that had not begun."""
 CRASHED = "the service stopped while it was being transmitted; the server may have taken it"
 """Why an item found ``transmitting`` after a crash is uncertain."""
@@ -526,8 +526,8 @@ class _Recorder:
     """Writes the outcomes of a channel's batches: all that came within ``RECORD_DELAY``
     in one transaction, at once when a batch has ended (its listeners wait for it), and
     the ``transmitting`` markers at once (with the outcomes that came meanwhile). Each
-    write also tops up the markers of the other batches being sent, so that batches
-    sent at once share their marker writes instead of each writing its own."""
+    write also tops up the markers of every batch being sent, so that batches sent at
+    once share their marker writes instead of each writing its own."""
 
     def __init__(self, outbox: Outbox, channel: Channel) -> None:
         self._outbox = outbox

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from core.store.journal_pg import statements_in
+from core.store.journal_pg import statements_of
 from tests.postgres import MISSING, session_url
 
 POSTGRES_URL = session_url()
@@ -45,13 +45,6 @@ def backends() -> list[object]:
             ],
         ),
     ]
-
-
-def statements_of(statement: str, parameters: Any) -> list[str]:
-    """The statements that ``statement`` (with ``parameters``, as SQLAlchemy's cursor
-    events give them) runs: itself, or those the run journal's function runs."""
-    inner = statements_in(statement, parameters)
-    return [statement] if inner is None else inner
 
 
 @contextmanager

@@ -19,14 +19,13 @@ from core.lifecycle.runs import Flow, RunContext, execute
 from core.store import NewRun, NodeChange, RunChange, RunEnd, Store, journal_pg
 from core.store import tables as t
 from core.store.journal import LAZY_FLUSH, RunFinish, StepEnd, Transition
-from core.store.journal_pg import ONE_CALL_ENTRIES, statements_in
+from core.store.journal_pg import ONE_CALL_ENTRIES, statements_in, statements_of
 from core.store.records import NodeRecord
 from tests.databases import (
     NO_POSTGRES,
     POSTGRES_URL,
     backends,
     reset_postgres,
-    statements_of,
     statements_sent,
 )
 
@@ -408,41 +407,32 @@ async def test_maintenance_opened_for_many_nodes_at_once(store: Store) -> None:
 async def test_node_and_run_changes_of_runs_in_flight_share_a_transaction(store: Store) -> None:
     ids = await _runs(store)
     await store.update_node(NODES[0], staged={"old": "1"})
-    statements: list[str] = []
-
-    def sent(
-        _conn: object, _cursor: object, statement: str, parameters: object, *_args: object
-    ) -> None:
-        statements.extend(statements_of(statement, parameters))
-
-    engine = store.engine.sync_engine
     commits = Commits(store)
-    event.listen(engine, "before_cursor_execute", sent)
     try:
-        await asyncio.gather(
-            *(
-                store.commit(
-                    NodeChange(name=name, values={"lb": "drained"}),
-                    # derived from the row inside the transaction: the old entry stays
-                    NodeChange(
-                        name=name,
-                        values={},
-                        derive=lambda row: {"staged": {**row.staged, "tgpro": "2"}},
-                    ),
-                    RunChange(run_id=run_id, values={"params": {"plan": [name]}}),
-                    store.audit_entry(
-                        actor="tgops",
-                        source="lifecycle",
-                        action="drain",
-                        target=name,
-                        run_id=run_id,
-                    ),
+        with statements_sent(store.engine) as statements:
+            await asyncio.gather(
+                *(
+                    store.commit(
+                        NodeChange(name=name, values={"lb": "drained"}),
+                        # derived from the row inside the transaction: the old entry stays
+                        NodeChange(
+                            name=name,
+                            values={},
+                            derive=lambda row: {"staged": {**row.staged, "tgpro": "2"}},
+                        ),
+                        RunChange(run_id=run_id, values={"params": {"plan": [name]}}),
+                        store.audit_entry(
+                            actor="tgops",
+                            source="lifecycle",
+                            action="drain",
+                            target=name,
+                            run_id=run_id,
+                        ),
+                    )
+                    for name, run_id in zip(NODES, ids, strict=True)
                 )
-                for name, run_id in zip(NODES, ids, strict=True)
             )
-        )
     finally:
-        event.remove(engine, "before_cursor_execute", sent)
         commits.close()
     # twenty nodes: one transaction per batch, one statement per kind of row (the node
     # changes of different columns share one UPDATE since it says per row what it changes)
@@ -596,16 +586,7 @@ async def test_node_changes_of_different_columns_in_one_statement_keep_their_ord
     since = datetime(2026, 12, 6, 7, tzinfo=UTC)
     await store.update_node(NODES[1], lb="drained", installed={"tgpro": "1"})
     before = {name: await store.node(name) for name in NODES[:2]}
-    statements: list[str] = []
-
-    def sent(
-        _conn: object, _cursor: object, statement: str, parameters: object, *_args: object
-    ) -> None:
-        statements.extend(statements_of(statement, parameters))
-
-    engine = store.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", sent)
-    try:
+    with statements_sent(store.engine) as statements:
         await store.commit(
             NodeChange(
                 name=NODES[0],
@@ -615,8 +596,6 @@ async def test_node_changes_of_different_columns_in_one_statement_keep_their_ord
             NodeChange(name=NODES[1], values={"installed": {"tgpro": "2"}, "lb": "active"}),
             NodeChange(name=NODES[0], values={"update_lock_reason": "install failed twice"}),
         )
-    finally:
-        event.remove(engine, "before_cursor_execute", sent)
     updates = [s for s in statements if s.lstrip().upper().startswith("UPDATE NODES")]
     assert len(updates) == 1, updates
     first, second = await store.node(NODES[0]), await store.node(NODES[1])

@@ -360,12 +360,12 @@ def _grouped(
 
 
 async def write_node_changes(
-    conn: AsyncConnection, changes: Sequence[NodeChange], freed: Sequence[RunFinish] = ()
+    conn: AsyncConnection, changes: Sequence[NodeChange], freed: Mapping[str, int]
 ) -> None:
     """The node changes in one transaction: one SELECT for those that derive their values,
     and one UPDATE for all (an executemany in their order: a node's later change after its
-    earlier one), which also releases the nodes of the runs that end, ``freed``
-    (``nodes_freed_with_changes``), after every change."""
+    earlier one), which also releases the nodes of the runs that end, ``freed`` (node:
+    run, ``nodes_freed_with_changes``), after every change."""
     derived = sorted({x.name for x in changes if x.derive is not None})
     rows: dict[str, NodeRecord] = {}
     if derived:
@@ -382,9 +382,7 @@ async def write_node_changes(
             for row in params:
                 row.update(f_run=None, n=1)
             params += [
-                {**_flagged(columns, x.node, {}), "f_run": x.run_id, "n": 0}
-                for x in freed
-                if x.node is not None
+                {**_flagged(columns, node, {}), "f_run": run, "n": 0} for node, run in freed.items()
             ]
         await conn.execute(_nodes_change(columns, bool(freed)), params)
         return
@@ -394,15 +392,15 @@ async def write_node_changes(
 
 def nodes_freed_with_changes(
     changes: Sequence[NodeChange], finishes: Sequence[RunFinish]
-) -> list[RunFinish]:
-    """The runs that end whose node is released in the statement of the node changes:
-    those that name their node, unless a change sets ``active_run_id`` itself or two
-    runs that end name the same node (then each release goes on its own, after the
-    changes, as ``_NODE_FREE``)."""
+) -> dict[str, int]:
+    """The nodes released in the statement of the node changes, each with the run that
+    ends on it: those of runs that name their node, unless a change sets
+    ``active_run_id`` itself or two runs that end name the same node (then each release
+    goes on its own, after the changes, as ``_NODE_FREE``)."""
     if any("active_run_id" in x.values for x in changes):
-        return []
+        return {}
     named = Counter(x.node for x in finishes)
-    return [x for x in finishes if x.node is not None and named[x.node] == 1]
+    return {x.node: x.run_id for x in finishes if x.node is not None and named[x.node] == 1}
 
 
 def resolve_node_changes(
@@ -468,7 +466,7 @@ async def write_entries(
         await write_transitions(conn, transitions, marked)
     changes = [x for x in entries if isinstance(x, NodeChange)]
     finishes = [x for x in entries if isinstance(x, RunFinish)]
-    freed: list[RunFinish] = []
+    freed: dict[str, int] = {}
     if changes:
         freed = nodes_freed_with_changes(changes, finishes)
         await write_node_changes(conn, changes, freed)
@@ -479,7 +477,7 @@ async def write_entries(
     if ends:
         await write_step_ends(conn, ends)
     if finishes:
-        await write_run_finishes(conn, finishes, freed=frozenset(x.run_id for x in freed))
+        await write_run_finishes(conn, finishes, freed=frozenset(freed.values()))
     audits = [dict(x.values) for x in entries if isinstance(x, Audited)]
     audits += [dict(x.audit) for x in finishes if x.audit is not None]
     if audits:

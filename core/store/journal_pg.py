@@ -85,6 +85,13 @@ def statements_in(statement: str, parameters: Any) -> list[str] | None:
     return [str(x) for x in parameters[1]]  # names, statements, rows
 
 
+def statements_of(statement: str, parameters: Any) -> list[str]:
+    """The statements that ``statement`` (with ``parameters``, as SQLAlchemy's cursor
+    events give them) runs: itself, or those the function runs (``statements_in``)."""
+    inner = statements_in(statement, parameters)
+    return [statement] if inner is None else inner
+
+
 @cache
 def _name(statement: str) -> str:
     """The name the function prepares ``statement`` under (once per connection)."""
@@ -231,18 +238,18 @@ def _add_changes(
     batch: Batch,
     table: Table,
     changes: Iterable[tuple[Hashable, Mapping[str, Any]]],
-    freed: Sequence[RunFinish] = (),
+    freed: Mapping[str, int] | None = None,
 ) -> None:
     """Row changes as one statement: each row's changes merged into one in the place of
     its first (a later value of a column replaces an earlier one, as a later UPDATE
     would; a node's version counts every change), since a statement updates a row once.
-    The nodes of the runs that end, ``freed`` (``nodes_freed_with_changes``), are
-    released in it, after the changes."""
+    The nodes of the runs that end, ``freed`` (node: run, ``nodes_freed_with_changes``),
+    are released in it, after the changes."""
     merged: dict[Hashable, tuple[dict[str, Any], int]] = {}
     for key, values in changes:
         known, count = merged.get(key, ({}, 0))
         merged[key] = ({**known, **values}, count + 1)
-    frees = {x.node: x.run_id for x in freed}
+    frees = freed or {}
     for node in frees:
         merged.setdefault(node, ({}, 0))
     if not merged:
@@ -324,7 +331,7 @@ async def write_entries(
     changes = [x for x in entries if isinstance(x, NodeChange)]
     # a run ends once: a second end of it in the same transaction is left out
     ended = _first((x.run_id, x) for x in entries if isinstance(x, RunFinish))
-    freed: list[RunFinish] = []
+    freed: dict[str, int] = {}
     if changes:
         derived = sorted({x.name for x in changes if x.derive is not None})
         rows = {}
@@ -365,7 +372,7 @@ async def write_entries(
         [{"run": x.run_id, "status": x.status, "error": x.error, "at": x.at} for x in ended],
     )
     batch.add(_RUN_STEPS_END, run_steps_end_rows(ended))
-    released = {x.run_id for x in freed}
+    released = set(freed.values())
     batch.add(_NODE_FREE, [{"run": x.run_id} for x in ended if x.run_id not in released])
     audits = [dict(x.values) for x in entries if isinstance(x, Audited)]
     audits += [dict(x.audit) for x in ended if x.audit is not None]
