@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.elements import TextClause
 
 from core.store import tables as t
 from core.store.base import StoreBase, audit_values, record_of, utcnow
@@ -48,7 +51,7 @@ _MARK = (
     update(t.outbox)
     .where(_BY_IDS)
     # the status is tested per row found by its id: as a condition of its own, SQLite
-    # would look for the ids among all items ``sending`` (ix_outbox_due)
+    # would look for the ids among all items ``sending`` (ix_outbox_claim)
     .values(transmitting=case((_o.status == "sending", True), else_=_o.transmitting))
 )
 _SENT = (
@@ -101,7 +104,26 @@ UPDATE sets both marker and outcome, reading the row as it was (a row may be upd
 once per statement): a row is marked only while ``sending``, as ``_MARK`` before
 ``_SENT`` does in the transaction."""
 ENQUEUE_ROWS = 500
-"""Rows of one INSERT of ``enqueue_many`` (each with its nine parameters)."""
+"""Rows of one INSERT of ``enqueue_many`` on SQLite (each with its nine parameters)."""
+_ENQUEUE_PG = text(
+    """
+    INSERT INTO outbox (
+        key, channel, recipient, subject, payload, status, attempts, next_attempt_at,
+        created_at
+    )
+    SELECT key, channel, recipient, subject, payload, 'pending', 0, due, CAST(:now AS TIMESTAMPTZ)
+    FROM unnest(
+        CAST(:key AS VARCHAR[]), CAST(:channel AS VARCHAR[]), CAST(:recipient AS VARCHAR[]),
+        CAST(:subject AS TEXT[]), CAST(:payload AS JSON[]), CAST(:due AS TIMESTAMPTZ[])
+    ) AS given (key, channel, recipient, subject, payload, due)
+    ON CONFLICT (key) DO NOTHING
+    RETURNING key
+    """
+)
+"""``enqueue_many`` on PostgreSQL: every row in one statement, each column one array
+parameter (as ``_SETTLE_PG``'s audit records), where a multi-row INSERT binds and
+converts nine parameters per row (10,000 rows: 0.15 s of the event loop against 0.07 s,
+JSON encoding included)."""
 _AUDIT_COLUMNS = ("at", "actor", "source", "action", "target", "detail", "run_id")
 
 
@@ -192,6 +214,18 @@ class OutboxStore(StoreBase):
                 }
         values = list(rows.values())
         fresh: set[str] = set()
+        if self.dialect == "postgresql":
+            params = {
+                "now": now,
+                "key": list(rows),
+                "payload": [json.dumps(row["payload"]) for row in values],
+                "due": [_aware(row["next_attempt_at"]) for row in values],
+            }
+            for column in ("channel", "recipient", "subject"):
+                params[column] = [row[column] for row in values]
+            async with self.single_statement() as conn:
+                fresh.update(str(r[0]) for r in await conn.execute(_ENQUEUE_PG, params))
+            return [key for key in rows if key in fresh]
         statement = _enqueue(self.dialect)
         async with self.transaction() as conn:
             for start in range(0, len(values), ENQUEUE_ROWS):
@@ -354,8 +388,9 @@ class OutboxStore(StoreBase):
             }
             for column in _AUDIT_COLUMNS:
                 params[column] = [row[column] for row in rows]
+            sql, names = _driver_form(self.engine.dialect, _SETTLE_PG)
             async with self.single_statement() as conn:
-                await conn.execute(_SETTLE_PG, params)
+                await conn.exec_driver_sql(sql, tuple(params[name] for name in names))
             return
         async with self.transaction() as conn:
             # SQLite: the statements below go in the commit's trip (core.store.sqlite)
@@ -407,6 +442,13 @@ class OutboxStore(StoreBase):
         return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
 
 
+def _aware(when: datetime) -> datetime:
+    """``when`` as the store takes it (``tables.UTCDateTime``: aware, in UTC)."""
+    if when.tzinfo is None:
+        raise ValueError("naive datetime given to the store; use an aware UTC datetime")
+    return when.astimezone(UTC)
+
+
 def _audit_row(now: datetime, a: Mapping[str, Any]) -> dict[str, Any]:
     return audit_values(
         at=now,
@@ -419,38 +461,50 @@ def _audit_row(now: datetime, a: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-@functools.lru_cache(maxsize=32)
-def _claim_sqlite(channel: str, limit: int) -> Any:
-    """The claim on SQLite: the first ``limit`` due items of the pending ones and of the
-    ``sending`` ones whose lease ran out, each read in the order of ``ix_outbox_due`` (a
-    condition on both statuses at once makes SQLite read and sort every due item, per
-    claim: quadratic in the queue), the ``limit`` first of both taken by their ids. The
-    statement is atomic and SQLite has one writer: nobody can take them in between.
-    Built once per channel and size; parameters ``now`` and ``lease`` (the new lease);
-    reads back the columns of ``_CLAIMED``."""
+def _due_branches(channel: str, limit: int, *, lock: bool) -> Any:
+    """The first ``limit`` due items (id, next_attempt_at) of a channel's pending ones
+    and of its ``sending`` ones whose lease ran out, each read in the order of
+    ``ix_outbox_claim`` (with one condition on both statuses, SQLite and PostgreSQL read
+    and sort every due item, per claim: quadratic in the queue), as one UNION ALL;
+    ``lock``: each branch locks what it reads (``FOR UPDATE SKIP LOCKED``: another
+    instance's claim takes others). Parameter ``now``."""
     branches = []
     for taken in (
-        t.outbox.c.status == "pending",
-        and_(t.outbox.c.status == "sending", t.outbox.c.transmitting.is_(False)),
+        _o.status == "pending",
+        and_(_o.status == "sending", _o.transmitting.is_(False)),
     ):
         branch = (
-            select(t.outbox.c.id, t.outbox.c.next_attempt_at)
+            select(_o.id, _o.next_attempt_at)
             .where(
                 taken,
-                t.outbox.c.next_attempt_at <= bindparam("now", type_=_o.next_attempt_at.type),
-                t.outbox.c.channel == channel,
+                _o.channel == channel,
+                _o.next_attempt_at <= bindparam("now", type_=_o.next_attempt_at.type),
             )
-            .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
+            .order_by(_o.next_attempt_at, _o.id)
             .limit(limit)
-            .subquery()
         )
-        branches.append(select(branch.c.id, branch.c.next_attempt_at))
-    both = union_all(*branches).subquery()
+        if lock:
+            branch = branch.with_for_update(skip_locked=True)
+        part = branch.subquery()
+        branches.append(select(part.c.id, part.c.next_attempt_at))
+    return union_all(*branches).subquery()
+
+
+_LEASE = bindparam("lease", type_=_o.next_attempt_at.type)
+
+
+@functools.lru_cache(maxsize=32)
+def _claim_sqlite(channel: str, limit: int) -> Any:
+    """The claim on SQLite: the ``limit`` first of ``_due_branches`` taken by their ids.
+    The statement is atomic and SQLite has one writer: nobody can take them in between.
+    Built once per channel and size; parameters ``now`` and ``lease`` (the new lease);
+    reads back the columns of ``_CLAIMED``."""
+    both = _due_branches(channel, limit, lock=False)
     chosen = select(both.c.id).order_by(both.c.next_attempt_at, both.c.id).limit(limit)
     return (
         update(t.outbox)
-        .where(t.outbox.c.id.in_(chosen.scalar_subquery()))
-        .values(status="sending", next_attempt_at=bindparam("lease", type_=_o.next_attempt_at.type))
+        .where(_o.id.in_(chosen.scalar_subquery()))
+        .values(status="sending", next_attempt_at=_LEASE)
         .returning(*_CLAIMED)
     )
 
@@ -458,31 +512,40 @@ def _claim_sqlite(channel: str, limit: int) -> Any:
 @functools.lru_cache(maxsize=32)
 def _claim_postgresql(channel: str, limit: int) -> Any:
     """The claim on PostgreSQL, one statement that commits on its own (one round trip;
-    a transaction of a SELECT and an UPDATE was four): the first ``limit`` due items are
-    chosen and locked (``FOR UPDATE SKIP LOCKED``: another instance's claim takes others)
-    in a CTE evaluated once (``MATERIALIZED``: as a subquery of the UPDATE, PostgreSQL may
-    run the choice again for every row, skipping the rows the statement has just taken,
-    and so take more than ``limit``), then taken. Built once per channel and size;
-    parameters ``now`` and ``lease``; reads back the columns of ``_CLAIMED``."""
+    a transaction of a SELECT and an UPDATE was four). Of ``_due_branches``, locked
+    (10,000 queued, the index without channel and id: 2.5 ms of the server per claim of
+    100, every due item read and sorted), the ``limit`` first are chosen in a CTE
+    evaluated once (``MATERIALIZED``: as a subquery of the UPDATE, PostgreSQL may run the
+    choice again for every row, skipping the rows the statement has just taken, and so
+    take more than ``limit``) and taken by their ids (``= ANY``: through the primary key,
+    where a join to the CTE could be planned as a hash over the whole table); a row
+    locked but not chosen is free again when the statement ends. Built once per channel
+    and size; parameters ``now`` and ``lease``; reads back the columns of ``_CLAIMED``."""
+    both = _due_branches(channel, limit, lock=True)
     chosen = (
-        select(t.outbox.c.id)
-        .where(
-            t.outbox.c.channel == channel,
-            _TAKEABLE,
-            t.outbox.c.next_attempt_at <= bindparam("now", type_=_o.next_attempt_at.type),
-        )
-        .order_by(t.outbox.c.next_attempt_at, t.outbox.c.id)
+        select(both.c.id)
+        .order_by(both.c.next_attempt_at, both.c.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
         .cte("chosen")
         .prefix_with("MATERIALIZED")
     )
     return (
         update(t.outbox)
-        .where(t.outbox.c.id == chosen.c.id)
-        .values(status="sending", next_attempt_at=bindparam("lease", type_=_o.next_attempt_at.type))
+        .where(_o.id == func.any(func.array(select(chosen.c.id).scalar_subquery())))
+        .values(status="sending", next_attempt_at=_LEASE)
         .returning(*_CLAIMED)
     )
+
+
+@functools.cache
+def _driver_form(dialect: Dialect, statement: TextClause) -> tuple[str, tuple[str, ...]]:
+    """``statement`` (whose parameters need no conversion: each is cast in its text) as
+    the driver takes it, and the names of its parameters in their order there: run with
+    ``exec_driver_sql``, a statement is not looked up in SQLAlchemy's cache of compiled
+    forms and its parameters not processed (a fifth of the event loop's time for
+    ``settle_outbox``'s statement of ten outcomes)."""
+    compiled = statement.compile(dialect=dialect)
+    return str(compiled), tuple(compiled.positiontup or ())
 
 
 @functools.cache

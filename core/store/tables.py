@@ -229,7 +229,8 @@ outbox = Table(
     Column("sent_at", UTCDateTime, nullable=True),
     # sending and its transmission (an e-mail's DATA) may have begun: never sent again
     Column("transmitting", Boolean, nullable=False, default=False, server_default=false()),
-    Index("ix_outbox_due", "status", "next_attempt_at"),
+    # the due items of a channel in the order a claim takes them (0008)
+    Index("ix_outbox_claim", "status", "channel", "next_attempt_at", "id"),
 )
 
 announced_hotfixes = Table(
