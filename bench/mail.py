@@ -244,6 +244,19 @@ def rss_kib(field: str = "VmRSS") -> int:
     return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(field))
 
 
+def run_queue_seconds(pid: int | str = "self") -> float:
+    """Seconds the threads of a process (this one by default) have spent runnable but
+    waiting for a CPU (/proc/PID/task/*/schedstat, its second field): on a machine whose
+    cores are all taken, the time a process would have run had one been free."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
 def cpu_split(before: resource.struct_rusage) -> dict[str, float]:
     """CPU seconds in user space and in the kernel (system calls) since ``before``."""
     now = resource.getrusage(resource.RUSAGE_SELF)
@@ -313,6 +326,7 @@ async def child_bare(
     started = time.perf_counter()
     cpu = time.process_time()
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    waited = run_queue_seconds()
     async with asyncio.TaskGroup() as group:
         for lane in range(parallel):
             group.create_task(connection(batches[lane::parallel]))
@@ -321,6 +335,7 @@ async def child_bare(
         "seconds": seconds,
         "cpu_seconds": time.process_time() - cpu,
         **cpu_split(usage),
+        "run_queue_seconds": run_queue_seconds() - waited,
         "sent": sent,
         "connections": len(batches),
         "rss_start_kib": start_rss,
@@ -384,6 +399,7 @@ async def child_outbox(
         started = time.perf_counter()
         cpu = time.process_time()
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        waited = run_queue_seconds()
         worker = asyncio.create_task(outbox.run(), name="bench-outbox")
         queued = len(await outbox.put(*notes))
         put_seconds = time.perf_counter() - started
@@ -392,6 +408,7 @@ async def child_outbox(
         seconds = time.perf_counter() - started
         cpu_seconds = time.process_time() - cpu
         split = cpu_split(usage)
+        waited = run_queue_seconds() - waited
         samples["rss_end_kib"] = rss_kib()
         samples["vm_hwm_kib"] = rss_kib("VmHWM")  # before the checks below read everything
         if service_gc:
@@ -405,6 +422,7 @@ async def child_outbox(
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         **split,
+        "run_queue_seconds": waited,
         "put_seconds": put_seconds,
         "queued": queued,
         "sent": counts["sent"],
@@ -497,6 +515,13 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--latency-count", type=int, default=300, help="mails in those runs")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     parser.add_argument(
+        "--sink-nice",
+        type=int,
+        default=0,
+        help="(diagnostic) run the sinks at this niceness, e.g. -10: the server gets a CPU "
+        "first, as a server on a machine of its own would have one (root for < 0)",
+    )
+    parser.add_argument(
         "--default-gc",
         action="store_true",
         help="(child, diagnostic) the outbox with CPython's collector settings, not the service's",
@@ -524,9 +549,12 @@ def main() -> None:
                 variants += [("bare+compose", 1, pipelining, "")]
             variants += [("outbox", p, pipelining, store) for store in stores]
 
-    sinks = {pipelining: start_sink(pipelining) for pipelining in servers}
+    sinks = {pipelining: start_sink(pipelining, nice=args.sink_nice) for pipelining in servers}
     ports = {pipelining: port for pipelining, (_, port) in sinks.items()}
-    far = {pipelining: start_sink(pipelining, args.latency_ms) for pipelining in servers}
+    far = {
+        pipelining: start_sink(pipelining, args.latency_ms, nice=args.sink_nice)
+        for pipelining in servers
+    }
     load = os.getloadavg()
     results: dict[Variant, list[dict[str, Any]]] = {v: [] for v in variants}
     distant: dict[tuple[str, bool], list[float]] = {
@@ -537,6 +565,7 @@ def main() -> None:
             for (kind, lanes_, pipelining, store), found in results.items():
                 sink = sinks[pipelining][0]
                 sink_before, postgres_before = process_cpu(sink.pid), postgres_cpu()
+                sink_waited = run_queue_seconds(sink.pid)
                 result = run_child(
                     kind,
                     ports[pipelining],
@@ -546,6 +575,7 @@ def main() -> None:
                     database=stores.get(store, ""),
                 )
                 result["sink_cpu_seconds"] = process_cpu(sink.pid) - sink_before
+                result["sink_run_queue_seconds"] = run_queue_seconds(sink.pid) - sink_waited
                 result["postgres_cpu_seconds"] = postgres_cpu() - postgres_before
                 found.append(result)
                 offer = " (server offers PIPELINING)" if pipelining else ""
@@ -567,11 +597,15 @@ def main() -> None:
         print(f"written to {write_results(text)}")
 
 
-def start_sink(pipelining: bool, delay_ms: float = 0.0) -> tuple[subprocess.Popen[str], int]:
+def start_sink(
+    pipelining: bool, delay_ms: float = 0.0, *, nice: int = 0
+) -> tuple[subprocess.Popen[str], int]:
     """An SMTP sink in its own process and its port: as aiosmtpd is or offering
-    PIPELINING, its replies held back ``delay_ms`` (a server that far away)."""
+    PIPELINING, its replies held back ``delay_ms`` (a server that far away), run at
+    ``nice`` (negative: before the other processes when they want the same CPU)."""
     sink = subprocess.Popen(
-        [sys.executable, "-m", "tests.smtp_server", "0", "--reply-delay", str(delay_ms)]
+        (["nice", "-n", str(nice)] if nice else [])
+        + [sys.executable, "-m", "tests.smtp_server", "0", "--reply-delay", str(delay_ms)]
         + (["--pipelining"] if pipelining else []),
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -622,15 +656,25 @@ def report(
         "bare+compose": "bare aiosmtplib loop, composing each with `EmailMessage`",
         "outbox": "outbox (store first, then worker; templates per message)",
     }
-    table = "\n".join(
-        f"| {labels[kind]}{f' on {store}' if store else ''} | {'yes' if offer else 'no'} | "
-        f"{lanes} | {median(v):.2f} | {args.count / median(v):.0f} | {runs(v)} | "
-        f"{median(v, 'user_seconds'):.2f} + {median(v, 'sys_seconds'):.2f} | "
-        f"{median(v, 'sink_cpu_seconds'):.2f} | "
-        f"{median(v, 'postgres_cpu_seconds'):.2f} |".replace("| 0.00 |", "| - |")
-        for v in results
-        for kind, lanes, offer, store in [v]
-    )
+
+    def row(variant: Variant) -> str:
+        kind, lanes, offer, store = variant
+        cells = [
+            f"{labels[kind]}{f' on {store}' if store else ''}",
+            "yes" if offer else "no",
+            str(lanes),
+            f"{median(variant):.2f}",
+            f"{args.count / median(variant):.0f}",
+            runs(variant),
+            f"{median(variant, 'user_seconds'):.2f} + {median(variant, 'sys_seconds'):.2f}",
+            f"{median(variant, 'sink_cpu_seconds'):.2f}",
+            f"{median(variant, 'postgres_cpu_seconds'):.2f}",
+            f"{median(variant, 'run_queue_seconds'):.2f} / "
+            f"{median(variant, 'sink_run_queue_seconds'):.2f}",
+        ]
+        return "| " + " | ".join("-" if cell == "0.00" else cell for cell in cells) + " |"
+
+    table = "\n".join(row(v) for v in results)
     verdicts = []
     for kind, lanes, offer, store in results:
         if kind != "outbox":
@@ -661,6 +705,12 @@ def report(
     uname = " ".join(platform.uname())
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     verdict_lines = "\n".join(verdicts)
+    nice = (
+        f"\n- the sinks ran at niceness {args.sink_nice} (`--sink-nice`, a diagnostic): "
+        "before the other processes whenever they wanted the same CPU"
+        if args.sink_nice
+        else ""
+    )
     return f"""{HEADING}
 
 `.venv/bin/python bench/mail.py` ({args.runs} runs, medians); {now}
@@ -671,11 +721,14 @@ def report(
 - {args.count} hotfix e-mails (text + HTML, ~{size} bytes) to an aiosmtpd sink in its own
   process on 127.0.0.1 (accepts and discards); {math.ceil(args.count / args.batch)}
   connections of {args.batch} messages in every variant, one or more at once; each variant
-  in a fresh process; every message accepted and (outbox) recorded: {"yes" if ok else "NO"}
+  in a fresh process; every message accepted and (outbox) recorded: {"yes" if ok else "NO"}{nice}
+- waiting for a CPU: the time the sending process (outbox or bare loop) and the sink were
+  runnable while both cores were taken (/proc/PID/task/*/schedstat)
 
 | path | server offers PIPELINING | connections at once | seconds (median) | mails/s | runs \
-| CPU s, user + system (medians) | CPU s of the SMTP sink | CPU s of PostgreSQL |
-|---|---|---|---|---|---|---|---|---|
+| CPU s, user + system (medians) | CPU s of the SMTP sink | CPU s of PostgreSQL \
+| s waiting for a CPU: sender / sink |
+|---|---|---|---|---|---|---|---|---|---|
 {table}
 
 {verdict_lines}
