@@ -219,6 +219,15 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
   Alternating, 5,000 mails, 1 connection, SQLite, nine pairs: the outbox's CPU 4.17
   against 4.58 s (medians; lower in 8 of 9 pairs), the time no different beyond the
   noise (8.87 against 8.90 s).
+- eighteenth pass of issue 15 (2026-12-06 evening; the fleet section's "Eighteenth pass"
+  has the profile): a claim reads its channel's due items through the index on (status,
+  channel, next_attempt_at, id) in the order it takes them (PostgreSQL read and sorted
+  every due item per claim: 2.5 -> 1.0 ms, 6.4 -> 3.5 ms at the median in the
+  benchmark), PostgreSQL queues a call's items in one statement with one array per
+  column and writes a batch's outcomes through the statement's driver form. The column
+  "s waiting for a CPU" is new: the time the sending process and the sink were runnable
+  while both cores were taken (schedstat); `--sink-nice` runs the sinks at a niceness
+  (a diagnostic).
 - this machine's vCPUs are shared (other benchmarks ran meanwhile): single runs
   vary widely; the table keeps every run, the ratios use medians; user CPU varies far less
   than time.
