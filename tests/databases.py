@@ -8,7 +8,7 @@ throwaway server the test session starts itself on first import of this module
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -48,17 +48,38 @@ def backends() -> list[object]:
 
 
 @contextmanager
-def statements_sent(engine: AsyncEngine) -> Iterator[list[str]]:
-    """The SQL statements ``engine`` runs meanwhile (SQLAlchemy's cursor event; those of
-    the run journal's function one by one, ``statements_of``)."""
-    sent: list[str] = []
+def _cursor_executes(engine: AsyncEngine, seen: Callable[[str, Any], None]) -> Iterator[None]:
+    """``seen(statement, parameters)`` for every statement ``engine`` runs meanwhile
+    (SQLAlchemy's cursor event)."""
 
-    def count(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
-        sent.extend(statements_of(statement, parameters))
+    def listener(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        seen(statement, parameters)
 
     sync_engine = engine.sync_engine
-    event.listen(sync_engine, "before_cursor_execute", count)
+    event.listen(sync_engine, "before_cursor_execute", listener)
     try:
-        yield sent
+        yield
     finally:
-        event.remove(sync_engine, "before_cursor_execute", count)
+        event.remove(sync_engine, "before_cursor_execute", listener)
+
+
+@contextmanager
+def statements_with_parameters(engine: AsyncEngine) -> Iterator[list[tuple[str, Any]]]:
+    """The SQL statements ``engine`` runs meanwhile, each with its parameters as the
+    driver got them (to ``EXPLAIN`` them again)."""
+    sent: list[tuple[str, Any]] = []
+    with _cursor_executes(
+        engine, lambda statement, parameters: sent.append((statement, parameters))
+    ):
+        yield sent
+
+
+@contextmanager
+def statements_sent(engine: AsyncEngine) -> Iterator[list[str]]:
+    """The SQL statements ``engine`` runs meanwhile (those of the run journal's function
+    one by one, ``statements_of``)."""
+    sent: list[str] = []
+    with _cursor_executes(
+        engine, lambda statement, parameters: sent.extend(statements_of(statement, parameters))
+    ):
+        yield sent

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import Connection, event, insert, inspect
+from sqlalchemy import Connection, insert, inspect
 
 from core.store import NodeBusyError, Store, StoreUnavailableError
 from core.store import tables as t
 from core.store.base import migrations_config
 from core.store.outbox import ENQUEUE_ROWS
-from tests.databases import POSTGRES_URL, backends, reset_postgres
+from tests.databases import POSTGRES_URL, backends, reset_postgres, statements_with_parameters
 
 
 def downgrade_to(connection: Connection, revision: str) -> None:
@@ -601,24 +601,13 @@ async def test_open_and_recently_ended_windows_are_found_by_index_and_migrate_bo
                 disable_logon=False,
                 created_by="t",
             )
-        sent: list[tuple[str, object]] = []
-
-        def seen(
-            _conn: object, _cursor: object, statement: str, params: object, *_: object
-        ) -> None:
-            sent.append((statement, params))
-
-        engine = store.engine.sync_engine
         postgres = store.engine.dialect.name == "postgresql"
         if postgres:  # as its autovacuum does; tgops gathers no statistics on SQLite
             async with store.engine.begin() as conn:
                 await conn.exec_driver_sql("ANALYZE")
-        event.listen(engine, "before_cursor_execute", seen)
-        try:
+        with statements_with_parameters(store.engine) as sent:
             assert [w.node for w in await store.maintenance()] == ["n1", "n2"]
             assert await store.maintenance_called_off(datetime.now(UTC)) == []
-        finally:
-            event.remove(engine, "before_cursor_execute", seen)
         explain = "EXPLAIN " if postgres else "EXPLAIN QUERY PLAN "
         async with store.engine.connect() as conn:
             for statement, params in sent:
@@ -661,19 +650,8 @@ async def test_a_claim_reads_only_the_items_it_takes_and_the_index_migrates_both
         )
         first = await store.claim_outbox(channel="email", now=now, lease_until=lease, limit=100)
         assert [i.key for i in first] == [f"k{i}" for i in range(100)]
-        sent: list[tuple[str, object]] = []
-
-        def seen(
-            _conn: object, _cursor: object, statement: str, params: object, *_: object
-        ) -> None:
-            sent.append((statement, params))
-
-        engine = store.engine.sync_engine
-        event.listen(engine, "before_cursor_execute", seen)
-        try:
+        with statements_with_parameters(store.engine) as sent:
             taken = await store.claim_outbox(channel="email", now=now, lease_until=lease, limit=100)
-        finally:
-            event.remove(engine, "before_cursor_execute", seen)
         assert [i.key for i in taken] == [f"k{i}" for i in range(100, 200)]
         [(statement, params)] = sent
         async with store.engine.connect() as conn:
