@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Hashable, Iterable, Mapping, Sequence, Set
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import cache
 from typing import Any, TypeVar
 
@@ -271,9 +271,7 @@ def _add_changes(
 
 def _json_value(value: Any) -> Any:
     if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to the store; use an aware UTC datetime")
-        return value.astimezone(UTC).isoformat()
+        return t.stored_utc(value).isoformat()
     raise TypeError(f"{type(value).__name__} is not a value the store keeps")
 
 

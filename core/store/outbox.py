@@ -219,7 +219,7 @@ class OutboxStore(StoreBase):
                 "now": now,
                 "key": list(rows),
                 "payload": [json.dumps(row["payload"]) for row in values],
-                "due": [_aware(row["next_attempt_at"]) for row in values],
+                "due": [t.stored_utc(row["next_attempt_at"]) for row in values],
             }
             for column in ("channel", "recipient", "subject"):
                 params[column] = [row[column] for row in values]
@@ -440,13 +440,6 @@ class OutboxStore(StoreBase):
         async with self.reading() as conn:
             rows = (await conn.execute(query)).all()
         return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
-
-
-def _aware(when: datetime) -> datetime:
-    """``when`` as the store takes it (``tables.UTCDateTime``: aware, in UTC)."""
-    if when.tzinfo is None:
-        raise ValueError("naive datetime given to the store; use an aware UTC datetime")
-    return when.astimezone(UTC)
 
 
 def _audit_row(now: datetime, a: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,13 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
 
+def stored_utc(value: datetime) -> datetime:
+    """``value`` as the store keeps it: in UTC; a naive datetime is refused."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to the store; use an aware UTC datetime")
+    return value.astimezone(UTC)
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone)."""
 
@@ -35,9 +42,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to the store; use an aware UTC datetime")
-        value = value.astimezone(UTC)
+        value = stored_utc(value)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
