@@ -10,11 +10,12 @@ process), and measures in a child process of its own:
   127.0.0.1 and the time runs until the run's ``RunFinished`` event (the package is then
   downloaded, verified and staged on the node). Before each run the cache and the staged
   file are removed. Against ``curl -o FILE`` of the same URL (its ``time_total``); the
-  two take turns, median of ``--runs``.
+  two take turns, median of ``--runs``, each turn after ``sync`` and ``--settle`` seconds
+  of rest.
 * **ssh**: ``SshDriver.stage`` (a fresh connection, the file streamed over one channel into
   ``cat``, the ``checksum`` template on the node, rename) to a real sshd on 127.0.0.1
   (``tests/sshd.py``), against ``scp`` of the same file to the same directory (OpenSSH's
-  default cipher), taking turns, median of ``--runs``.
+  default cipher), taking turns as above, median of ``--runs``.
 
 The figures go to bench/RESULTS.md under "## Staging (issue 15)" (other sections are kept).
 """
@@ -96,9 +97,17 @@ def build_big_deb(work: Path, size: int) -> Path:
     return out
 
 
-def sync() -> None:
-    """Flush written data first, so that one side does not pay for the other's writes."""
+SETTLE = 1.5
+"""Seconds of rest after ``sync`` before each turn (``--settle``)."""
+
+
+def settle(seconds: float) -> None:
+    """Flush written data, then rest, so that a turn does not pay for the kernel's work
+    the previous one left behind (its writeback, freeing the pages of removed files).
+    Without the rest, ``curl -o`` right after a download through the API took 0.63 to
+    0.84 s where it took 0.42 to 0.47 s otherwise (2026-12-06)."""
     os.sync()
+    time.sleep(seconds)
 
 
 def curl_seconds(url: str, out: Path) -> float:
@@ -125,7 +134,7 @@ async def _command(session: aiohttp.ClientSession, base: str, text: str) -> dict
         return reply
 
 
-async def sandbox(work: Path, runs: int) -> dict[str, Any]:
+async def sandbox(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]:
     """``download n1`` through the API until staged, against ``curl -o``."""
     repo = work / "repo"
     keys = work / "keys"
@@ -161,9 +170,9 @@ async def sandbox(work: Path, runs: int) -> dict[str, Any]:
             for index in range(runs + 1):  # the first of each is a warm-up, not counted
                 for path in [*cache.glob("*"), *staged.glob("*")]:
                     path.unlink()
-                sync()
                 turns = ["curl", "ours"] if index % 2 else ["ours", "curl"]
                 for turn in turns:
+                    settle(rest)
                     if turn == "curl":
                         seconds = curl_seconds(package_url, work / "curl.out")
                     else:
@@ -180,7 +189,7 @@ async def sandbox(work: Path, runs: int) -> dict[str, Any]:
     return {"ours": ours, "curl": curls, "linked": linked}
 
 
-async def ssh(work: Path, runs: int) -> dict[str, Any]:
+async def ssh(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]:
     """``SshDriver.stage`` to a real sshd on 127.0.0.1, against ``scp``."""
     deb = build_big_deb(work, SIZE)
     digest = sha256_file(deb)
@@ -221,9 +230,9 @@ async def ssh(work: Path, runs: int) -> dict[str, Any]:
         for index in range(runs + 1):
             for path in node.staging.glob("*"):
                 path.unlink()
-            sync()
             turns = ["scp", "ours"] if index % 2 else ["ours", "scp"]
             for turn in turns:
+                settle(rest)
                 started = time.perf_counter()
                 if turn == "scp":
                     # nothing else runs meanwhile: blocking the loop is what we want
@@ -240,18 +249,19 @@ async def ssh(work: Path, runs: int) -> dict[str, Any]:
     return {"ours": ours, "scp": scps}
 
 
-def child(part: str, runs: int) -> None:
+def child(part: str, runs: int, rest: float) -> None:
     work = Path(tempfile.mkdtemp(prefix="tgops-bench-stage-", dir="/tmp"))
     try:
         load = os.getloadavg()[0]
-        result = asyncio.run(sandbox(work, runs) if part == "sandbox" else ssh(work, runs))
+        measure = sandbox if part == "sandbox" else ssh
+        result = asyncio.run(measure(work, runs, rest))
         result["load"] = [load, os.getloadavg()[0]]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
 
 
-def render(runs: int, box: dict[str, Any], remote: dict[str, Any]) -> str:
+def render(runs: int, rest: float, box: dict[str, Any], remote: dict[str, Any]) -> str:
     def row(label: str, values: list[float]) -> str:
         median = statistics.median(values)
         shown = ", ".join(f"{v:.2f}" for v in values)
@@ -268,7 +278,8 @@ def render(runs: int, box: dict[str, Any], remote: dict[str, Any]) -> str:
             f"- machine: {machine_line()}",
             f"- one .deb of {SIZE >> 20} MiB (random data, not compressed) served over 127.0.0.1",
             "  by `tests/repo_server.py` (a separate process); every measurement in a child",
-            "  process of its own; the two sides of a comparison take turns, `sync` before each",
+            "  process of its own; the two sides of a comparison take turns, each after `sync`",
+            f"  and {rest:g} s of rest (the kernel's work left by the turn before is not charged)",
             "",
             "| what | seconds (median) | MB/s | runs |",
             "|---|---|---|---|",
@@ -293,18 +304,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--child", choices=["sandbox", "ssh"])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--settle", type=float, default=SETTLE, help="seconds of rest after sync before each turn"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.runs)
+        child(args.child, args.runs, args.settle)
         return
     limit = RUN_LIMIT * 4 * (args.runs + 1) + 300
-    argv = [str(Path(__file__)), "--runs", str(args.runs), "--child"]
+    argv = [str(Path(__file__)), "--runs", str(args.runs), "--settle", str(args.settle), "--child"]
     box = run_child([*argv, "sandbox"], timeout=limit).data
     print(f"sandbox: ours {box['ours']}, curl {box['curl']}", flush=True)
     remote = run_child([*argv, "ssh"], timeout=limit).data
     print(f"ssh: ours {remote['ours']}, scp {remote['scp']}", flush=True)
-    text = render(args.runs, box, remote)
+    text = render(args.runs, args.settle, box, remote)
     print(text)
     if not args.no_write:
         print(f"written to {write_section(HEADING, text)}")
