@@ -73,8 +73,10 @@ def verdict(ok: bool) -> str:
 def write_section(heading: str, text: str) -> Path:
     """Replace (or append) the section ``heading`` of bench/RESULTS.md; keep all others.
 
-    The file is read right before it is written, under an advisory lock, so that sections
-    other people add at the same time are kept.
+    What follows the old section's first ``### `` heading was written by hand (analyses,
+    earlier runs, what was tried): it is kept, after the new text, unless the new text
+    has a subsection of the same heading. The file is read right before it is written,
+    under an advisory lock, so that sections other people add at the same time are kept.
     """
     RESULTS.touch(exist_ok=True)
     with RESULTS.open("r+", encoding="utf-8") as handle:
@@ -82,19 +84,31 @@ def write_section(heading: str, text: str) -> Path:
         try:
             old = handle.read() or "# Benchmark results\n"
             kept: list[str] = []
+            by_hand: list[str] = []
             skipping = False
             for line in old.splitlines(keepends=True):
                 if line.startswith("## "):
                     skipping = line.strip() == heading
                 if not skipping:
                     kept.append(line)
+                elif by_hand or line.startswith("### "):
+                    by_hand.append(line)
             body = "".join(kept).rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+            body += _subsections_kept("".join(by_hand), text)
             handle.seek(0)
             handle.write(body)
             handle.truncate()
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
     return RESULTS
+
+
+def _subsections_kept(by_hand: str, text: str) -> str:
+    """The hand-written ``### `` subsections of a section, less those ``text`` has."""
+    generated = {line.strip() for line in text.splitlines() if line.startswith("### ")}
+    parts = [p for p in re.split(r"(?m)^(?=### )", by_hand) if p.strip()]
+    kept = [p for p in parts if p.splitlines()[0].strip() not in generated]
+    return "".join("\n" + p.strip("\n") + "\n" for p in kept)
 
 
 # -- measurement ---------------------------------------------------------------------------
