@@ -101,13 +101,14 @@ SETTLE = 1.5
 """Seconds of rest after ``sync`` before each turn (``--settle``)."""
 
 
-def settle(seconds: float) -> None:
+async def settle(seconds: float) -> None:
     """Flush written data, then rest, so that a turn does not pay for the kernel's work
     the previous one left behind (its writeback, freeing the pages of removed files).
     Without the rest, ``curl -o`` right after a download through the API took 0.63 to
-    0.84 s where it took 0.42 to 0.47 s otherwise (2026-12-06)."""
-    os.sync()
-    time.sleep(seconds)
+    0.84 s where it took 0.42 to 0.47 s otherwise (2026-12-06). The event loop is free
+    meanwhile: what the service does after a run happens now, not in the next turn."""
+    await asyncio.to_thread(os.sync)
+    await asyncio.sleep(seconds)
 
 
 def curl_seconds(url: str, out: Path) -> float:
@@ -172,7 +173,7 @@ async def sandbox(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]
                     path.unlink()
                 turns = ["curl", "ours"] if index % 2 else ["ours", "curl"]
                 for turn in turns:
-                    settle(rest)
+                    await settle(rest)
                     if turn == "curl":
                         seconds = curl_seconds(package_url, work / "curl.out")
                     else:
@@ -232,7 +233,7 @@ async def ssh(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]:
                 path.unlink()
             turns = ["scp", "ours"] if index % 2 else ["ours", "scp"]
             for turn in turns:
-                settle(rest)
+                await settle(rest)
                 started = time.perf_counter()
                 if turn == "scp":
                     # nothing else runs meanwhile: blocking the loop is what we want
