@@ -20,6 +20,11 @@ from core.store.outbox import ENQUEUE_ROWS
 from tests.databases import POSTGRES_URL, backends, reset_postgres, statements_with_parameters
 
 
+def index_names(connection: Connection, table: str) -> set[str | None]:
+    """The names of ``table``'s indexes (run with ``run_sync``)."""
+    return {i["name"] for i in inspect(connection).get_indexes(table)}
+
+
 def downgrade_to(connection: Connection, revision: str) -> None:
     """Migrate the store on ``connection`` down to ``revision`` (opening it again migrates
     it up to the head)."""
@@ -570,9 +575,6 @@ async def test_open_and_recently_ended_windows_are_found_by_index_and_migrate_bo
     the whole history: with 3,000 ended windows (PostgreSQL's statistics gathered), both
     stores plan them through the index on ``ended_at`` (migration 0006), not a scan."""
 
-    def maintenance_indexes(connection: Connection) -> set[str | None]:
-        return {i["name"] for i in inspect(connection).get_indexes("maintenance")}
-
     start = datetime(2026, 1, 1, 3, tzinfo=UTC)
     ended = [
         {
@@ -615,13 +617,13 @@ async def test_open_and_recently_ended_windows_are_found_by_index_and_migrate_bo
                 plan = " / ".join(str(row[0] if postgres else row[-1]) for row in rows)
                 assert "SCAN maintenance" not in plan and "Seq Scan" not in plan, plan
                 assert "ix_maintenance_ended" in plan, plan
-            assert "ix_maintenance_ended" in await conn.run_sync(maintenance_indexes)
+            assert "ix_maintenance_ended" in await conn.run_sync(index_names, "maintenance")
         async with store.engine.begin() as conn:
             await conn.run_sync(downgrade_to, "0005")
         async with store.engine.connect() as conn:
-            assert "ix_maintenance_ended" not in await conn.run_sync(maintenance_indexes)
+            assert "ix_maintenance_ended" not in await conn.run_sync(index_names, "maintenance")
     async with Store(url) as store, store.engine.connect() as conn:  # migrated again
-        assert "ix_maintenance_ended" in await conn.run_sync(maintenance_indexes)
+        assert "ix_maintenance_ended" in await conn.run_sync(index_names, "maintenance")
 
 
 async def test_a_claim_reads_only_the_items_it_takes_and_the_index_migrates_both_ways(
@@ -633,9 +635,6 @@ async def test_a_claim_reads_only_the_items_it_takes_and_the_index_migrates_both
     (migration 0008): on PostgreSQL no step of the plan reads more than the 100 rows
     taken (the index without channel and id made it read and sort every due item, per
     claim), on SQLite the index is used; the claim takes the first 100 by due time."""
-
-    def outbox_indexes(connection: Connection) -> set[str | None]:
-        return {i["name"] for i in inspect(connection).get_indexes("outbox")}
 
     def too_many(node: dict[str, Any], limit: int) -> list[str]:
         found = [] if node.get("Actual Rows", 0) <= limit else [node["Node Type"]]
@@ -667,12 +666,12 @@ async def test_a_claim_reads_only_the_items_it_takes_and_the_index_migrates_both
                 rows = await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)
                 plan = " / ".join(str(row[-1]) for row in rows)
                 assert "ix_outbox_claim" in plan, plan
-            assert "ix_outbox_claim" in await conn.run_sync(outbox_indexes)
+            assert "ix_outbox_claim" in await conn.run_sync(index_names, "outbox")
         async with store.engine.begin() as conn:
             await conn.run_sync(downgrade_to, "0007")
         async with store.engine.connect() as conn:
-            assert await conn.run_sync(outbox_indexes) >= {"ix_outbox_due"}
-            assert "ix_outbox_claim" not in await conn.run_sync(outbox_indexes)
+            assert await conn.run_sync(index_names, "outbox") >= {"ix_outbox_due"}
+            assert "ix_outbox_claim" not in await conn.run_sync(index_names, "outbox")
     async with Store(url) as store, store.engine.connect() as conn:  # migrated again
-        indexes = await conn.run_sync(outbox_indexes)
+        indexes = await conn.run_sync(index_names, "outbox")
         assert "ix_outbox_claim" in indexes and "ix_outbox_due" not in indexes

@@ -31,8 +31,13 @@ from core.store.records import OutboxRecord
 from core.store.sqlite import KEEP_CHANGES
 
 _o = t.outbox.c
-_TAKEABLE = or_(_o.status == "pending", and_(_o.status == "sending", _o.transmitting.is_(False)))
-"""Pending, or claimed by a sender whose lease may run out, its transmission not begun."""
+_TAKEABLE_BY_STATUS = (
+    _o.status == "pending",
+    and_(_o.status == "sending", _o.transmitting.is_(False)),
+)
+"""Pending; or claimed by a sender whose lease may run out, its transmission not begun.
+A claim reads each in the order of ``ix_outbox_claim`` (``_due_branches``)."""
+_TAKEABLE = or_(*_TAKEABLE_BY_STATUS)
 _CLAIMED = (
     _o.id,
     _o.key,
@@ -462,10 +467,7 @@ def _due_branches(channel: str, limit: int, *, lock: bool) -> Any:
     ``lock``: each branch locks what it reads (``FOR UPDATE SKIP LOCKED``: another
     instance's claim takes others). Parameter ``now``."""
     branches = []
-    for taken in (
-        _o.status == "pending",
-        and_(_o.status == "sending", _o.transmitting.is_(False)),
-    ):
+    for taken in _TAKEABLE_BY_STATUS:
         branch = (
             select(_o.id, _o.next_attempt_at)
             .where(
@@ -505,9 +507,8 @@ def _claim_sqlite(channel: str, limit: int) -> Any:
 @functools.lru_cache(maxsize=32)
 def _claim_postgresql(channel: str, limit: int) -> Any:
     """The claim on PostgreSQL, one statement that commits on its own (one round trip;
-    a transaction of a SELECT and an UPDATE was four). Of ``_due_branches``, locked
-    (10,000 queued, the index without channel and id: 2.5 ms of the server per claim of
-    100, every due item read and sorted), the ``limit`` first are chosen in a CTE
+    a transaction of a SELECT and an UPDATE was four). Of ``_due_branches``, locked,
+    the ``limit`` first are chosen in a CTE
     evaluated once (``MATERIALIZED``: as a subquery of the UPDATE, PostgreSQL may run the
     choice again for every row, skipping the rows the statement has just taken, and so
     take more than ``limit``) and taken by their ids (``= ANY``: through the primary key,
