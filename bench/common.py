@@ -56,9 +56,14 @@ def machine_line() -> str:
     with contextlib.suppress(OSError, StopIteration, ValueError):
         meminfo = Path("/proc/meminfo").read_text().splitlines()
         mem_kib = int(next(x for x in meminfo if x.startswith("MemTotal:")).split()[1])
+    cpu = platform.processor() or "?"
+    with contextlib.suppress(OSError, StopIteration, IndexError):
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(x for x in cpuinfo if x.startswith("model name")).split(":", 1)[1].strip()
     return (
-        f"`{uname.stdout.strip() or ' '.join(platform.uname())}`, nproc {os.cpu_count()}, "
-        f"memory {mem_kib / 1024 / 1024:.1f} GiB, Python {platform.python_version()}"
+        f"`{uname.stdout.strip() or ' '.join(platform.uname())}`, {cpu}, nproc "
+        f"{os.cpu_count()}, memory {mem_kib / 1024 / 1024:.1f} GiB, "
+        f"Python {platform.python_version()}"
     )
 
 

@@ -34,6 +34,7 @@ import argparse  # noqa: E402 - after the path is fixed
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -69,6 +70,10 @@ SIZE = int(os.environ.get("TGOPS_BENCH_MIB", "512")) << 20
 BLOCK = 16 << 20
 TARGET = 0.8
 RUN_LIMIT = 120.0
+TURNS = ["curl", "ours", "loop"]
+"""The sandbox's three sides, taking turns: ``curl -o``; ``download n1`` as the service
+runs it (the body from the socket into the file in the kernel); the same with
+``Downloader.splice`` off (the body through the event loop, as before 2026-12-06)."""
 
 
 def build_big_deb(work: Path, size: int) -> Path:
@@ -111,7 +116,9 @@ async def settle(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-def curl_seconds(url: str, out: Path) -> float:
+def curl_seconds(url: str, out: Path) -> tuple[float, float]:
+    """``curl -o``: its ``time_total`` and the CPU seconds it used (user + system)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(
         ["curl", "-sS", "-f", "-o", str(out), "-w", "%{time_total}", url],  # noqa: S607
         capture_output=True,
@@ -119,8 +126,16 @@ def curl_seconds(url: str, out: Path) -> float:
         timeout=RUN_LIMIT,
         check=True,
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     out.unlink()
-    return float(result.stdout)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return float(result.stdout), cpu
+
+
+def own_cpu() -> float:
+    """CPU seconds this process (the service, all its threads) has used so far."""
+    times = os.times()
+    return times.user + times.system
 
 
 async def _command(session: aiohttp.ClientSession, base: str, text: str) -> dict[str, Any]:
@@ -147,8 +162,8 @@ async def sandbox(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]
     deb.unlink()
     (work / "nodes" / "n1").mkdir(parents=True)
     log_to(work / "service.log")
-    ours: list[float] = []
-    curls: list[float] = []
+    seconds: dict[str, list[float]] = {turn: [] for turn in TURNS}
+    cpu: dict[str, list[float]] = {turn: [] for turn in TURNS}
     linked = False
     with repo_server(repo) as (url, _server):
         pool = next((repo / "pool").iterdir()).name
@@ -167,27 +182,31 @@ async def sandbox(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]
         cache = settings.updates.cache_dir
         staged = work / "nodes" / "n1" / "staged"
         async with Service(settings) as service, aiohttp.ClientSession() as session:
+            assert service.repository is not None
+            downloader = service.repository.downloader
             base = f"http://127.0.0.1:{service.port}"
             for index in range(runs + 1):  # the first of each is a warm-up, not counted
-                for path in [*cache.glob("*"), *staged.glob("*")]:
-                    path.unlink()
-                turns = ["curl", "ours"] if index % 2 else ["ours", "curl"]
+                turns = TURNS[index % len(TURNS) :] + TURNS[: index % len(TURNS)]
                 for turn in turns:
+                    for path in [*cache.glob("*"), *staged.glob("*")]:
+                        path.unlink()
                     await settle(rest)
                     if turn == "curl":
-                        seconds = curl_seconds(package_url, work / "curl.out")
+                        took, used = curl_seconds(package_url, work / "curl.out")
                     else:
-                        started = time.perf_counter()
+                        downloader.splice = turn == "ours"
+                        started, cpu_before = time.perf_counter(), own_cpu()
                         reply = await _command(session, base, "download n1")
                         [run] = await service.lifecycle.wait(run_ids(reply["text"]), RUN_LIMIT)
-                        seconds = time.perf_counter() - started
+                        took, used = time.perf_counter() - started, own_cpu() - cpu_before
                         if run.status != "succeeded":
                             raise SystemExit(f"download failed: {run.status} {run.error}")
                         [file] = list(staged.iterdir())
                         linked = file.stat().st_nlink == 2
                     if index:
-                        (curls if turn == "curl" else ours).append(seconds)
-    return {"ours": ours, "curl": curls, "linked": linked}
+                        seconds[turn].append(took)
+                        cpu[turn].append(used)
+    return {**seconds, "cpu": cpu, "linked": linked}
 
 
 async def ssh(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]:
@@ -263,13 +282,17 @@ def child(part: str, runs: int, rest: float) -> None:
 
 
 def render(runs: int, rest: float, box: dict[str, Any], remote: dict[str, Any]) -> str:
-    def row(label: str, values: list[float]) -> str:
+    def row(label: str, values: list[float], cpu: list[float] | None = None) -> str:
         median = statistics.median(values)
         shown = ", ".join(f"{v:.2f}" for v in values)
-        return f"| {label} | {median:.2f} | {SIZE / median / 1e6:.0f} | {shown} |"
+        used = f"{statistics.median(cpu):.2f}" if cpu else "-"
+        return f"| {label} | {median:.2f} | {SIZE / median / 1e6:.0f} | {used} | {shown} |"
 
-    box_ratio = statistics.median(box["curl"]) / statistics.median(box["ours"])
+    curl = statistics.median(box["curl"])
+    box_ratio = curl / statistics.median(box["ours"])
+    loop_ratio = curl / statistics.median(box["loop"])
     ssh_ratio = statistics.median(remote["scp"]) / statistics.median(remote["ours"])
+    cpu = box["cpu"]
     return "\n".join(
         [
             HEADING,
@@ -279,18 +302,30 @@ def render(runs: int, rest: float, box: dict[str, Any], remote: dict[str, Any]) 
             f"- machine: {machine_line()}",
             f"- one .deb of {SIZE >> 20} MiB (random data, not compressed) served over 127.0.0.1",
             "  by `tests/repo_server.py` (a separate process); every measurement in a child",
-            "  process of its own; the two sides of a comparison take turns, each after `sync`",
+            "  process of its own; the sides of a comparison take turns, each after `sync`",
             f"  and {rest:g} s of rest (the kernel's work left by the turn before is not charged)",
+            "- CPU: of `curl` (user + system), of the service's whole process during the run",
+            "  (every thread; the repository server's not counted on either side)",
             "",
-            "| what | seconds (median) | MB/s | runs |",
-            "|---|---|---|---|",
-            row("`curl -o FILE` of the package", box["curl"]),
-            row("`download n1` through the API until staged on a sandbox node", box["ours"]),
+            "| what | seconds (median) | MB/s | CPU s (median) | runs |",
+            "|---|---|---|---|---|",
+            row("`curl -o FILE` of the package", box["curl"], cpu["curl"]),
+            row(
+                "`download n1` through the API until staged on a sandbox node",
+                box["ours"],
+                cpu["ours"],
+            ),
+            row(
+                "the same, the body through the event loop (`Downloader.splice` off)",
+                box["loop"],
+                cpu["loop"],
+            ),
             row("`scp` to a real sshd on 127.0.0.1", remote["scp"]),
             row("ssh driver `stage` (connect, stream, `checksum` on the node)", remote["ours"]),
             "",
             f"- sandbox: **{box_ratio:.2f} x** `curl -o` (target >= {TARGET}): "
-            f"{verdict(box_ratio >= TARGET)}; the staged file is "
+            f"{verdict(box_ratio >= TARGET)}; with the body through the event loop "
+            f"{loop_ratio:.2f} x; the staged file is "
             + ("a hard link to the cache's verified copy" if box["linked"] else "a copy")
             + f"; load average {box['load'][0]:.2f} at the start, {box['load'][1]:.2f} at the end",
             f"- ssh: **{ssh_ratio:.2f} x** `scp` (target >= {TARGET}): "
@@ -313,10 +348,10 @@ def main() -> None:
     if args.child:
         child(args.child, args.runs, args.settle)
         return
-    limit = RUN_LIMIT * 4 * (args.runs + 1) + 300
+    limit = RUN_LIMIT * 6 * (args.runs + 1) + 300
     argv = [str(Path(__file__)), "--runs", str(args.runs), "--settle", str(args.settle), "--child"]
     box = run_child([*argv, "sandbox"], timeout=limit).data
-    print(f"sandbox: ours {box['ours']}, curl {box['curl']}", flush=True)
+    print(f"sandbox: ours {box['ours']}, loop {box['loop']}, curl {box['curl']}", flush=True)
     remote = run_child([*argv, "ssh"], timeout=limit).data
     print(f"ssh: ours {remote['ours']}, scp {remote['scp']}", flush=True)
     text = render(args.runs, args.settle, box, remote)

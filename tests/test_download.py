@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from core.errors import (
     PackageNotFoundError,
 )
 from core.repository.cache import Downloader
+from core.repository.partial import SPLICE
 from core.repository.retry import AttemptOutcome, RetryPolicy, is_transient
 from tests.repo_server import RepoServer, serve_repo
 
@@ -55,9 +57,21 @@ def cache(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
-@pytest.fixture
-async def downloader(cache: Path) -> AsyncIterator[Downloader]:
-    async with Downloader(cache, connect_timeout=2, read_timeout=0.5) as running:
+BODY_PATHS = [
+    pytest.param(
+        True, id="socket-to-file", marks=pytest.mark.skipif(not SPLICE, reason="no splice")
+    ),
+    pytest.param(False, id="event-loop"),
+]
+"""Both ways a body is received: past aiohttp, by a thread from the socket into the file
+(the default where ``splice`` exists), and through the event loop."""
+
+
+@pytest.fixture(params=BODY_PATHS)
+async def downloader(cache: Path, request: pytest.FixtureRequest) -> AsyncIterator[Downloader]:
+    async with Downloader(
+        cache, connect_timeout=2, read_timeout=0.5, splice=request.param
+    ) as running:
         yield running
 
 
@@ -103,6 +117,26 @@ async def test_a_download_lands_verified_under_its_sha256(
     # the second time it comes from the cache
     assert await fetch(downloader, server, blob) == path
     assert server.requests[blob.rel] == 1
+
+
+async def test_the_body_takes_the_path_chosen(
+    downloader: Downloader, server: RepoServer, blob: Blob
+) -> None:
+    threads: set[str] = set()
+
+    async def progress(done: int, total: int) -> None:
+        threads.update(t.name for t in threading.enumerate())
+
+    server.stall(0.3, after=1_000_000)  # underway long enough to be seen (read timeout 0.5 s)
+    await downloader.fetch(
+        server.url + blob.rel,
+        package="tg-base 1.0",
+        sha256=blob.sha256,
+        size=blob.size,
+        progress=progress,
+    )
+    assert ("tgops-download-receive" in threads) is downloader.splice
+    assert "tgops-download-hash" in threads
 
 
 @pytest.mark.parametrize(
@@ -360,8 +394,9 @@ async def test_a_downloader_needs_async_with(cache: Path) -> None:
         Downloader(cache).path_for("nope")
 
 
+@pytest.mark.parametrize("splice", BODY_PATHS)
 async def test_a_cancelled_download_keeps_what_arrived(
-    server: RepoServer, blob: Blob, cache: Path
+    server: RepoServer, blob: Blob, cache: Path, splice: bool
 ) -> None:
     server.stall(60, after=500_000)
     arrived = asyncio.Event()
@@ -372,7 +407,7 @@ async def test_a_cancelled_download_keeps_what_arrived(
         if done >= 400_000:
             arrived.set()
 
-    async with Downloader(cache, chunk_size=64 * 1024) as downloader:
+    async with Downloader(cache, chunk_size=64 * 1024, splice=splice) as downloader:
         transfer = asyncio.create_task(
             downloader.fetch(
                 server.url + blob.rel,

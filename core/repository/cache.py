@@ -6,9 +6,15 @@ transfer and ``<sha256>.etag`` its validator; both are kept across attempts and 
 that the next attempt resumes with ``Range`` and ``If-Range``. A file wanted by several
 callers at once is transferred once; at most ``max_parallel`` transfers run at a time.
 
-The body is streamed (bounded memory): the event loop only receives, while worker threads
-hash, write and flush (``partial.PartialFile``), so SHA-256 costs no throughput where a second
-core is free (bench/RESULTS.md, "Download (issue 3)"). ``file://`` URLs work too.
+The body is streamed (bounded memory). Over plain HTTP with a ``Content-Length`` (a
+repository's usual answer), aiohttp reads the status and headers and a worker thread then
+takes the body straight from the connection's socket into the file (``splice`` on Linux:
+the bytes never pass through the process), while another thread hashes it from the page
+cache right behind; the connection is closed afterwards instead of being reused. Otherwise
+(HTTPS, a chunked answer, ``splice=False``) the event loop receives and worker threads hash,
+write and flush (``partial.PartialFile``). Either way SHA-256 costs no throughput where a
+second core is free (bench/RESULTS.md, "Download (issue 3)" and "Staging (issue 15)").
+``file://`` URLs work too.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import aiohttp
 
 from core.errors import DownloadError, DownloadMismatchError, PackageNotFoundError
 from core.repository.conditional import Validators
-from core.repository.partial import CHUNK_SIZE, PartialFile
+from core.repository.partial import CHUNK_SIZE, SPLICE, PartialFile
 
 if TYPE_CHECKING:
     from core.settings import UpdatesSettings
@@ -120,8 +126,13 @@ class Downloader:
         manifest_timeout: float = 60.0,
         min_rate: float = 64 * 1024,
         chunk_size: int = CHUNK_SIZE,
+        splice: bool = SPLICE,
     ) -> None:
         self.cache_dir = cache_dir
+        self.splice = splice
+        """Take a plain HTTP body straight from the socket (see the module's docstring);
+        False: always through the event loop."""
+        self._read_timeout = read_timeout
         self._session = session
         self._own_session = session is None
         self._slots = asyncio.Semaphore(max_parallel)
@@ -332,7 +343,11 @@ class Downloader:
                     raise DownloadMismatchError(
                         package, "size", f"{sink.size} bytes", f"{sink.done + announced} bytes"
                     )
-                await self._stream(response.content, package, sink, progress)
+                sock = _raw_body_socket(response) if self.splice else None
+                if sock is None:
+                    await self._stream(response.content, package, sink, progress)
+                else:
+                    await self._take_body(response, sock, package, sink, progress)
         except aiohttp.ClientPayloadError as exc:
             raise DownloadError(
                 package,
@@ -394,6 +409,35 @@ class Downloader:
             if progress is not None and sink.done - reported >= self._chunk:
                 reported = sink.done
                 await progress(sink.done, sink.size)
+        if progress is not None:
+            await progress(sink.done, sink.size)
+
+    async def _take_body(
+        self,
+        response: aiohttp.ClientResponse,
+        sock: int,
+        package: str,
+        sink: PartialFile,
+        progress: Progress | None,
+    ) -> None:
+        """The body from the connection's socket into the file, past aiohttp: what aiohttp
+        has received already is appended first, then it stops reading and a thread takes
+        the rest (``PartialFile.receive_from``). The connection is closed afterwards."""
+        connection = response.connection
+        assert connection is not None
+        assert connection.protocol is not None
+        try:
+            head = response.content.read_nowait(-1)
+            connection.protocol.pause_reading()  # from here on the socket is ours
+            if sink.done + len(head) > sink.size:
+                raise DownloadMismatchError(
+                    package, "size", f"{sink.size} bytes", f"more than {sink.size} bytes"
+                )
+            if head:
+                await sink.append(head)
+            await sink.receive_from(sock, read_timeout=self._read_timeout, progress=progress)
+        finally:
+            response.close()  # aiohttp did not see the body: the connection cannot be reused
         if progress is not None:
             await progress(sink.done, sink.size)
 
@@ -476,6 +520,21 @@ class Downloader:
                 return Fetched(body=bytes(body), validators=answered)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _network_error(package, url, exc, self._timeouts) from exc
+
+
+def _raw_body_socket(response: aiohttp.ClientResponse) -> int | None:
+    """The socket a response's body can be taken from as raw bytes, or None: plain TCP (not
+    TLS), a ``Content-Length`` and no transfer coding."""
+    connection = response.connection
+    if connection is None or connection.protocol is None or connection.transport is None:
+        return None
+    if response.content_length is None or "Transfer-Encoding" in response.headers:
+        return None
+    transport = connection.transport
+    if transport.get_extra_info("ssl_object") is not None:
+        return None
+    sock = transport.get_extra_info("socket")
+    return sock.fileno() if sock is not None else None
 
 
 def _read_local(url: str, package: str, limit: int) -> bytes:

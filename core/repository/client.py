@@ -82,6 +82,11 @@ class HttpRepository:
         self.not_modified = 0
         """Manifests reused after a ``304 Not Modified``."""
 
+    @property
+    def downloader(self) -> Downloader:
+        """The downloader doing the transfers (and owning the cache)."""
+        return self._downloader
+
     def url_of(self, path: str) -> str:
         """The URL of a repository-relative file path; ``ValueError`` if it leaves the root."""
         if not is_confined_path(path):

@@ -1,27 +1,72 @@
 """A partial transfer in the content cache: written and hashed by worker threads.
 
-``<sha256>.part`` grows while the event loop receives; a thread pool hashes, writes and
-flushes the chunks in order, so SHA-256 costs no throughput where a second core is free.
+``<sha256>.part`` grows in one of two ways. Either the event loop receives the body and
+hands it over chunk by chunk (``append``), and worker threads hash, write and flush the
+chunks in order; or a worker thread moves the body from the connection's socket into the
+file inside the kernel (``receive_from``: Linux ``splice`` through a pipe, the bytes never
+copied into the process), and the hashing thread reads each piece back from the page cache
+right behind it. Either way SHA-256 costs no throughput where a second core is free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import queue
+import select
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.errors import DownloadError
 
-if TYPE_CHECKING:
-    pass
-
 CHUNK_SIZE = 1 << 20
 """Bytes per read from the network and per write to the file."""
+
+PIPE_SIZE = 1 << 20
+"""Bytes the kernel moves per ``splice`` (the pipe between socket and file is this large
+where the system allows; 64 KiB otherwise)."""
+
+HASH_READ = 256 << 10
+"""Bytes the hashing thread reads back from the page cache at a time (small enough to stay
+in the CPU's cache between the read and the hash)."""
+
+POLL_SLICE = 0.25
+"""Seconds the receiving thread waits for data at a time before it looks whether it should
+stop; also how often ``receive_from`` reports progress."""
+
+SPLICE = hasattr(os, "splice")
+"""Whether this system can move a socket's data into a file inside the kernel."""
+
+_Item = bytes | tuple[int, int] | None
+"""What the worker threads are handed: data, or (offset, length) of bytes already in the
+file (received by ``receive_from``; hashed only), or None to stop."""
+
+
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+"""What ``splice`` answers for a socket or file system it cannot serve."""
+
+
+class _NoSplice(Exception):
+    """``splice`` cannot serve this socket or file; ``moved`` bytes went through anyway."""
+
+    def __init__(self, moved: int) -> None:
+        super().__init__(moved)
+        self.moved = moved
+
+
+class _FileError(Exception):
+    """Writing the partial file failed inside the receiving thread (not the network)."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
 class PartialFile:
@@ -51,7 +96,8 @@ class PartialFile:
         self._digest = hashlib.sha256()
         self._fd = -1
         self._lock = threading.Lock()
-        self._queues: tuple[queue.SimpleQueue[bytes | None], ...] = ()
+        self._queues: tuple[queue.SimpleQueue[_Item], ...] = ()
+        self._readback: bytearray | None = None
         self._queued = [0, 0]
         self._pending = [0, 0]
         self._waiting = False
@@ -107,10 +153,24 @@ class PartialFile:
 
     # -- worker threads ------------------------------------------------------------------
 
-    def _hash(self, data: bytes) -> None:
-        self._digest.update(data)
+    def _hash(self, data: bytes | tuple[int, int]) -> None:
+        if isinstance(data, bytes):
+            self._digest.update(data)
+            return
+        offset, length = data  # received into the file already: read it back and hash it
+        if self._readback is None:
+            self._readback = bytearray(HASH_READ)
+        view = memoryview(self._readback)
+        while length > 0:
+            got = os.preadv(self._fd, [view[: min(length, HASH_READ)]], offset)
+            if got <= 0:
+                raise OSError(errno.EIO, f"{self.path} is shorter than what was received")
+            self._digest.update(view[:got])
+            offset += got
+            length -= got
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | tuple[int, int]) -> None:
+        assert isinstance(data, bytes)  # received pieces are queued for hashing only
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
@@ -119,7 +179,7 @@ class PartialFile:
             self._unflushed = 0
             self._flush.set()
 
-    def _work(self, index: int, process: Callable[[bytes], None]) -> None:
+    def _work(self, index: int, process: Callable[[bytes | tuple[int, int]], None]) -> None:
         source = self._queues[index]
         while (data := source.get()) is not None:
             if self._error is None:
@@ -128,7 +188,7 @@ class PartialFile:
                 except OSError as exc:
                     self._error = exc
             with self._lock:
-                self._queued[index] -= len(data)
+                self._queued[index] -= len(data) if isinstance(data, bytes) else 0
                 self._pending[index] -= 1
                 wake = self._waiting and (
                     self._error is not None
@@ -190,6 +250,117 @@ class PartialFile:
                 self._space.clear()
             await self._space.wait()
 
+    async def receive_from(
+        self,
+        sock: int,
+        *,
+        read_timeout: float,
+        progress: Callable[[int, int], Awaitable[None]] | None = None,
+        splice: bool = SPLICE,
+    ) -> None:
+        """Receive the rest of the file from the socket ``sock`` (a connection whose body is
+        raw bytes, the headers already read) in a worker thread, the event loop free.
+
+        With ``splice`` the kernel moves the bytes from the socket into the file through a
+        pipe; where the file system cannot take them that way (or without ``splice``) the
+        thread reads and writes them itself. The hashing thread reads each piece back from
+        the page cache. Returns when the file is complete or the server closed the
+        connection early (``done`` says how far it got). Raises ``TimeoutError`` after
+        ``read_timeout`` seconds without data, ``OSError`` for a broken connection and
+        ``DownloadError`` when the file cannot be written. ``progress(done, size)`` is
+        awaited every ``POLL_SLICE`` seconds while bytes arrive. Cancelling stops the
+        thread within ``POLL_SLICE``; what was received stays in the file.
+        """
+        await self.flush()  # the writer is idle and the file's position is at ``done``
+        if self.done >= self.size:
+            return
+        loop = asyncio.get_running_loop()
+        finished = asyncio.Event()
+        stop = threading.Event()
+        failure: list[BaseException] = []
+        fd = os.dup(sock)  # closing the connection cannot hand the number to another file
+
+        def run() -> None:
+            try:
+                self._move(fd, read_timeout, stop, splice)
+            except BaseException as exc:  # handed to the event loop below
+                failure.append(exc)
+            finally:
+                os.close(fd)
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    loop.call_soon_threadsafe(finished.set)
+
+        thread = threading.Thread(target=run, name="tgops-download-receive", daemon=True)
+        thread.start()
+        try:
+            reported = -1
+            while not finished.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(POLL_SLICE):
+                        await finished.wait()
+                if progress is not None and self.done != reported:
+                    reported = self.done
+                    await progress(self.done, self.size)
+        finally:
+            stop.set()
+            if thread.is_alive():
+                await asyncio.shield(asyncio.to_thread(thread.join))
+        if failure:
+            if isinstance(failure[0], _FileError):
+                self._error = failure[0].cause
+            else:
+                raise failure[0]
+        self._check()
+
+    def _move(self, sock: int, read_timeout: float, stop: threading.Event, splice: bool) -> None:
+        """The receiving thread: socket to file until ``size``, end of stream, or ``stop``."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        pipe = os.pipe() if splice else None
+        if pipe is not None:
+            with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep 64 KiB
+                fcntl.fcntl(pipe[1], fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        buffer = memoryview(bytearray(PIPE_SIZE))
+        quiet = 0.0
+        try:
+            while self.done < self.size and not stop.is_set():
+                want = min(self.size - self.done, PIPE_SIZE)
+                try:
+                    if pipe is not None:
+                        try:
+                            moved = _splice_once(sock, pipe, self._fd, want, buffer)
+                        except _NoSplice as refused:  # copy from now on
+                            moved = refused.moved
+                            for end in pipe:
+                                os.close(end)
+                            pipe = None
+                            if not moved:
+                                continue
+                    else:
+                        moved = _copy_once(sock, self._fd, buffer[:want])
+                except BlockingIOError:
+                    if quiet >= read_timeout:
+                        raise TimeoutError(f"no data for {read_timeout:g}s") from None
+                    started = time.monotonic()
+                    poller.poll(max(1, int(min(POLL_SLICE, read_timeout - quiet) * 1000)))
+                    quiet += time.monotonic() - started
+                    continue
+                if moved == 0:
+                    return  # the server closed the connection: cut off, resumable
+                quiet = 0.0
+                with self._lock:
+                    self._pending[0] += 1
+                    self._queues[0].put((self.done, moved))
+                self.done += moved
+                self._unflushed += moved
+                if self._unflushed >= self._flush_every:
+                    self._unflushed = 0
+                    self._flush.set()
+        finally:
+            if pipe is not None:
+                for end in pipe:
+                    os.close(end)
+
     async def restart(self) -> None:
         """Start over from byte 0 (the server sent the whole file)."""
         await self.flush()
@@ -230,3 +401,46 @@ class PartialFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError as exc:
+        raise _FileError(exc) from exc
+
+
+def _copy_once(sock: int, fd: int, buffer: memoryview) -> int:
+    """Read what the socket has (up to ``len(buffer)``) and write it to ``fd``."""
+    got = os.readv(sock, [buffer])  # BlockingIOError when nothing is there
+    _write_all(fd, buffer[:got])
+    return got
+
+
+def _splice_once(sock: int, pipe: tuple[int, int], fd: int, want: int, buffer: memoryview) -> int:
+    """Move what the socket has (up to ``want``) into ``fd`` through ``pipe``, in the kernel;
+    returns the bytes moved (0 at the end of the stream).
+
+    Raises ``_NoSplice`` when the socket or the file system does not take ``splice`` (bytes
+    already in the pipe are then written through ``buffer``).
+    """
+    try:
+        moved = os.splice(sock, pipe[1], want, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED:
+            raise _NoSplice(0) from exc
+        raise
+    left = moved
+    while left:
+        try:
+            left -= os.splice(pipe[0], fd, left, flags=os.SPLICE_F_MOVE)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise _FileError(exc) from exc
+            while left:  # what is in the pipe goes into the file by hand
+                got = os.readv(pipe[0], [buffer[:left]])
+                _write_all(fd, buffer[:got])
+                left -= got
+            raise _NoSplice(moved) from exc
+    return moved
