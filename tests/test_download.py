@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -120,8 +121,9 @@ async def test_a_download_lands_verified_under_its_sha256(
 
 
 async def test_the_body_takes_the_path_chosen(
-    downloader: Downloader, server: RepoServer, blob: Blob
+    downloader: Downloader, server: RepoServer, blob: Blob, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="core.repository.cache")
     threads: set[str] = set()
 
     async def progress(done: int, total: int) -> None:
@@ -137,6 +139,10 @@ async def test_the_body_takes_the_path_chosen(
     )
     assert ("tgops-download-receive" in threads) is downloader.splice
     assert "tgops-download-hash" in threads
+    [line] = [r.getMessage() for r in caplog.records if "downloaded and verified" in r.message]
+    received = int(line.split(" of them from the socket")[0].rsplit(" ", 1)[1])
+    # what aiohttp had read with the headers was handed over, the rest came from the socket
+    assert (0 < received <= blob.size) if downloader.splice else (received == 0)
 
 
 @pytest.mark.parametrize(

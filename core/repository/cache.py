@@ -301,7 +301,13 @@ class Downloader:
             os.replace(part, self.cache_dir / f"{sha256}.deb")
             _fsync_dir(self.cache_dir)
             meta.unlink(missing_ok=True)
-            log.info("%s: downloaded and verified (%d bytes)", package, size)
+            log.info(
+                "%s: downloaded and verified (%d bytes, %d of them from the socket straight "
+                "into the file)",
+                package,
+                size,
+                sink.received,
+            )
         except DownloadMismatchError:
             await sink.aclose()
             part.unlink(missing_ok=True)

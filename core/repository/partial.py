@@ -90,6 +90,8 @@ class PartialFile:
         self.path = path
         self.size = size
         self.done = 0
+        self.received = 0
+        """Bytes that came straight from a socket (``receive_from``), for the log."""
         self._package = package
         self._limit = buffer
         self._flush_every = flush_every
@@ -352,6 +354,7 @@ class PartialFile:
                     self._pending[0] += 1
                     self._queues[0].put((self.done, moved))
                 self.done += moved
+                self.received += moved
                 self._unflushed += moved
                 if self._unflushed >= self._flush_every:
                     self._unflushed = 0
