@@ -199,6 +199,17 @@ class Resume:
         return self.sent - self.remainder
 
 
+SETTLE = 1.5
+"""Seconds of rest after ``sync`` before each turn: without it the Downloader right after
+``curl -o`` took 1.99 to 2.23 s and right before it 0.92 to 0.97 s (2026-12-06), the
+kernel still freeing and writing back what curl's turn left (as in bench/stage.py)."""
+
+
+def settle() -> None:
+    os.sync()
+    time.sleep(SETTLE)
+
+
 def measure_throughput(work: Path, url: str, sha256: str, runs: int) -> Throughput:
     result = Throughput(curl_null=[], curl_file=[], ours=[], rss_mib=[], curl_cpu=[], ours_cpu=[])
     out, cache = work / "curl.out", work / "cache"
@@ -207,14 +218,14 @@ def measure_throughput(work: Path, url: str, sha256: str, runs: int) -> Throughp
     for run in range(runs):
 
         def curl() -> None:
-            os.sync()
+            settle()
             result.curl_null.append(run_curl(url, "/dev/null"))
-            os.sync()
+            settle()
             result.curl_file.append(run_curl(url, str(out), result.curl_cpu))
             out.unlink()
 
         def ours() -> None:
-            os.sync()
+            settle()
             seconds, peak = run_downloader(url, sha256, cache, result.ours_cpu)
             shutil.rmtree(cache)
             result.ours.append(seconds)
@@ -278,7 +289,8 @@ def render(runs: int, speed: Throughput, resume: Resume, load: tuple[float, floa
             f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}",
             "- 1 GiB of random data served over 127.0.0.1 by `tests/repo_server.py` (aiohttp,",
             "  sendfile, a separate process); each client in its own process; curl and the",
-            "  Downloader take turns going first; `sync` before each run; one uncounted warm-up",
+            f"  Downloader take turns going first; `sync` and {SETTLE:g} s of rest before each",
+            "  run; one uncounted warm-up",
             "  download first. Downloader time is measured inside its process (no interpreter",
             "  start-up), curl's is its `time_total`",
             "",
@@ -295,8 +307,9 @@ def render(runs: int, speed: Throughput, resume: Resume, load: tuple[float, floa
             f"- CPU seconds per GiB (user + system, median): curl -o FILE "
             f"{statistics.median(speed.curl_cpu):.2f}, Downloader "
             f"{statistics.median(speed.ours_cpu):.2f} (interpreter start-up included; SHA-256",
-            "  alone is ~0.5 s per GiB here). With 2 vCPUs the Downloader (hash thread, write",
-            "  thread, event loop) needs both cores, so it loses ground when other processes",
+            "  alone is ~0.5 s per GiB here). With 2 vCPUs the Downloader (a thread moving the",
+            "  body from the socket into the file, a hashing thread) needs both cores, so it",
+            "  loses ground when other processes",
             f"  compete: load average {load[0]:.2f} at the start, {load[1]:.2f} at the end",
             f"- peak RSS (VmHWM) of the downloading process: **{peak:.0f} MiB** "
             f"(target < 100 MB): {verdict(peak * 1.048576 < 100)}",

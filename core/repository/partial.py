@@ -369,6 +369,7 @@ class PartialFile:
         await self.flush()
         await asyncio.to_thread(self._truncate)
         self.done = 0
+        self.received = 0
         self._digest = hashlib.sha256()
 
     def _truncate(self) -> None:
