@@ -44,9 +44,11 @@ stop; also how often ``receive_from`` reports progress."""
 SPLICE = hasattr(os, "splice")
 """Whether this system can move a socket's data into a file inside the kernel."""
 
-_Item = bytes | tuple[int, int] | None
+_Piece = bytes | tuple[int, int]
 """What the worker threads are handed: data, or (offset, length) of bytes already in the
-file (received by ``receive_from``; hashed only), or None to stop."""
+file (received by ``receive_from``; hashed only)."""
+_Item = _Piece | None
+"""A piece, or None to stop."""
 
 
 _UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
@@ -155,7 +157,7 @@ class PartialFile:
 
     # -- worker threads ------------------------------------------------------------------
 
-    def _hash(self, data: bytes | tuple[int, int]) -> None:
+    def _hash(self, data: _Piece) -> None:
         if isinstance(data, bytes):
             self._digest.update(data)
             return
@@ -171,17 +173,15 @@ class PartialFile:
             offset += got
             length -= got
 
-    def _write(self, data: bytes | tuple[int, int]) -> None:
+    def _write(self, data: _Piece) -> None:
         assert isinstance(data, bytes)  # received pieces are queued for hashing only
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        _write_all(self._fd, memoryview(data))
         self._unflushed += len(data)
         if self._unflushed >= self._flush_every:
             self._unflushed = 0
             self._flush.set()
 
-    def _work(self, index: int, process: Callable[[bytes | tuple[int, int]], None]) -> None:
+    def _work(self, index: int, process: Callable[[_Piece], None]) -> None:
         source = self._queues[index]
         while (data := source.get()) is not None:
             if self._error is None:
@@ -408,9 +408,14 @@ class PartialFile:
 
 
 def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _to_file(fd: int, data: memoryview) -> None:
+    """``_write_all`` in the receiving thread: a failure is the file's, not the network's."""
     try:
-        while data:
-            data = data[os.write(fd, data) :]
+        _write_all(fd, data)
     except OSError as exc:
         raise _FileError(exc) from exc
 
@@ -418,7 +423,7 @@ def _write_all(fd: int, data: memoryview) -> None:
 def _copy_once(sock: int, fd: int, buffer: memoryview) -> int:
     """Read what the socket has (up to ``len(buffer)``) and write it to ``fd``."""
     got = os.readv(sock, [buffer])  # BlockingIOError when nothing is there
-    _write_all(fd, buffer[:got])
+    _to_file(fd, buffer[:got])
     return got
 
 
@@ -444,7 +449,7 @@ def _splice_once(sock: int, pipe: tuple[int, int], fd: int, want: int, buffer: m
                 raise _FileError(exc) from exc
             while left:  # what is in the pipe goes into the file by hand
                 got = os.readv(pipe[0], [buffer[:left]])
-                _write_all(fd, buffer[:got])
+                _to_file(fd, buffer[:got])
                 left -= got
             raise _NoSplice(moved) from exc
     return moved
