@@ -45,6 +45,13 @@ from tests.service import ADMIN_TOKEN  # noqa: E402
 RESULTS = ROOT / "bench" / "RESULTS.md"
 POSTGRES_ENV = "TGOPS_TEST_DATABASE_URL"
 
+SETTLE = 1.5
+"""Seconds of rest after ``sync`` before each turn of a comparison that writes large files
+(bench/stage.py, bench/download.py): without it a turn pays for the kernel's work the one
+before left behind (its writeback, freeing the pages of removed files). On 2026-12-06
+``curl -o`` right after a download took 0.63 to 0.84 s against 0.42 to 0.47 s otherwise,
+and the 1 GiB download right after ``curl -o`` 1.99 to 2.23 s against 0.92 to 0.97 s."""
+
 
 # -- machine and results -------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.common import SETTLE
 from core.repository.cache import Downloader
 
 SIZE = 1 << 30
@@ -199,13 +200,8 @@ class Resume:
         return self.sent - self.remainder
 
 
-SETTLE = 1.5
-"""Seconds of rest after ``sync`` before each turn: without it the Downloader right after
-``curl -o`` took 1.99 to 2.23 s and right before it 0.92 to 0.97 s (2026-12-06), the
-kernel still freeing and writing back what curl's turn left (as in bench/stage.py)."""
-
-
 def settle() -> None:
+    """``sync``, then ``SETTLE`` seconds of rest."""
     os.sync()
     time.sleep(SETTLE)
 

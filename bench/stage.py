@@ -9,9 +9,11 @@ process), and measures in a child process of its own:
   file) with one sandbox node; ``download n1`` goes to ``POST /api/v1/command`` over
   127.0.0.1 and the time runs until the run's ``RunFinished`` event (the package is then
   downloaded, verified and staged on the node). Before each run the cache and the staged
-  file are removed. Against ``curl -o FILE`` of the same URL (its ``time_total``); the
-  two take turns, median of ``--runs``, each turn after ``sync`` and ``--settle`` seconds
-  of rest.
+  file are removed. Against ``curl -o FILE`` of the same URL (its ``time_total``), and
+  the same download with the body through the event loop (``Downloader.splice`` off);
+  the three take turns, median of ``--runs``, each turn after ``sync`` and ``--settle``
+  seconds of rest. The CPU of each side is recorded too: curl's from its resource usage,
+  the service process's (all its threads) from ``os.times``.
 * **ssh**: ``SshDriver.stage`` (a fresh connection, the file streamed over one channel into
   ``cat``, the ``checksum`` template on the node, rename) to a real sshd on 127.0.0.1
   (``tests/sshd.py``), against ``scp`` of the same file to the same directory (OpenSSH's
@@ -45,6 +47,7 @@ from typing import Any  # noqa: E402
 import aiohttp  # noqa: E402
 
 from bench.common import (  # noqa: E402
+    SETTLE,
     fleet_toml,
     log_to,
     machine_line,
@@ -102,16 +105,10 @@ def build_big_deb(work: Path, size: int) -> Path:
     return out
 
 
-SETTLE = 1.5
-"""Seconds of rest after ``sync`` before each turn (``--settle``)."""
-
-
 async def settle(seconds: float) -> None:
-    """Flush written data, then rest, so that a turn does not pay for the kernel's work
-    the previous one left behind (its writeback, freeing the pages of removed files).
-    Without the rest, ``curl -o`` right after a download through the API took 0.63 to
-    0.84 s where it took 0.42 to 0.47 s otherwise (2026-12-06). The event loop is free
-    meanwhile: what the service does after a run happens now, not in the next turn."""
+    """Flush written data, then rest (``SETTLE`` by default, ``--settle``). The event loop
+    is free meanwhile: what the service does after a run happens now, not in the next
+    turn."""
     await asyncio.to_thread(os.sync)
     await asyncio.sleep(seconds)
 
@@ -151,7 +148,8 @@ async def _command(session: aiohttp.ClientSession, base: str, text: str) -> dict
 
 
 async def sandbox(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]:
-    """``download n1`` through the API until staged, against ``curl -o``."""
+    """``download n1`` through the API until staged, both ways of receiving the body,
+    against ``curl -o``."""
     repo = work / "repo"
     keys = work / "keys"
     keys.mkdir()
