@@ -14,10 +14,12 @@ process), and measures in a child process of its own:
   the three take turns, median of ``--runs``, each turn after ``sync`` and ``--settle``
   seconds of rest. The CPU of each side is recorded too: curl's from its resource usage,
   the service process's (all its threads) from ``os.times``.
-* **ssh**: ``SshDriver.stage`` (a fresh connection, the file streamed over one channel into
-  ``cat``, the ``checksum`` template on the node, rename) to a real sshd on 127.0.0.1
-  (``tests/sshd.py``), against ``scp`` of the same file to the same directory (OpenSSH's
-  default cipher), taking turns as above, median of ``--runs``.
+* **ssh**: ``SshDriver.stage`` (a fresh connection, the file copied by OpenSSH's client into
+  ``cat`` as the driver does from ``OPENSSH_FROM`` bytes on, the ``checksum`` template on
+  the node, rename) to a real sshd on 127.0.0.1 (``tests/sshd.py``), against ``scp`` of the
+  same file to the same directory (OpenSSH's default cipher) and against the same
+  ``stage`` with the file streamed over the driver's own asyncssh channel
+  (``openssh_from`` off); the three take turns as above, median of ``--runs``.
 
 The figures go to bench/RESULTS.md under "## Staging (issue 15)" (other sections are kept).
 """
@@ -208,14 +210,14 @@ async def sandbox(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]
 
 
 async def ssh(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]:
-    """``SshDriver.stage`` to a real sshd on 127.0.0.1, against ``scp``."""
+    """``SshDriver.stage`` to a real sshd on 127.0.0.1 (OpenSSH client, asyncssh channel),
+    against ``scp``."""
     deb = build_big_deb(work, SIZE)
     digest = sha256_file(deb)
     package = StagedPackage(
         name="tg-big", version="1.0", kind=PackageKind.REGULAR, sha256=digest, path=deb
     )
-    ours: list[float] = []
-    scps: list[float] = []
+    seconds: dict[str, list[float]] = {"scp": [], "ours": [], "channel": []}
     with start_sshd(work / "sshd") as server:
         node = FakeNode.create(work / "node")
         known = server.known_hosts(work / "known_hosts")
@@ -248,7 +250,8 @@ async def ssh(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]:
         for index in range(runs + 1):
             for path in node.staging.glob("*"):
                 path.unlink()
-            turns = ["scp", "ours"] if index % 2 else ["ours", "scp"]
+            turns = ["scp", "ours", "channel"]
+            turns = turns[index % 3 :] + turns[: index % 3]
             for turn in turns:
                 await settle(rest)
                 started = time.perf_counter()
@@ -257,14 +260,16 @@ async def ssh(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]:
                     subprocess.run(scp, check=True, timeout=RUN_LIMIT)  # noqa: ASYNC221
                 else:
                     driver = SshDriver(settings, staging_dir=str(node.staging))
+                    if turn == "channel":
+                        driver.runner.openssh_from = None
                     try:
                         await driver.stage([package])
                     finally:
                         await driver.aclose()
-                seconds = time.perf_counter() - started
+                took = time.perf_counter() - started
                 if index:
-                    (scps if turn == "scp" else ours).append(seconds)
-    return {"ours": ours, "scp": scps}
+                    seconds[turn].append(took)
+    return dict(seconds)
 
 
 def child(part: str, runs: int, rest: float) -> None:
@@ -290,6 +295,7 @@ def render(runs: int, rest: float, box: dict[str, Any], remote: dict[str, Any]) 
     box_ratio = curl / statistics.median(box["ours"])
     loop_ratio = curl / statistics.median(box["loop"])
     ssh_ratio = statistics.median(remote["scp"]) / statistics.median(remote["ours"])
+    channel_ratio = statistics.median(remote["scp"]) / statistics.median(remote["channel"])
     cpu = box["cpu"]
     return "\n".join(
         [
@@ -319,7 +325,14 @@ def render(runs: int, rest: float, box: dict[str, Any], remote: dict[str, Any]) 
                 cpu["loop"],
             ),
             row("`scp` to a real sshd on 127.0.0.1", remote["scp"]),
-            row("ssh driver `stage` (connect, stream, `checksum` on the node)", remote["ours"]),
+            row(
+                "ssh driver `stage` (connect, OpenSSH's client into `cat`, `checksum` on the node)",
+                remote["ours"],
+            ),
+            row(
+                "the same, streamed over the driver's asyncssh channel (`openssh_from` off)",
+                remote["channel"],
+            ),
             "",
             f"- sandbox: **{box_ratio:.2f} x** `curl -o` (target >= {TARGET}): "
             f"{verdict(box_ratio >= TARGET)}; with the body through the event loop "
@@ -327,7 +340,8 @@ def render(runs: int, rest: float, box: dict[str, Any], remote: dict[str, Any]) 
             + ("a hard link to the cache's verified copy" if box["linked"] else "a copy")
             + f"; load average {box['load'][0]:.2f} at the start, {box['load'][1]:.2f} at the end",
             f"- ssh: **{ssh_ratio:.2f} x** `scp` (target >= {TARGET}): "
-            f"{verdict(ssh_ratio >= TARGET)}; load average {remote['load'][0]:.2f} at the "
+            f"{verdict(ssh_ratio >= TARGET)}; over the asyncssh channel {channel_ratio:.2f} x; "
+            f"load average {remote['load'][0]:.2f} at the "
             f"start, {remote['load'][1]:.2f} at the end",
             "",
         ]
@@ -337,7 +351,7 @@ def render(runs: int, rest: float, box: dict[str, Any], remote: dict[str, Any]) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--child", choices=["sandbox", "ssh"])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=9)
     parser.add_argument(
         "--settle", type=float, default=SETTLE, help="seconds of rest after sync before each turn"
     )
@@ -351,7 +365,9 @@ def main() -> None:
     box = run_child([*argv, "sandbox"], timeout=limit).data
     print(f"sandbox: ours {box['ours']}, loop {box['loop']}, curl {box['curl']}", flush=True)
     remote = run_child([*argv, "ssh"], timeout=limit).data
-    print(f"ssh: ours {remote['ours']}, scp {remote['scp']}", flush=True)
+    print(
+        f"ssh: ours {remote['ours']}, channel {remote['channel']}, scp {remote['scp']}", flush=True
+    )
     text = render(args.runs, args.settle, box, remote)
     print(text)
     if not args.no_write:

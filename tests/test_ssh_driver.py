@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shlex
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 
 from core.drivers import SshDriver, make_driver
@@ -61,6 +64,40 @@ async def driver(sshd: Sshd, node: FakeNode, tmp_path: Path) -> AsyncIterator[Ss
         yield made
     finally:
         await made.aclose()
+
+
+def recording_ssh(directory: Path) -> tuple[Path, Path]:
+    """A directory holding an ``ssh`` that writes its arguments to a log, then runs the
+    real client: put first on PATH, it shows whether and how OpenSSH's client was used."""
+    real = shutil.which("ssh")
+    assert real is not None, "the OpenSSH client is needed (scripts/setup --dev)"
+    directory.mkdir(parents=True, exist_ok=True)
+    calls = directory / "calls"
+    script = directory / "ssh"
+    script.write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$*" >> {shlex.quote(str(calls))}\n'
+        f'exec {shlex.quote(real)} "$@"\n'
+    )
+    script.chmod(0o755)
+    return directory, calls
+
+
+@pytest.fixture(params=["channel", "openssh"])
+def stager(
+    request: pytest.FixtureRequest,
+    driver: SshDriver,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> SshDriver:
+    """The driver copying every file over its own channel, or every file with OpenSSH's
+    client (the recording stand-in first on PATH)."""
+    if request.param == "channel":
+        driver.runner.openssh_from = None
+    else:
+        directory, _ = recording_ssh(tmp_path / "bin")
+        monkeypatch.setenv("PATH", f"{directory}:{os.environ['PATH']}")
+        driver.runner.openssh_from = 0
+    return driver
 
 
 def kill_own_session(sshd: Sshd) -> str:
@@ -284,8 +321,9 @@ async def test_broken_package_fails_install_with_dpkg_cause(
 
 
 async def test_stage_checks_the_checksum_on_the_node(
-    driver: SshDriver, node: FakeNode, tmp_path: Path
+    stager: SshDriver, node: FakeNode, tmp_path: Path
 ) -> None:
+    driver = stager
     package = staged_package(tmp_path / "debs", "tg-x", "1.0")
     wrong = StagedPackage(
         name=package.name,
@@ -427,10 +465,11 @@ async def test_debian_defaults_for_sessions_notices_and_ending_sessions(
 
 @pytest.mark.parametrize("change", ["truncated", "altered"])
 async def test_stage_refuses_a_truncated_or_altered_transfer(
-    driver: SshDriver, node: FakeNode, tmp_path: Path, change: str
+    stager: SshDriver, node: FakeNode, tmp_path: Path, change: str
 ) -> None:
     """What reaches the node differs from what the manifest names: the node's own SHA-256
     of the stored file refuses it, and nothing is left in the staging directory."""
+    driver = stager
     package = staged_package(tmp_path / "debs", "tg-x", "1.0")
     data = package.path.read_bytes()
     sent = tmp_path / "sent.deb"
@@ -532,10 +571,11 @@ async def test_default_checksum_uses_openssl_and_falls_back_to_sha256sum(
 
 
 async def test_stage_reports_a_node_that_cannot_store_the_file(
-    driver: SshDriver, node: FakeNode, tmp_path: Path
+    stager: SshDriver, node: FakeNode, tmp_path: Path
 ) -> None:
     """``cat > NAME.part`` fails on the node (here: a directory has that name): the cause
     comes back with the exit status, and nothing is staged."""
+    driver = stager
     (node.staging / "tg-x_1.0.deb.part").mkdir(parents=True)
     package = staged_package(tmp_path / "debs", "tg-x", "1.0")
     with pytest.raises(DriverError, match=r"exit status 2: .*Is a directory") as caught:
@@ -543,3 +583,105 @@ async def test_stage_reports_a_node_that_cannot_store_the_file(
     assert caught.value.operation == "stage"
     assert "tg-x_1.0.deb.part" in caught.value.cause
     assert dict((await driver.status()).staged) == {}
+
+
+async def test_a_big_file_goes_through_openssh_trusting_the_verified_key_only(
+    sshd: Sshd, node: FakeNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From ``openssh_from`` bytes on the file is copied by OpenSSH's client. The node's
+    key is in no known_hosts file here (``accept_unknown_host_key``): the client trusts the
+    key the driver's connection accepted, pinned in a file of its own, and the operator's
+    known_hosts is not written."""
+    package = staged_package(tmp_path / "debs", "tg-x", "1.0", {"big.bin": os.urandom(1 << 16)})
+    size = package.path.stat().st_size
+    directory, calls = recording_ssh(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{directory}:{os.environ['PATH']}")
+    missing = tmp_path / "no_such_known_hosts"
+    driver = SshDriver(
+        settings(sshd, node, tmp_path, known_hosts=missing, accept_unknown_host_key=True),
+        staging_dir=str(node.staging),
+    )
+    try:
+        driver.runner.openssh_from = size + 1
+        await driver.stage([package])
+        assert not calls.exists()
+        driver.runner.openssh_from = size
+        await driver.stage([package])
+        (call,) = calls.read_text().splitlines()
+        assert "HostKeyAlias=tgops-node" in call
+        assert "StrictHostKeyChecking=yes" in call
+        assert f"IdentityFile={sshd.key_file}" in call
+        staged = node.staging / "tg-x_1.0.deb"
+        assert hashlib.sha256(staged.read_bytes()).hexdigest() == package.sha256
+        assert sorted(p.name for p in node.staging.iterdir()) == ["tg-x_1.0.deb"]
+        assert not missing.exists()
+    finally:
+        await driver.aclose()
+
+
+async def test_the_openssh_copy_refuses_any_other_host_key(
+    sshd: Sshd, node: FakeNode, tmp_path: Path
+) -> None:
+    """The pinned known_hosts decides: given a key other than the node's, the client
+    refuses the node, nothing is written there, and the error names the cause."""
+    package = staged_package(tmp_path / "debs", "tg-x", "1.0")
+    other = asyncssh.generate_private_key("ssh-ed25519").convert_to_public()
+    driver = SshDriver(settings(sshd, node, tmp_path), staging_dir=str(node.staging))
+    client = shutil.which("ssh")
+    assert client is not None
+    node.staging.mkdir(parents=True, exist_ok=True)
+    try:
+        with package.path.open("rb") as handle, pytest.raises(NodeUnreachableError) as caught:
+            await driver.runner._put_openssh(
+                "stage",
+                "uploading",
+                handle,
+                client=client,
+                key=other,
+                wrapped=f"cat > {shlex.quote(str(node.staging / 'x.part'))}",
+                limit=30,
+            )
+        assert "Host key verification failed" in caught.value.cause
+        assert list(node.staging.iterdir()) == []
+    finally:
+        await driver.aclose()
+
+
+async def test_without_an_openssh_client_the_channel_copies(
+    driver: SshDriver, node: FakeNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = staged_package(tmp_path / "debs", "tg-x", "1.0")
+    empty = tmp_path / "empty_bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    driver.runner.openssh_from = 0
+    await driver.stage([package])
+    staged = node.staging / "tg-x_1.0.deb"
+    assert hashlib.sha256(staged.read_bytes()).hexdigest() == package.sha256
+
+
+@pytest.mark.parametrize("openssh", [False, True], ids=["channel", "openssh"])
+async def test_a_copy_that_does_not_end_is_stopped_at_the_command_timeout(
+    sshd: Sshd, node: FakeNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, openssh: bool
+) -> None:
+    """``cat`` on the node blocks (its target is a FIFO nobody reads): the node's
+    ``timeout`` ends it after ``command_timeout``, the copy fails saying so, and the
+    controller is not left waiting."""
+    package = staged_package(tmp_path / "debs", "tg-x", "1.0")
+    node.staging.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(node.staging / "tg-x_1.0.deb.part")
+    directory, calls = recording_ssh(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{directory}:{os.environ['PATH']}")
+    driver = SshDriver(
+        settings(sshd, node, tmp_path, command_timeout=1.5), staging_dir=str(node.staging)
+    )
+    driver.runner.openssh_from = 0 if openssh else None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(DriverError, match=r"took over 1\.5s"):
+            await driver.stage([package])
+    finally:
+        await driver.aclose()
+    assert loop.time() - started < 15
+    assert calls.exists() is openssh
