@@ -39,7 +39,9 @@ unpacks (the hash of the staged file, ``dpkg-deb -f`` and ``-X``, the hash of wh
 unpacked) on at most as many nodes at once as the process may use cores (``Unpacks``);
 the others wait their turn in order. A hundred simulated nodes unpacking at the same
 moment on two cores would only make each unpack slower and keep the nodes in step, every
-one finishing at the end of the burst (bench/RESULTS.md, "Eleventh pass"). A real node
+one finishing at the end of the burst (bench/RESULTS.md, "Eleventh pass"). A turn is one
+hand-over to a worker thread that does all four one after another (``_unpack``), so the
+next node's turn does not wait for the busy event loop between them. A real node
 unpacks on its own processor, so the real drivers have no such limit.
 
 It is over 600 lines on purpose: the simulated node's whole file format (state,
@@ -53,6 +55,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import json
 import logging
 import os
@@ -61,6 +64,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -68,7 +72,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from core.drivers.checkurl import check_url
-from core.drivers.shell import Completed, run_process
+from core.drivers.shell import Completed, Programs, run_process, run_together
 from core.drivers.staging import sha256_file, staged_file_name
 from core.errors import DriverError, NodeUnreachableError
 from core.interfaces import OutputSink
@@ -104,6 +108,15 @@ OPERATIONS: tuple[str, ...] = get_args(Operation)
 """Operation names as used in ``faults.json`` (the ``NodeDriver`` method names)."""
 
 _CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Unpacked:
+    """What unpacking one package on a worker thread came to: the files it put down with
+    their SHA-256, or why it was refused (a failed program is in the programs' list)."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    refused: str | None = None
 
 
 class _SessionEntry(BaseModel):
@@ -523,6 +536,12 @@ class SandboxDriver:
 
     async def _run(self, operation: str, argv: Sequence[str]) -> Completed:
         result = await run_process(argv, node=self.name, operation=operation, limit=self._timeout)
+        await self._report(operation, argv, result)
+        return result
+
+    async def _report(self, operation: str, argv: Sequence[str], result: Completed) -> None:
+        """Hand a program's output to the output sink; a failed one is this operation's
+        error."""
         if self._output is not None:
             await self._output(
                 CommandOutput(
@@ -541,7 +560,6 @@ class SandboxDriver:
                 operation,
                 f"exit {result.exit_status}: {last[-1] if last else 'no output'}",
             )
-        return result
 
     # -- NodeDriver ---------------------------------------------------------------------
 
@@ -681,35 +699,17 @@ class SandboxDriver:
         for package in packages:
             async with self._unpacks.turn():
                 path = self.staged_dir / staged_file_name(package.name, package.version)
-                actual = await asyncio.to_thread(sha256_file, path)
-                if actual != package.sha256:
-                    raise DriverError(
-                        self.name,
-                        operation,
-                        f"staged {path.name} has SHA-256 {actual}, expected {package.sha256}; "
-                        "it was changed after staging (download it again)",
-                    )
-                fields = await self._run(
-                    operation, ["dpkg-deb", "-f", str(path), "Package", "Version"]
+                unpacked, ran = await run_together(
+                    functools.partial(self._unpack, package=package, path=path),
+                    node=self.name,
+                    operation=operation,
+                    limit=self._timeout,
                 )
-                control = dict(
-                    line.split(": ", 1) for line in fields.stdout.splitlines() if ": " in line
-                )
-                if (control.get("Package"), control.get("Version")) != (
-                    package.name,
-                    package.version,
-                ):
-                    raise DriverError(
-                        self.name,
-                        operation,
-                        f"{path.name} contains {control.get('Package')} {control.get('Version')}, "
-                        f"not {package.name} {package.version}; refused",
-                    )
-                self.fs_dir.mkdir(parents=True, exist_ok=True)
-                unpacked = await self._run(
-                    operation, ["dpkg-deb", "-X", str(path), str(self.fs_dir)]
-                )
-                files = await asyncio.to_thread(self._hash_unpacked, unpacked.stdout)
+                for argv, result in ran:
+                    await self._report(operation, argv, result)
+                if unpacked.refused is not None:
+                    raise DriverError(self.name, operation, unpacked.refused)
+                files = unpacked.files
                 state = self._load_state(operation)
                 for stale in set(state.files.get(package.name, {})) - set(files):
                     with contextlib.suppress(FileNotFoundError):
@@ -730,6 +730,31 @@ class SandboxDriver:
             restart_required=state.restart_required,
             output="\n".join(output),
         )
+
+    def _unpack(self, programs: Programs, *, package: StagedPackage, path: Path) -> _Unpacked:
+        """On a thread of the process pool, in one hand-over: check the staged file's
+        SHA-256, read its control fields, unpack it and hash what it put down. A program
+        that fails ends the work (``install`` reports it from ``programs.ran``)."""
+        actual = sha256_file(path)
+        if actual != package.sha256:
+            return _Unpacked(
+                refused=f"staged {path.name} has SHA-256 {actual}, expected {package.sha256}; "
+                "it was changed after staging (download it again)"
+            )
+        fields = programs.run(["dpkg-deb", "-f", str(path), "Package", "Version"])
+        if fields.exit_status != 0:
+            return _Unpacked()
+        control = dict(line.split(": ", 1) for line in fields.stdout.splitlines() if ": " in line)
+        if (control.get("Package"), control.get("Version")) != (package.name, package.version):
+            return _Unpacked(
+                refused=f"{path.name} contains {control.get('Package')} "
+                f"{control.get('Version')}, not {package.name} {package.version}; refused"
+            )
+        self.fs_dir.mkdir(parents=True, exist_ok=True)
+        unpacked = programs.run(["dpkg-deb", "-X", str(path), str(self.fs_dir)])
+        if unpacked.exit_status != 0:
+            return _Unpacked()
+        return _Unpacked(files=self._hash_unpacked(unpacked.stdout))
 
     def _hash_unpacked(self, listing: str) -> dict[str, str]:
         """SHA-256 of every regular file ``dpkg-deb -X`` listed, keyed by absolute path."""

@@ -16,9 +16,10 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from core.errors import CommandTimeoutError, DriverError
 
@@ -29,6 +30,8 @@ RUNNERS = 64
 """Programs that run at the same time; more wait for a free thread (their timeout starts
 when they start)."""
 _runners = ThreadPoolExecutor(max_workers=RUNNERS, thread_name_prefix="tgops-process")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,6 +124,54 @@ def _run(argv: list[str], limit: float, started: _Started) -> Completed | None:
         stdout=out.decode("utf-8", "replace"),
         stderr=err.decode("utf-8", "replace"),
     )
+
+
+class Programs:
+    """Programs run one after another on one thread of the pool by work that
+    ``run_together`` hands over: the event loop is involved once for the whole sequence
+    instead of once per program (and per step between them)."""
+
+    def __init__(self, *, node: str, operation: str, limit: float) -> None:
+        self._node = node
+        self._operation = operation
+        self._limit = limit
+        self._started = _Started()
+        self.ran: list[tuple[list[str], Completed]] = []
+        """Each program run so far with what it left, in order."""
+
+    def run(self, argv: Sequence[str]) -> Completed:
+        """On the pool's thread: run ``argv`` as ``run_process`` does (same errors)."""
+        command = list(argv)
+        try:
+            finished = _run(command, self._limit, self._started)
+        except OSError as exc:
+            raise DriverError(
+                self._node,
+                self._operation,
+                f"cannot start {command[0]}: {exc.strerror or exc} (is it installed?)",
+            ) from exc
+        if finished is None:
+            raise CommandTimeoutError(self._node, self._operation, " ".join(command), self._limit)
+        self.ran.append((command, finished))
+        return finished
+
+    def cancel(self) -> None:
+        self._started.cancel()
+
+
+async def run_together(
+    work: Callable[[Programs], T], *, node: str, operation: str, limit: float
+) -> tuple[T, list[tuple[list[str], Completed]]]:
+    """``work(programs)`` on a thread of the pool, each program it runs bounded by
+    ``limit`` seconds; returns its result and the programs it ran. A caller that is
+    cancelled kills the program running then, and no further one starts."""
+    programs = Programs(node=node, operation=operation, limit=limit)
+    try:
+        result = await asyncio.get_running_loop().run_in_executor(_runners, work, programs)
+    except asyncio.CancelledError:
+        programs.cancel()
+        raise
+    return result, programs.ran
 
 
 async def run_shell(command: str, *, node: str, operation: str, limit: float) -> Completed:
