@@ -431,8 +431,12 @@ class SshRunner:
             "LogLevel": "ERROR",
         }
         if self.key_file is not None:
-            options |= {"IdentityFile": str(self.key_file), "IdentitiesOnly": "yes"}
-            options["IdentityAgent"] = "none"
+            # key_file alone, as the driver's connection (no agent, no default keys)
+            options |= {
+                "IdentityFile": str(self.key_file),
+                "IdentitiesOnly": "yes",
+                "IdentityAgent": "none",
+            }
         for name, value in options.items():
             argv += ["-o", f"{name}={value}"]
         return [*argv, "-p", str(self.port), "-l", self.user, "--", self.host, command]
