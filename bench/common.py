@@ -14,6 +14,7 @@ import datetime as dt
 import fcntl
 import functools
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ if str(ROOT) not in sys.path:
 from sqlalchemy import event as sa_event  # noqa: E402 - after the path is set
 
 from core.events import Event, LocalEventBus, RunFinished  # noqa: E402
+from core.model import PackageKind, StagedPackage  # noqa: E402
 from core.store.journal_pg import statements_of  # noqa: E402
 from tests.service import ADMIN_TOKEN  # noqa: E402
 
@@ -316,6 +318,68 @@ def fleet_toml(
     text = "\n".join(lines) + "\n"
     tomllib.loads(text)  # a broken configuration fails here, not inside the service
     return text
+
+
+async def driver_alone(
+    work: Path,
+    package: StagedPackage,
+    clusters: Mapping[str, Sequence[str]],
+    *,
+    parallel: int,
+    restart: str,
+) -> dict[str, Any]:
+    """The operations a run makes inside a node's slot (drain, notice, disconnect, install,
+    ``restart`` = ``reboot`` or ``restart_services``, post-update check, undrain), made by
+    ``SandboxDriver`` alone: ``parallel`` nodes at a time per cluster, all clusters at once,
+    nothing else in the process; the nodes under ``work/nodes`` are prepared and
+    ``package`` is staged on each first. Makespan, the process's CPU and its children's
+    (``dpkg-deb``): the floor the simulated nodes set, which the service's share leaves out."""
+    from core.drivers.sandbox import SandboxDriver  # noqa: PLC0415 - only the floor needs it
+
+    names = [n for members in clusters.values() for n in members]
+    drivers = {n: SandboxDriver(n, work / "nodes" / n, clustered=True) for n in names}
+    await asyncio.gather(*(d.stage([package]) for d in drivers.values()))
+
+    async def update(driver: SandboxDriver, slots: asyncio.Semaphore) -> None:
+        async with slots:
+            await driver.drain()
+            await driver.announce("Maintenance of this server starts now.")
+            await driver.disconnect_sessions()
+            await driver.install([package])
+            await (driver.reboot() if restart == "reboot" else driver.restart_services())
+            await driver.post_check()
+            await driver.undrain()
+
+    updates = []
+    for members in clusters.values():
+        slots = asyncio.Semaphore(parallel)
+        updates += [update(drivers[n], slots) for n in members]
+    cpu0, children0, m0 = time.process_time(), cpu_children(), time.perf_counter()
+    await asyncio.gather(*updates)
+    return {
+        "makespan": time.perf_counter() - m0,
+        "cpu": time.process_time() - cpu0,
+        "children_cpu": cpu_children() - children0,
+        "load": os.getloadavg()[0],
+    }
+
+
+def cached_package(work: Path, deb: Path, name: str, version: str) -> StagedPackage:
+    """``deb`` copied into ``work/cache`` under its SHA-256, as the download cache keeps a
+    verified file (a sandbox node then stages it by hard link, as in the service)."""
+    data = deb.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    cached = work / "cache" / f"{digest}.deb"
+    cached.parent.mkdir(exist_ok=True)
+    cached.write_bytes(data)
+    return StagedPackage(
+        name=name,
+        version=version,
+        kind=PackageKind.REGULAR,
+        sha256=digest,
+        path=cached,
+        size=len(data),
+    )
 
 
 def prepare_nodes(root: Path, names: Sequence[str], *, install_delay: float) -> None:

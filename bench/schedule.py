@@ -42,7 +42,6 @@ sys.path[:] = [str(ROOT), *(p for p in sys.path if p and Path(p).resolve() != RO
 import argparse  # noqa: E402 - after the path is fixed
 import asyncio  # noqa: E402
 import gc  # noqa: E402
-import hashlib  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -65,8 +64,10 @@ from bench.common import (  # noqa: E402
     SqlCounter,
     api_command,
     backends,
+    cached_package,
     calls_text,
     cpu_children,
+    driver_alone,
     first_notices,
     fleet_toml,
     log_problems,
@@ -88,8 +89,6 @@ from bench.common import (  # noqa: E402
     write_section,
 )
 from bot.service import Service  # noqa: E402
-from core.drivers.sandbox import SandboxDriver  # noqa: E402
-from core.model import PackageKind, StagedPackage  # noqa: E402
 from core.settings import load_settings  # noqa: E402
 from tests.repository import Repo  # noqa: E402
 
@@ -398,57 +397,20 @@ async def measure(
     }
 
 
-async def driver_alone(work: Path) -> dict[str, Any]:
+async def floor(work: Path) -> dict[str, Any]:
     """The slot operations of every node by the sandbox driver alone (module docstring)."""
-    deb = Repo(work).add("tg-base", "1.0")
-    data = deb.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    cached = work / "cache" / f"{digest}.deb"  # named as the cache names a verified file
-    cached.parent.mkdir()
-    cached.write_bytes(data)
-    package = StagedPackage(
-        name="tg-base",
-        version="1.0",
-        kind=PackageKind.REGULAR,
-        sha256=digest,
-        path=cached,
-        size=len(data),
-    )
+    package = cached_package(work, Repo(work).add("tg-base", "1.0"), "tg-base", "1.0")
     clusters = cluster_names()
     names = [n for ns in clusters.values() for n in ns]
     prepare_nodes(work, names, install_delay=INSTALL_SECONDS)
     login_everyone(work, names)
-    drivers = {n: SandboxDriver(n, work / "nodes" / n, clustered=True) for n in names}
-    await asyncio.gather(*(d.stage([package]) for d in drivers.values()))
-
-    async def update(driver: SandboxDriver, slots: asyncio.Semaphore) -> None:
-        async with slots:
-            await driver.drain()
-            await driver.announce("Maintenance of this server starts now.")
-            await driver.disconnect_sessions()
-            await driver.install([package])
-            await driver.reboot()
-            await driver.post_check()
-            await driver.undrain()
-
-    updates = []
-    for members in clusters.values():
-        slots = asyncio.Semaphore(PARALLEL)
-        updates += [update(drivers[n], slots) for n in members]
-    cpu0, children0, m0 = time.process_time(), cpu_children(), time.perf_counter()
-    await asyncio.gather(*updates)
-    return {
-        "makespan": time.perf_counter() - m0,
-        "cpu": time.process_time() - cpu0,
-        "children_cpu": cpu_children() - children0,
-        "load": os.getloadavg()[0],
-    }
+    return await driver_alone(work, package, clusters, parallel=PARALLEL, restart="reboot")
 
 
 def child_alone() -> None:
     work = Path(tempfile.mkdtemp(prefix="tgops-bench-alone-", dir="/tmp"))
     try:
-        result = asyncio.run(driver_alone(work))
+        result = asyncio.run(floor(work))
     finally:
         remove_tree(work)
     print(json.dumps(result))
