@@ -7,9 +7,11 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from core.model import CommandOutput, PackageKind, StagedPackage
 from tests.debs import build_deb
+from tests.events import until
 
 
 def staged_package(
@@ -70,3 +72,28 @@ def names(directory: Path) -> list[str]:
 def write_file(path: Path, content: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(content)
+
+
+async def cancel_once_started(task: asyncio.Task[Any], pid_file: Path) -> None:
+    """Cancel ``task`` once the shell it runs has written its child's pid to ``pid_file``
+    (``sleep 60 & echo $! > FILE; wait``); returns when the task has ended cancelled and
+    that child is gone."""
+
+    def written() -> int | None:  # the shell's file: another process's state
+        text = pid_file.read_text().strip() if pid_file.exists() else ""
+        return int(text) if text else None
+
+    async def started() -> bool:
+        return written() is not None
+
+    await until(started, within=10, step=0.02)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    else:
+        raise AssertionError("the task ended without being cancelled")
+    pid = written()
+    assert pid is not None
+    await process_ended(pid, limit=5)

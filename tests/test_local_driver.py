@@ -19,8 +19,7 @@ from core.errors import CommandTimeoutError, ConfigError, DriverError
 from core.interfaces import NodeDriver
 from core.model import PackageKind, Session
 from core.settings import ClusterSettings, NodeSettings
-from tests.events import until
-from tests.sandbox_files import OutputLog, process_ended, staged_package
+from tests.sandbox_files import OutputLog, cancel_once_started, process_ended, staged_package
 from tests.service import settings_for
 from tests.sshd import FakeNode
 
@@ -143,16 +142,7 @@ async def test_cancelled_command_is_killed_with_its_children(node: FakeNode) -> 
     pid_file = node.directory / "pid"
     command = f"sleep 60 & echo $! > {pid_file}; wait"
     driver = LocalDriver(settings(node, command_timeout=30, commands={"post_check": command}))
-    task = asyncio.create_task(driver.post_check())
-
-    async def started() -> bool:  # the shell's file: another process's state
-        return pid_file.exists() and bool(pid_file.read_text().strip())
-
-    await until(started, within=10, step=0.02)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await process_ended(int(pid_file.read_text()), limit=5)
+    await cancel_once_started(asyncio.create_task(driver.post_check()), pid_file)
 
 
 async def test_many_commands_at_once_all_finish(node: FakeNode) -> None:

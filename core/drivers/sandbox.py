@@ -72,7 +72,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from core.drivers.checkurl import check_url
-from core.drivers.shell import Completed, Programs, run_process, run_together
+from core.drivers.shell import Completed, Programs, run_process
 from core.drivers.staging import sha256_file, staged_file_name
 from core.errors import DriverError, NodeUnreachableError
 from core.interfaces import OutputSink
@@ -542,6 +542,16 @@ class SandboxDriver:
     async def _report(self, operation: str, argv: Sequence[str], result: Completed) -> None:
         """Hand a program's output to the output sink; a failed one is this operation's
         error."""
+        await self._emit(operation, argv, result)
+        if result.exit_status != 0:
+            last = (result.stderr.strip() or result.stdout.strip()).splitlines()
+            raise DriverError(
+                self.name,
+                operation,
+                f"exit {result.exit_status}: {last[-1] if last else 'no output'}",
+            )
+
+    async def _emit(self, operation: str, argv: Sequence[str], result: Completed) -> None:
         if self._output is not None:
             await self._output(
                 CommandOutput(
@@ -552,13 +562,6 @@ class SandboxDriver:
                     stderr=result.stderr,
                     at=datetime.now(UTC),
                 )
-            )
-        if result.exit_status != 0:
-            last = (result.stderr.strip() or result.stdout.strip()).splitlines()
-            raise DriverError(
-                self.name,
-                operation,
-                f"exit {result.exit_status}: {last[-1] if last else 'no output'}",
             )
 
     # -- NodeDriver ---------------------------------------------------------------------
@@ -699,13 +702,17 @@ class SandboxDriver:
         for package in packages:
             async with self._unpacks.turn():
                 path = self.staged_dir / staged_file_name(package.name, package.version)
-                unpacked, ran = await run_together(
-                    functools.partial(self._unpack, package=package, path=path),
-                    node=self.name,
-                    operation=operation,
-                    limit=self._timeout,
-                )
-                for argv, result in ran:
+                programs = Programs(node=self.name, operation=operation, limit=self._timeout)
+                try:
+                    unpacked = await programs.hand_over(
+                        functools.partial(self._unpack, package=package, path=path)
+                    )
+                except DriverError:
+                    # what ran before the failure (a timeout, a program that cannot start)
+                    for argv, result in programs.ran:
+                        await self._emit(operation, argv, result)
+                    raise
+                for argv, result in programs.ran:
                     await self._report(operation, argv, result)
                 if unpacked.refused is not None:
                     raise DriverError(self.name, operation, unpacked.refused)

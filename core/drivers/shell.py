@@ -127,9 +127,9 @@ def _run(argv: list[str], limit: float, started: _Started) -> Completed | None:
 
 
 class Programs:
-    """Programs run one after another on one thread of the pool by work that
-    ``run_together`` hands over: the event loop is involved once for the whole sequence
-    instead of once per program (and per step between them)."""
+    """Programs run one after another on one thread of the pool by work handed over with
+    ``hand_over``: the event loop is involved once for the whole sequence instead of once
+    per program (and per step between them)."""
 
     def __init__(self, *, node: str, operation: str, limit: float) -> None:
         self._node = node
@@ -137,7 +137,8 @@ class Programs:
         self._limit = limit
         self._started = _Started()
         self.ran: list[tuple[list[str], Completed]] = []
-        """Each program run so far with what it left, in order."""
+        """Each program run so far with what it left, in order (also when the work failed
+        or timed out later)."""
 
     def run(self, argv: Sequence[str]) -> Completed:
         """On the pool's thread: run ``argv`` as ``run_process`` does (same errors)."""
@@ -155,23 +156,15 @@ class Programs:
         self.ran.append((command, finished))
         return finished
 
-    def cancel(self) -> None:
-        self._started.cancel()
-
-
-async def run_together(
-    work: Callable[[Programs], T], *, node: str, operation: str, limit: float
-) -> tuple[T, list[tuple[list[str], Completed]]]:
-    """``work(programs)`` on a thread of the pool, each program it runs bounded by
-    ``limit`` seconds; returns its result and the programs it ran. A caller that is
-    cancelled kills the program running then, and no further one starts."""
-    programs = Programs(node=node, operation=operation, limit=limit)
-    try:
-        result = await asyncio.get_running_loop().run_in_executor(_runners, work, programs)
-    except asyncio.CancelledError:
-        programs.cancel()
-        raise
-    return result, programs.ran
+    async def hand_over(self, work: Callable[[Programs], T]) -> T:
+        """``work(self)`` on a thread of the pool, each program it runs bounded by the
+        limit. A caller that is cancelled kills the program running then, and no further
+        one starts."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(_runners, work, self)
+        except asyncio.CancelledError:
+            self._started.cancel()
+            raise
 
 
 async def run_shell(command: str, *, node: str, operation: str, limit: float) -> Completed:
