@@ -24,11 +24,12 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,6 +363,32 @@ async def driver_alone(
         "children_cpu": cpu_children() - children0,
         "load": os.getloadavg()[0],
     }
+
+
+def print_floor(floor: Callable[[Path], Awaitable[dict[str, Any]]]) -> None:
+    """The ``--driver-alone`` child: ``floor`` in a temporary directory, printed as JSON."""
+    work = Path(tempfile.mkdtemp(prefix="tgops-bench-alone-", dir="/tmp"))
+    try:
+        result = asyncio.run(floor(work))
+    finally:
+        remove_tree(work)
+    print(json.dumps(result))
+
+
+def runs_and_floor(
+    script: Path, render_json: Path | None, *, about: str
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The figures saved before in ``render_json`` (runs and the driver alone, if kept), or
+    no runs yet and the driver alone measured now by ``script --driver-alone``."""
+    if render_json is not None:
+        saved = json.loads(render_json.read_text())
+        if isinstance(saved, list):  # saved before the driver-alone figures were kept
+            return saved, None
+        return saved["runs"], saved["alone"]
+    print(f"measuring the driver alone (about {about}) ...", flush=True)
+    alone: dict[str, Any] = run_child([str(script), "--driver-alone"], timeout=600).data
+    print(f"driver alone: {alone['makespan']:.2f} s, CPU {alone['cpu']:.1f} s", flush=True)
+    return [], alone
 
 
 def cached_package(work: Path, deb: Path, name: str, version: str) -> StagedPackage:

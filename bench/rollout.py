@@ -68,12 +68,14 @@ from bench.common import (  # noqa: E402
     machine_line,
     now_text,
     prepare_nodes,
+    print_floor,
     proc_status_kib,
     profiled,
     remove_tree,
     repo_server,
     reset_postgres,
     run_child,
+    runs_and_floor,
     verdict,
     write_section,
 )
@@ -264,15 +266,6 @@ async def floor(work: Path) -> dict[str, Any]:
     return await driver_alone(
         work, package, {"c1": names}, parallel=PARALLEL, restart="restart_services"
     )
-
-
-def child_alone() -> None:
-    work = Path(tempfile.mkdtemp(prefix="tgops-bench-alone-", dir="/tmp"))
-    try:
-        result = asyncio.run(floor(work))
-    finally:
-        remove_tree(work)
-    print(json.dumps(result))
 
 
 def child(
@@ -530,24 +523,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.driver_alone:
-        child_alone()
+        print_floor(floor)
         return
     if args.child:
         label, url = args.child
         child(label, None if url == "-" else url, args.profile, args.keep, args.no_gc)
         return
-    results: list[dict[str, Any]] = []
-    alone: dict[str, Any] | None = None
-    if args.render_json:
-        saved = json.loads(args.render_json.read_text())
-        if isinstance(saved, list):  # saved before the driver-alone figures were kept
-            results = saved
-        else:
-            results, alone = saved["runs"], saved["alone"]
-    else:
-        print("measuring the driver alone (about 25 s) ...", flush=True)
-        alone = run_child([str(Path(__file__)), "--driver-alone"], timeout=600).data
-        print(f"driver alone: {alone['makespan']:.2f} s, CPU {alone['cpu']:.1f} s", flush=True)
+    results, alone = runs_and_floor(Path(__file__), args.render_json, about="25 s")
     for label, url in [] if args.render_json else backends(Path("/nonexistent")):
         print(f"measuring {label} ...", flush=True)
         results.append(_measure(label, url, no_gc=False, profile=args.profile))

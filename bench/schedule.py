@@ -78,12 +78,14 @@ from bench.common import (  # noqa: E402
     percentile,
     postgres_cpu,
     prepare_nodes,
+    print_floor,
     proc_status_kib,
     profiled,
     remove_tree,
     repo_server,
     reset_postgres,
     run_child,
+    runs_and_floor,
     thread_cpu,
     verdict,
     write_section,
@@ -405,15 +407,6 @@ async def floor(work: Path) -> dict[str, Any]:
     prepare_nodes(work, names, install_delay=INSTALL_SECONDS)
     login_everyone(work, names)
     return await driver_alone(work, package, clusters, parallel=PARALLEL, restart="reboot")
-
-
-def child_alone() -> None:
-    work = Path(tempfile.mkdtemp(prefix="tgops-bench-alone-", dir="/tmp"))
-    try:
-        result = asyncio.run(floor(work))
-    finally:
-        remove_tree(work)
-    print(json.dumps(result))
 
 
 def child(
@@ -749,24 +742,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.driver_alone:
-        child_alone()
+        print_floor(floor)
         return
     if args.child:
         label, url = args.child
         child(label, None if url == "-" else url, args.profile, args.keep, args.variant)
         return
-    results: list[dict[str, Any]] = []
-    alone: dict[str, Any] | None = None
-    if args.render_json:
-        saved = json.loads(args.render_json.read_text())
-        if isinstance(saved, list):  # saved before the driver-alone figures were kept
-            results = saved
-        else:
-            results, alone = saved["runs"], saved["alone"]
-    else:
-        print("measuring the driver alone (about 30 s) ...", flush=True)
-        alone = run_child([str(Path(__file__)), "--driver-alone"], timeout=600).data
-        print(f"driver alone: {alone['makespan']:.2f} s", flush=True)
+    results, alone = runs_and_floor(Path(__file__), args.render_json, about="30 s")
     for label, url in [] if args.render_json else backends(Path("/nonexistent")):
         print(f"measuring {label} (about {AHEAD:g} s of lead, then the runs) ...", flush=True)
         results.append(_measure(label, url, variant="product", profile=args.profile))

@@ -248,11 +248,14 @@ async def ssh(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]:
             f"{server.user}@{server.host}:{node.staging}/scp.deb",
         ]
         for index in range(runs + 1):
-            for path in node.staging.glob("*"):
-                path.unlink()
             turns = ["scp", "ours", "channel"]
             turns = turns[index % 3 :] + turns[: index % 3]
             for turn in turns:
+                # every side starts from an empty directory: with the files of the turns
+                # before left there, the third turn of each round took about 1 s longer,
+                # whichever side it was
+                for path in node.staging.glob("*"):
+                    path.unlink()
                 await settle(rest)
                 started = time.perf_counter()
                 if turn == "scp":
