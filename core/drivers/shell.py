@@ -6,7 +6,8 @@ forks (``sh -c 'sleep 1000 &'``) cannot keep a pipe open and hang the caller.
 A program is started, fed and reaped on a thread of a pool of its own, not on the event
 loop: starting a process there costs the loop the fork and, with Python 3.11's child
 watcher, a new thread per process; here the loop only hands the work over and gets the
-result back.
+result back. ``Programs`` hands over several programs (and the work between them) at once:
+``run_process`` is one program handed over that way.
 """
 
 from __future__ import annotations
@@ -56,22 +57,8 @@ async def run_process(
     Raises ``CommandTimeoutError`` on expiry and ``DriverError`` when the program cannot be
     started; a non-zero exit status is returned, not raised.
     """
-    shown = display if display is not None else " ".join(argv)
-    started = _Started()
-    try:
-        finished = await asyncio.get_running_loop().run_in_executor(
-            _runners, _run, list(argv), limit, started
-        )
-    except OSError as exc:
-        raise DriverError(
-            node, operation, f"cannot start {argv[0]}: {exc.strerror or exc} (is it installed?)"
-        ) from exc
-    except asyncio.CancelledError:
-        started.cancel()
-        raise
-    if finished is None:
-        raise CommandTimeoutError(node, operation, shown, limit)
-    return finished
+    programs = Programs(node=node, operation=operation, limit=limit)
+    return await programs.hand_over(lambda each: each.run(argv, display=display))
 
 
 class _Started:
@@ -140,8 +127,9 @@ class Programs:
         """Each program run so far with what it left, in order (also when the work failed
         or timed out later)."""
 
-    def run(self, argv: Sequence[str]) -> Completed:
-        """On the pool's thread: run ``argv`` as ``run_process`` does (same errors)."""
+    def run(self, argv: Sequence[str], *, display: str | None = None) -> Completed:
+        """On the pool's thread: run ``argv`` as ``run_process`` does (same errors;
+        ``display`` is how a timeout names the command, ``argv`` joined by default)."""
         command = list(argv)
         try:
             finished = _run(command, self._limit, self._started)
@@ -152,7 +140,8 @@ class Programs:
                 f"cannot start {command[0]}: {exc.strerror or exc} (is it installed?)",
             ) from exc
         if finished is None:
-            raise CommandTimeoutError(self._node, self._operation, " ".join(command), self._limit)
+            shown = display if display is not None else " ".join(command)
+            raise CommandTimeoutError(self._node, self._operation, shown, self._limit)
         self.ran.append((command, finished))
         return finished
 
