@@ -92,6 +92,21 @@ def _encryption_algs() -> list[str]:
     return first + [name for name in defaults if name not in first]
 
 
+def _on_node(command: str, limit: float) -> str:
+    """``command`` as the node runs it: C locale, ended by the node's ``timeout``."""
+    return f"env LC_ALL=C timeout -k {_KILL_AFTER} {limit:.3f} /bin/sh -c {shlex.quote(command)}"
+
+
+def _node_timed_out(status: int | None, started: float, limit: float) -> bool:
+    """Whether exit ``status`` is the node's ``timeout`` ending a command started (loop
+    time) ``started`` and given ``limit`` seconds."""
+    return status in (124, 137) and _ran_out(started, limit)
+
+
+def _ran_out(started: float, limit: float) -> bool:
+    return asyncio.get_running_loop().time() - started >= limit - 0.05
+
+
 class _Client(asyncssh.SSHClient):
     """Decides about host keys missing from known_hosts; notices a dropped connection."""
 
@@ -326,8 +341,7 @@ class SshRunner:
         return await self._open(operation, channel)
 
     async def run(self, operation: str, command: str, *, limit: float) -> Completed:
-        shell = shlex.quote(command)
-        wrapped = f"env LC_ALL=C timeout -k {_KILL_AFTER} {limit:.3f} /bin/sh -c {shell}"
+        wrapped = _on_node(command, limit)
         process, conn = await self._start(operation, wrapped)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -351,7 +365,7 @@ class SshRunner:
                 raise self._lost(operation, ConnectionError("closed before the command ended"))
             stderr += f"\nkilled by signal {result.exit_signal[0]}"
             status = -1
-        if status in (124, 137) and loop.time() - started >= limit - 0.05:
+        if _node_timed_out(status, started, limit):
             raise CommandTimeoutError(self.node, operation, command, limit)
         return Completed(exit_status=status, stdout=str(result.stdout or ""), stderr=stderr)
 
@@ -382,9 +396,7 @@ class SshRunner:
         (faster than asyncssh's SFTP at every block size tried, see bench/RESULTS.md)."""
         what = f"uploading {source} to {target}"
         command = f"cat > {shlex.quote(target)}"
-        wrapped = (
-            f"env LC_ALL=C timeout -k {_KILL_AFTER} {limit:.3f} /bin/sh -c {shlex.quote(command)}"
-        )
+        wrapped = _on_node(command, limit)
         try:
             handle = source.open("rb")
         except OSError as exc:
@@ -484,7 +496,7 @@ class SshRunner:
         status = process.returncode
         if status == 0:
             return
-        if status in (124, 137) and loop.time() - started >= limit - 0.05:
+        if _node_timed_out(status, started, limit):
             raise DriverError(self.node, operation, f"{what} took over {limit:g}s")
         if status == 255:
             # ssh's own failure (connection, authentication, host key); cat never ran
@@ -512,7 +524,7 @@ class SshRunner:
         except TimeoutError:
             raise DriverError(self.node, operation, f"{what} took over {limit:g}s") from None
         except (OSError, asyncssh.Error) as exc:
-            if loop.time() - started >= limit - 0.05:
+            if _ran_out(started, limit):
                 # the node's timeout ended cat, which closed the channel
                 raise DriverError(self.node, operation, f"{what} took over {limit:g}s") from exc
             await self._forget(conn)
@@ -522,7 +534,7 @@ class SshRunner:
         if result.exit_status is None and not result.exit_signal:
             await self._forget(conn)
             raise self._lost(operation, ConnectionError("closed before the upload ended"))
-        if result.exit_status in (124, 137) and loop.time() - started >= limit - 0.05:
+        if _node_timed_out(result.exit_status, started, limit):
             raise DriverError(self.node, operation, f"{what} took over {limit:g}s")
         if result.exit_status != 0:
             raw = result.stderr or b""
