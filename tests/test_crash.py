@@ -105,3 +105,43 @@ async def test_kill_during_download_resumes_the_run(tmp_path: Path) -> None:
             assert solo["installed"] == {"tg-base": "1.0"}, log
             assert solo["update_lock"] is None
             assert f"run resumed solo1 run #{run_id}" in log
+
+
+async def test_kill_during_verify_resumes_the_run(tmp_path: Path) -> None:
+    """The post-update check only reads: a run killed in it (its start written with the
+    run's next record, or already) checks again after the restart and ends succeeded."""
+    repo = Repo(tmp_path)
+    repo.add("tg-base", "1.0")
+    async with serve_repo(repo.root) as server, aiohttp.ClientSession() as session:
+        config = tmp_path / "tgops.toml"
+        config.write_text(
+            fleet_toml(tmp_path, repository_url=server.url, public_key=repo.public_key)
+        )
+        (tmp_path / "nodes" / "tg1").mkdir(parents=True)
+        (tmp_path / "nodes" / "tg1" / "faults.json").write_text(
+            json.dumps({"delay": {"post_check": 60}})
+        )
+        async with service_process(config, tmp_path, session) as first:
+            reply = await first.command("auto-update tg1 --yes")
+            assert reply["ok"], reply
+            run_id = int(reply["text"].split("#")[1].split()[0])
+
+            async def verifying() -> bool:
+                run = (await first.node("tg1"))["run"]
+                return run is not None and run["step"] == "verify"
+
+            await until(verifying)
+            await first.kill()
+        (tmp_path / "nodes" / "tg1" / "faults.json").write_text("{}")
+        async with service_process(config, tmp_path, session) as second:
+
+            async def finished() -> bool:
+                return (await second.node("tg1"))["run"] is None
+
+            await until(finished)
+            tg1 = await second.node("tg1")
+            log = (await second.command("log tg1 40"))["text"]
+            assert tg1["installed"] == {"tg-base": "1.0"}, log
+            assert tg1["update_lock"] is None and tg1["lb"] == "in", log
+            assert f"run resumed tg1 run #{run_id}" in log
+            assert (await second.status())["clusters"][0]["updating"] == []

@@ -22,6 +22,7 @@ from core import events as ev
 from core.lifecycle.engine import REFRESH_PARALLEL
 from core.lifecycle.maintenance import NOTICES_AT_ONCE, WAKE_SETTLE
 from core.lifecycle.runs import STARTED_PER_TURN
+from core.lifecycle.steps import FIRST_ROUND_WAIT
 from core.model import SYSTEM, PackageKind
 from tests.databases import statements_sent
 from tests.fleet import fleet, run_ids
@@ -142,6 +143,43 @@ async def test_cluster_rollout_stops_at_a_failing_node(tmp_path: Path) -> None:
             "tg3": "succeeded",
         }
         assert "nothing to install on tg1" in (reply["runs"]["tg1"].error or "")
+
+
+async def test_the_nodes_behind_a_rollouts_first_round_prepare_once_it_installs(
+    tmp_path: Path,
+) -> None:
+    """The first round (the first ``max_parallel_updates`` nodes in command order)
+    prepares at once; the nodes behind it stage their packages only once every node of
+    the first round has begun installing."""
+    async with fleet(tmp_path, cluster_nodes=4, max_parallel=2) as f:
+        reply = await f.run("auto-update c1 --yes")
+        runs = reply["runs"]
+        assert {n: r.status for n, r in runs.items()} == dict.fromkeys(runs, "succeeded")
+        steps = {
+            node: {s.name: s for s in await f.service.store.steps(run.id)}
+            for node, run in runs.items()
+        }
+        first_installs = max(steps[n]["install"].started_at for n in ("tg1", "tg2"))
+        for node in ("tg3", "tg4"):
+            staged = steps[node]["download"].finished_at
+            assert staged is not None and staged >= first_installs, (node, staged)
+
+
+async def test_a_slow_first_round_holds_the_others_preparation_two_seconds_at_most(
+    tmp_path: Path,
+) -> None:
+    async with fleet(tmp_path) as f:
+        f.fault("tg1", {"delay": {"drain": 6}})  # the first round's node drains slowly
+        reply = await f.run("auto-update c1 --yes")
+        runs = reply["runs"]
+        assert {n: r.status for n, r in runs.items()} == dict.fromkeys(runs, "succeeded")
+        tg1 = {s.name: s for s in await f.service.store.steps(runs["tg1"].id)}
+        for node in ("tg2", "tg3"):
+            steps = {s.name: s for s in await f.service.store.steps(runs[node].id)}
+            staged = steps["download"].finished_at
+            # staged while tg1 still drained, long before its install began
+            assert staged is not None and staged < tg1["install"].started_at, node
+        assert FIRST_ROUND_WAIT < 6
 
 
 async def test_post_update_check_failure_sets_the_lock(tmp_path: Path) -> None:

@@ -12,9 +12,10 @@ gates, the rollouts); the look lives in ``look.py`` and the gate's holding in ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,15 @@ UPDATE_KINDS = frozenset({"auto-update", "oldstable-partial", "oldstable-full", 
 DISRUPTIVE_STEPS = frozenset({"disconnect", "install", "restart-services", "verify", "reboot"})
 
 LAZY_STEPS = frozenset(
-    {"check", "download", "slot", "gate", "wait", "notice", "undrain", "release"}
+    {"check", "download", "slot", "gate", "wait", "notice", "verify", "undrain", "release"}
 )
 """Steps a run need not wait to have recorded before it carries them out (``Flow.lazy``):
 a restart carries them out again. Leaving load balancing, the logon lock and every
-disruptive step wait for their own record (L15)."""
+disruptive step wait for their own record (L15). ``verify`` only reads (the post-update
+check, the gate's health): when it follows ``restart-services`` a crash before its record
+is written restarts the services once more and checks again; after an install or a
+reboot (steps that are not resumable) its start is still waited for (``runs.execute``),
+so that the end of those is durable first."""
 
 
 PREPARE_AT_ONCE = 4
@@ -75,12 +80,49 @@ class RefusedError(TgopsError):
     """A command that is not carried out; the message says why and what would be accepted."""
 
 
+FIRST_ROUND_WAIT = 2.0
+"""Seconds the nodes behind a rollout's first round wait at most before they prepare
+(``Rollout.behind_first_round``)."""
+
+
 @dataclass(slots=True)
 class Rollout:
-    """Nodes of one cluster updated by one command; the first failure stops the rest."""
+    """Nodes of one cluster updated by one command; the first failure stops the rest.
+
+    The nodes of its first round (the first ``max_parallel_updates`` in command order)
+    prepare at once; the others start preparing once every node of the first round has
+    begun installing or has ended (``FIRST_ROUND_WAIT`` seconds at most), so that the
+    first round's drains, notices and disconnects, which its users and the load balancer
+    wait for, do not queue behind the preparation of every other node of the rollout.
+    """
 
     key: str
     failed: str | None = None
+    first_round: set[int] = field(default_factory=set)
+    """Runs of the first round that have not begun installing nor ended yet (empty after a
+    restart: nobody waits then)."""
+    _passed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def ahead(self, run_ids: Iterable[int]) -> None:
+        """The runs of the first round."""
+        self.first_round.update(run_ids)
+        if self.first_round:
+            self._passed.clear()
+
+    def passed(self, run_id: int) -> None:
+        """Run ``run_id`` has begun installing or has ended."""
+        self.first_round.discard(run_id)
+        if not self.first_round:
+            self._passed.set()
+
+    async def behind_first_round(self, run_id: int) -> None:
+        """Return once the first round has passed (at once for a run of the first round;
+        ``FIRST_ROUND_WAIT`` seconds at most)."""
+        if run_id in self.first_round or not self.first_round:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FIRST_ROUND_WAIT):
+                await self._passed.wait()
 
 
 def _plan_entry(item: dict[str, Any]) -> StagedPackage:
@@ -371,6 +413,9 @@ class UpdateSteps:
         await self.store.commit(*entries, wait=not ctx.lazy)
 
     async def step_download(self, ctx: RunContext) -> None:
+        rollout = self._rollouts.get(ctx.params.get("rollout", ""))
+        if rollout is not None:
+            await rollout.behind_first_round(ctx.run_id)
         try:
             files = await self.fetch_and_stage(ctx)
         except DownloadFailedError as exc:
@@ -575,6 +620,9 @@ class UpdateSteps:
         await self._published(ctx, f"sessions ended ({ended})")
 
     async def step_install(self, ctx: RunContext) -> None:
+        rollout = self._rollouts.get(ctx.params.get("rollout", ""))
+        if rollout is not None:
+            rollout.passed(ctx.run_id)  # the nodes behind it prepare now
         plan = [_plan_entry(i) for i in ctx.params.get("plan") or []]
         result = await self._driver(ctx).install(plan)
         names = {p.name for p in plan}

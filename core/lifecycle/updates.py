@@ -215,6 +215,7 @@ class Lifecycle(UpdateSteps):
         except NodeBusyError as exc:
             raise RefusedError(f"{exc}; nothing was started") from exc
         self.share_look(ids, look)
+        self._first_rounds(specs, ids)
         runs: list[tuple[str, int]] = []
         async for spec, run_id in in_turns(list(zip(specs, ids, strict=True)), STARTED_PER_TURN):
             runs.append((spec.node, run_id))
@@ -319,6 +320,21 @@ class Lifecycle(UpdateSteps):
             wait=False,
         )
 
+    def _first_rounds(self, specs: Sequence[NewRun], ids: Sequence[int]) -> None:
+        """Each rollout's first round: its first ``max_parallel_updates`` runs, in command
+        order (``Rollout``)."""
+        rounds: dict[str, list[int]] = {}
+        for spec, run_id in zip(specs, ids, strict=True):
+            key = spec.params.get("rollout")
+            cluster = self.engine.cluster_of.get(spec.node)
+            limit = None if cluster is None else self._limit(cluster)
+            if isinstance(key, str) and limit is not None:
+                first = rounds.setdefault(key, [])
+                if len(first) < limit:
+                    first.append(run_id)
+        for key, first in rounds.items():
+            self._rollouts.setdefault(key, Rollout(key=key)).ahead(first)
+
     def spawn(
         self,
         *,
@@ -356,6 +372,8 @@ class Lifecycle(UpdateSteps):
         done = self._running.pop(run_id, None)
         if done is not None and self._run_on.get(done[0].node) == run_id:
             del self._run_on[done[0].node]
+        if done is not None and (rollout := self._rollouts.get(done[0].params.get("rollout", ""))):
+            rollout.passed(run_id)  # ended: the nodes behind it need not wait for it
         self.drop_look(run_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("run #%d crashed", run_id, exc_info=task.exception())
