@@ -430,8 +430,11 @@ class SandboxDriver:
 
     def _write(self, path: Path, data: bytes, operation: str) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            _write_atomic(path, data)
+            try:
+                _write_atomic(path, data)
+            except FileNotFoundError:  # the node's first file: its directory comes first
+                self.root.mkdir(parents=True, exist_ok=True)
+                _write_atomic(path, data)
         except OSError as exc:
             raise DriverError(self.name, operation, f"{path}: cannot write: {exc}") from exc
 
@@ -582,9 +585,13 @@ class SandboxDriver:
         await self._begin("announce")
         line = " ".join(message.splitlines()).strip()
         entry = f"{datetime.now(self.tz).isoformat(timespec='seconds')} {line}\n".encode()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.messages_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.messages_file, flags, 0o644)
+            except FileNotFoundError:  # the node's first file: its directory comes first
+                self.root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.messages_file, flags, 0o644)
             try:
                 os.write(fd, entry)
             finally:
