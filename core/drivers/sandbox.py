@@ -63,11 +63,11 @@ import shlex
 import tempfile
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -177,6 +177,8 @@ def _describe(exc: ValidationError) -> str:
     more = exc.error_count() - len(problems)
     return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
 
+
+T = TypeVar("T")
 
 _SETTLED = 0.05
 """Seconds after its last change from which ``faults.json`` is read from memory while it
@@ -428,13 +430,18 @@ class SandboxDriver:
                 f"expected {expected} (fix or remove the file)",
             ) from exc
 
+    def _in_root(self, make: Callable[[], T]) -> T:
+        """``make()`` (a file of the node), the node's directory made first when missing:
+        only its first file pays for the ``mkdir``."""
+        try:
+            return make()
+        except FileNotFoundError:
+            self.root.mkdir(parents=True, exist_ok=True)
+            return make()
+
     def _write(self, path: Path, data: bytes, operation: str) -> None:
         try:
-            try:
-                _write_atomic(path, data)
-            except FileNotFoundError:  # the node's first file: its directory comes first
-                self.root.mkdir(parents=True, exist_ok=True)
-                _write_atomic(path, data)
+            self._in_root(lambda: _write_atomic(path, data))
         except OSError as exc:
             raise DriverError(self.name, operation, f"{path}: cannot write: {exc}") from exc
 
@@ -587,11 +594,7 @@ class SandboxDriver:
         entry = f"{datetime.now(self.tz).isoformat(timespec='seconds')} {line}\n".encode()
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
-            try:
-                fd = os.open(self.messages_file, flags, 0o644)
-            except FileNotFoundError:  # the node's first file: its directory comes first
-                self.root.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.messages_file, flags, 0o644)
+            fd = self._in_root(lambda: os.open(self.messages_file, flags, 0o644))
             try:
                 os.write(fd, entry)
             finally:

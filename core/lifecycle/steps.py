@@ -104,10 +104,8 @@ class Rollout:
     _passed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def ahead(self, run_ids: Iterable[int]) -> None:
-        """The runs of the first round."""
+        """The runs of the first round (a rollout's key is new with its command)."""
         self.first_round.update(run_ids)
-        if self.first_round:
-            self._passed.clear()
 
     def passed(self, run_id: int) -> None:
         """Run ``run_id`` has begun installing or has ended."""
@@ -413,7 +411,7 @@ class UpdateSteps:
         await self.store.commit(*entries, wait=not ctx.lazy)
 
     async def step_download(self, ctx: RunContext) -> None:
-        rollout = self._rollouts.get(ctx.params.get("rollout", ""))
+        rollout = self._rollout(ctx)
         if rollout is not None:
             await rollout.behind_first_round(ctx.run_id)
         try:
@@ -514,6 +512,10 @@ class UpdateSteps:
     def _cluster(self, ctx: RunContext) -> str | None:
         return self.engine.cluster_of[ctx.node]
 
+    def _rollout(self, ctx: RunContext) -> Rollout | None:
+        """The rollout the run belongs to (a command over a cluster), if any."""
+        return self._rollouts.get(ctx.params.get("rollout", ""))
+
     def _limit(self, cluster: str) -> int | None:
         """The cluster's ``max_parallel_updates`` (a freed slot is handed on below it)."""
         settings = self.engine.settings.clusters.get(cluster)
@@ -525,7 +527,7 @@ class UpdateSteps:
         cluster = self._cluster(ctx)
         if cluster is None:
             return
-        rollout = self._rollouts.get(ctx.params.get("rollout", ""))
+        rollout = self._rollout(ctx)
 
         async def stop() -> None:
             if rollout is not None and rollout.failed is not None:
@@ -571,7 +573,7 @@ class UpdateSteps:
     ) -> None:
         """Ask the gate before the first disruptive step (``core.lifecycle.hold``); a
         stopped rollout ends the wait, and a node held too long stops its rollout."""
-        rollout = self._rollouts.get(ctx.params.get("rollout", ""))
+        rollout = self._rollout(ctx)
 
         def stopped() -> str | None:
             if rollout is not None and rollout.failed is not None:
@@ -619,7 +621,7 @@ class UpdateSteps:
         await self._published(ctx, f"sessions ended ({ended})")
 
     async def step_install(self, ctx: RunContext) -> None:
-        rollout = self._rollouts.get(ctx.params.get("rollout", ""))
+        rollout = self._rollout(ctx)
         if rollout is not None:
             rollout.passed(ctx.run_id)  # the nodes behind it prepare now
         plan = [_plan_entry(i) for i in ctx.params.get("plan") or []]
@@ -718,7 +720,7 @@ class UpdateSteps:
 
     async def update_failed(self, ctx: RunContext, step: str, exc: BaseException) -> None:
         cluster = self._cluster(ctx)
-        rollout = self._rollouts.get(ctx.params.get("rollout", ""))
+        rollout = self._rollout(ctx)
         if rollout is not None:
             await self._stop_rollout(rollout, f"{ctx.node} failed (run #{ctx.run_id})")
         disruptive = step in DISRUPTIVE_STEPS or bool(ctx.completed & DISRUPTIVE_STEPS)

@@ -372,7 +372,7 @@ class Lifecycle(UpdateSteps):
         done = self._running.pop(run_id, None)
         if done is not None and self._run_on.get(done[0].node) == run_id:
             del self._run_on[done[0].node]
-        if done is not None and (rollout := self._rollouts.get(done[0].params.get("rollout", ""))):
+        if done is not None and (rollout := self._rollout(done[0])) is not None:
             rollout.passed(run_id)  # ended: the nodes behind it need not wait for it
         self.drop_look(run_id)
         if not task.cancelled() and task.exception() is not None:
