@@ -59,8 +59,39 @@ and the 1 GiB download right after ``curl -o`` 1.99 to 2.23 s against 0.92 to 0.
 # -- machine and results -------------------------------------------------------------------
 
 
+def scratch(prefix: str) -> Path:
+    """A new directory for a benchmark's files under ``TMPDIR`` (``/tmp`` when it is unset),
+    where the simulated nodes, the repository and the store live."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def file_creation_us(count: int = 300) -> float:
+    """CPU microseconds to create (and remove) one empty file in a new directory under
+    ``TMPDIR``, the median of three rounds of ``count``. A simulated node creates a file
+    at each change of its state (``core.drivers.sandbox``), so this cost is part of the
+    floor under every benchmark with sandbox nodes: on one of this project's test machines
+    it was 25 to 35 us in most directories of the root file system and 250 to 950 us in
+    ``/tmp`` (ext4 searching far for a free inode), which doubled the simulated nodes' CPU
+    (bench/RESULTS.md, "Twenty-third pass")."""
+    work = scratch("tgops-bench-files-")
+    rounds: list[float] = []
+    try:
+        for r in range(3):
+            names = [str(work / f"f{r}-{i}") for i in range(count)]
+            cpu0 = time.process_time()
+            for name in names:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            rounds.append((time.process_time() - cpu0) / count * 1e6)
+            for name in names:
+                os.unlink(name)
+    finally:
+        remove_tree(work)
+    return sorted(rounds)[1]
+
+
 def machine_line() -> str:
-    """`uname -a`, nproc, memory and Python, for the results."""
+    """`uname -a`, nproc, memory and Python, and what creating a file costs where the
+    benchmark keeps its files, for the results."""
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=False)  # noqa: S607
     mem_kib = 0
     with contextlib.suppress(OSError, StopIteration, ValueError):
@@ -73,7 +104,8 @@ def machine_line() -> str:
     return (
         f"`{uname.stdout.strip() or ' '.join(platform.uname())}`, {cpu}, nproc "
         f"{os.cpu_count()}, memory {mem_kib / 1024 / 1024:.1f} GiB, "
-        f"Python {platform.python_version()}"
+        f"Python {platform.python_version()}; files under `{tempfile.gettempdir()}` "
+        f"(creating one: {file_creation_us():.0f} us of CPU)"
     )
 
 
@@ -367,7 +399,7 @@ async def driver_alone(
 
 def print_floor(floor: Callable[[Path], Awaitable[dict[str, Any]]]) -> None:
     """The ``--driver-alone`` child: ``floor`` in a temporary directory, printed as JSON."""
-    work = Path(tempfile.mkdtemp(prefix="tgops-bench-alone-", dir="/tmp"))
+    work = scratch("tgops-bench-alone-")
     try:
         result = asyncio.run(floor(work))
     finally:

@@ -338,7 +338,7 @@ def main() -> None:
         child(url, sha256, int(size), Path(cache))
         return
     load_start = os.getloadavg()[0]
-    work = Path(tempfile.mkdtemp(prefix="tgops-bench-", dir="/tmp"))
+    work = Path(tempfile.mkdtemp(prefix="tgops-bench-"))  # under TMPDIR
     server: subprocess.Popen[str] | None = None
     try:
         (work / "repo" / "pool").mkdir(parents=True)

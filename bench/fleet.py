@@ -39,7 +39,6 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from datetime import UTC, datetime, timedelta  # noqa: E402
 from typing import Any  # noqa: E402
@@ -69,6 +68,7 @@ from bench.common import (  # noqa: E402
     repo_server,
     reset_postgres,
     run_child,
+    scratch,
     verdict,
     write_section,
 )
@@ -324,7 +324,7 @@ async def measure(work: Path, label: str, database_url: str) -> dict[str, Any]:
 
 
 def child(label: str, database_url: str | None, keep: bool) -> None:
-    work = Path(tempfile.mkdtemp(prefix="tgops-bench-fleet-", dir="/tmp"))
+    work = scratch("tgops-bench-fleet-")
     try:
         url = database_url or f"sqlite+aiosqlite:///{work}/state.db"
         result = asyncio.run(measure(work, label, url))

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -41,6 +40,7 @@ from bench.common import (
     now_text,
     remove_tree,
     reset_postgres,
+    scratch,
     write_section,
 )
 from core.store import Store
@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=15)
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tgops-bench-history-", dir="/tmp"))
+    work = scratch("tgops-bench-history-")
     results = []
     try:
         for label, url in backends(work):

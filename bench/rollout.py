@@ -43,7 +43,6 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from typing import Any  # noqa: E402
@@ -76,6 +75,7 @@ from bench.common import (  # noqa: E402
     reset_postgres,
     run_child,
     runs_and_floor,
+    scratch,
     verdict,
     write_section,
 )
@@ -273,7 +273,7 @@ def child(
 ) -> None:
     if no_gc:
         gc.disable()  # diagnostic only: shows the rollout without the collector's stalls
-    work = Path(tempfile.mkdtemp(prefix="tgops-bench-rollout-", dir="/tmp"))
+    work = scratch("tgops-bench-rollout-")
     try:
         url = database_url or f"sqlite+aiosqlite:///{work}/state.db"
         result = asyncio.run(measure(work, label, url, profile))

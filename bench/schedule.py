@@ -46,7 +46,6 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from datetime import UTC, datetime, timedelta  # noqa: E402
 from typing import Any  # noqa: E402
@@ -86,6 +85,7 @@ from bench.common import (  # noqa: E402
     reset_postgres,
     run_child,
     runs_and_floor,
+    scratch,
     thread_cpu,
     verdict,
     write_section,
@@ -414,7 +414,7 @@ def child(
 ) -> None:
     if variant == "no-gc":
         gc.disable()  # diagnostic only: shows the run without the collector's stalls
-    work = Path(tempfile.mkdtemp(prefix="tgops-bench-schedule-", dir="/tmp"))
+    work = scratch("tgops-bench-schedule-")
     try:
         url = database_url or f"sqlite+aiosqlite:///{work}/state.db"
         result = asyncio.run(measure(work, label, url, profile, variant))

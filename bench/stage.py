@@ -42,7 +42,6 @@ import resource  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -56,6 +55,7 @@ from bench.common import (  # noqa: E402
     now_text,
     repo_server,
     run_child,
+    scratch,
     verdict,
     write_section,
 )
@@ -276,7 +276,7 @@ async def ssh(work: Path, runs: int, rest: float = SETTLE) -> dict[str, Any]:
 
 
 def child(part: str, runs: int, rest: float) -> None:
-    work = Path(tempfile.mkdtemp(prefix="tgops-bench-stage-", dir="/tmp"))
+    work = scratch("tgops-bench-stage-")
     try:
         load = os.getloadavg()[0]
         measure = sandbox if part == "sandbox" else ssh

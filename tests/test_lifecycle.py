@@ -182,6 +182,25 @@ async def test_a_slow_first_round_holds_the_others_preparation_two_seconds_at_mo
         assert FIRST_ROUND_WAIT < 6
 
 
+async def test_the_nodes_behind_a_first_round_that_failed_to_download_stage_nothing(
+    tmp_path: Path,
+) -> None:
+    async with fleet(tmp_path) as f:
+        f.fault("tg1", {"stage": "disk full"})  # the first round's node fails to prepare
+        runs = (await f.run("auto-update c1 --yes"))["runs"]
+        assert runs["tg1"].status == "failed"
+        for node in ("tg2", "tg3"):
+            assert runs[node].status == "cancelled"
+            assert f"rollout stopped: tg1 failed (run #{runs['tg1'].id})" in (
+                runs[node].error or ""
+            )
+            assert f"{node} was not touched" in (runs[node].error or "")
+            assert "apart from staging" not in (runs[node].error or "")
+            assert f.state(node)["staged"] == {} and f.state(node)["installed"] == {}
+            steps = [s.name for s in await f.service.store.steps(runs[node].id)]
+            assert steps[-1] == "download", (node, steps)
+
+
 async def test_post_update_check_failure_sets_the_lock(tmp_path: Path) -> None:
     async with fleet(tmp_path) as f:
         f.node("solo1").mkdir(parents=True, exist_ok=True)

@@ -414,6 +414,8 @@ class UpdateSteps:
         rollout = self._rollout(ctx)
         if rollout is not None:
             await rollout.behind_first_round(ctx.run_id)
+            if rollout.failed is not None:  # a node ahead failed meanwhile: stage nothing
+                raise RunCancelledError(f"rollout stopped: {rollout.failed}; {untouched(ctx)}")
         try:
             files = await self.fetch_and_stage(ctx)
         except DownloadFailedError as exc:
