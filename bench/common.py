@@ -398,8 +398,12 @@ async def driver_alone(
 
 
 def print_floor(floor: Callable[[Path], Awaitable[dict[str, Any]]]) -> None:
-    """The ``--driver-alone`` child: ``floor`` in a temporary directory, printed as JSON."""
+    """The ``--driver-alone`` child: ``floor`` in a temporary directory, printed as JSON.
+    It logs as the service's child does (INFO into a file): the simulated nodes' own log
+    lines are part of what they cost (without this, their lines were counted as the
+    service's: 35 to 80 us a line, six lines per node, on the twenty-third pass's machine)."""
     work = scratch("tgops-bench-alone-")
+    log_to(work / "driver-alone.log")
     try:
         result = asyncio.run(floor(work))
     finally:
