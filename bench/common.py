@@ -70,9 +70,10 @@ def file_creation_us(count: int = 300) -> float:
     ``TMPDIR``, the median of three rounds of ``count``. A simulated node creates a file
     at each change of its state (``core.drivers.sandbox``), so this cost is part of the
     floor under every benchmark with sandbox nodes: on one of this project's test machines
-    it was 25 to 35 us in most directories of the root file system and 250 to 950 us in
-    ``/tmp`` (ext4 searching far for a free inode), which doubled the simulated nodes' CPU
-    (bench/RESULTS.md, "Twenty-third pass")."""
+    it was 11 us on tmpfs, 19 to 36 us in some directories of the root file system (ext4)
+    and 200 to 970 us in others, those under ``/tmp`` among them, which moved the
+    1,000-node floor's CPU between 5.4 and 10.0 s (bench/RESULTS.md, "Twenty-third
+    pass")."""
     work = scratch("tgops-bench-files-")
     rounds: list[float] = []
     try:
