@@ -414,8 +414,7 @@ class UpdateSteps:
         rollout = self._rollout(ctx)
         if rollout is not None:
             await rollout.behind_first_round(ctx.run_id)
-            if rollout.failed is not None:  # a node ahead failed meanwhile: stage nothing
-                raise RunCancelledError(f"rollout stopped: {rollout.failed}; {untouched(ctx)}")
+            _cancel_if_stopped(rollout, ctx)  # a node ahead failed meanwhile: stage nothing
         try:
             files = await self.fetch_and_stage(ctx)
         except DownloadFailedError as exc:
@@ -532,8 +531,7 @@ class UpdateSteps:
         rollout = self._rollout(ctx)
 
         async def stop() -> None:
-            if rollout is not None and rollout.failed is not None:
-                raise RunCancelledError(f"rollout stopped: {rollout.failed}; {untouched(ctx)}")
+            _cancel_if_stopped(rollout, ctx)
             if deadline is not None and self.engine.clock.now() > deadline:
                 holders = ", ".join(s.node for s in await self.store.slots(cluster))
                 raise RunSkippedError(
@@ -746,6 +744,13 @@ class UpdateSteps:
             await self.store.update_node(ctx.node, left_drained_by_run=ctx.run_id)
             reason += "; the node stays out of load balancing until `remove-lock`"
         await self.set_lock(ctx.node, reason, Actor(name="tgops", source="system"))
+
+
+def _cancel_if_stopped(rollout: Rollout | None, ctx: RunContext) -> None:
+    """Cancel the run (``RunCancelledError``, saying what it left on its node) when its
+    rollout was stopped by a node that failed."""
+    if rollout is not None and rollout.failed is not None:
+        raise RunCancelledError(f"rollout stopped: {rollout.failed}; {untouched(ctx)}")
 
 
 def untouched(ctx: RunContext) -> str:
