@@ -55,7 +55,7 @@ from core.settings import SmtpSettings
 from core.store import Store, utcnow
 from notify import mime
 from notify.email import EmailChannel
-from notify.outbox import Backoff, Notification, Outbox, Outcome
+from notify.outbox import PUT_CHUNK, Backoff, Notification, Outbox, Outcome
 from notify.render import Renderer
 
 HEADING = "## E-mail (issues 8, 15)"
@@ -742,7 +742,7 @@ def report(
 
 {verdict_lines}
 - of the outbox time ({first[1]} connection), queueing the {args.count} items
-  (`Outbox.put`, 1000 per transaction): {put:.2f} s
+  (`Outbox.put`, {PUT_CHUNK} per transaction): {put:.2f} s
 - RSS of the outbox process ({first[1]} connection, last run): start
   {mib(last["rss_start_kib"])} MiB, half sent {mib(last["rss_middle_kib"])} MiB, end
   {mib(last["rss_end_kib"])} MiB; peak (VmHWM) {mib(last["vm_hwm_kib"])} MiB (the bare loop

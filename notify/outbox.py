@@ -70,8 +70,11 @@ RECORD_DELAY = 0.05
 """Outcomes are recorded at most this often while a batch is being sent (one transaction
 for all that came meanwhile). A crash loses at most the record of the last ``RECORD_DELAY``
 seconds of sends; those messages are sent again, with the same Message-ID."""
-PUT_CHUNK = 1000
-"""Notifications stored per transaction by ``put``."""
+PUT_CHUNK = 200
+"""Notifications stored per transaction by ``put``. Each chunk holds the event loop while
+its rows are made and bound (about 3 ms for 200; 15 to 19 ms for the 1,000 of before), so
+that the deliveries already under way, which need the loop for every SMTP reply, go on
+between the chunks of a large announcement (bench/RESULTS.md, "Twenty-fifth pass")."""
 SETTLE_TIMEOUT = 10.0
 """Bound for recording outcomes while the service stops."""
 MARK_AHEAD = 20

@@ -19,6 +19,7 @@ import pytest
 
 from bot.demo.debbuild import DPKG_DEB
 from core.errors import NotADebError
+from core.printable import printable
 from core.repository.publish import keygen, publish
 from tests.fake_slack import fake_slack
 from tests.service import MAINT_TOKEN, VIEWER_TOKEN, fleet_toml, running, settings_for
@@ -137,3 +138,14 @@ async def test_slack_requests_of_another_workspace_are_refused(tmp_path: Path) -
                 ).encode()
                 async with api.session.post(url, data=body, headers=_signed(body)) as response:
                     assert response.status == expected, await response.text()
+
+
+def test_printable_removes_control_characters_and_keeps_the_rest() -> None:
+    # the fast path (text Python calls printable) and the search give one answer
+    assert printable("Kernel\x1b[2J update\x07 now\x9b") == "Kernel[2J update now"
+    assert printable("line one\nline\ttwo\r\n") == "line one\nline\ttwo\n"
+    assert printable("lone \ud800 surrogate") == "lone \ufffd surrogate"
+    plain = "e-mail “[tgops] Hotfix HF-1” to Jörg Müller (jm@example.org) ✓"
+    assert printable(plain) is plain
+    # a character Python does not call printable but that is no control character stays
+    assert printable("a\u2028b\u00a0c") == "a\u2028b\u00a0c"

@@ -108,8 +108,9 @@ markers, the outcomes and the audit records in one statement, which commits on i
 UPDATE sets both marker and outcome, reading the row as it was (a row may be updated only
 once per statement): a row is marked only while ``sending``, as ``_MARK`` before
 ``_SENT`` does in the transaction."""
-ENQUEUE_ROWS = 500
-"""Rows of one INSERT of ``enqueue_many`` on SQLite (each with its nine parameters)."""
+ENQUEUE_ROWS = 100
+"""Rows of one INSERT of ``enqueue_many`` on SQLite (each with its nine parameters): each
+INSERT is a trip to SQLite's thread, and the event loop is free between them."""
 _ENQUEUE_PG = text(
     """
     INSERT INTO outbox (
