@@ -295,6 +295,39 @@ async def test_outbox_queues_each_key_once_whoever_queues_it(store: Store) -> No
     assert len(await store.outbox(limit=count + 200)) == count + 90
 
 
+async def test_outbox_queues_texts_numbers_and_times_exactly(store: Store) -> None:
+    # SQLite takes the rows as one JSON text; what JSON cannot carry exactly (NaN, a NUL
+    # character: PostgreSQL stores neither) goes the other way, and both read back alike
+    now = datetime.now(UTC)
+    later = now + timedelta(hours=1)
+    payload = {"name": "Jörg “J” ✓", "vars": {"n": [1, 2.5, None, True, -0.0]}, "e": {}}
+    items: list[dict[str, Any]] = [
+        {"key": "plain", "channel": "email", "recipient": "a@x", "subject": "Grüße ✓"},
+        {"key": "later", "channel": "email", "recipient": "b@x", "not_before": later},
+        {"key": "full", "channel": "email", "recipient": "c@x", "payload": payload},
+    ]
+    if store.dialect == "sqlite":
+        items.insert(1, {"key": "nan", "channel": "email", "recipient": "d@x",
+                         "payload": {"x": float("nan")}})  # fmt: skip
+        items.append({"key": "nul", "channel": "email", "recipient": "e@x",
+                      "subject": "a\x00b", "payload": {"t": "c\x00d"}})  # fmt: skip
+    assert await store.enqueue_many(items) == [i["key"] for i in items]
+    rows = {r.key: r for r in await store.outbox(limit=10)}
+    assert rows["plain"].subject == "Grüße ✓" and rows["plain"].payload == {}
+    assert rows["full"].payload == payload
+    assert rows["later"].next_attempt_at == later
+    assert rows["plain"].created_at == rows["later"].created_at
+    assert abs(rows["plain"].created_at - now) < timedelta(seconds=60)
+    if store.dialect == "sqlite":
+        assert rows["nan"].payload["x"] != rows["nan"].payload["x"]  # NaN
+        assert rows["nul"].subject == "a\x00b" and rows["nul"].payload == {"t": "c\x00d"}
+    # due ones are taken in the order they were queued, the later one not yet
+    claimed = await store.claim_outbox(
+        channel="email", now=datetime.now(UTC), lease_until=later, limit=10
+    )
+    assert [c.key for c in claimed] == [i["key"] for i in items if i["key"] != "later"]
+
+
 async def test_outbox_settles_a_batch_of_sent_items_with_their_markers_and_audit(
     store: Store,
 ) -> None:
