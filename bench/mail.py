@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import math
@@ -231,6 +232,21 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
 - this machine's vCPUs are shared (other benchmarks ran meanwhile): single runs
   vary widely; the table keeps every run, the ratios use medians; user CPU varies far less
   than time.
+- twenty-fourth pass of issue 15 (2026-12-07; the fleet section's "Twenty-fourth pass" has
+  the measurements): a batch's `transmitting` markers are written again when 5 are left
+  (`MARK_AGAIN`), not 10: one recorder write per 15 messages of a connection, still at most
+  20 marked ahead. The run after that change (10:55 to 11:07 UTC) gave 0.87 / 0.75 x
+  (SQLite) and 0.85 / 0.77 x (PostgreSQL) without PIPELINING; the run before it, from
+  09:56 on the same machine, 0.90 / 0.78 x and 0.88 / 0.75 x, and 1.40 / 0.97 x and
+  1.32 / 0.92 x with PIPELINING.
+- twenty-fifth pass of issue 15 (2026-12-07 afternoon; the fleet section's "Twenty-fifth
+  pass" has the census of the event loop's stalls): queueing goes 200 notifications per
+  transaction instead of 1,000 and SQLite's INSERT is the driver's own statement, 100 rows
+  each. The table above is the run after both changes (13:18 to 13:40 UTC, the machine in
+  a slow hour: the bare loop 16.12 s with 1 connection against 6.82 s at 11:07); the runs
+  of the same day without PIPELINING, 1 / 2 connections: 12:00 (before) 0.94 / 0.84 x on
+  SQLite and 0.97 / 0.76 x on PostgreSQL; 12:42 (200 per transaction) 0.91 / 0.80 x
+  (0.797) and 0.95 / 0.86 x; 13:18 0.98 / 0.82 x and 1.01 / 0.72 x.
 """
 SENDER = "tgops@bench.example.org"
 SUBJECT = "[tgops] URGENT hotfix HF-2026-001 for tg-vnc 2.0-1: Fixes a VNC crash"
@@ -442,26 +458,91 @@ async def child_outbox(
     }
 
 
+class StallCensus:
+    """(diagnostic, ``--stalls``) Every callback of the event loop timed, wall and the
+    thread's CPU; those over ``STALL_S`` summed by what they ran for (a task's chain of
+    awaited coroutines, or the callback's name) and printed to stderr at the end: what
+    held the loop while SMTP replies waited (bench/RESULTS.md, "Twenty-fifth pass")."""
+
+    STALL_S = 0.0002
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+        self._original = asyncio.events.Handle._run
+
+    def __enter__(self) -> StallCensus:
+        original, sums, stall = self._original, self.sums, self.STALL_S
+
+        def timed(handle: asyncio.events.Handle) -> None:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            original(handle)
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            if wall > stall:
+                entry = sums.setdefault(StallCensus.what(handle), [0, 0.0, 0.0, 0, 0.0])
+                entry[0] += 1
+                entry[1] += wall
+                entry[2] += cpu
+                if wall > 0.001:
+                    entry[3] += 1
+                    entry[4] += wall
+
+        asyncio.events.Handle._run = timed  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        asyncio.events.Handle._run = self._original  # type: ignore[method-assign]
+
+    @staticmethod
+    def what(handle: asyncio.events.Handle) -> str:
+        callback = handle._callback  # type: ignore[attr-defined]
+        task = getattr(callback, "__self__", None)
+        if not isinstance(task, asyncio.Task):
+            return str(getattr(callback, "__qualname__", repr(callback)))[:80]
+        chain: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None and len(chain) < 6:
+            chain.append(getattr(awaited, "__qualname__", type(awaited).__name__))
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        return f"task {task.get_name()}: {' / '.join(chain)}"
+
+    def report(self) -> str:
+        lines = ["steps  wall ms   cpu ms  >1ms  wall ms  what"]
+        for what, (steps, wall, cpu, long, long_wall) in sorted(
+            self.sums.items(), key=lambda item: -item[1][1]
+        )[:25]:
+            lines.append(
+                f"{steps:5.0f} {wall * 1000:8.1f} {cpu * 1000:8.1f} {long:5.0f} "
+                f"{long_wall * 1000:8.1f}  {what}"
+            )
+        return "\n".join(lines)
+
+
 def child_main(args: argparse.Namespace) -> None:
     parallel = int(args.parallel)
+    census = StallCensus() if args.stalls else contextlib.nullcontext()
     if args.child == "outbox":
         with tempfile.TemporaryDirectory(prefix="tgops-bench-") as tmp:
             database = args.database or f"sqlite+aiosqlite:///{tmp}/bench.db"
-            result = asyncio.run(
-                child_outbox(
-                    args.port,
-                    args.count,
-                    args.batch,
-                    parallel,
-                    database,
-                    service_gc=not args.default_gc,
+            with census:
+                result = asyncio.run(
+                    child_outbox(
+                        args.port,
+                        args.count,
+                        args.batch,
+                        parallel,
+                        database,
+                        service_gc=not args.default_gc,
+                    )
                 )
-            )
     else:
-        result = asyncio.run(
-            child_bare(args.port, args.count, args.batch, parallel, prebuilt=args.child == "bare")
+        bare = child_bare(
+            args.port, args.count, args.batch, parallel, prebuilt=args.child == "bare"
         )
+        with census:
+            result = asyncio.run(bare)
     print(json.dumps(result))
+    if isinstance(census, StallCensus):
+        print(census.report(), file=sys.stderr)
 
 
 # -- parent --------------------------------------------------------------------------------
@@ -529,6 +610,12 @@ def arguments() -> argparse.Namespace:
         default=0,
         help="(diagnostic) run the sinks at this niceness, e.g. -10: the server gets a CPU "
         "first, as a server on a machine of its own would have one (root for < 0)",
+    )
+    parser.add_argument(
+        "--stalls",
+        action="store_true",
+        help="(child, diagnostic) time every callback of the event loop; print those over "
+        "0.2 ms, summed by what they ran for, to stderr",
     )
     parser.add_argument(
         "--default-gc",
