@@ -233,7 +233,8 @@ class OutboxStore(StoreBase):
                 fresh.update(str(r[0]) for r in await conn.execute(_ENQUEUE_PG, params))
             return [key for key in rows if key in fresh]
         # SQLite: the driver's own statement, its parameters made here (SQLAlchemy's
-        # INSERT processed each of the nine per row: 24 us a row of the event loop, 8 here)
+        # INSERT processed each of nine per row: two to three times the CPU per row,
+        # bench/RESULTS.md, "Twenty-fifth pass")
         stamp = _sqlite_datetime()
         stamps: dict[datetime, str] = {}
         created = stamp(now)
