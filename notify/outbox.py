@@ -72,7 +72,7 @@ for all that came meanwhile). A crash loses at most the record of the last ``REC
 seconds of sends; those messages are sent again, with the same Message-ID."""
 PUT_CHUNK = 200
 """Notifications stored per transaction by ``put``. Each chunk holds the event loop while
-its rows are made and bound (about 3 ms for 200; 15 to 19 ms for the 1,000 of before), so
+its rows are made and bound (3 to 5 ms for 200; 15 to 19 ms for the 1,000 of before), so
 that the deliveries already under way, which need the loop for every SMTP reply, go on
 between the chunks of a large announcement (bench/RESULTS.md, "Twenty-fifth pass")."""
 SETTLE_TIMEOUT = 10.0

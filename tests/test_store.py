@@ -296,8 +296,9 @@ async def test_outbox_queues_each_key_once_whoever_queues_it(store: Store) -> No
 
 
 async def test_outbox_queues_texts_numbers_and_times_exactly(store: Store) -> None:
-    # SQLite takes the rows as one JSON text; what JSON cannot carry exactly (NaN, a NUL
-    # character: PostgreSQL stores neither) goes the other way, and both read back alike
+    # SQLite's INSERT is the driver's own, its parameters made by the store (times as
+    # SQLAlchemy writes them, the payload as JSON): NaN and NUL characters (which
+    # PostgreSQL stores neither of), non-ASCII text and times read back as they were given
     now = datetime.now(UTC)
     later = now + timedelta(hours=1)
     payload = {"name": "Jörg “J” ✓", "vars": {"n": [1, 2.5, None, True, -0.0]}, "e": {}}

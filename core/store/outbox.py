@@ -583,10 +583,11 @@ def _sqlite_datetime() -> Callable[[datetime], str]:
     in UTC without the zone, in SQLAlchemy's text form for SQLite), for one aware
     datetime."""
     dialect = sqlite_dialect()
+    column = t.UTCDateTime()
     written = DateTime().dialect_impl(dialect).bind_processor(dialect)
     assert written is not None
 
     def stamp(value: datetime) -> str:
-        return str(written(t.stored_utc(value).replace(tzinfo=None)))
+        return str(written(column.process_bind_param(value, dialect)))
 
     return stamp
