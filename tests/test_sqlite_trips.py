@@ -166,6 +166,44 @@ async def test_a_journal_transaction_is_one_trip(store: Store) -> None:
     assert [(await store.node(n)).sessions for n in ("n1", "n2")] == [4, 5]  # type: ignore[union-attr]
 
 
+async def test_a_single_statement_commits_in_its_own_trip(store: Store, tmp_path: Path) -> None:
+    """On SQLite ``single_statement``'s statement commits in the trip that runs it
+    (``COMMIT_WITH``): its rows and row count are there as usual, another connection sees
+    the change before the block ends, and the block's end makes no trip."""
+    other = sqlite3.connect(tmp_path / "state.db")
+    sessions = "SELECT sessions FROM nodes WHERE name = 'n1'"
+    async with store.engine.connect() as conn:
+        before = await _trips(conn)
+    async with store.single_statement() as conn:
+        changed = update(t.nodes).where(t.nodes.c.name == "n1").values(sessions=5)
+        (row,) = (await conn.execute(changed.returning(t.nodes.c.name))).all()
+        assert row.name == "n1"
+        assert await _trips(conn) == before + 1
+        assert other.execute(sessions).fetchone() == (5,)  # committed already
+    async with store.single_statement() as conn:
+        result = await conn.execute(
+            update(t.nodes).where(t.nodes.c.name == "n1").values(sessions=6)
+        )
+        assert result.rowcount == 1
+    async with store.engine.connect() as conn:
+        assert await _trips(conn) == before + 2  # one per statement, none for the commits
+    assert other.execute(sessions).fetchone() == (6,)
+    other.close()
+
+
+async def test_a_single_statement_that_fails_changes_nothing(store: Store) -> None:
+    row = {"namespace": "test", "key": "same", "value": 1, "updated_at": NOW}
+    async with store.single_statement() as conn:
+        await conn.execute(insert(t.kv).values(**row))
+    with pytest.raises(IntegrityError, match="UNIQUE constraint failed"):
+        async with store.single_statement() as conn:
+            await conn.execute(insert(t.kv).values(**{**row, "value": 2}))
+    async with store.single_statement() as conn:  # the connection serves the next one
+        await conn.execute(update(t.kv).values(value=3))
+    async with store.engine.connect() as conn:
+        assert (await conn.execute(select(t.kv.c.value))).scalars().all() == [3]
+
+
 async def test_a_failed_statement_rolls_its_transaction_back(store: Store) -> None:
     row = {"namespace": "test", "key": "same", "value": 1, "updated_at": NOW}
 

@@ -174,7 +174,7 @@ class MaintenanceStore(StoreBase):
     ) -> MaintenanceRecord | None:
         """End the open window of ``node`` at ``at`` (default: now) and return it as ended
         (one statement); None if none is open."""
-        async with self.transaction() as conn:
+        async with self.single_statement() as conn:
             row = (
                 await conn.execute(
                     _END_OPEN,
@@ -189,7 +189,7 @@ class MaintenanceStore(StoreBase):
         """Record that the windows' users got a notice at ``at`` (one statement)."""
         if not maintenance_ids:
             return
-        async with self.transaction() as conn:
+        async with self.single_statement() as conn:
             await conn.execute(
                 update(t.maintenance)
                 .where(t.maintenance.c.id.in_(list(maintenance_ids)))

@@ -201,13 +201,13 @@ class SlotsStore(StoreBase):
     async def wait_for_slot(self, *, cluster: str, node: str, run_id: int | None) -> None:
         """Join the cluster's queue (ordered by arrival) unless already in it (one
         statement)."""
-        async with self.transaction() as conn:
+        async with self.single_statement() as conn:
             await conn.execute(
                 _JOIN, {"b_cluster": cluster, "b_node": node, "b_run": run_id, "b_at": utcnow()}
             )
 
     async def leave_slot_queue(self, *, cluster: str, node: str) -> None:
-        async with self.transaction() as conn:
+        async with self.single_statement() as conn:
             await conn.execute(_DEQUEUE, {"cluster": cluster, "node": node})
 
     async def slot_queue(self, cluster: str) -> list[str]:

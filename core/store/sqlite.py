@@ -18,6 +18,10 @@ statement. Its error, if any, is raised by that trip, inside the same transactio
 rollback drops what was kept. Its ``rowcount`` and ``lastrowid`` are -1 (not known): such
 a connection is for writes whose results nobody reads.
 
+On a connection given ``COMMIT_WITH`` (a transaction that is one statement:
+``StoreBase.single_statement``), the statement's trip also commits, after its rows are
+taken: the transaction costs one trip instead of two (the statement, then the commit).
+
 The store uses it for every ``sqlite+aiosqlite://`` URL; the URL users write is unchanged.
 When the store closes, ``settle`` closes what a stopped task left open on those threads and
 waits for them to end: none hands a result to an event loop after the store has closed.
@@ -55,6 +59,13 @@ KEEP_CHANGES = {_KEEP: True}
 """Execution options under which statements that change rows wait for the next trip
 (module doc); other dialects ignore them."""
 
+_COMMIT = "tgops_commit_with"
+COMMIT_WITH = {_COMMIT: True}
+"""Execution options under which a statement's trip also commits its transaction (once
+its rows are taken), so that the commit at the transaction's end makes no trip: for a
+transaction that is this one statement (``StoreBase.single_statement``); other dialects
+ignore them."""
+
 
 async def _nothing() -> None:
     """Awaited where no trip is made: SQLAlchemy requires each statement to await something,
@@ -75,6 +86,15 @@ def _execute(
         cursor.close()
 
 
+def _execute_and_commit(
+    conn: sqlite3.Connection, operation: str, parameters: Any
+) -> tuple[_Description, list[Any], int, int | None]:
+    """On aiosqlite's thread: ``_execute``, then commit."""
+    result = _execute(conn, operation, parameters)
+    conn.commit()
+    return result
+
+
 def _execute_many(
     conn: sqlite3.Connection, operation: str, rows: Sequence[Any]
 ) -> tuple[int, int | None]:
@@ -90,9 +110,10 @@ def _execute_many(
 class _Cursor(AsyncAdapt_aiosqlite_cursor):
     __slots__ = ()
 
-    def execute(self, operation: Any, parameters: Any = None) -> Any:
+    def execute(self, operation: Any, parameters: Any = None, *, commit: bool = False) -> Any:
         adapted = cast(_Connection, self._adapt_connection)
-        description, rows, rowcount, lastrowid = adapted.trip(_execute, operation, parameters)
+        run = _execute_and_commit if commit else _execute
+        description, rows, rowcount, lastrowid = adapted.trip(run, operation, parameters)
         self.description = description
         self.rowcount, self.lastrowid = rowcount, lastrowid
         self._rows.clear()
@@ -238,6 +259,15 @@ def _kept(cursor: Any, context: Any) -> bool:
     )
 
 
+def _committing(cursor: Any, context: Any) -> bool:
+    """Whether this statement's trip commits (``COMMIT_WITH``)."""
+    return (
+        isinstance(cursor, _Cursor)
+        and context is not None
+        and bool(context.execution_options.get(_COMMIT))
+    )
+
+
 class OneTripDialect(SQLiteDialect_aiosqlite):
     """SQLAlchemy's aiosqlite dialect with the adapter above."""
 
@@ -254,6 +284,8 @@ class OneTripDialect(SQLiteDialect_aiosqlite):
     def do_execute(self, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
         if _kept(cursor, context):
             cursor.keep(_execute, statement, parameters)
+        elif _committing(cursor, context):
+            cursor.execute(statement, parameters, commit=True)
         else:
             cursor.execute(statement, parameters)
 
