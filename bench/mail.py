@@ -247,6 +247,10 @@ NOTE = """- issue 15 (2026-12-05): profiled again (py-spy over all threads of th
   of the same day without PIPELINING, 1 / 2 connections: 12:00 (before) 0.94 / 0.84 x on
   SQLite and 0.97 / 0.76 x on PostgreSQL; 12:42 (200 per transaction) 0.91 / 0.80 x
   (0.797) and 0.95 / 0.86 x; 13:18 0.98 / 0.82 x and 1.01 / 0.72 x.
+- twenty-sixth pass of issue 15 (2026-12-07 evening): on SQLite a transaction of one
+  statement (a claim, a batch's markers) commits in the trip that runs the statement, one
+  trip to SQLite's thread instead of two (`COMMIT_WITH`, `core/store/sqlite.py`). The
+  table above is the run after it, in a sequence of every benchmark.
 """
 SENDER = "tgops@bench.example.org"
 SUBJECT = "[tgops] URGENT hotfix HF-2026-001 for tg-vnc 2.0-1: Fixes a VNC crash"
