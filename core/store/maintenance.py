@@ -211,7 +211,7 @@ class MaintenanceStore(StoreBase):
         return marked
 
     async def mark_logon_disabled(self, maintenance_id: int, at: datetime) -> None:
-        async with self.transaction() as conn:
+        async with self.single_statement() as conn:
             await conn.execute(
                 update(t.maintenance)
                 .where(t.maintenance.c.id == maintenance_id)

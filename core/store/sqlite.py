@@ -247,24 +247,22 @@ async def settle(engine: AsyncEngine, within: float) -> None:
         log.warning("store: %d SQLite connection(s) still busy %.0f s after closing", left, within)
 
 
+def _asked(cursor: Any, context: Any, option: str) -> bool:
+    """Whether this statement runs on this adapter with the execution option ``option``."""
+    return (
+        isinstance(cursor, _Cursor)
+        and context is not None
+        and bool(context.execution_options.get(option))
+    )
+
+
 def _kept(cursor: Any, context: Any) -> bool:
     """Whether this statement waits for the next trip: it changes rows, returns none and
     runs on a connection with ``KEEP_CHANGES``."""
     return (
-        isinstance(cursor, _Cursor)
-        and context is not None
-        and bool(context.execution_options.get(_KEEP))
+        _asked(cursor, context, _KEEP)
         and bool(context.is_crud)
         and not context.compiled.effective_returning
-    )
-
-
-def _committing(cursor: Any, context: Any) -> bool:
-    """Whether this statement's trip commits (``COMMIT_WITH``)."""
-    return (
-        isinstance(cursor, _Cursor)
-        and context is not None
-        and bool(context.execution_options.get(_COMMIT))
     )
 
 
@@ -284,7 +282,7 @@ class OneTripDialect(SQLiteDialect_aiosqlite):
     def do_execute(self, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
         if _kept(cursor, context):
             cursor.keep(_execute, statement, parameters)
-        elif _committing(cursor, context):
+        elif _asked(cursor, context, _COMMIT):  # COMMIT_WITH
             cursor.execute(statement, parameters, commit=True)
         else:
             cursor.execute(statement, parameters)
